@@ -1,0 +1,3 @@
+from bcc_desk.cli import main
+
+main()

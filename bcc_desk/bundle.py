@@ -1,0 +1,313 @@
+"""The model bundle: the one contract between the trainer and the application.
+
+A bundle is a folder holding `bundle.json` (what the network is and how to feed it) and
+`model.safetensors` (its weights).  Weights are only ever read with safetensors, so opening a
+bundle someone hands us cannot run code; the sha256 and every tensor shape are checked before the
+model is used, and each failure says in one line which file is wrong and how.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+META_FILE = "bundle.json"
+WEIGHTS_FILE = "model.safetensors"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message is one line a user can act on."""
+
+
+@dataclass
+class InputSpec:
+    """How an image becomes the network's input: resize the shorter side to size/crop_pct,
+    centre-crop `size`, scale to [0, 1], normalise."""
+
+    size: int = 224
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class HeadSpec:
+    """The classifier head over the pooled trunk features: hidden Linear+GELU+Dropout layers,
+    then the output Linear (no hidden layers = timm's plain linear head)."""
+
+    hidden: list[int] = field(default_factory=list)
+    dropout: float = 0.0
+
+
+@dataclass
+class OODSpec:
+    """Out-of-distribution check: Mahalanobis distance of the pooled features to the nearest
+    class mean (shared covariance).  Its statistics live in the weights file (`ood.means`,
+    `ood.precision`) so the sha256 covers them; a score above `threshold` flags the image."""
+
+    threshold: float
+    method: str = "mahalanobis"
+
+
+@dataclass
+class BundleMeta:
+    """Everything in bundle.json."""
+
+    name: str
+    arch: str
+    classes: list[str]
+    input: InputSpec = field(default_factory=InputSpec)
+    head: HeadSpec = field(default_factory=HeadSpec)
+    temperature: float = 1.0
+    review_threshold: float = 0.0
+    ood: OODSpec | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> BundleMeta:
+        if not isinstance(data, dict) or "arch" not in data or "classes" not in data:
+            raise ValueError("it has no 'arch' and 'classes': not a bcc model bundle")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format version {version!r} is not supported (this software reads {FORMAT_VERSION})")
+        try:
+            inp = data.get("input") or {}
+            ood = data.get("ood")
+            return cls(
+                name=str(data.get("name") or data["arch"]),
+                arch=str(data["arch"]),
+                classes=[str(c) for c in data["classes"]],
+                input=InputSpec(
+                    size=int(inp.get("size", 224)),
+                    crop_pct=float(inp.get("crop_pct", 1.0)),
+                    interpolation=str(inp.get("interpolation", "bicubic")),
+                    mean=tuple(float(v) for v in inp.get("mean", IMAGENET_MEAN)),
+                    std=tuple(float(v) for v in inp.get("std", IMAGENET_STD)),
+                ),
+                head=HeadSpec(**(data.get("head") or {})),
+                temperature=float(data.get("temperature", 1.0)),
+                review_threshold=float(data.get("review_threshold", 0.0)),
+                ood=OODSpec(**ood) if ood else None,
+                provenance=dict(data.get("provenance") or {}),
+                metrics=dict(data.get("metrics") or {}),
+                weights_sha256=str(data.get("weights_sha256", "")),
+                weights_dtype=str(data.get("weights_dtype", "float32")),
+            )
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"malformed field ({exc})") from None
+
+    def validate(self) -> None:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be two or more distinct names, got {self.classes}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.review_threshold <= 1.0:
+            raise ValueError(f"review_threshold must be within 0..1, got {self.review_threshold}")
+        if self.input.size < 16 or not 0 < self.input.crop_pct <= 1:
+            raise ValueError(f"bad input spec {self.input}")
+
+
+class BundleNet(nn.Module):
+    """A timm trunk (pooled features) + the bundle's head + optional OOD statistics.
+
+    One module for training and inference, so the trainer's state dict is exactly what the
+    application loads."""
+
+    def __init__(self, meta: BundleMeta, pretrained: bool = False, **timm_kwargs: Any) -> None:
+        super().__init__()
+        import timm  # imported here: timm's import is slow and `bcc --help` should not pay for it
+
+        self.trunk = timm.create_model(meta.arch, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        width = self.trunk.num_features
+        layers: list[nn.Module] = []
+        for hidden in meta.head.hidden:
+            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(meta.head.dropout)]
+            width = hidden
+        if not meta.head.hidden and meta.head.dropout:
+            layers.append(nn.Dropout(meta.head.dropout))
+        layers.append(nn.Linear(width, len(meta.classes)))
+        self.head = nn.Sequential(*layers)
+        self.num_features = self.trunk.num_features
+        if meta.ood is not None:
+            d, k = self.num_features, len(meta.classes)
+            self.register_buffer("ood_means", torch.zeros(k, d))
+            self.register_buffer("ood_precision", torch.zeros(d, d))
+
+    @property
+    def has_ood(self) -> bool:
+        return hasattr(self, "ood_means")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled, normalised trunk features (the OOD check's input)."""
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+    def ood_score(self, features: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance to the nearest class mean, per row."""
+        f = features.float()
+        diff = f[:, None, :] - self.ood_means[None, :, :]  # (n, k, d)
+        dist = torch.einsum("nkd,de,nke->nk", diff, self.ood_precision, diff)
+        return dist.min(dim=1).values
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle."""
+
+    path: Path
+    meta: BundleMeta
+    model: BundleNet
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def sha256(self) -> str:
+        return self.meta.weights_sha256
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_model(meta: BundleMeta, pretrained: bool = False, **timm_kwargs: Any) -> BundleNet:
+    """The network a bundle describes, with fresh (or ImageNet, when `pretrained`) weights."""
+    import timm
+
+    if not timm.is_model(meta.arch):
+        raise BundleError(f"unknown timm architecture {meta.arch!r}")
+    return BundleNet(meta, pretrained=pretrained, **timm_kwargs)
+
+
+def save_bundle(model: BundleNet, meta: BundleMeta, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `model` and `meta` as a bundle folder; floating weights are stored as `dtype`
+    (float16 halves the file).  The weights' sha256 is filled into the saved meta."""
+    meta.validate()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    weights = folder / WEIGHTS_FILE
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "arch": meta.arch})
+    os.replace(tmp, weights)
+    meta.weights_sha256 = file_sha256(weights)
+    meta.weights_dtype = str(dtype).removeprefix("torch.")
+    _write_json_atomic(folder / META_FILE, meta.to_json())
+    return folder
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bundle-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def read_meta(folder: Path) -> BundleMeta:
+    """bundle.json alone (fast: no weights read), validated."""
+    folder = Path(folder)
+    if folder.is_file() and folder.name in (META_FILE, WEIGHTS_FILE):
+        folder = folder.parent
+    if not folder.exists():
+        raise BundleError(f"model bundle not found: {folder}")
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"{folder} is not a model bundle: it has no {META_FILE}")
+    try:
+        meta = BundleMeta.from_json(json.loads(meta_path.read_text(encoding="utf-8")))
+        meta.validate()
+    except UnicodeDecodeError:
+        raise BundleError(f"{meta_path} is not a text file") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except ValueError as exc:
+        raise BundleError(f"{meta_path}: {exc}") from None
+    return meta
+
+
+def load_bundle(folder: Path | str) -> Bundle:
+    """Read, verify and build a bundle; raise `BundleError` naming what is wrong."""
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    meta = read_meta(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{folder} has no {WEIGHTS_FILE}")
+    actual = file_sha256(weights)
+    if meta.weights_sha256 and actual != meta.weights_sha256:
+        raise BundleError(
+            f"{weights} does not match its bundle: sha256 {actual[:12]}… but bundle.json says "
+            f"{meta.weights_sha256[:12]}… (corrupt or replaced file)"
+        )
+    if not meta.weights_sha256:
+        raise BundleError(f"{folder / META_FILE} records no weights_sha256: cannot verify the weights")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{weights} is not a readable safetensors file ({_one_line(exc)})") from None
+    model = build_model(meta)
+    _check_state(model, state, weights, meta.arch)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return Bundle(path=folder, meta=meta, model=model)
+
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, arch: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} tensors of the wrong shape (first: {wrong[0]})")
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise BundleError(f"{weights} does not fit the declared {arch}: " + "; ".join(parts))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__

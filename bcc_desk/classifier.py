@@ -1,0 +1,317 @@
+"""The one inference engine behind `bcc classify`, `bcc watch` and the desktop app.
+
+Images are decoded in a small thread pool while the network works on the previous batch
+(Pillow releases the GIL while decoding), so the model rarely waits for the disk.  Numerics are
+the fastest that keep the labels: bf16 autocast on CUDA and on CPUs with native bf16, fp32
+elsewhere.  A bad image becomes an error record and never stops a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from bcc_desk.bundle import Bundle, BundleError, InputSpec
+from bcc_desk.images import ImageReadError, open_image
+from bcc_desk.prediction import (
+    REVIEW_LOW_CONFIDENCE,
+    REVIEW_UNFAMILIAR,
+    Prediction,
+    error_prediction,
+    relative_location,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as progress(done, total) after each batch; total is -1 when not known."""
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda > mps > cpu for 'auto'; a named device must exist (one-line ValueError otherwise)."""
+    name = name.lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps was asked for, but Apple MPS is not available here")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 / AMX), where it is ~2x faster
+    than fp32; elsewhere bf16 is emulated and slower, so fp32 is the fast choice."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `device` (None = plain fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def device_label(device: torch.device, dtype: torch.dtype | None) -> str:
+    """'cuda:0 NVIDIA H100 (bf16)' / 'cpu (bf16)': what the report and status bar show."""
+    name = str(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return f"{name} ({precision})"
+
+
+def make_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> uint8 CHW tensor of the bundle's input size (resize shorter side,
+    centre crop).  Normalisation happens later, on the whole batch."""
+    resize = int(round(spec.size / spec.crop_pct))
+    interpolation = InterpolationMode(spec.interpolation)
+    return T.Compose(
+        [
+            T.Resize(resize, interpolation=interpolation, antialias=True),
+            T.CenterCrop(spec.size),
+            T.PILToTensor(),
+        ]
+    )
+
+
+def _spec_key(spec: InputSpec) -> tuple:
+    return (spec.size, spec.crop_pct, spec.interpolation)
+
+
+@dataclass
+class _Member:
+    bundle: Bundle
+    key: tuple
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+class Classifier:
+    """One or several bundles (an ensemble, probabilities averaged) ready to classify images.
+
+    `review_threshold` overrides the bundles' own (the strictest of them by default)."""
+
+    def __init__(
+        self,
+        bundles: Bundle | Sequence[Bundle],
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 32,
+        tta: bool = False,
+        review_threshold: float | None = None,
+        workers: int = 2,
+        channels_last: bool | None = None,
+    ) -> None:
+        members = [bundles] if isinstance(bundles, Bundle) else list(bundles)
+        if not members:
+            raise BundleError("no model bundle given")
+        classes = members[0].classes
+        for b in members[1:]:
+            if b.classes != classes:
+                raise BundleError(
+                    f"ensemble members disagree on classes: {b.path} has {b.classes}, "
+                    f"{members[0].path} has {classes}"
+                )
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        if review_threshold is not None and not 0.0 <= review_threshold <= 1.0:
+            raise ValueError(f"review threshold must be within 0..1, got {review_threshold}")
+        self.device = pick_device(device)
+        self.autocast_dtype = pick_precision(self.device, precision)
+        # channels_last pays off on CUDA tensor cores; on CPU it measured no faster (bench/).
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.batch_size = batch_size
+        self.tta = tta
+        self.workers = max(1, workers)
+        self.classes = list(classes)
+        self.review_threshold = (
+            review_threshold
+            if review_threshold is not None
+            else max(b.meta.review_threshold for b in members)
+        )
+        self.bundles = members
+        self.name = "+".join(b.name for b in members)
+        self.sha256 = "+".join(b.sha256 for b in members)
+        self._transforms: dict[tuple, Callable[[Image.Image], torch.Tensor]] = {}
+        self._members: list[_Member] = []
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for b in members:
+            key = _spec_key(b.meta.input)
+            self._transforms.setdefault(key, make_transform(b.meta.input))
+            b.model.to(self.device, memory_format=memory_format).eval()
+            shape = (1, 3, 1, 1)
+            mean = torch.tensor(b.meta.input.mean, device=self.device).view(shape) * 255
+            std = torch.tensor(b.meta.input.std, device=self.device).view(shape) * 255
+            self._members.append(_Member(b, key, mean, std))
+
+    @property
+    def device_label(self) -> str:
+        return device_label(self.device, self.autocast_dtype)
+
+    @property
+    def has_ood(self) -> bool:
+        return any(m.bundle.model.has_ood and m.bundle.meta.ood for m in self._members)
+
+    # -- decoding -----------------------------------------------------------------------------
+    def _decode(self, path: Path) -> dict[tuple, torch.Tensor] | ImageReadError:
+        try:
+            image = open_image(path)
+        except ImageReadError as exc:
+            return exc
+        return {key: tf(image) for key, tf in self._transforms.items()}
+
+    def _decoded_batches(
+        self, paths: Iterable[Path]
+    ) -> Iterator[list[tuple[Path, dict[tuple, torch.Tensor] | ImageReadError]]]:
+        """Batches of decoded images, in order, decoded ahead in a thread pool."""
+        lookahead = 2 * self.batch_size
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="bcc-decode")
+        pending: deque[tuple[Path, Future]] = deque()
+        try:
+            batch = []
+            for path in paths:
+                pending.append((path, pool.submit(self._decode, path)))
+                while len(pending) >= lookahead:
+                    p, fut = pending.popleft()
+                    batch.append((p, fut.result()))
+                    if len(batch) == self.batch_size:
+                        yield batch
+                        batch = []
+            while pending:
+                p, fut = pending.popleft()
+                batch.append((p, fut.result()))
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+        finally:
+            # Also reached when the consumer stops early (GUI cancel): drop what is queued.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- inference ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _infer(self, tensors: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated probabilities (n, classes) averaged over members and flips, and the
+        out-of-distribution ratio (score / threshold, >1 = unfamiliar) or None."""
+        probs = None
+        ood = None
+        for m in self._members:
+            x = tensors[m.key].to(self.device, non_blocking=True).float()
+            x = (x - m.mean) / m.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            views = [x, x.flip(-1), x.flip(-2)] if self.tta else [x]
+            model = m.bundle.model
+            for i, view in enumerate(views):
+                with torch.autocast(
+                    self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+                ):
+                    features = model.forward_features(view)
+                    logits = model.head(features)
+                p = torch.softmax(logits.float() / m.bundle.meta.temperature, dim=1)
+                probs = p if probs is None else probs + p
+                if i == 0 and model.has_ood and m.bundle.meta.ood is not None:
+                    ratio = model.ood_score(features) / m.bundle.meta.ood.threshold
+                    ood = ratio if ood is None else torch.maximum(ood, ratio)
+        assert probs is not None
+        probs = probs / (len(self._members) * (3 if self.tta else 1))
+        return probs.cpu(), None if ood is None else ood.cpu()
+
+    def predict_paths(
+        self,
+        paths: Sequence[Path] | Iterable[Path],
+        root: Path,
+        progress: ProgressCallback | None = None,
+    ) -> Iterator[Prediction]:
+        """Classify images under `root`, yielding one Prediction per path, in order."""
+        root = Path(root).resolve()
+        paths = [Path(p).resolve() for p in paths]
+        total = len(paths)
+        batches = self._decoded_batches(paths)
+        try:
+            yield from self._predict_batches(batches, root, total, progress)
+        finally:
+            batches.close()  # a consumer that stops early (GUI cancel) stops the decoders too
+
+    def _predict_batches(self, batches, root: Path, total: int, progress: ProgressCallback | None) -> Iterator[Prediction]:
+        done = 0
+        for batch in batches:
+            good = [(p, r) for p, r in batch if not isinstance(r, ImageReadError)]
+            results: dict[Path, Prediction] = {}
+            if good:
+                stacked = {key: torch.stack([r[key] for _, r in good]) for key in self._transforms}
+                if self.device.type == "cuda":
+                    stacked = {k: v.pin_memory() for k, v in stacked.items()}
+                probs, ood = self._infer(stacked)
+                for i, (p, _) in enumerate(good):
+                    results[p] = self._record(p, root, probs[i], None if ood is None else float(ood[i]))
+            for p, r in batch:
+                if isinstance(r, ImageReadError):
+                    yield error_prediction(p, root, str(r), self.name, self.sha256)
+                else:
+                    yield results[p]
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+
+    def _record(self, path: Path, root: Path, probs: torch.Tensor, ood_ratio: float | None) -> Prediction:
+        values = probs.tolist()
+        order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
+        top, runner_up = values[order[0]], values[order[1]]
+        reasons = []
+        if top < self.review_threshold:
+            reasons.append(REVIEW_LOW_CONFIDENCE)
+        if ood_ratio is not None and ood_ratio > 1.0:
+            reasons.append(REVIEW_UNFAMILIAR)
+        file, slide = relative_location(path, root)
+        return Prediction(
+            path=path,
+            file=file,
+            slide=slide,
+            label=self.classes[order[0]],
+            confidence=top,
+            margin=top - runner_up,
+            probabilities=dict(zip(self.classes, values)),
+            needs_review=bool(reasons),
+            review_reason="; ".join(reasons),
+            error=None,
+            model=self.name,
+            model_sha256=self.sha256,
+            ood_score=ood_ratio,
+        )

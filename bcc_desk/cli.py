@@ -1,0 +1,267 @@
+"""`bcc`: the command line.  It parses, reports progress and prints; the work is in the core.
+
+Exit codes: 0 the run completed (unreadable images are listed in the report), 1 nothing could be
+classified, 2 a usage error (bad option, missing folder, unusable model bundle), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from bcc_desk import __version__
+from bcc_desk.paths import DEFAULT_MODEL_DIR
+
+app = typer.Typer(
+    name="bcc",
+    help="Classify B-ALL blood smear images (Benign, early Pre-B, Pre-B, Pro-B) into an Excel report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """One line on stderr and the exit code; no traceback for a user's mistake."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"bcc-desk {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_time=False, show_path=False)],
+    )
+
+
+def _load_models(models: list[Path]):
+    from bcc_desk.bundle import BundleError, load_bundle
+
+    if not models:
+        if not (DEFAULT_MODEL_DIR / "bundle.json").is_file():
+            fail(
+                f"no default model is installed at {DEFAULT_MODEL_DIR}; pass --model BUNDLE, "
+                "or train one with: bcc-train fit DATA --out RUN"
+            )
+        models = [DEFAULT_MODEL_DIR]
+    try:
+        return [load_bundle(m) for m in models]
+    except BundleError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def classify(
+    root: Annotated[Path, typer.Argument(help="Folder of slide folders (or one image).", show_default=False)],
+    model: Annotated[
+        Optional[list[Path]],
+        typer.Option("--model", "-m", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Report file. Default: ROOT/bcc-report.xlsx (.csv with --csv).")
+    ] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="Write a plain CSV of the image rows instead of Excel.")] = False,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fastest that keeps the labels), fp32, bf16 or fp16.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch.")] = 32,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over horizontal and vertical flips (3x slower).")] = False,
+    review_threshold: Annotated[
+        Optional[float],
+        typer.Option(min=0.0, max=1.0, help="Flag images whose confidence is below this. Default: the model's."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Image decoding threads.")] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
+) -> None:
+    """Classify every image under ROOT (one folder per slide) and write the report."""
+    from bcc_desk.classifier import Classifier
+    from bcc_desk.images import discover_images
+    from bcc_desk.report import ReportError, RunInfo, write_csv, write_report
+
+    started = datetime.now(timezone.utc)
+    if not root.exists():
+        fail(f"{root} does not exist")
+    root = root.resolve()
+    folder = root if root.is_dir() else root.parent
+    paths = discover_images(root)
+    csv = csv or (out is not None and out.suffix.lower() == ".csv")
+    out = (out or folder / ("bcc-report.csv" if csv else "bcc-report.xlsx")).resolve()
+    if not out.parent.is_dir():
+        fail(f"the report's folder {out.parent} does not exist")
+    bundles = _load_models(model or [])
+    try:
+        classifier = Classifier(
+            bundles,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            tta=tta,
+            review_threshold=review_threshold,
+            workers=workers,
+        )
+    except ValueError as exc:
+        fail(str(exc))
+
+    if not paths:
+        fail(f"no images found under {root} (looked for .jpg .jpeg .png .tif .tiff .bmp)", EXIT_NOTHING)
+
+    predictions: list = []
+    interrupted = False
+    try:
+        _run(classifier, paths, folder, quiet, predictions)
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print(f"[yellow]interrupted[/]: writing the report for the {len(predictions)} images done")
+
+    run = RunInfo.collect(
+        models=[(b.name, b.sha256) for b in bundles],
+        classes=classifier.classes,
+        review_threshold=classifier.review_threshold,
+        ood_check=_ood_state(bundles),
+        tta=tta,
+        device=classifier.device_label,
+        started=started,
+        finished=None if interrupted else datetime.now(timezone.utc),
+        root=str(folder),
+        command=shlex.join(["bcc", *sys.argv[1:]]),
+    )
+    try:
+        written = (write_csv if csv else write_report)(predictions, out, run)
+    except ReportError as exc:
+        fail(str(exc), EXIT_NOTHING)
+    if not quiet:
+        out_console.print(summary_table(predictions, classifier.classes))
+    classified = sum(p.ok for p in predictions)
+    flagged = sum(p.needs_review for p in predictions)
+    out_console.print(
+        f"{classified} of {len(paths)} images classified, {flagged} flagged for review, "
+        f"{len(predictions) - classified} unreadable. Report: {written}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if classified == 0:
+        fail("no image could be classified (see the error column of the report)", EXIT_NOTHING)
+
+
+def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: list) -> None:
+    """Classify into `predictions` (filled in place so an interrupt keeps what is done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("classifying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("classify", total=len(paths))
+        for prediction in classifier.predict_paths(
+            paths, root, progress=lambda done, total: bar.update(task, completed=done)
+        ):
+            predictions.append(prediction)
+
+
+def _ood_state(bundles) -> str:
+    with_ood = sum(b.meta.ood is not None for b in bundles)
+    return "on" if with_ood == len(bundles) else ("off" if with_ood == 0 else "partly")
+
+
+def summary_table(predictions, classes: list[str]) -> Table:
+    """Per slide: images, counts per class, flagged, unreadable (the closing screen)."""
+    table = Table(title="Slides", title_justify="left")
+    table.add_column("slide", overflow="fold")
+    table.add_column("images", justify="right")
+    for c in classes:
+        table.add_column(c, justify="right")
+    table.add_column("flagged", justify="right")
+    table.add_column("unreadable", justify="right")
+    slides: dict[str, list] = {}
+    for p in predictions:
+        slides.setdefault(p.slide, []).append(p)
+    for slide in sorted(slides):
+        rows = slides[slide]
+        counts = [sum(p.label == c for p in rows) for c in classes]
+        table.add_row(
+            slide,
+            str(len(rows)),
+            *(str(n) for n in counts),
+            str(sum(p.needs_review for p in rows)),
+            str(sum(not p.ok for p in rows)),
+        )
+    return table
+
+
+@app.command()
+def info(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle folder.", show_default=False)],
+) -> None:
+    """Show a model bundle's metadata and validation metrics (weights verified)."""
+    from bcc_desk.bundle import BundleError, load_bundle
+
+    try:
+        meta = load_bundle(bundle).meta
+    except BundleError as exc:
+        fail(str(exc))
+    table = Table(title=f"Model bundle {bundle}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows = [
+        ("name", meta.name),
+        ("architecture", meta.arch),
+        ("classes", ", ".join(meta.classes)),
+        ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"),
+        ("head", f"hidden {meta.head.hidden or 'none'}, dropout {meta.head.dropout:g}"),
+        ("temperature", f"{meta.temperature:.4g}"),
+        ("review threshold", f"{meta.review_threshold:.3f}"),
+        ("OOD check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
+        ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256}"),
+    ]
+    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items()]
+    rows += [(f"metric: {k}", _fmt(v)) for k, v in meta.metrics.items()]
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

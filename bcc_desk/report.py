@@ -1,0 +1,565 @@
+"""The Excel (and CSV) report a lab reads: Images / Slides / Run sheets.
+
+Three promises matter more than looks, because the report is opened by people who did not
+run the classifier and often while it is still being rewritten (the folder-watching daemon):
+
+* **No formulas from data.**  File, slide and error names come from the outside world; a name
+  such as ``=cmd.jpg`` or ``@SUM(A1).jpg`` must stay text.  Every text cell goes through
+  `_put_text` (xlsx: forced string type, real text kept) or `_csv_text` (CSV: OWASP apostrophe).
+* **Never a half-written report.**  Everything is written to a temporary file beside the target
+  and moved into place with `os.replace`; a failure removes the temporary file and leaves the
+  previous report untouched.
+* **Never lose a report to a locked target.**  When the target is open in Excel or LibreOffice
+  (their owner/lock files sit beside it) or cannot be replaced, the report goes to a sibling
+  ``<stem> (<YYYY-mm-dd HHMMSS>)<suffix>``, a warning says where, and the written path is
+  returned, so callers compare it with the path they asked for.
+
+``needs_review`` is written as a real boolean (TRUE/FALSE in Excel, ``TRUE``/``FALSE`` in CSV) so
+that filters and pandas read it as one.  Probabilities are numbers 0..1 shown as percentages.
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import logging
+import math
+import os
+import re
+import shlex
+import socket
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from openpyxl import Workbook
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+from openpyxl.styles import Font, PatternFill
+from openpyxl.utils import get_column_letter
+from openpyxl.worksheet.worksheet import Worksheet
+
+from bcc_desk.prediction import Prediction
+
+log = logging.getLogger(__name__)
+
+PERCENT = "0.0%"
+DATETIME = "yyyy-mm-dd hh:mm:ss"
+OOD_FORMAT = "0.000"
+REVIEW_FILL = "FFF2CC"
+ERROR_FILL = "F8CBAD"
+TOTAL_ROW = "All slides"
+
+_MAX_CELL_CHARS = 32767  # Excel refuses (reports corruption for) longer cell texts
+_CSV_RISKY = ("=", "+", "-", "@", "\t", "\r")
+
+ExtraColumns = Mapping[str, Callable[[Prediction], object]]
+"""Extra per-image columns (e.g. the GUI's reviewer label/by/at): header -> value of a row."""
+
+
+class ReportError(Exception):
+    """The report could not be written at all (folder missing or not writable)."""
+
+
+@dataclass
+class RunInfo:
+    """What produced a report, so a reader months later can tell how to trust it."""
+
+    software_version: str
+    models: list[tuple[str, str]]
+    """(name, sha256) of every model that contributed."""
+    classes: list[str]
+    """Class names in the model's output order: the order of the `p:` and `n:` columns."""
+    review_threshold: float
+    ood_check: str
+    """"on", "off" or "partly" (some models carry no out-of-distribution statistics)."""
+    tta: bool
+    device: str
+    started: datetime
+    finished: datetime | None
+    """None while the run is still going (the daemon rewrites its report as it goes)."""
+    root: str
+    host: str
+    user: str
+    command: str
+    extra: dict[str, str] = field(default_factory=dict)
+    """Front-end specific facts (daemon settings, GUI session...), listed last on the Run sheet."""
+
+    @classmethod
+    def collect(
+        cls,
+        *,
+        models: list[tuple[str, str]],
+        classes: list[str],
+        review_threshold: float,
+        ood_check: str,
+        tta: bool,
+        device: str,
+        root: str | Path,
+        command: str | None = None,
+        started: datetime | None = None,
+        finished: datetime | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> RunInfo:
+        """Fill in what the machine knows (host, user, version, command line, start time)."""
+        from bcc_desk import __version__
+
+        return cls(
+            software_version=__version__,
+            models=list(models),
+            classes=list(classes),
+            review_threshold=review_threshold,
+            ood_check=ood_check,
+            tta=tta,
+            device=device,
+            started=started or datetime.now().astimezone(),
+            finished=finished,
+            root=str(root),
+            host=_safe(socket.gethostname),
+            user=_safe(getpass.getuser),
+            command=command if command is not None else shlex.join(sys.argv),
+            extra=dict(extra or {}),
+        )
+
+
+def _safe(get: Callable[[], str]) -> str:
+    # getpass.getuser raises in containers without a passwd entry: a report is still wanted.
+    try:
+        return get() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def IMAGE_COLUMNS(classes: Sequence[str]) -> list[str]:  # noqa: N802 (a table layout, named like a constant)
+    """The Images sheet / CSV header: the same names wherever a row is shown."""
+    return [
+        "file", "slide", "label", "confidence", "margin", "needs_review", "error",
+        *(f"p: {c}" for c in classes),
+        "model", "model_sha256", "classified_at",
+        "review_reason", "ood_score",
+    ]
+
+
+def SLIDE_COLUMNS(classes: Sequence[str]) -> list[str]:  # noqa: N802
+    """The Slides sheet header: count and share of each class sit side by side."""
+    per_class = [h for c in classes for h in (f"n: {c}", f"%: {c}")]
+    return ["slide", "images", "classified", *per_class, "flagged", "unreadable"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public writers
+
+
+def write_report(
+    predictions: Sequence[Prediction],
+    out: Path,
+    run: RunInfo,
+    *,
+    extra_columns: ExtraColumns | None = None,
+    fallback: Path | None = None,
+) -> Path:
+    """Write the xlsx report atomically; return the path actually written.
+
+    The returned path differs from `out` exactly when `out` was open/locked and the report went
+    to a sibling instead.  `fallback` names that sibling (a daemon passes the one it got last
+    time, so an open workbook does not make it spawn a new file every few seconds); without it a
+    timestamped sibling is made.  Raises `ReportError` when the folder cannot be written.
+    """
+    def write(tmp: Path) -> None:
+        rows = _image_rows(predictions, run.classes, extra_columns)
+        wb = Workbook()
+        _images_sheet(wb.active, rows, run.classes, extra_columns)
+        _slides_sheet(wb.create_sheet("Slides"), predictions, run.classes)
+        _run_sheet(wb.create_sheet("Run"), predictions, run)
+        wb.save(tmp)
+
+    return _atomic_write(Path(out), write, fallback)
+
+
+def write_csv(
+    predictions: Sequence[Prediction],
+    out: Path,
+    run: RunInfo,
+    *,
+    extra_columns: ExtraColumns | None = None,
+    fallback: Path | None = None,
+) -> Path:
+    """Write the Images rows as UTF-8 CSV (with BOM, for Excel); same rules as `write_report`."""
+    header = IMAGE_COLUMNS(run.classes) + list(extra_columns or {})
+    def write(tmp: Path) -> None:
+        rows = _image_rows(predictions, run.classes, extra_columns)
+        with open(tmp, "w", encoding="utf-8-sig", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([_csv_value(h) for h in header])
+            for row in rows:
+                w.writerow([_csv_value(v) for v in row.values])
+
+    return _atomic_write(Path(out), write, fallback)
+
+
+def locked_target(out: Path) -> bool:
+    """True when Excel or LibreOffice has `out` open (its owner/lock file sits beside it)."""
+    return _lock_file(Path(out)) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass
+class _Row:
+    values: list[object]
+    flagged: bool
+    failed: bool
+
+
+def _image_rows(
+    predictions: Sequence[Prediction], classes: Sequence[str], extra: ExtraColumns | None
+) -> list[_Row]:
+    clash = set(extra or {}) & set(IMAGE_COLUMNS(classes))
+    if clash:
+        raise ValueError(f"extra columns clash with the report's own: {sorted(clash)}")
+    ordered = sorted(predictions, key=lambda p: (_natural(p.slide), _natural(p.file), p.slide, p.file))
+    rows = []
+    for p in ordered:
+        values: list[object] = [
+            p.file, p.slide, p.label, _number(p.confidence), _number(p.margin),
+            bool(p.needs_review), p.error,
+            *(_number(p.probabilities.get(c)) for c in classes),
+            p.model, p.model_sha256, _local(p.classified_at),
+            p.review_reason, _number(p.ood_score),
+        ]
+        values += [get(p) for get in (extra or {}).values()]
+        rows.append(_Row(values, flagged=bool(p.needs_review), failed=p.error is not None))
+    return rows
+
+
+def _natural(s: str) -> list[object]:
+    """Sort key so that img2 comes before img10, as a person expects."""
+    parts = re.split(r"(\d+)", s)
+    return [int(t) if i % 2 else t.casefold() for i, t in enumerate(parts)]
+
+
+def _number(x: object) -> float | None:
+    # NaN/inf would make Excel call the whole file corrupt: an empty cell says "no value".
+    if x is None:
+        return None
+    f = float(x)  # also turns numpy scalars into plain floats
+    return f if math.isfinite(f) else None
+
+
+def _local(t: datetime | None) -> datetime | None:
+    """Local wall-clock time without tzinfo (Excel has no time zones), to the second."""
+    if t is None:
+        return None
+    if t.tzinfo is not None:
+        t = t.astimezone().replace(tzinfo=None)
+    return t.replace(microsecond=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sheets
+
+
+_BOLD = Font(bold=True)
+
+
+def _put_text(cell, value: str) -> None:
+    """Store `value` as literal text: never a formula or error code, even if it starts with '='.
+
+    Characters XML cannot hold are shown as \\xNN instead of failing the whole report.
+    """
+    value = ILLEGAL_CHARACTERS_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    if len(value) > _MAX_CELL_CHARS:
+        value = value[: _MAX_CELL_CHARS - 1] + "…"
+    cell.value = value
+    cell.data_type = "s"
+
+
+def _put(cell, value: object, number_format: str | None = None) -> None:
+    """Write one value with the right type; all text goes through `_put_text`."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        _put_text(cell, value)
+        return
+    if isinstance(value, bool):
+        cell.value = value
+        return
+    if isinstance(value, datetime):
+        cell.value = _local(value)
+        cell.number_format = DATETIME
+        return
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return
+        cell.value = value
+        if number_format:
+            cell.number_format = number_format
+        return
+    # Anything else (e.g. a reviewer object from the GUI) is shown as its text, safely.
+    _put_text(cell, str(value))
+
+
+def _header(ws: Worksheet, names: Sequence[str]) -> None:
+    for col, name in enumerate(names, start=1):
+        cell = ws.cell(row=1, column=col)
+        _put_text(cell, name)
+        cell.font = _BOLD
+    ws.freeze_panes = "A2"
+
+
+def _widths(ws: Worksheet, names: Sequence[str], values: Sequence[Sequence[object]], cap: int = 50) -> None:
+    for col, name in enumerate(names, start=1):
+        longest = len(name)
+        for row in values:
+            v = row[col - 1]
+            if isinstance(v, str):
+                longest = max(longest, len(v))
+            elif isinstance(v, datetime):
+                longest = max(longest, 19)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                longest = max(longest, 7)
+        ws.column_dimensions[get_column_letter(col)].width = min(longest + 2, cap)
+
+
+def _images_sheet(
+    ws: Worksheet, rows: list[_Row], classes: Sequence[str], extra: ExtraColumns | None
+) -> None:
+    ws.title = "Images"
+    names = IMAGE_COLUMNS(classes) + list(extra or {})
+    formats = {n: PERCENT for n in names if n in ("confidence", "margin") or n.startswith("p: ")}
+    formats["ood_score"] = OOD_FORMAT
+    _header(ws, names)
+    review = PatternFill("solid", start_color=REVIEW_FILL, end_color=REVIEW_FILL)
+    failed = PatternFill("solid", start_color=ERROR_FILL, end_color=ERROR_FILL)
+    for r, row in enumerate(rows, start=2):
+        fill = failed if row.failed else review if row.flagged else None
+        for c, (name, value) in enumerate(zip(names, row.values), start=1):
+            cell = ws.cell(row=r, column=c)
+            _put(cell, value, formats.get(name))
+            if fill is not None:
+                cell.fill = fill
+    ws.auto_filter.ref = f"A1:{get_column_letter(len(names))}{len(rows) + 1}"
+    _widths(ws, names, [row.values for row in rows])
+
+
+@dataclass
+class _SlideCount:
+    images: int = 0
+    classified: int = 0
+    flagged: int = 0
+    unreadable: int = 0
+    per_class: dict[str, int] = field(default_factory=dict)
+
+    def add(self, p: Prediction) -> None:
+        self.images += 1
+        if p.error is not None:
+            self.unreadable += 1
+        else:
+            self.classified += 1
+            if p.label is not None:
+                self.per_class[p.label] = self.per_class.get(p.label, 0) + 1
+        if p.needs_review:
+            self.flagged += 1
+
+    def row(self, name: str, classes: Sequence[str]) -> list[object]:
+        per_class: list[object] = []
+        for c in classes:
+            n = self.per_class.get(c, 0)
+            per_class += [n, n / self.classified if self.classified else None]
+        return [name, self.images, self.classified, *per_class, self.flagged, self.unreadable]
+
+
+def _slides_sheet(ws: Worksheet, predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
+    names = SLIDE_COLUMNS(classes)
+    formats = {n: PERCENT for n in names if n.startswith("%: ")}
+    slides: dict[str, _SlideCount] = {}
+    total = _SlideCount()
+    for p in predictions:
+        slides.setdefault(p.slide, _SlideCount()).add(p)
+        total.add(p)
+    _header(ws, names)
+    rows = [slides[s].row(s, classes) for s in sorted(slides, key=lambda s: (_natural(s), s))]
+    rows.append(total.row(TOTAL_ROW, classes))
+    for r, values in enumerate(rows, start=2):
+        for c, (name, value) in enumerate(zip(names, values), start=1):
+            _put(ws.cell(row=r, column=c), value, formats.get(name))
+    for cell in ws[len(rows) + 1]:
+        cell.font = _BOLD
+    ws.auto_filter.ref = f"A1:{get_column_letter(len(names))}{len(rows)}"  # total row stays out
+    _widths(ws, names, rows)
+
+
+def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo) -> None:
+    ok = [p for p in predictions if p.error is None]
+    fields: list[tuple[str, object, str | None]] = [("software version", run.software_version, None)]
+    for i, (name, sha) in enumerate(run.models, start=1):
+        tag = "model" if len(run.models) == 1 else f"model {i}"
+        fields += [(tag, name, None), (f"{tag} sha256", sha, None)]
+    fields += [
+        ("classes", "; ".join(run.classes), None),
+        ("review threshold", _number(run.review_threshold), PERCENT),
+        ("out-of-distribution check", run.ood_check, None),
+        ("test-time augmentation", "on" if run.tta else "off", None),
+        ("device", run.device, None),
+        ("started", run.started, None),
+        ("finished", run.finished if run.finished is not None else "still running", None),
+        ("duration", _duration(run.started, run.finished), None),
+        ("root", run.root, None),
+        ("host", run.host, None),
+        ("user", run.user, None),
+        ("command", run.command, None),
+        ("images", len(predictions), None),
+        ("classified", len(ok), None),
+        ("flagged", sum(1 for p in predictions if p.needs_review), None),
+        ("unreadable", len(predictions) - len(ok), None),
+        ("report written", datetime.now(), None),
+    ]
+    fields += [(k, v, None) for k, v in run.extra.items()]
+    _header(ws, ["field", "value"])
+    for r, (name, value, fmt) in enumerate(fields, start=2):
+        _put_text(ws.cell(row=r, column=1), name)
+        _put(ws.cell(row=r, column=2), value, fmt)
+    ws.column_dimensions["A"].width = max(len(f[0]) for f in fields) + 2
+    ws.column_dimensions["B"].width = min(max(len(str(f[1])) for f in fields) + 2, 80)
+
+
+def _duration(started: datetime, finished: datetime | None) -> str:
+    if finished is None:
+        return "still running"
+    seconds = round((finished - started).total_seconds())
+    return str(timedelta(seconds=max(seconds, 0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV cells
+
+
+def _csv_value(v: object) -> object:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "TRUE" if v else "FALSE"
+    if isinstance(v, datetime):
+        return _local(v).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int):
+        return v
+    return _csv_text(str(v))
+
+
+def _csv_text(s: str) -> str:
+    """OWASP CSV-injection advice: a leading apostrophe keeps spreadsheet apps from evaluating."""
+    return "'" + s if s.startswith(_CSV_RISKY) else s
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic save, lock files
+
+
+def _lock_file(out: Path) -> Path | None:
+    """The Office owner file (`~$...`) or LibreOffice lock (`.~lock.<name>#`) beside `out`."""
+    name = out.name
+    candidates = [f"~${name}", f".~lock.{name}#"]
+    # Word-style owner files drop the first one or two characters of longer names; sources
+    # disagree on Excel's rule, and a false alarm only costs a sibling file while a missed lock
+    # lets Excel's next save overwrite the new report, so every form counts.
+    if len(out.stem) > 2:
+        candidates += [f"~${name[1:]}", f"~${name[2:]}"]
+    for c in candidates:
+        lock = out.with_name(c)
+        if lock.is_file():
+            return lock
+    return None
+
+
+def _sibling(out: Path) -> Path:
+    stamp = datetime.now().strftime("%Y-%m-%d %H%M%S")
+    return out.with_name(f"{out.stem} ({stamp}){out.suffix}")
+
+
+def _diversion(out: Path, fallback: Path | None) -> Path:
+    if fallback is not None:
+        fallback = Path(fallback)
+        if fallback != out and fallback.parent == out.parent and _lock_file(fallback) is None:
+            return fallback
+    return _sibling(out)
+
+
+def _new_file_mode(target: Path) -> int | None:
+    """Mode for the finished report: the old report's, else what the umask allows.
+
+    NamedTemporaryFile creates files readable only by their owner; a report on a shared lab
+    folder must stay readable by colleagues.
+    """
+    if os.name == "nt":
+        return None
+    try:
+        st = target.stat()
+        if stat.S_ISREG(st.st_mode):
+            return st.st_mode & 0o777
+    except OSError:
+        pass
+    umask = 0o022
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o666 & ~umask
+
+
+def _atomic_write(out: Path, write: Callable[[Path], None], fallback: Path | None) -> Path:
+    """Run `write` on a temp file beside `out`, then move it into place (or beside, if locked)."""
+    folder = out.parent
+    if not folder.is_dir():
+        raise ReportError(f"cannot write the report: folder {folder} does not exist")
+    dest = out
+    lock = _lock_file(out)
+    if lock is not None:
+        dest = _diversion(out, fallback)
+    try:
+        with tempfile.NamedTemporaryFile(
+            dir=folder, prefix=f".{out.stem}.", suffix=out.suffix, delete=False
+        ) as fh:
+            tmp = Path(fh.name)
+    except OSError as e:
+        raise ReportError(f"cannot write the report in folder {folder}: {e.strerror or e}") from e
+    try:
+        write(tmp)
+        mode = _new_file_mode(dest)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        try:
+            os.replace(tmp, dest)
+        except OSError as e:
+            if dest != out:
+                raise ReportError(f"cannot write the report {dest}: {e.strerror or e}") from e
+            dest = _diversion(out, fallback)
+            try:
+                os.replace(tmp, dest)
+            except OSError as e2:
+                raise ReportError(f"cannot write the report {dest}: {e2.strerror or e2}") from e2
+            log.warning(
+                "report target %s could not be replaced (%s, open in another program?); "
+                "wrote the report to %s instead", out, e.strerror or e, dest,
+            )
+        else:
+            if lock is not None:
+                log.warning(
+                    "report target %s is open in another program (lock file %s); "
+                    "wrote the report to %s instead", out, lock.name, dest,
+                )
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+    return dest

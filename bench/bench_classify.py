@@ -1,0 +1,192 @@
+"""Benchmark `bcc classify` end to end against the bare forward pass and a plain fp32 loop.
+
+    python bench/bench_classify.py [--images N] [--repeats R] [--model BUNDLE]
+
+Side by side in one run, each figure the median of R interleaved repeats:
+  * e2e:        `bcc classify` as a fresh process on N real images (start-up, model load,
+                decoding, inference, Excel report all included), images / wall second;
+  * forward:    the same model's bare forward pass on pre-decoded batches at the numerics
+                `bcc classify` picks (no decoding, no I/O), images / second;
+  * fp32 loop:  a plain per-batch loop (decode a batch, then an fp32 forward; nothing
+                overlapped), images / second.
+It also reports how often bf16 and fp32 agree on the label, and channels_last vs not.
+Figures go to stdout and, with --write, into bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ALL4 = REPO.parent / "shared" / "data" / "all4"
+sys.path.insert(0, str(REPO / "tests"))
+
+from bcc_desk.bundle import load_bundle  # noqa: E402
+from bcc_desk.classifier import Classifier, make_transform, pick_precision  # noqa: E402
+from bcc_desk.images import discover_images, open_image  # noqa: E402
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def make_folder(dest: Path, n: int) -> Path:
+    """N real images, one slide folder per class (copied, as a lab's export would be)."""
+    per_class = {d.name: sorted(d.glob("*.jpg")) for d in sorted(ALL4.iterdir()) if d.is_dir()}
+    chosen = 0
+    for i in range(max(len(v) for v in per_class.values())):
+        for cls, files in per_class.items():
+            if chosen == n:
+                return dest
+            if i < len(files):
+                slide = dest / f"slide-{cls.replace(' ', '_').strip('[]')}"
+                slide.mkdir(parents=True, exist_ok=True)
+                shutil.copy(files[i], slide / files[i].name)
+                chosen += 1
+    return dest
+
+
+def decoded_batches(bundle, paths, batch):
+    spec = bundle.meta.input
+    tf = make_transform(spec)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+    out = []
+    for i in range(0, len(paths), batch):
+        x = torch.stack([tf(open_image(p)) for p in paths[i : i + batch]]).float()
+        out.append((x - mean) / std)
+    return out
+
+
+@torch.inference_mode()
+def forward_rate(model, batches, dtype, channels_last=False) -> float:
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    n = sum(len(b) for b in batches)
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        model(batches[0][:4])  # warm-up
+        t = time.perf_counter()
+        for x in batches:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            model(x)
+    return n / (time.perf_counter() - t)
+
+
+@torch.inference_mode()
+def fp32_loop_rate(bundle, paths, batch) -> float:
+    """What a first, plain script does: decode a batch, run it in fp32, repeat."""
+    spec = bundle.meta.input
+    tf = make_transform(spec)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+    model = bundle.model.to(memory_format=torch.contiguous_format)
+    t = time.perf_counter()
+    for i in range(0, len(paths), batch):
+        x = torch.stack([tf(open_image(p)) for p in paths[i : i + batch]]).float()
+        model((x - mean) / std).softmax(1)
+    return len(paths) / (time.perf_counter() - t)
+
+
+def e2e_rate(model_dir: Path, folder: Path, n: int, batch: int, out: Path) -> float:
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "bcc_desk", "classify", str(folder), "--model", str(model_dir),
+         "--out", str(out), "--quiet", "--batch-size", str(batch)],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return n / (time.perf_counter() - t)
+
+
+def label_agreement(bundle, batches) -> float:
+    with torch.inference_mode():
+        same = total = 0
+        for x in batches:
+            a = bundle.model(x).argmax(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                b = bundle.model(x).argmax(1)
+            same += int((a == b).sum())
+            total += len(x)
+    return same / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=2722, help="images for the end-to-end run")
+    ap.add_argument("--forward-images", type=int, default=512, help="images for the forward and fp32-loop runs")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--model", type=Path, help="bundle to time (default: the shipped model, else a random convnext_tiny)")
+    ap.add_argument("--write", action="store_true", help="append the figures to bench/RESULTS.md")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bcc-bench-"))
+    try:
+        model_dir = args.model or REPO / "resources" / "models" / "default"
+        weights_note = "shipped model"
+        if not (model_dir / "bundle.json").is_file():
+            from bundles import make_bundle
+
+            model_dir = make_bundle(work / "tiny", arch="convnext_tiny", size=224, hidden=[512], dtype=torch.float16)
+            weights_note = "random-weight convnext_tiny (no trained model shipped yet)"
+        bundle = load_bundle(model_dir)
+        folder = make_folder(work / "images", args.images)
+        paths = discover_images(folder)
+        sample = paths[:: max(1, len(paths) // args.forward_images)][: args.forward_images]
+        batches = decoded_batches(bundle, sample, args.batch_size)
+        dtype = pick_precision(torch.device("cpu"))
+        rates: dict[str, list[float]] = {"e2e": [], "forward": [], "forward_cl": [], "fp32_loop": [], "fp32_forward": []}
+        for r in range(args.repeats):
+            rates["forward"].append(forward_rate(bundle.model, batches, dtype))
+            rates["forward_cl"].append(forward_rate(bundle.model, batches, dtype, channels_last=True))
+            rates["e2e"].append(e2e_rate(model_dir, folder, len(paths), args.batch_size, work / "r.xlsx"))
+            rates["fp32_loop"].append(fp32_loop_rate(bundle, sample, args.batch_size))
+            rates["fp32_forward"].append(forward_rate(bundle.model, batches, None))
+            print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        agree = label_agreement(bundle, batches)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    lines = [
+        f"### `bcc classify` on CPU, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"model: {bundle.meta.arch} at {bundle.meta.input.size} px ({weights_note}); batch {args.batch_size}; "
+        f"median of {args.repeats} interleaved repeats.",
+        "",
+        "| measure | images/s | ratio |",
+        "|---|---:|---:|",
+        f"| bare forward, {precision} autocast (pre-decoded batches) | {med['forward']:.1f} | 1.00 |",
+        f"| bare forward, {precision} + channels_last | {med['forward_cl']:.1f} | {med['forward_cl'] / med['forward']:.2f} |",
+        f"| bare forward, fp32 | {med['fp32_forward']:.1f} | {med['fp32_forward'] / med['forward']:.2f} |",
+        f"| **`bcc classify` end to end** ({len(paths)} images, new process, report written) | **{med['e2e']:.1f}** | **{med['e2e'] / med['forward']:.2f}** of forward |",
+        f"| plain fp32 per-batch loop (decode, then forward) | {med['fp32_loop']:.1f} | e2e is **{med['e2e'] / med['fp32_loop']:.2f}x** this |",
+        "",
+        f"bf16 vs fp32 labels agree on {agree:.1%} of {len(sample)} images.",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        results = REPO / "bench" / "RESULTS.md"
+        old = results.read_text() if results.exists() else "# Benchmark results\n\n"
+        results.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Shared fixtures: the real microscope images in ../shared/data and small real bundles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Qt must never look for a display in the tests (set before anything imports Qt).
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+ALL4 = DATA / "all4"
+OOD_DEV = DATA / "ood-dev"
+CLASSES = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]
+
+
+@pytest.fixture(scope="session")
+def all4() -> Path:
+    assert ALL4.is_dir(), f"the real data set is missing at {ALL4}"
+    return ALL4
+
+
+@pytest.fixture(scope="session")
+def real_images(all4: Path) -> dict[str, list[Path]]:
+    """A few real images per class folder, in a stable order."""
+    return {c: sorted((all4 / c).glob("*.jpg"))[:6] for c in CLASSES}

@@ -1,0 +1,153 @@
+"""`bcc classify` and `bcc info` as a user runs them: real folders, real bundles, xlsx read back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import openpyxl
+import pytest
+from bundles import CLASSES, make_bundle
+from corpus import build_corpus
+from typer.testing import CliRunner
+
+from bcc_desk import cli
+from bcc_desk.images import discover_images
+
+runner = CliRunner()
+IMAGE_HEADER = ["file", "slide", "label", "confidence", "margin", "needs_review", "error",
+                *(f"p: {c}" for c in CLASSES), "model", "model_sha256", "classified_at"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("m") / "atto", review_threshold=0.6)
+
+
+@pytest.fixture()
+def lab_folder(tmp_path: Path, real_images) -> Path:
+    """What a lab exports: a folder per slide, plus every kind of bad input in one of them."""
+    root = tmp_path / "export"
+    for i, (cls, files) in enumerate(real_images.items()):
+        slide = root / f"slide-{i % 2 + 1}"
+        slide.mkdir(parents=True, exist_ok=True)
+        for f in files[:3]:
+            shutil.copy(f, slide / f.name)
+    build_corpus(root / "odd", [f for files in real_images.values() for f in files])
+    return root
+
+
+def _rows(ws) -> list[dict]:
+    header = [c.value for c in ws[1]]
+    return [dict(zip(header, (c.value for c in row))) for row in ws.iter_rows(min_row=2)]
+
+
+def test_classify_writes_a_complete_workbook(model: Path, lab_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.xlsx"
+    result = runner.invoke(cli.app, ["classify", str(lab_folder), "--model", str(model), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Report:" in result.output and "unreadable" in result.output
+    wb = openpyxl.load_workbook(out)
+    assert wb.sheetnames == ["Images", "Slides", "Run"]
+    images = wb["Images"]
+    assert [c.value for c in images[1]][: len(IMAGE_HEADER)] == IMAGE_HEADER
+    rows = _rows(images)
+    discovered = {p.relative_to(lab_folder).as_posix() for p in discover_images(lab_folder)}
+    assert {r["file"] for r in rows} == discovered
+    good = [r for r in rows if not r["error"]]
+    bad = [r for r in rows if r["error"]]
+    assert len(good) >= 20 and len(bad) >= 5
+    for r in good:
+        assert r["label"] in CLASSES
+        assert r["slide"] == r["file"].rsplit("/", 1)[0]
+        assert sum(r[f"p: {c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
+        assert r["needs_review"] == (r["confidence"] < 0.6)
+        assert r["model"] == "test-convnext_atto-0" and len(r["model_sha256"]) == 64
+    for r in bad:
+        assert r["label"] is None and "\n" not in r["error"]
+    formula_names = [r for r in rows if r["file"].split("/")[-1].startswith(("=", "+", "-", "@"))]
+    assert formula_names, "the corpus has formula-like names"
+    slides = _rows(wb["Slides"])
+    assert {s["slide"] for s in slides} >= {"slide-1", "slide-2"}
+    run = {r[0].value: r[1].value for r in wb["Run"].iter_rows()}
+    assert any("test-convnext_atto-0" in str(v) for v in run.values())
+
+
+def test_csv_and_single_image(model: Path, lab_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    result = runner.invoke(cli.app, ["classify", str(lab_folder / "slide-1"), "-m", str(model), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text(encoding="utf-8-sig")
+    assert text.splitlines()[0].startswith("file,slide,label,confidence")
+    assert len(text.splitlines()) == 1 + 6
+    one = next((lab_folder / "slide-1").glob("*.jpg"))
+    result = runner.invoke(cli.app, ["classify", str(one), "-m", str(model), "--csv", "-o", str(tmp_path / "one.csv")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "one.csv").read_text(encoding="utf-8-sig").splitlines()) == 2
+
+
+def test_default_report_lands_in_root(model: Path, lab_folder: Path) -> None:
+    result = runner.invoke(cli.app, ["classify", str(lab_folder / "slide-2"), "-m", str(model), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (lab_folder / "slide-2" / "bcc-report.xlsx").is_file()
+
+
+def test_usage_errors_are_one_line_and_exit_2(model: Path, lab_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    def run(*args: str):
+        r = runner.invoke(cli.app, list(args))
+        return r.exit_code, r.output.strip()
+
+    code, msg = run("classify", str(tmp_path / "missing"), "-m", str(model))
+    assert code == 2 and msg.count("\n") == 0 and "does not exist" in msg
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    code, msg = run("classify", str(lab_folder), "-m", str(broken))
+    assert code == 2 and "has no bundle.json" in msg and "Traceback" not in msg
+    code, msg = run("classify", str(lab_folder), "-m", str(model), "--device", "cuda")
+    if not __import__("torch").cuda.is_available():
+        assert code == 2 and "no CUDA GPU" in msg
+    code, msg = run("classify", str(lab_folder), "-m", str(model), "-o", str(tmp_path / "nope" / "r.xlsx"))
+    assert code == 2 and "does not exist" in msg
+    monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", tmp_path / "no-default")
+    code, msg = run("classify", str(lab_folder))
+    assert code == 2 and "no default model" in msg and "bcc-train fit" in msg and msg.count("\n") <= 1
+
+
+def test_nothing_classified_exits_1(model: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    r = runner.invoke(cli.app, ["classify", str(empty), "-m", str(model)])
+    assert r.exit_code == 1 and "no images found" in r.output
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"")
+    (junk / "b.png").write_bytes(os.urandom(500))
+    r = runner.invoke(cli.app, ["classify", str(junk), "-m", str(model), "-o", str(tmp_path / "j.xlsx")])
+    assert r.exit_code == 1 and "no image could be classified" in r.output
+    assert len(_rows(openpyxl.load_workbook(tmp_path / "j.xlsx")["Images"])) == 2  # the report still lists them
+
+
+def test_info_shows_metadata(model: Path) -> None:
+    r = runner.invoke(cli.app, ["info", str(model)])
+    assert r.exit_code == 0, r.output
+    for text in ("convnext_atto", "[Malignant] Pro-B", "review threshold", "0.600", "val_macro_f1"):
+        assert text in r.output
+
+
+def test_python_m_entry_point_runs_for_real(model: Path, lab_folder: Path, tmp_path: Path) -> None:
+    """A fresh process, as a technician runs it: exit code and the closing summary."""
+    out = tmp_path / "real.xlsx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bcc_desk", "classify", str(lab_folder / "slide-1"), "-m", str(model), "-o", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "slide-1" in proc.stdout and "6 of 6 images classified" in proc.stdout
+    assert out.is_file()
+    proc = subprocess.run([sys.executable, "-m", "bcc_desk", "classify", "--batch-size", "0", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
