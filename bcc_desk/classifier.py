@@ -8,6 +8,7 @@ elsewhere.  A bad image becomes an error record and never stops a run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 """Called as progress(done, total) after each batch; total is -1 when not known."""
+
+_Decoded = dict[tuple, torch.Tensor] | ImageReadError
+"""An image as each distinct input policy needs it (uint8 CHW), or why it could not be read."""
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -109,6 +113,15 @@ def make_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
     )
 
 
+def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (or 0..255 float) batch -> the network's normalised float input.  Shared with the
+    trainer, so training and inference can never normalise differently."""
+    shape = (1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, device=batch.device).view(shape) * 255
+    std = torch.tensor(spec.std, device=batch.device).view(shape) * 255
+    return (batch.float() - mean) / std
+
+
 def _spec_key(spec: InputSpec) -> tuple:
     return (spec.size, spec.crop_pct, spec.interpolation)
 
@@ -117,8 +130,6 @@ def _spec_key(spec: InputSpec) -> tuple:
 class _Member:
     bundle: Bundle
     key: tuple
-    mean: torch.Tensor
-    std: torch.Tensor
 
 
 class Classifier:
@@ -168,16 +179,15 @@ class Classifier:
         self.name = "+".join(b.name for b in members)
         self.sha256 = "+".join(b.sha256 for b in members)
         self._transforms: dict[tuple, Callable[[Image.Image], torch.Tensor]] = {}
+        # The largest size any member resizes to: big JPEGs are decoded straight at that scale.
+        self._decode_size = max(round(b.meta.input.size / b.meta.input.crop_pct) for b in members)
         self._members: list[_Member] = []
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for b in members:
             key = _spec_key(b.meta.input)
             self._transforms.setdefault(key, make_transform(b.meta.input))
             b.model.to(self.device, memory_format=memory_format).eval()
-            shape = (1, 3, 1, 1)
-            mean = torch.tensor(b.meta.input.mean, device=self.device).view(shape) * 255
-            std = torch.tensor(b.meta.input.std, device=self.device).view(shape) * 255
-            self._members.append(_Member(b, key, mean, std))
+            self._members.append(_Member(b, key))
 
     @property
     def device_label(self) -> str:
@@ -188,41 +198,39 @@ class Classifier:
         return any(m.bundle.model.has_ood and m.bundle.meta.ood for m in self._members)
 
     # -- decoding -----------------------------------------------------------------------------
-    def _decode(self, path: Path) -> dict[tuple, torch.Tensor] | ImageReadError:
+    def _decode(self, path: Path) -> _Decoded:
         try:
-            image = open_image(path)
+            image = open_image(path, reduce_to=self._decode_size)
         except ImageReadError as exc:
             return exc
         return {key: tf(image) for key, tf in self._transforms.items()}
 
-    def _decoded_batches(
-        self, paths: Iterable[Path]
-    ) -> Iterator[list[tuple[Path, dict[tuple, torch.Tensor] | ImageReadError]]]:
-        """Batches of decoded images, in order, decoded ahead in a thread pool."""
+    def _decoded(self, paths: Iterable[Path]) -> Iterator[tuple[Path, _Decoded]]:
+        """(path, decoded tensors or the read error), in order, decoded ahead in a thread pool."""
         lookahead = 2 * self.batch_size
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="bcc-decode")
         pending: deque[tuple[Path, Future]] = deque()
         try:
-            batch = []
             for path in paths:
                 pending.append((path, pool.submit(self._decode, path)))
-                while len(pending) >= lookahead:
+                if len(pending) >= lookahead:
                     p, fut = pending.popleft()
-                    batch.append((p, fut.result()))
-                    if len(batch) == self.batch_size:
-                        yield batch
-                        batch = []
+                    yield p, fut.result()
             while pending:
                 p, fut = pending.popleft()
-                batch.append((p, fut.result()))
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+                yield p, fut.result()
         finally:
             # Also reached when the consumer stops early (GUI cancel): drop what is queued.
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _decoded_batches(self, paths: Iterable[Path]) -> Iterator[list[tuple[Path, _Decoded]]]:
+        """Lists of `batch_size` decoded images (the last may be shorter)."""
+        decoded = self._decoded(paths)
+        try:
+            while batch := list(itertools.islice(decoded, self.batch_size)):
+                yield batch
+        finally:
+            decoded.close()
 
     # -- inference ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -232,8 +240,7 @@ class Classifier:
         probs = None
         ood = None
         for m in self._members:
-            x = tensors[m.key].to(self.device, non_blocking=True).float()
-            x = (x - m.mean) / m.std
+            x = normalise(tensors[m.key].to(self.device, non_blocking=True), m.bundle.meta.input)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             views = [x, x.flip(-1), x.flip(-2)] if self.tta else [x]
@@ -269,7 +276,13 @@ class Classifier:
         finally:
             batches.close()  # a consumer that stops early (GUI cancel) stops the decoders too
 
-    def _predict_batches(self, batches, root: Path, total: int, progress: ProgressCallback | None) -> Iterator[Prediction]:
+    def _predict_batches(
+        self,
+        batches: Iterator[list[tuple[Path, _Decoded]]],
+        root: Path,
+        total: int,
+        progress: ProgressCallback | None,
+    ) -> Iterator[Prediction]:
         done = 0
         for batch in batches:
             good = [(p, r) for p, r in batch if not isinstance(r, ImageReadError)]

@@ -52,11 +52,10 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_time=False, show_path=False)],
-    )
+    # Warnings of the core (a locked report, ...) reach the user on stderr, one line each.
+    logger = logging.getLogger("bcc_desk")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))
 
 
 def _load_models(models: list[Path]):

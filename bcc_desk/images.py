@@ -107,7 +107,7 @@ def discover_images(root: Path) -> list[Path]:
     return [path for _, path in found]
 
 
-def open_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(path: Path, max_pixels: int = MAX_PIXELS, reduce_to: int | None = None) -> Image.Image:
     """Open `path` as a fully decoded RGB image, upright per its EXIF orientation.
 
     Raises `ImageReadError` (and nothing else) for any file that cannot be used.  The pixel
@@ -115,6 +115,10 @@ def open_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     to be gigapixels is refused without allocating memory.  Transparency is composited on
     white (smear backgrounds are bright; dropping alpha would give black), and 16-bit and float
     images are scaled to 8 bits rather than clipped.
+
+    With `reduce_to`, a large JPEG is decoded straight at the smallest scale (1/2, 1/4, 1/8)
+    whose shorter side is still at least twice `reduce_to` pixels: a camera's multi-megapixel field
+    then decodes several times faster, and the model only sees `reduce_to` pixels anyway.
 
     Pillow's own decompression-bomb warning is silenced for the duration of the call: our
     limit replaces it, and a warning on stderr would only alarm.  (`warnings.catch_warnings`
@@ -141,6 +145,11 @@ def open_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                     f"too large: {width}x{height} pixels exceeds the "
                     f"{_megapixels(max_pixels)} megapixel limit"
                 )
+            # Keep at least 2x the target after the DCT downscale, so the antialiased resize
+            # that follows sees the same detail as from a full decode.
+            if reduce_to and im.format == "JPEG" and min(width, height) >= 4 * reduce_to:
+                scale = 2 * reduce_to / min(width, height)
+                im.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
             _load(im, max_pixels)
             try:
                 return _to_rgb(_upright(im))

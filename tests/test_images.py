@@ -401,3 +401,17 @@ def test_unreadable_files_say_permission_denied(real_jpgs) -> None:
                 assert _reason(locked_dir / "inside.jpg") == "permission denied"
         finally:
             locked_dir.chmod(0o755)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_still_covers_the_model_input(real_jpgs, tmp_path: Path) -> None:
+    """A camera-sized field is decoded at 1/8..1/2 scale, never below what the model needs."""
+    big = tmp_path / "camera.jpg"
+    with Image.open(real_jpgs[0]) as im:
+        im.convert("RGB").resize((2400, 1800)).save(big, quality=90)
+    full = open_image(big)
+    reduced = open_image(big, reduce_to=224)
+    assert full.size == (2400, 1800)
+    assert min(reduced.size) >= 2 * 224 and reduced.size[0] <= 1200
+    assert reduced.size[0] / reduced.size[1] == pytest.approx(2400 / 1800, rel=0.02)
+    small = open_image(real_jpgs[0], reduce_to=224)
+    assert small.size == (224, 224)

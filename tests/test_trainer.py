@@ -1,0 +1,146 @@
+"""bcc-train end to end on real images: tiny fits (convnext_atto, 64 px, 1 epoch)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import openpyxl
+import pytest
+import torch
+from bundles import CLASSES
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from bcc_desk import cli as bcc_cli
+from bcc_desk.bundle import load_bundle
+from trainer import cli as train_cli
+from trainer.fit import FitConfig, FitError, build_meta, create_model
+
+runner = CliRunner()
+TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
+        "--hidden", "32", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, all4: Path) -> Path:
+    """A few dozen real images, laid out exactly like the public data set (brackets, spaces)."""
+    root = tmp_path_factory.mktemp("data") / "all4-small"
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for f in sorted((all4 / c).glob("*.jpg"))[::30][:12]:
+            shutil.copy(f, root / c / f.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, small_data: Path, ood_dev: Path) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), *TINY, "--ood-dir", str(ood_dev)])
+    assert r.exit_code == 0, r.output
+    return run
+
+
+@pytest.fixture(scope="module")
+def ood_dev() -> Path:
+    from conftest import OOD_DEV
+
+    return OOD_DEV
+
+
+def test_fit_writes_split_history_and_a_calibrated_bundle(tiny_run: Path, small_data: Path) -> None:
+    with open(tiny_run / "split.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 * 12 and {r["split"] for r in rows} == {"train", "val", "test"}
+    with open(tiny_run / "history.csv", newline="") as fh:
+        history = list(csv.DictReader(fh))
+    assert len(history) == 1
+    assert set(history[0]) >= {"train_loss", "train_acc", "train_macro_f1", "val_loss", "val_acc", "val_macro_f1"}
+    bundle = load_bundle(tiny_run / "bundle")
+    meta = bundle.meta
+    assert meta.arch == "convnext_atto" and meta.classes == CLASSES and meta.input.size == 64
+    assert meta.temperature > 0 and 0 <= meta.review_threshold <= 1
+    assert meta.ood is not None and bundle.model.has_ood and float(bundle.model.ood_precision.abs().sum()) > 0
+    assert meta.provenance["init"] == "from scratch" and meta.provenance["epochs"] == 1
+    assert len(meta.provenance["split_sha256"]) == 64 and len(meta.provenance["data_fingerprint"]) == 64
+    assert 0 <= meta.metrics["ood_dev_flagged"] <= 1 and meta.metrics["val_flagged_ood"] <= 0.34
+    assert meta.weights_dtype == "float16"
+
+
+def test_bcc_classify_reads_the_trained_bundle(tiny_run: Path, small_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.xlsx"
+    r = runner.invoke(bcc_cli.app, ["classify", str(small_data), "-m", str(tiny_run / "bundle"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = list(openpyxl.load_workbook(out)["Images"].iter_rows(min_row=2, values_only=True))
+    assert len(rows) == 4 * 12 and all(row[2] in CLASSES for row in rows)
+
+
+def test_evaluate_writes_metrics_table_and_plots(tiny_run: Path, small_data: Path, tmp_path: Path) -> None:
+    r = runner.invoke(train_cli.app, ["evaluate", str(tiny_run / "bundle"), str(small_data),
+                                      "--split", str(tiny_run / "split.csv"), "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    n_test = sum(1 for row in csv.DictReader(open(tiny_run / "split.csv")) if row["split"] == "test")
+    assert metrics["n"] == n_test and metrics["part"] == "test"
+    assert set(metrics["per_class"]) == set(CLASSES) and 0 <= metrics["ece"] <= 1
+    assert "98.36" in (tmp_path / "metrics.md").read_text()
+    for png in ("confusion.png", "reliability.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+
+
+def test_resume_continues_after_the_last_epoch(tiny_run: Path, small_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "resumed"
+    shutil.copytree(tiny_run, run)
+    split_before = (run / "split.csv").read_bytes()
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), *TINY[:4], "--epochs", "2",
+                                      *TINY[6:]])
+    assert r.exit_code == 0, r.output
+    assert "resuming after epoch 1" in r.output
+    assert (run / "split.csv").read_bytes() == split_before  # the run's split is reused
+    with open(run / "history.csv", newline="") as fh:
+        assert [row["epoch"] for row in csv.DictReader(fh)] == ["1", "2"]
+
+
+def test_offline_pretrained_fails_in_one_line(small_data: Path, tmp_path: Path) -> None:
+    """These machines cannot reach the model hub: --pretrained must say so at once, in one line."""
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(tmp_path / "p"), *TINY, "--pretrained"])
+    assert r.exit_code == 2
+    msg = r.output.strip()
+    assert "--init-weights" in msg and "--no-pretrained" in msg and "Traceback" not in msg
+    assert len(msg.splitlines()) <= 2  # one line, wrapped at most once by the terminal width
+
+
+def test_init_weights_from_a_local_file_loads_the_trunk(tmp_path: Path, small_data: Path) -> None:
+    import timm
+
+    torch.manual_seed(7)
+    donor = timm.create_model("convnext_atto", num_classes=1000)
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(tmp_path / "atto.safetensors"))
+    cfg = FitConfig(data=small_data, out=tmp_path, arch="convnext_atto", init=str(tmp_path / "atto.safetensors"))
+    model = create_model(cfg, build_meta(cfg, CLASSES))
+    assert torch.equal(model.trunk.stem[0].weight, donor.stem[0].weight)
+    (tmp_path / "junk.pth").write_bytes(b"\x80\x04not a checkpoint")
+    with pytest.raises(FitError, match="not a readable weights file"):
+        create_model(FitConfig(data=small_data, out=tmp_path, arch="convnext_atto", init=str(tmp_path / "junk.pth")),
+                     build_meta(cfg, CLASSES))
+
+
+def test_torchrun_two_cpu_processes(small_data: Path, tmp_path: Path) -> None:
+    """DistributedDataParallel over gloo with 2 processes gives the same bundle format."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "trainer", "fit", str(small_data), "--out", str(run), *TINY, "--device", "cpu"],
+        capture_output=True, text=True, timeout=400, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = load_bundle(run / "bundle")
+    assert bundle.meta.classes == CLASSES and bundle.meta.ood is not None
+    with open(run / "history.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 1

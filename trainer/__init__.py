@@ -1,0 +1,1 @@
+"""bcc-train: fit, evaluate and calibrate ConvNeXt models and write model bundles."""

@@ -1,0 +1,500 @@
+"""`bcc-train fit`: split, train, calibrate, and write a model bundle.
+
+One code path for one CPU, one GPU and `torchrun` (DistributedDataParallel: NCCL on GPUs, gloo
+on CPUs).  The images are decoded once and kept on the device; each epoch shuffles indices with
+a seeded generator, so a run is repeatable and a resumed run continues the same sequence.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import f1_score
+
+from bcc_desk import __version__
+from bcc_desk.bundle import BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, save_bundle
+from bcc_desk.classifier import normalise, pick_device, pick_precision
+from trainer.augment import AugmentSpec, augment
+from trainer.data import ImageSet, decode_images
+from trainer.split import Split, data_fingerprint, make_split
+
+log = logging.getLogger("bcc-train")
+
+HISTORY_FIELDS = [
+    "epoch", "lr", "train_loss", "train_acc", "train_macro_f1",
+    "val_loss", "val_acc", "val_macro_f1", "seconds", "train_images_per_s",
+]
+
+
+class FitError(Exception):
+    """A problem the user can fix; the message is one line."""
+
+
+@dataclass
+class FitConfig:
+    data: Path
+    out: Path
+    arch: str = "convnext_tiny"
+    epochs: int = 25
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    warmup_epochs: float = 1.0
+    image_size: int = 224
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 4
+    init: str = "none"
+    """'pretrained' (timm's ImageNet weights, downloaded), 'none', or a local weights file."""
+    split: Path | None = None
+    hidden: list[int] = field(default_factory=lambda: [256])
+    dropout: float = 0.3
+    drop_path: float = 0.1
+    label_smoothing: float = 0.0
+    channels_last: bool | None = None
+    compile: bool | None = None
+    ood_dir: Path | None = None
+    weights_dtype: str = "float16"
+    name: str | None = None
+    limit_per_class: int | None = None
+    """Use only the first N training images per class (quick trials and tests)."""
+
+
+# -- distributed ----------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; NCCL when every rank has a GPU, gloo otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), pick_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+# -- model ------------------------------------------------------------------------------------------
+def build_meta(cfg: FitConfig, classes: list[str]) -> BundleMeta:
+    import timm
+
+    if not timm.is_model(cfg.arch):
+        raise FitError(f"unknown timm architecture {cfg.arch!r} (see timm.list_models())")
+    data_cfg = timm.get_pretrained_cfg(cfg.arch)
+    mean = tuple(data_cfg.mean) if data_cfg else InputSpec().mean
+    std = tuple(data_cfg.std) if data_cfg else InputSpec().std
+    return BundleMeta(
+        name=cfg.name or f"bcc-{cfg.arch}-{datetime.now(timezone.utc):%Y%m%d-%H%M}",
+        arch=cfg.arch,
+        classes=classes,
+        # The fields are whole 224-px images: resize to the input size, no centre crop.
+        input=InputSpec(size=cfg.image_size, crop_pct=1.0, interpolation="bicubic", mean=mean, std=std),
+        head=HeadSpec(hidden=list(cfg.hidden), dropout=cfg.dropout),
+    )
+
+
+def create_model(cfg: FitConfig, meta: BundleMeta) -> BundleNet:
+    """The network with its initial trunk weights; offline `pretrained` fails in one line."""
+    if cfg.init == "pretrained":
+        return _pretrained_model(cfg, meta)
+    model = build_model(meta, drop_path_rate=cfg.drop_path)
+    if cfg.init not in ("none", ""):
+        load_trunk_weights(model, Path(cfg.init))
+    return model
+
+
+def _pretrained_model(cfg: FitConfig, meta: BundleMeta) -> BundleNet:
+    """timm's ImageNet weights: from the local cache, or downloaded when the hub answers.
+
+    The hub is probed first (a few seconds at most) because an unreachable hub otherwise costs
+    a minute of retries before any error; offline, only the cache is tried."""
+    from huggingface_hub import constants
+
+    online = not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT)
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or not online
+    try:
+        return build_model(meta, pretrained=True, drop_path_rate=cfg.drop_path)
+    except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+        why = "no network access to the model hub" if not online else type(exc).__name__
+        raise FitError(
+            f"cannot get ImageNet weights for {cfg.arch} ({why}); "
+            "use --init-weights FILE (a local timm weights file) or --no-pretrained"
+        ) from None
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_trunk_weights(model: BundleNet, path: Path) -> None:
+    """Initialise the trunk from a local timm weights file (.safetensors, or .pth/.bin read with
+    weights_only=True so a file cannot run code); the classifier head is left fresh."""
+    from timm.models import load_state_dict
+
+    if not path.is_file():
+        raise FitError(f"--init-weights: {path} does not exist")
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise FitError(f"--init-weights: {path} is not a readable weights file ({type(exc).__name__})") from None
+    own = model.trunk.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(usable) < 0.9 * len(own):
+        raise FitError(
+            f"--init-weights: {path} does not fit {model.trunk.default_cfg.get('architecture', 'the trunk')}: "
+            f"only {len(usable)} of {len(own)} trunk tensors match"
+        )
+    model.trunk.load_state_dict(usable, strict=False)
+
+
+# -- training --------------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 1% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module, images: ImageSet, spec: InputSpec, device: torch.device,
+    dtype: torch.dtype | None, batch_size: int, channels_last: bool, features: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (and pooled features) for a decoded set, in order, without augmentation."""
+    net = model.module if hasattr(model, "module") else model
+    net.eval()
+    logits, feats = [], []
+    for i in range(0, len(images), batch_size):
+        x = normalise(images.images[i : i + batch_size].to(device), spec)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, dtype):
+            f = net.forward_features(x)
+            out = net.head(f)
+        logits.append(out.float().cpu())
+        if features:
+            feats.append(f.float().cpu())
+    empty = torch.empty(0, len(net.head[-1].weight))
+    return (torch.cat(logits) if logits else empty), (torch.cat(feats) if features and feats else None)
+
+
+def _scores(labels: torch.Tensor, logits: torch.Tensor) -> tuple[float, float, float]:
+    loss = float(F.cross_entropy(logits, labels)) if len(labels) else float("nan")
+    pred = logits.argmax(1)
+    acc = float((pred == labels).float().mean()) if len(labels) else float("nan")
+    f1 = float(f1_score(labels.numpy(), pred.numpy(), average="macro", zero_division=0)) if len(labels) else float("nan")
+    return loss, acc, f1
+
+
+def fit(cfg: FitConfig) -> Path:
+    """Train and export; returns the bundle folder (RUN/bundle)."""
+    env, device = init_distributed(cfg.device)
+    try:
+        return _fit(cfg, env, device)
+    finally:
+        if env.world > 1:
+            dist.destroy_process_group()
+
+
+def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = _split(cfg, env, out)
+    classes = split.classes
+    dtype = pick_precision(device, cfg.precision)
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    meta = build_meta(cfg, classes)
+
+    train_paths, train_labels = split.paths("train"), split.labels("train")
+    if cfg.limit_per_class:
+        keep = _first_per_class(train_labels, cfg.limit_per_class)
+        train_paths, train_labels = [train_paths[i] for i in keep], [train_labels[i] for i in keep]
+    t0 = time.perf_counter()
+    train = decode_images(cfg.data, train_paths, train_labels, meta.input, cfg.workers).to(device)
+    val = decode_images(cfg.data, split.paths("val"), split.labels("val"), meta.input, cfg.workers)
+    if env.main:
+        log.info("decoded %d train and %d val images in %.1f s", len(train), len(val), time.perf_counter() - t0)
+
+    model = create_model(cfg, meta).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [
+        {"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    steps_per_epoch = max(1, len(train) // (cfg.batch_size * env.world))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+
+    start_epoch, best_f1 = 0, -1.0
+    ckpt = out / "last.pt"
+    if ckpt.is_file():
+        # Our own checkpoint; still read with weights_only=True (tensors and numbers only).
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_f1 = int(state["epoch"]), float(state["best_f1"])
+        if env.main:
+            log.info("resuming after epoch %d (best val macro-F1 %.4f)", start_epoch, best_f1)
+
+    net = model
+    if env.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    step_fn = torch.compile(net) if (cfg.compile if cfg.compile is not None else device.type == "cuda") else net
+    aug = AugmentSpec()
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
+        net.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(train), generator=g)
+        order = order[: steps_per_epoch * cfg.batch_size * env.world]
+        mine = order[env.rank :: env.world]
+        losses, preds, targets = [], [], []
+        for b in range(steps_per_epoch):
+            idx = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(device)
+            x = normalise(augment(train.images[idx], aug, generator=g), meta.input)
+            y = train.labels[idx]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, dtype):
+                logits = step_fn(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(loss.detach())
+            preds.append(logits.detach().argmax(1).cpu())
+            targets.append(y.cpu())
+        train_loss = float(torch.stack(losses).mean())
+        p, t = torch.cat(preds), torch.cat(targets)
+        train_acc = float((p == t).float().mean())
+        train_f1 = float(f1_score(t.numpy(), p.numpy(), average="macro", zero_division=0))
+        seconds = time.perf_counter() - t_epoch
+        if env.main:
+            val_logits, _ = predict_logits(model, val, meta.input, device, dtype, cfg.batch_size * 2, channels_last)
+            val_loss, val_acc, val_f1 = _scores(val.labels, val_logits)
+            row = {
+                "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
+                "train_acc": train_acc, "train_macro_f1": train_f1, "val_loss": val_loss, "val_acc": val_acc,
+                "val_macro_f1": val_f1, "seconds": seconds,
+                "train_images_per_s": steps_per_epoch * cfg.batch_size * env.world / seconds,
+            }
+            _append_history(out / "history.csv", row)
+            log.info(
+                "epoch %d/%d  loss %.4f  acc %.3f | val loss %.4f  acc %.3f  macro-F1 %.4f | %.0f s, %.1f img/s",
+                epoch + 1, cfg.epochs, train_loss, train_acc, val_loss, val_acc, val_f1, seconds,
+                row["train_images_per_s"],
+            )
+            if val_f1 > best_f1:
+                best_f1 = val_f1
+                _save_weights(model, out / "best.safetensors")
+            _atomic_torch_save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_f1": best_f1},
+                ckpt,
+            )
+        env.barrier()
+
+    if not env.main:
+        return out / "bundle"
+    best = out / "best.safetensors"
+    if best.is_file():
+        model.load_state_dict(load_file(str(best)))
+    return export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, best_f1)
+
+
+def export_bundle(
+    cfg: FitConfig, meta: BundleMeta, model: BundleNet, train: ImageSet, val: ImageSet, split: Split,
+    device: torch.device, dtype: torch.dtype | None, channels_last: bool, best_f1: float,
+) -> Path:
+    """Calibrate on validation, fit the OOD check, and write RUN/bundle."""
+    from trainer.metrics import (
+        choose_ood_threshold,
+        choose_review_threshold,
+        expected_calibration_error,
+        fit_mahalanobis,
+        fit_temperature,
+        mahalanobis_scores,
+    )
+
+    out = Path(cfg.out)
+    bs = cfg.batch_size * 2
+    train_cpu = ImageSet(train.images.cpu(), train.labels.cpu(), train.paths)
+    _, train_feats = predict_logits(model, train_cpu, meta.input, device, dtype, bs, channels_last, features=True)
+    val_logits, val_feats = predict_logits(model, val, meta.input, device, dtype, bs, channels_last, features=True)
+    temperature = fit_temperature(val_logits, val.labels)
+    probs = torch.softmax(val_logits / temperature, 1)
+    conf, pred = probs.max(1)
+    correct = pred == val.labels
+    review = choose_review_threshold(conf.numpy(), correct.numpy())
+    means, precision = fit_mahalanobis(train_feats.numpy(), train_cpu.labels.numpy(), len(meta.classes))
+    val_scores = mahalanobis_scores(val_feats.numpy(), means, precision)
+    ood_threshold = choose_ood_threshold(val_scores)
+
+    meta.temperature = float(temperature)
+    meta.review_threshold = float(review)
+    meta.ood = OODSpec(threshold=float(ood_threshold))
+    metrics: dict[str, Any] = {
+        "val_accuracy": float(correct.float().mean()),
+        "val_macro_f1": float(best_f1),
+        "val_ece_before": float(expected_calibration_error(torch.softmax(val_logits, 1).numpy(), val.labels.numpy())),
+        "val_ece_after": float(expected_calibration_error(probs.numpy(), val.labels.numpy())),
+        "val_flagged_low_confidence": float((conf < review).float().mean()),
+        "val_flagged_ood": float((torch.as_tensor(val_scores) > ood_threshold).float().mean()),
+    }
+    if cfg.ood_dir:
+        metrics["ood_dev_flagged"] = _ood_flag_rate(cfg.ood_dir, model, meta, means, precision, ood_threshold,
+                                                    device, dtype, bs, channels_last)
+    meta.metrics = metrics
+    meta.provenance = {
+        "data_fingerprint": data_fingerprint(cfg.data),
+        "split_sha256": split.sha256(),
+        "split_counts": {s: sum(c.values()) for s, c in split.counts().items()},
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "init": "imagenet" if cfg.init == "pretrained" else ("from scratch" if cfg.init in ("none", "") else f"file:{Path(cfg.init).name}"),
+        "recipe": {k: v for k, v in asdict(cfg).items() if k in (
+            "arch", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "image_size",
+            "hidden", "dropout", "drop_path", "label_smoothing")},
+        "device": str(device),
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "software": {"bcc-desk": __version__, "torch": torch.__version__, "timm": _timm_version()},
+    }
+    final = build_model(meta)
+    state = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    state["ood_means"] = torch.as_tensor(means, dtype=torch.float32)
+    state["ood_precision"] = torch.as_tensor(precision, dtype=torch.float32)
+    final.load_state_dict(state, strict=True)
+    # OOD statistics stay float32 whatever the weights' dtype: distances are sensitive to rounding.
+    bundle = save_bundle(final, meta, out / "bundle", dtype=getattr(torch, cfg.weights_dtype))
+    (out / "metrics_val.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("bundle written to %s (T=%.3f, review < %.3f, OOD > %.1f)", bundle, temperature, review, ood_threshold)
+    return bundle
+
+
+def _ood_flag_rate(folder: Path, model, meta, means, precision, threshold, device, dtype, bs, channels_last) -> float:
+    from bcc_desk.images import discover_images
+    from trainer.metrics import mahalanobis_scores
+
+    paths = [p.relative_to(folder).as_posix() for p in discover_images(folder)]
+    images = decode_images(folder, paths, [0] * len(paths), meta.input)
+    _, feats = predict_logits(model, images, meta.input, device, dtype, bs, channels_last, features=True)
+    return float((mahalanobis_scores(feats.numpy(), means, precision) > threshold).mean())
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _split(cfg: FitConfig, env: Dist, out: Path) -> Split:
+    """A given split, the run's own from an earlier (interrupted) run, or a new one."""
+    target = out / "split.csv"
+    source = cfg.split or (target if target.is_file() else None)
+    if source is not None:
+        try:
+            split = Split.load(source, cfg.data)
+        except ValueError as exc:
+            raise FitError(str(exc)) from None
+        if env.main and Path(source).resolve() != target.resolve():
+            split.save(target)
+        return split
+    if env.main:
+        try:
+            split = make_split(cfg.data, seed=cfg.seed)
+        except ValueError as exc:
+            raise FitError(str(exc)) from None
+        split.save(target)
+    env.barrier()
+    return split if env.main else Split.load(target, cfg.data)
+
+
+def _first_per_class(labels: list[int], n: int) -> list[int]:
+    seen: dict[int, int] = {}
+    keep = []
+    for i, y in enumerate(labels):
+        if seen.get(y, 0) < n:
+            seen[y] = seen.get(y, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def _append_history(path: Path, row: dict[str, float]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
