@@ -165,6 +165,11 @@ class BundleNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled features) in one pass: what inference needs for the OOD check."""
+        features = self.trunk(x)
+        return self.head(features), features
+
     def ood_score(self, features: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance to the nearest class mean, per row."""
         f = features.float()

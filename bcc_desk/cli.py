@@ -87,13 +87,23 @@ def classify(
     csv: Annotated[bool, typer.Option("--csv", help="Write a plain CSV of the image rows instead of Excel.")] = False,
     device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (fastest that keeps the labels), fp32, bf16 or fp16.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch.")] = 32,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch. Default: 8 on CPU, 64 on GPU.")
+    ] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average over horizontal and vertical flips (3x slower).")] = False,
     review_threshold: Annotated[
         Optional[float],
         typer.Option(min=0.0, max=1.0, help="Flag images whose confidence is below this. Default: the model's."),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Image decoding threads.")] = 2,
+    compile: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--compile/--no-compile",
+            help="Compile the network first: seconds of set-up, ~25% faster batches. Default: for 256 images or more.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
 ) -> None:
     """Classify every image under ROOT (one folder per slide) and write the report."""
@@ -121,6 +131,7 @@ def classify(
             tta=tta,
             review_threshold=review_threshold,
             workers=workers,
+            compile=compile,
         )
     except ValueError as exc:
         fail(str(exc))

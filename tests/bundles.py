@@ -8,7 +8,7 @@ import torch
 
 from bcc_desk.bundle import BundleMeta, HeadSpec, InputSpec, OODSpec, build_model, save_bundle
 
-CLASSES = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]
+from conftest import CLASSES  # noqa: E402 - one list of the four class folders
 
 
 def make_bundle(

@@ -15,6 +15,7 @@ DATA = REPO.parent / "shared" / "data"
 ALL4 = DATA / "all4"
 OOD_DEV = DATA / "ood-dev"
 CLASSES = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]
+ALL4_COUNTS = dict(zip(CLASSES, (417, 826, 807, 672)))  # images per class in ../shared/data/all4
 
 
 @pytest.fixture(scope="session")

@@ -159,3 +159,14 @@ def test_bf16_on_this_cpu_and_device_choice() -> None:
         pick_device("tpu7")
     with pytest.raises(ValueError, match="unknown precision"):
         pick_precision(cpu, "int3")
+
+
+def test_compiled_network_matches_eager_including_a_padded_last_batch(bundle_dir: Path, slide_root: Path) -> None:
+    paths = discover_images(slide_root)[:7]  # batches of 4: the last one is padded to 4
+    eager = list(Classifier(load_bundle(bundle_dir), precision="fp32", batch_size=4, compile=False).predict_paths(paths, slide_root))
+    clf = Classifier(load_bundle(bundle_dir), precision="fp32", batch_size=4, compile=True)
+    compiled = list(clf.predict_paths(paths, slide_root))
+    assert clf._compiled, "the network was compiled"
+    assert [p.label for p in compiled] == [p.label for p in eager] and len(compiled) == 7
+    for a, b in zip(compiled, eager):
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-4)

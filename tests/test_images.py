@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASSES
+from conftest import ALL4_COUNTS, CLASSES
 from corpus import (
     SKIPPED,
     VANISH_NAME,
@@ -37,12 +37,6 @@ from bcc_desk.images import (
     open_image,
 )
 
-ALL4_COUNTS = {
-    "Benign": 417,
-    "[Malignant] early Pre-B": 826,
-    "[Malignant] Pre-B": 807,
-    "[Malignant] Pro-B": 672,
-}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pytest
-from conftest import CLASSES
+from conftest import ALL4_COUNTS, CLASSES
 from PIL import Image
 
 from trainer.split import (
@@ -24,12 +24,6 @@ from trainer.split import (
     make_split,
 )
 
-ALL4_COUNTS = {
-    "Benign": 417,
-    "[Malignant] early Pre-B": 826,
-    "[Malignant] Pre-B": 807,
-    "[Malignant] Pro-B": 672,
-}
 
 
 @pytest.fixture(scope="module")

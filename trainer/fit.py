@@ -298,7 +298,9 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     step_fn = torch.compile(net) if (cfg.compile if cfg.compile is not None else device.type == "cuda") else net
     aug = AugmentSpec()
 
-    for epoch in range(start_epoch, cfg.epochs):
+    def run_epoch(epoch: int, bar, best_f1: float) -> float:
+        """One epoch of training, then (main process) validation, history and checkpoints;
+        returns the best validation macro-F1 so far."""
         t_epoch = time.perf_counter()
         net.train()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -306,6 +308,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         order = order[: steps_per_epoch * cfg.batch_size * env.world]
         mine = order[env.rank :: env.world]
         losses, preds, targets = [], [], []
+        task = bar.add_task("train", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}")
         for b in range(steps_per_epoch):
             idx = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(device)
             x = normalise(augment(train.images[idx], aug, generator=g), meta.input)
@@ -320,11 +323,14 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            # Kept on the device: a .cpu() per step would stall a GPU every batch.
             losses.append(loss.detach())
-            preds.append(logits.detach().argmax(1).cpu())
-            targets.append(y.cpu())
+            preds.append(logits.detach().argmax(1))
+            targets.append(y)
+            bar.advance(task)
+        bar.remove_task(task)
         train_loss = float(torch.stack(losses).mean())
-        p, t = torch.cat(preds), torch.cat(targets)
+        p, t = torch.cat(preds).cpu(), torch.cat(targets).cpu()
         train_acc = float((p == t).float().mean())
         train_f1 = float(f1_score(t.numpy(), p.numpy(), average="macro", zero_division=0))
         seconds = time.perf_counter() - t_epoch
@@ -352,6 +358,11 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
                 ckpt,
             )
         env.barrier()
+        return best_f1
+
+    with _progress(env.main) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            best_f1 = run_epoch(epoch, bar, best_f1)
 
     if not env.main:
         return out / "bundle"
@@ -359,6 +370,19 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     if best.is_file():
         model.load_state_dict(load_file(str(best)))
     return export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, best_f1)
+
+
+def _progress(enabled: bool):
+    """A progress bar on the same console as the log lines (so neither garbles the other)."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = next((h.console for h in log.handlers if isinstance(h, RichHandler)), None) or Console(stderr=True)
+    return Progress(
+        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=True,
+    )
 
 
 def export_bundle(
