@@ -229,6 +229,7 @@ def save_bundle(model: BundleNet, meta: BundleMeta, folder: Path, dtype: torch.d
     weights = folder / WEIGHTS_FILE
     tmp = weights.with_name(weights.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "arch": meta.arch})
+    publish(tmp)
     os.replace(tmp, weights)
     meta.weights_sha256 = file_sha256(weights)
     meta.weights_dtype = str(dtype).removeprefix("torch.")
@@ -241,7 +242,16 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
+    publish(Path(tmp))
     os.replace(tmp, path)
+
+
+def publish(path: Path) -> None:
+    """Give a file written through a private temp file (mode 0600) the permissions of an
+    ordinary new file, so colleagues on a shared drive can read a bundle or a split."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_meta(folder: Path) -> BundleMeta:

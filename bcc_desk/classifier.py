@@ -297,6 +297,9 @@ class Classifier:
     def _compile(self) -> None:
         """Compile each member once (static shapes: partial batches are padded).  Compilation
         needs a C++ compiler (CPU) or Triton (GPU); where it fails the network stays eager."""
+        # Inductor's C++ toolchain probe warns about a missing CUDA runtime on CPU-only machines:
+        # noise for a technician, not a problem.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         for m in self._members:
             model = m.bundle.model
             if id(model) in self._compiled:

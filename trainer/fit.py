@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 
 from bcc_desk import __version__
-from bcc_desk.bundle import BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, save_bundle
+from bcc_desk.bundle import BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, publish, save_bundle
 from bcc_desk.classifier import normalise, pick_device, pick_precision
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
@@ -458,6 +458,7 @@ def _ood_flag_rate(folder: Path, model, meta, means, precision, threshold, devic
     from bcc_desk.images import discover_images
     from trainer.metrics import mahalanobis_scores
 
+    folder = Path(folder).absolute()
     paths = [p.relative_to(folder).as_posix() for p in discover_images(folder)]
     images = decode_images(folder, paths, [0] * len(paths), meta.input)
     _, feats = predict_logits(model, images, meta.input, device, dtype, bs, channels_last, features=True)
@@ -509,6 +510,7 @@ def _append_history(path: Path, row: dict[str, float]) -> None:
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    publish(tmp)
     os.replace(tmp, path)
 
 

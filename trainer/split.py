@@ -51,6 +51,7 @@ from pathlib import Path, PurePosixPath
 import imagehash
 import numpy as np
 
+from bcc_desk.bundle import publish
 from bcc_desk.images import ImageReadError, discover_images, is_candidate, open_image
 
 __all__ = [
@@ -329,6 +330,7 @@ class Split:
                 fh.write(self.to_csv())
                 fh.flush()
                 os.fsync(fh.fileno())
+            publish(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
