@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
@@ -121,6 +122,10 @@ def classify(
     out = (out or folder / ("bcc-report.csv" if csv else "bcc-report.xlsx")).resolve()
     if not out.parent.is_dir():
         fail(f"the report's folder {out.parent} does not exist")
+    try:  # find out now, not after an hour of classifying, that the report cannot be written
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as exc:
+        fail(f"cannot write the report in {out.parent} ({exc.strerror or exc}); choose another place with --out")
     bundles = _load_models(model or [])
     try:
         classifier = Classifier(
@@ -162,7 +167,7 @@ def classify(
     try:
         written = (write_csv if csv else write_report)(predictions, out, run)
     except ReportError as exc:
-        fail(str(exc), EXIT_NOTHING)
+        fail(f"{exc}; choose another place with --out", EXIT_NOTHING)
     if not quiet:
         out_console.print(summary_table(predictions, classifier.classes))
     classified = sum(p.ok for p in predictions)

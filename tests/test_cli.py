@@ -111,6 +111,9 @@ def test_usage_errors_are_one_line_and_exit_2(model: Path, lab_folder: Path, tmp
         assert code == 2 and "no CUDA GPU" in msg
     code, msg = run("classify", str(lab_folder), "-m", str(model), "-o", str(tmp_path / "nope" / "r.xlsx"))
     assert code == 2 and "does not exist" in msg
+    # A folder nobody can write in (even root: /proc) is refused before any image is classified.
+    code, msg = run("classify", str(lab_folder), "-m", str(model), "-o", "/proc/report.xlsx")
+    assert code == 2 and "cannot write the report in /proc" in msg and "--out" in msg
     monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", tmp_path / "no-default")
     code, msg = run("classify", str(lab_folder))
     assert code == 2 and "no default model" in msg and "bcc-train fit" in msg and msg.count("\n") <= 1
