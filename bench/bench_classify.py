@@ -33,7 +33,7 @@ ALL4 = REPO.parent / "shared" / "data" / "all4"
 sys.path.insert(0, str(REPO / "tests"))
 
 from bcc_desk.bundle import load_bundle  # noqa: E402
-from bcc_desk.classifier import default_batch_size, make_transform, normalise, pick_precision  # noqa: E402
+from bcc_desk.classifier import autocast, default_batch_size, make_transform, normalise, pick_precision  # noqa: E402
 from bcc_desk.images import discover_images, open_image  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def decoded_batches(bundle, paths, batch):
 def forward_rate(forward, batches, dtype) -> float:
     """Images/s of `forward` over pre-decoded batches (no decoding, no I/O)."""
     n = sum(len(b) for b in batches)
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(torch.device("cpu"), dtype):
         for _ in range(2):  # warm-up at the real batch shape (oneDNN picks kernels per shape)
             forward(batches[0])
         t = time.perf_counter()

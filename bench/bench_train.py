@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_classify import ALL4, cpu_name  # noqa: E402
 
-from bcc_desk.classifier import normalise  # noqa: E402
+from bcc_desk.classifier import autocast, normalise  # noqa: E402
 from trainer.augment import AugmentSpec, augment  # noqa: E402
 from trainer.data import decode_images  # noqa: E402
 from trainer.fit import FitConfig, build_meta, create_model  # noqa: E402
@@ -49,7 +49,7 @@ def step_rate(cfg: FitConfig, meta, images, device: torch.device, dtype, steps: 
         x = normalise(augment(x_all[idx], AugmentSpec(), generator=g), meta.input)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             loss = F.cross_entropy(fwd(x).float(), y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

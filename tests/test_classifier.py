@@ -26,7 +26,7 @@ def bundle_dir(tmp_path_factory) -> Path:
 def slide_root(tmp_path_factory, real_images) -> Path:
     """Two slides of real images, one image directly in the root."""
     root = tmp_path_factory.mktemp("slides")
-    for i, (cls, files) in enumerate(real_images.items()):
+    for i, files in enumerate(real_images.values()):
         slide = root / ("patient-A" if i < 2 else "patient-B")
         slide.mkdir(exist_ok=True)
         for f in files[:3]:

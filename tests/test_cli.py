@@ -31,7 +31,7 @@ def model(tmp_path_factory) -> Path:
 def lab_folder(tmp_path: Path, real_images) -> Path:
     """What a lab exports: a folder per slide, plus every kind of bad input in one of them."""
     root = tmp_path / "export"
-    for i, (cls, files) in enumerate(real_images.items()):
+    for i, files in enumerate(real_images.values()):
         slide = root / f"slide-{i % 2 + 1}"
         slide.mkdir(parents=True, exist_ok=True)
         for f in files[:3]:

@@ -128,7 +128,7 @@ def test_images_sheet_every_column(tmp_path, preds, run):
     assert rows[0] == IMAGE_COLUMNS(CLASSES)
     assert [r[0] for r in rows[1:]] == ORDER
     by_file = {p.file: p for p in preds}
-    for r, row in enumerate(ws.iter_rows(min_row=2), start=2):
+    for row in ws.iter_rows(min_row=2):
         p = by_file[row[0].value]
         cells = dict(zip(IMAGE_COLUMNS(CLASSES), row))
         assert cells["slide"].value == p.slide

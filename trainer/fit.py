@@ -26,7 +26,7 @@ from sklearn.metrics import f1_score
 
 from bcc_desk import __version__
 from bcc_desk.bundle import BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, publish, save_bundle
-from bcc_desk.classifier import normalise, pick_device, pick_precision
+from bcc_desk.classifier import autocast, normalise, pick_device, pick_precision
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
 from trainer.split import Split, data_fingerprint, make_split
@@ -198,10 +198,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def predict_logits(
     model: torch.nn.Module, images: ImageSet, spec: InputSpec, device: torch.device,
@@ -215,7 +211,7 @@ def predict_logits(
         x = normalise(images.images[i : i + batch_size].to(device), spec)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             f = net.forward_features(x)
             out = net.head(f)
         logits.append(out.float().cpu())
@@ -315,7 +311,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
             y = train.labels[idx]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 logits = step_fn(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
