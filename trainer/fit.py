@@ -397,15 +397,15 @@ def export_bundle(
 
     out = Path(cfg.out)
     bs = cfg.batch_size * 2
-    train_cpu = ImageSet(train.images.cpu(), train.labels.cpu(), train.paths)
-    _, train_feats = predict_logits(model, train_cpu, meta.input, device, dtype, bs, channels_last, features=True)
+    # The images stay where they are (on the GPU when training there); batches move as needed.
+    _, train_feats = predict_logits(model, train, meta.input, device, dtype, bs, channels_last, features=True)
     val_logits, val_feats = predict_logits(model, val, meta.input, device, dtype, bs, channels_last, features=True)
     temperature = fit_temperature(val_logits, val.labels)
     probs = torch.softmax(val_logits / temperature, 1)
     conf, pred = probs.max(1)
     correct = pred == val.labels
     review = choose_review_threshold(conf.numpy(), correct.numpy())
-    means, precision = fit_mahalanobis(train_feats.numpy(), train_cpu.labels.numpy(), len(meta.classes))
+    means, precision = fit_mahalanobis(train_feats.numpy(), train.labels.cpu().numpy(), len(meta.classes))
     val_scores = mahalanobis_scores(val_feats.numpy(), means, precision)
     ood_threshold = choose_ood_threshold(val_scores)
 
