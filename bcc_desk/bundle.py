@@ -24,6 +24,7 @@ from torch import nn
 FORMAT_VERSION = 1
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
+CALIBRATION_FILE = "int8-calibration.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -64,6 +65,17 @@ class OODSpec:
 
 
 @dataclass
+class Int8Spec:
+    """Static int8 inference on x86 CPUs.  `images` validation images at the input size (uint8,
+    in CALIBRATION_FILE, hashed here) set the activation ranges, so a run never depends on the
+    images it classifies; `check` is how int8 compared with fp32 on the validation split."""
+
+    calibration_sha256: str
+    images: int
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class BundleMeta:
     """Everything in bundle.json."""
 
@@ -75,6 +87,7 @@ class BundleMeta:
     temperature: float = 1.0
     review_threshold: float = 0.0
     ood: OODSpec | None = None
+    int8: Int8Spec | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
@@ -94,6 +107,7 @@ class BundleMeta:
         try:
             inp = data.get("input") or {}
             ood = data.get("ood")
+            int8 = data.get("int8")
             return cls(
                 name=str(data.get("name") or data["arch"]),
                 arch=str(data["arch"]),
@@ -109,6 +123,7 @@ class BundleMeta:
                 temperature=float(data.get("temperature", 1.0)),
                 review_threshold=float(data.get("review_threshold", 0.0)),
                 ood=OODSpec(**ood) if ood else None,
+                int8=Int8Spec(**int8) if int8 else None,
                 provenance=dict(data.get("provenance") or {}),
                 metrics=dict(data.get("metrics") or {}),
                 weights_sha256=str(data.get("weights_sha256", "")),
@@ -223,7 +238,7 @@ def save_bundle(model: BundleNet, meta: BundleMeta, folder: Path, dtype: torch.d
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {
-        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        k: (v.detach().to(_stored_dtype(k, dtype)) if v.is_floating_point() else v.detach()).contiguous().cpu()
         for k, v in model.state_dict().items()
     }
     weights = folder / WEIGHTS_FILE
@@ -235,6 +250,66 @@ def save_bundle(model: BundleNet, meta: BundleMeta, folder: Path, dtype: torch.d
     meta.weights_dtype = str(dtype).removeprefix("torch.")
     _write_json_atomic(folder / META_FILE, meta.to_json())
     return folder
+
+
+def _stored_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    # The OOD statistics stay float32 whatever the weights' dtype: a precision matrix rounded to
+    # fp16 moves Mahalanobis distances, and so which images get flagged.
+    return torch.float32 if key.startswith("ood_") else dtype
+
+
+def save_int8_calibration(folder: Path, images: torch.Tensor, check: dict[str, Any]) -> BundleMeta:
+    """Store int8 calibration images (uint8 N,3,H,W at the input size) and the int8-vs-fp32
+    check in the bundle at `folder`; the weights are untouched."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if problem := _calibration_problem(images, meta.input.size):
+        raise BundleError(f"int8 calibration: {problem}")
+    target = folder / CALIBRATION_FILE
+    tmp = target.with_name(target.name + ".tmp")
+    save_file({"images": images.contiguous().cpu()}, str(tmp))
+    publish(tmp)
+    os.replace(tmp, target)
+    meta.int8 = Int8Spec(calibration_sha256=file_sha256(target), images=len(images), check=dict(check))
+    _write_json_atomic(folder / META_FILE, meta.to_json())
+    return meta
+
+
+def clear_int8_calibration(folder: Path) -> None:
+    """Take int8 out of the bundle at `folder` (the weights are untouched)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta.int8 = None
+    _write_json_atomic(folder / META_FILE, meta.to_json())
+    (folder / CALIBRATION_FILE).unlink(missing_ok=True)
+
+
+def load_int8_calibration(bundle: Bundle) -> torch.Tensor:
+    """The bundle's int8 calibration images, verified like the weights."""
+    spec = bundle.meta.int8
+    path = bundle.path / CALIBRATION_FILE
+    if spec is None:
+        raise BundleError(
+            f"model {bundle.name} carries no int8 calibration; add it with: "
+            "bcc-train int8 BUNDLE DATA --split RUN/split.csv"
+        )
+    if not path.is_file():
+        raise BundleError(f"{bundle.path} has no {CALIBRATION_FILE}, which its bundle.json declares")
+    if file_sha256(path) != spec.calibration_sha256:
+        raise BundleError(f"{path} does not match its bundle: sha256 differs (corrupt or replaced file)")
+    try:
+        images = load_file(str(path))["images"]
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{path} is not a readable calibration file ({_one_line(exc)})") from None
+    if problem := _calibration_problem(images, bundle.meta.input.size):
+        raise BundleError(f"{path}: {problem}")
+    return images
+
+
+def _calibration_problem(images: torch.Tensor, size: int) -> str | None:
+    if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size) or not len(images):
+        return f"expected uint8 images (N, 3, {size}, {size}), got {images.dtype} {tuple(images.shape)}"
+    return None
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

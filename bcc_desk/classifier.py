@@ -3,7 +3,8 @@
 Images are decoded in a small thread pool while the network works on the previous batch
 (Pillow releases the GIL while decoding), so the model rarely waits for the disk.  Numerics are
 the fastest that keep the labels: bf16 autocast on CUDA and on CPUs with native bf16, fp32
-elsewhere.  A bad image becomes an error record and never stops a run.
+elsewhere; static int8 (bcc_desk.quantize) on x86 CPUs on request, for bundles whose trainer
+checked int8 against fp32.  A bad image becomes an error record and never stops a run.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ compilation (seconds when inductor's cache is warm, ~20 s cold on 2 cores) is re
 faster batches.  Smaller calls (a daemon's trickle, a GUI's single image) stay eager."""
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -78,9 +79,14 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for `device` (None = plain fp32)."""
+    """The autocast dtype for `device` (None = plain fp32); for 'int8', that of the layers
+    left in floating point."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"int8 runs on x86 CPUs, not on {device.type}: use auto, bf16 or fp16 there")
+        precision = "auto"
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -105,14 +111,14 @@ def default_batch_size(device: torch.device) -> int:
     return 8 if device.type == "cpu" else 64
 
 
-def device_label(device: torch.device, dtype: torch.dtype | None) -> str:
-    """'cuda:0 NVIDIA H100 (bf16)' / 'cpu (bf16)': what the report and status bar show."""
+def device_label(device: torch.device, dtype: torch.dtype | None, int8: bool = False) -> str:
+    """'cuda:0 NVIDIA H100 (bf16)' / 'cpu (int8+bf16)': what the report and status bar show."""
     name = str(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return f"{name} ({precision})"
+    return f"{name} ({'int8+' if int8 else ''}{precision})"
 
 
 def make_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
@@ -166,7 +172,8 @@ class Classifier:
         compile: bool | None = None,
     ) -> None:
         """`batch_size` None picks the device's fastest; `compile` None (auto) compiles the
-        network (torch.compile) before a call of `COMPILE_MIN_IMAGES` images or more."""
+        network (torch.compile) before a call of `COMPILE_MIN_IMAGES` images or more.
+        precision 'int8' runs static int8 (always compiled) from the bundles' checked calibration."""
         members = [bundles] if isinstance(bundles, Bundle) else list(bundles)
         if not members:
             raise BundleError("no model bundle given")
@@ -183,6 +190,19 @@ class Classifier:
             raise ValueError(f"review threshold must be within 0..1, got {review_threshold}")
         self.device = pick_device(device)
         self.autocast_dtype = pick_precision(self.device, precision)
+        if precision == "int8":
+            if compile is False:
+                raise ValueError("int8 runs compiled: it cannot be combined with --no-compile")
+            missing = [b.name for b in members if b.meta.int8 is None]
+            if missing:
+                raise BundleError(
+                    f"model {missing[0]} carries no int8 calibration; add it with: "
+                    "bcc-train int8 BUNDLE DATA --split RUN/split.csv (or use another --precision)"
+                )
+        # Static int8 is opt-in until it is measured faster than compiled bf16 on a quiet
+        # machine (bench/RESULTS.md); it is settled at the first compile, where it may fall back.
+        self.int8 = precision == "int8"
+        self._int8_active = False
         # channels_last pays off on CUDA tensor cores; on CPU it measured no faster (bench/).
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.batch_size = batch_size or default_batch_size(self.device)
@@ -212,7 +232,12 @@ class Classifier:
 
     @property
     def device_label(self) -> str:
-        return device_label(self.device, self.autocast_dtype)
+        return device_label(self.device, self.autocast_dtype, self._int8_active)
+
+    @property
+    def int8_active(self) -> bool:
+        """True once the network runs as static int8 (after the first compiling call)."""
+        return self._int8_active
 
     @property
     def has_ood(self) -> bool:
@@ -289,7 +314,7 @@ class Classifier:
         root = Path(root).resolve()
         paths = [Path(p).resolve() for p in paths]
         total = len(paths)
-        if self.compile or (self.compile is None and total >= COMPILE_MIN_IMAGES):
+        if self.compile or (self.compile is None and (total >= COMPILE_MIN_IMAGES or self.int8)):
             self._compile()
         batches = self._decoded_batches(paths)
         try:
@@ -303,6 +328,8 @@ class Classifier:
         # Inductor's C++ toolchain probe warns about a missing CUDA runtime on CPU-only machines:
         # noise for a technician, not a problem.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        if self.int8 and not self._compiled:
+            self._quantize()
         for m in self._members:
             model = m.bundle.model
             if id(model) in self._compiled:
@@ -321,6 +348,25 @@ class Classifier:
                 return
             self._compiled[id(model)] = compiled
 
+    def _quantize(self) -> None:
+        """Static int8 for every member, or none (an ensemble runs at one precision)."""
+        from bcc_desk.bundle import load_int8_calibration
+        from bcc_desk.quantize import Int8Unavailable, quantize_int8
+
+        compiled = {}
+        try:
+            for m in self._members:
+                calibration = load_int8_calibration(m.bundle)
+                compiled[id(m.bundle.model)] = quantize_int8(
+                    m.bundle.model, calibration, m.bundle.meta.input, self.batch_size, self.autocast_dtype
+                )
+        except (Int8Unavailable, BundleError) as exc:
+            log.warning("int8 is not available (%s); running bf16/fp32", exc)
+            self.int8 = False
+            return
+        self._compiled.update(compiled)
+        self._int8_active = True
+
     def _predict_batches(
         self,
         batches: Iterator[list[tuple[Path, _Decoded]]],
@@ -336,7 +382,7 @@ class Classifier:
                 stacked = {key: torch.stack([r[key] for _, r in good]) for key in self._transforms}
                 if self._compiled and len(good) < self.batch_size:
                     # A compiled network has one static shape: pad, and ignore the padding.
-                    stacked = {k: _pad(v, self.batch_size) for k, v in stacked.items()}
+                    stacked = {k: pad_batch(v, self.batch_size) for k, v in stacked.items()}
                 if self.device.type == "cuda":
                     stacked = {k: v.pin_memory() for k, v in stacked.items()}
                 probs, ood = self._infer(stacked)
@@ -378,9 +424,11 @@ class Classifier:
         )
 
 
-def _pad(batch: torch.Tensor, size: int) -> torch.Tensor:
-    filler = batch[-1:].expand(size - len(batch), *batch.shape[1:])
-    return torch.cat([batch, filler])
+def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Repeat the last image up to `size`: a compiled network has one static batch size."""
+    if len(batch) >= size:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])
 
 
 def _first_line(exc: BaseException) -> str:

@@ -87,7 +87,7 @@ def classify(
     ] = None,
     csv: Annotated[bool, typer.Option("--csv", help="Write a plain CSV of the image rows instead of Excel.")] = False,
     device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (fastest that keeps the labels), fp32, bf16 or fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fastest that keeps the labels), fp32, bf16, fp16 or int8.")] = "auto",
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch. Default: 8 on CPU, 64 on GPU.")
     ] = None,
@@ -108,6 +108,7 @@ def classify(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")] = False,
 ) -> None:
     """Classify every image under ROOT (one folder per slide) and write the report."""
+    from bcc_desk.bundle import BundleError
     from bcc_desk.classifier import Classifier
     from bcc_desk.images import discover_images
     from bcc_desk.report import ReportError, RunInfo, write_csv, write_report
@@ -138,7 +139,7 @@ def classify(
             workers=workers,
             compile=compile,
         )
-    except ValueError as exc:
+    except (ValueError, BundleError) as exc:
         fail(str(exc))
 
     if not paths:
@@ -272,6 +273,123 @@ def _fmt(value: object) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
     return str(value)
+
+
+@app.command()
+def watch(
+    root: Annotated[Path, typer.Argument(help="Folder to watch (one sub-folder per slide).", show_default=False)],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Report (.xlsx or .csv), kept up to date. Default: ROOT/bcc-report.xlsx.")
+    ] = None,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option("--model", "-m", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
+    ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="Ledger file (SQLite); the log is written beside it. Default: per ROOT in the user data folder."),
+    ] = None,
+    polling: Annotated[
+        bool, typer.Option("--polling", help="Poll the folder instead of system events (network shares: SMB, NFS).")
+    ] = False,
+    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls with --polling.")] = 1.0,
+    settle: Annotated[
+        float,
+        typer.Option(min=0.05, help="Seconds a file must stay unchanged to count as complete, where the system does not report closes."),
+    ] = 2.0,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16 or int8 (as for classify).")] = "auto",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over flips (3x slower).")] = False,
+    review_threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Flag images below this confidence. Default: the model's.")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Image decoding threads.")] = 2,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--no-compile",
+            help="Compile the network at start (seconds, ~20 s the first time): faster batches, int8 where the model allows.",
+        ),
+    ] = True,
+) -> None:
+    """Classify every image that lands under ROOT, exactly once, until Ctrl+C or SIGTERM."""
+    import signal
+
+    from bcc_desk.classifier import Classifier
+    from bcc_desk.ledger import LedgerError
+    from bcc_desk.report import RunInfo
+    from bcc_desk.watch import (
+        Watcher,
+        WatchError,
+        default_state,
+        lock_state,
+        log_file,
+        log_to_file,
+    )
+
+    if not root.is_dir():
+        fail(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
+    root = root.resolve()
+    out = (out or root / "bcc-report.xlsx").resolve()
+    if not out.parent.is_dir():
+        fail(f"the report's folder {out.parent} does not exist")
+    if problem := _unwritable(out.parent):  # a service must say so at start, not in a week
+        fail(f"cannot write the report in {out.parent} ({problem}); choose another place with --out")
+    state = (state or default_state(root)).resolve()
+    try:
+        held = lock_state(state)  # noqa: F841 - the lock lasts as long as this reference
+    except WatchError as exc:
+        fail(str(exc))
+    log_to_file(log_file(state))
+    bundles = _load_models(model or [])
+    settings = {"device": device, "precision": precision, "batch_size": batch_size, "tta": tta,
+                "review_threshold": review_threshold, "workers": workers}
+    try:
+        # Compiled once at start (the watcher does it before it says ready), not by call size:
+        # a burst arrives file by file, so its calls rarely reach classify's threshold.  Single
+        # images go through the same bundles uncompiled (a compiled call costs a whole batch).
+        classifier = Classifier(bundles, compile=compile, **settings)  # type: ignore[arg-type]
+        eager = {**settings, "precision": "auto" if precision == "int8" else precision}  # int8 is compiled only
+        single = Classifier(bundles, compile=False, **eager) if compile else None  # type: ignore[arg-type]
+    except ValueError as exc:
+        fail(str(exc))
+    observer = f"polling every {interval:g} s" if polling else "native (system events)"
+    run = RunInfo.collect(
+        models=[(b.name, b.sha256) for b in bundles], classes=classifier.classes,
+        review_threshold=classifier.review_threshold, ood_check=_ood_state(bundles), tta=tta,
+        device=classifier.device_label, root=root, command=shlex.join(["bcc", *sys.argv[1:]]),
+        extra={"mode": "bcc watch", "observer": observer, "settle time": f"{settle:g} s", "ledger": str(state)},
+    )
+    try:
+        watcher = Watcher(root, out, classifier, state, run, single=single, polling=polling, interval=interval,
+                          settle=settle)
+    except LedgerError as exc:
+        fail(str(exc))
+
+    def stop(signum: int, frame: object) -> None:
+        watcher.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl+C stops at once
+
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
+    try:
+        watcher.run()
+    except WatchError as exc:
+        fail(str(exc))
+    except Exception:
+        logging.getLogger("bcc_desk.watch").exception("the watch stopped on an unexpected error")
+        raise typer.Exit(EXIT_NOTHING) from None
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in `folder`, or None when it can."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def main() -> None:

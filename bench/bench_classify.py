@@ -5,11 +5,14 @@
 Side by side in one run, each figure the median of R interleaved repeats:
   * e2e:        `bcc classify` as a fresh process on N real images (start-up, model load,
                 decoding, inference, Excel report all included), images / wall second;
-  * forward:    the same model's bare forward pass on pre-decoded batches at the numerics
-                `bcc classify` picks (no decoding, no I/O), images / second;
+  * forward:    the same model's bare forward pass on pre-decoded batches (no decoding, no
+                I/O) at each numerics `bcc classify` can pick: bf16 eager and compiled, and
+                static int8 compiled (what it picks for large runs of a bundle with an int8
+                calibration), images / second;
   * fp32 loop:  a plain per-batch loop (decode a batch, then an fp32 forward; nothing
                 overlapped), images / second.
-It also reports how often bf16 and fp32 agree on the label, and channels_last vs not.
+It also reports how often bf16 and int8 agree with fp32 on the label, and the int8 set-up
+time (export, calibration, conversion, compilation) that every large run pays once.
 Figures go to stdout and, with --write, into bench/RESULTS.md.
 """
 
@@ -32,9 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 ALL4 = REPO.parent / "shared" / "data" / "all4"
 sys.path.insert(0, str(REPO / "tests"))
 
-from bcc_desk.bundle import load_bundle  # noqa: E402
+from bcc_desk.bundle import load_bundle, load_int8_calibration  # noqa: E402
 from bcc_desk.classifier import autocast, default_batch_size, make_transform, normalise, pick_precision  # noqa: E402
 from bcc_desk.images import discover_images, open_image  # noqa: E402
+from bcc_desk.quantize import quantize_int8  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -102,13 +106,14 @@ def e2e_rate(model_dir: Path, folder: Path, n: int, out: Path) -> float:
     return n / (time.perf_counter() - t)
 
 
-def label_agreement(bundle, batches) -> float:
+def label_agreement(reference, forward, batches, dtype) -> float:
+    """Share of images on which `forward` under `dtype` autocast gives fp32's label."""
     with torch.inference_mode():
         same = total = 0
         for x in batches:
-            a = bundle.model(x).argmax(1)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                b = bundle.model(x).argmax(1)
+            a = reference(x)[0].argmax(1)
+            with autocast(torch.device("cpu"), dtype):
+                b = forward(x)[0].argmax(1)
             same += int((a == b).sum())
             total += len(x)
     return same / total
@@ -138,27 +143,40 @@ def main() -> None:
         sample = paths[:: max(1, len(paths) // args.forward_images)][: args.forward_images]
         bs = default_batch_size(torch.device("cpu"))
         batches = decoded_batches(bundle, sample, bs)
-        batches32 = decoded_batches(bundle, sample, 32)
         dtype = pick_precision(torch.device("cpu"))
         model = bundle.model
         compiled = torch.compile(model.forward_with_features, dynamic=False)
+        int8 = None
+        if bundle.meta.int8:
+            t = time.perf_counter()
+            int8 = quantize_int8(model, load_int8_calibration(bundle), bundle.meta.input, bs, dtype)
+            int8_setup = time.perf_counter() - t
         rates: dict[str, list[float]] = {k: [] for k in (
-            "forward", "forward_compiled", "fp32_forward", "e2e", "fp32_loop", "fp32_loop_small")}
+            "forward", "forward_compiled", "forward_int8", "fp32_forward", "e2e", "fp32_loop", "fp32_loop_small")}
         for r in range(args.repeats):
             rates["forward"].append(forward_rate(model.forward_with_features, batches, dtype))
             rates["forward_compiled"].append(forward_rate(compiled, batches, dtype))
+            rates["forward_int8"].append(
+                forward_rate(int8, [b for b in batches if len(b) == bs], dtype) if int8 is not None else 0.0)
             rates["fp32_forward"].append(forward_rate(model.forward_with_features, batches, None))
             rates["e2e"].append(e2e_rate(model_dir, folder, len(paths), work / "r.xlsx"))
             rates["fp32_loop"].append(fp32_loop_rate(bundle, sample, 32))
             rates["fp32_loop_small"].append(fp32_loop_rate(bundle, sample, bs))
             print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
         med = {k: statistics.median(v) for k, v in rates.items()}
-        agree = label_agreement(bundle, batches32)
+        full = [b for b in batches if len(b) == bs]  # the int8 graph has one static batch size
+        agree = label_agreement(model.forward_with_features, model.forward_with_features, full, dtype)
+        agree_int8 = label_agreement(model.forward_with_features, int8, full, dtype) if int8 is not None else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    best = max(med["forward"], med["forward_compiled"])
+    best = max(med["forward"], med["forward_compiled"], med["forward_int8"])
+    int8_row = (
+        f"| bare forward, static int8 (linear layers; bf16 rest), batch {bs}, compiled | {med['forward_int8']:.1f} "
+        f"| {med['forward_int8'] / best:.2f} |"
+        if int8 is not None else "| bare forward, static int8 | n/a | the bundle has no int8 calibration |"
+    )
     lines = [
         f"### `bcc classify` on CPU, {time.strftime('%Y-%m-%d')}",
         "",
@@ -170,6 +188,7 @@ def main() -> None:
         "|---|---:|---:|",
         f"| bare forward, {precision} autocast, batch {bs} (pre-decoded) | {med['forward']:.1f} | {med['forward'] / best:.2f} |",
         f"| bare forward, {precision} autocast, batch {bs}, torch.compile | {med['forward_compiled']:.1f} | {med['forward_compiled'] / best:.2f} |",
+        int8_row,
         f"| bare forward, fp32, batch {bs} | {med['fp32_forward']:.1f} | {med['fp32_forward'] / best:.2f} |",
         f"| **`bcc classify` end to end** ({len(paths)} images, new process, defaults, report written) "
         f"| **{med['e2e']:.1f}** | **{med['e2e'] / best:.2f}** of the best forward |",
@@ -177,7 +196,9 @@ def main() -> None:
         f"| e2e is **{med['e2e'] / med['fp32_loop']:.2f}x** this |",
         f"| plain fp32 loop, batch {bs} | {med['fp32_loop_small']:.1f} | e2e is {med['e2e'] / med['fp32_loop_small']:.2f}x this |",
         "",
-        f"bf16 and fp32 agree on the label of {agree:.1%} of {len(sample)} images.",
+        f"bf16 agrees with fp32 on the label of {agree:.1%} of {sum(len(b) for b in full)} images"
+        + (f", int8 on {agree_int8:.1%}; int8 set-up (export, calibration, conversion, compilation), "
+           f"paid once per large run: {int8_setup:.1f} s." if int8 is not None else "."),
         "",
     ]
     text = "\n".join(lines)

@@ -24,7 +24,7 @@ from trainer.fit import FitConfig, FitError, build_meta, create_model
 
 runner = CliRunner()
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
-        "--hidden", "32", "--workers", "2"]
+        "--hidden", "32", "--workers", "2", "--no-int8"]
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,42 @@ def test_torchrun_two_cpu_processes(small_data: Path, tmp_path: Path) -> None:
     assert bundle.meta.classes == CLASSES and bundle.meta.ood is not None
     with open(run / "history.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 1
+
+
+def test_int8_is_kept_only_when_it_passes_the_check(tiny_run: Path, small_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """`bcc-train int8`: calibration from validation, checked against fp32, refused when it strays."""
+    import trainer.int8 as int8_check
+    from bcc_desk.bundle import CALIBRATION_FILE, read_meta
+    from bcc_desk.classifier import Classifier
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_run / "bundle", bundle)
+    args = ["int8", str(bundle), str(small_data), "--split", str(tiny_run / "split.csv"), "--images", "8"]
+
+    monkeypatch.setattr(int8_check, "MIN_LABEL_AGREEMENT", 1.01)  # nothing can pass
+    r = runner.invoke(train_cli.app, args)
+    assert r.exit_code == 2 and "stays without int8" in r.output, r.output
+    assert read_meta(bundle).int8 is None and not (bundle / CALIBRATION_FILE).exists()
+
+    monkeypatch.setattr(int8_check, "MIN_LABEL_AGREEMENT", 0.0)
+    monkeypatch.setattr(int8_check, "MIN_OOD_AGREEMENT", 0.0)
+    r = runner.invoke(train_cli.app, args)
+    assert r.exit_code == 0 and "int8 added" in r.output, r.output
+    check = read_meta(bundle).int8.check
+    with open(tiny_run / "split.csv", newline="") as fh:
+        n_val = sum(row["split"] == "val" for row in csv.DictReader(fh))
+    assert check["passed"] and check["images"] == n_val and check["calibration_images"] == 8
+    paths = sorted(small_data.rglob("*.jpg"))[:8]
+    clf = Classifier(load_bundle(bundle), precision="int8")
+    assert all(p.ok for p in clf.predict_paths(paths, small_data)) and clf.int8_active
+
+    other = tmp_path / "other-split.csv"
+    with open(tiny_run / "split.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[0]["split"] = "train" if rows[0]["split"] == "val" else "val"  # one image moved: another split
+    with open(other, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    r = runner.invoke(train_cli.app, [*args[:3], "--split", str(other)])
+    assert r.exit_code == 2 and "not the split" in r.output, r.output

@@ -1,0 +1,835 @@
+"""The main window: open a slide folder, watch the table fill, review, export.
+
+Automation API (used by the tests and usable from a script):
+
+    window = MainWindow(model_dirs=[bundle], settings=QSettings(ini, QSettings.IniFormat))
+    window.open_folder(folder)                  # starts classifying at once, in a thread
+    window.classification_finished             # Signal(bool): True when every image was done
+    window.set_review("slide/img.jpg", "Benign")
+    window.export_report(path)                  # -> the path written (the CLI's writer)
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, Signal
+from PySide6.QtGui import (
+    QAction,
+    QCloseEvent,
+    QDragEnterEvent,
+    QDropEvent,
+    QKeySequence,
+)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDockWidget,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QMainWindow,
+    QMenu,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QSplitter,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from bcc_desk import __version__
+from bcc_desk.bundle import BundleError, read_meta
+from bcc_desk.gui.delegates import ConfidenceDelegate
+from bcc_desk.gui.image_pane import ImagePane
+from bcc_desk.gui.jobs import one_line, submit
+from bcc_desk.gui.model_dialog import ModelDialog
+from bcc_desk.gui.models import ModelChoice, ModelStore
+from bcc_desk.gui.settings import AppSettings
+from bcc_desk.gui.slide_summary import SlideSummary
+from bcc_desk.gui.table_model import (
+    CONFIDENCE,
+    ERROR,
+    FILE,
+    LABEL,
+    REVIEW,
+    REVIEWED,
+    SLIDE,
+    THUMB,
+    PredictionFilter,
+    PredictionTableModel,
+    Review,
+)
+from bcc_desk.gui.thumbnails import ThumbnailCache
+from bcc_desk.gui.worker import ClassifyThread, freeze_heap
+from bcc_desk.prediction import Prediction
+
+REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
+"""The columns the export adds to the Images sheet (beside the CLI's own)."""
+
+ALL = "__all__"
+
+
+class MainWindow(QMainWindow):
+    """bcc-desk's window.  See the module docstring for the automation API."""
+
+    classification_finished = Signal(bool)
+    """A run ended: True when every image was classified, False when cancelled or failed."""
+    rows_added = Signal(int)
+    """A batch of rows arrived (its size)."""
+    error_shown = Signal(str)
+    """A message the user was shown (bad folder, bad model, failed export...)."""
+    review_changed = Signal()
+
+    def __init__(
+        self,
+        model_dirs: Sequence[Path | str] | None = None,
+        settings: QSettings | None = None,
+        *,
+        choice: ModelChoice | None = None,
+        ask_before_close: bool = True,
+        parent: QWidget | None = None,
+    ) -> None:
+        """`model_dirs` (or a full `choice`) overrides the remembered model for this window;
+        `settings` replaces the per-user QSettings (tests pass one on a temporary file)."""
+        super().__init__(parent)
+        self.settings = AppSettings(settings)
+        self.ask_before_close = ask_before_close
+        self.store = ModelStore()
+        if choice is None:
+            dirs = [Path(d) for d in model_dirs] if model_dirs else self.settings.model_dirs
+            choice = ModelChoice(
+                model_dirs=tuple(dirs),
+                device=self.settings.device,
+                tta=self.settings.tta,
+                review_threshold=self.settings.review_threshold,
+            )
+        self.choice = choice
+        self.classes: list[str] = []
+        self.root: Path | None = None
+        self._thread: ClassifyThread | None = None
+        self._pending_root: Path | None = None
+        self._completed = False
+        self._run: dict = {}
+        self._total = 0
+        self._started_at = 0.0
+        self._unexported_reviews = False
+        self._slides_seen: set[str] = set()
+        self._export_pool = QThreadPool(self)
+        self._export_pool.setMaxThreadCount(1)
+
+        self.setWindowTitle("bcc-desk")
+        self.setAcceptDrops(True)
+        self.thumbnails = ThumbnailCache(parent=self)
+        self.model = PredictionTableModel(self.thumbnails, self)
+        self.proxy = PredictionFilter(self)
+        self.proxy.setSourceModel(self.model)
+        self._summary_timer = QTimer(self)
+        self._summary_timer.setSingleShot(True)
+        self._summary_timer.setInterval(300)  # live, but not once per batch of a fast GPU
+        self._summary_timer.timeout.connect(self._refresh_summary)
+
+        self._build_actions()
+        self._build_menus()
+        self._build_toolbar()
+        self._build_central()
+        self._build_dock()
+        self._build_status()
+        self._apply_choice(self.choice)
+        self._restore_layout()
+        self._set_running(False)
+
+    # =========================================================================================
+    # Construction
+    def _action(self, text: str, slot, shortcut: str | QKeySequence | None = None, tip: str = "") -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+        if tip:
+            action.setStatusTip(tip)
+            action.setToolTip(tip)
+        action.triggered.connect(slot)
+        return action
+
+    def _build_actions(self) -> None:
+        self.open_action = self._action("&Open folder\u2026", self._choose_folder, QKeySequence.StandardKey.Open,
+                                        "Classify every image in a slide folder")
+        self.rerun_action = self._action("&Classify again", self.rerun, "F5", "Run the folder again (e.g. after changing the model)")
+        self.cancel_action = self._action("Cancel", self.cancel, "Esc", "Stop classifying; the images done stay")
+        self.export_action = self._action("&Export report\u2026", self._choose_export, "Ctrl+E",
+                                          "Write the Excel report with the review columns")
+        self.model_action = self._action("&Model\u2026", self.choose_model, "Ctrl+M",
+                                         "Pick the model (or an ensemble), device, TTA and review threshold")
+        self.flagged_first_action = self._action("&Flagged first", self.flagged_first, "Ctrl+R",
+                                                 "Sort flagged images first, least confident on top")
+        self.clear_filters_action = self._action("Clear filters", self.clear_filters, "Ctrl+Shift+F")
+        self.find_action = self._action("Search file names", lambda: self.search.setFocus(), QKeySequence.StandardKey.Find)
+        self.reviewer_action = self._action("Reviewer &name\u2026", self._ask_reviewer)
+        self.quit_action = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit)
+        self.clear_review_action = self._action("Clear the reviewed label", lambda: self.review_selected(None), "0")
+        self.review_actions: list[QAction] = []
+
+    def _build_menus(self) -> None:
+        bar = self.menuBar()
+        file_menu = bar.addMenu("&File")
+        file_menu.addAction(self.open_action)
+        self.recent_menu = QMenu("Open &recent", self)
+        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
+        file_menu.addMenu(self.recent_menu)
+        file_menu.addAction(self.rerun_action)
+        file_menu.addAction(self.cancel_action)
+        file_menu.addSeparator()
+        file_menu.addAction(self.export_action)
+        file_menu.addSeparator()
+        file_menu.addAction(self.quit_action)
+        self.view_menu = bar.addMenu("&View")
+        self.view_menu.addAction(self.flagged_first_action)
+        self.view_menu.addAction(self.clear_filters_action)
+        self.view_menu.addAction(self.find_action)
+        self.review_menu = bar.addMenu("&Review")
+        model_menu = bar.addMenu("&Model")
+        model_menu.addAction(self.model_action)
+        help_menu = bar.addMenu("&Help")
+        help_menu.addAction(self._action("&About bcc-desk", self._about))
+
+    def _build_toolbar(self) -> None:
+        tools = self.addToolBar("Main")
+        tools.setObjectName("main-toolbar")
+        tools.addAction(self.open_action)
+        recent = QPushButton("Recent \u25be")
+        recent.setFlat(True)
+        recent.setMenu(self.recent_menu)
+        tools.addWidget(recent)
+        tools.addAction(self.rerun_action)
+        tools.addSeparator()
+        tools.addAction(self.model_action)
+        tools.addAction(self.flagged_first_action)
+        tools.addSeparator()
+        tools.addAction(self.export_action)
+
+    def _build_central(self) -> None:
+        self.class_filter = QComboBox()
+        self.class_filter.setToolTip("Show one class (the model's label)")
+        self.class_filter.currentIndexChanged.connect(
+            lambda _: self.proxy.set_label(self._combo_value(self.class_filter)) or self._update_counts())
+        self.slide_filter = QComboBox()
+        self.slide_filter.setToolTip("Show one slide")
+        self.slide_filter.setMinimumContentsLength(12)
+        self.slide_filter.addItem("All slides", ALL)
+        self.slide_filter.currentIndexChanged.connect(
+            lambda _: self.proxy.set_slide(self._combo_value(self.slide_filter)) or self._update_counts())
+        self.flagged_only = QCheckBox("Flagged only")
+        self.flagged_only.toggled.connect(lambda on: self.proxy.set_flagged_only(on) or self._update_counts())
+        self.errors_only = QCheckBox("Errors only")
+        self.errors_only.toggled.connect(lambda on: self.proxy.set_errors_only(on) or self._update_counts())
+        self.search = QLineEdit()
+        self.search.setPlaceholderText("Search file names\u2026")
+        self.search.setClearButtonEnabled(True)
+        self.search.textChanged.connect(lambda text: self.proxy.set_search(text) or self._update_counts())
+        self.shown_label = QLabel("")
+        filters = QHBoxLayout()
+        filters.setContentsMargins(0, 0, 0, 0)
+        for w in (self.class_filter, self.slide_filter, self.flagged_only, self.errors_only):
+            filters.addWidget(w)
+        filters.addWidget(self.search, 1)
+        filters.addWidget(self.shown_label)
+
+        self.table = QTableView()
+        self.table.setModel(self.proxy)
+        self.table.setSortingEnabled(True)
+        self.table.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # discovery order until asked
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setWordWrap(False)
+        self.table.setAlternatingRowColors(False)
+        vertical = self.table.verticalHeader()
+        vertical.setSectionResizeMode(QHeaderView.ResizeMode.Fixed)  # no per-row measuring
+        vertical.setDefaultSectionSize(self.thumbnails.size + 4)
+        vertical.setVisible(False)
+        header = self.table.horizontalHeader()
+        header.setSectionsMovable(True)
+        header.setStretchLastSection(True)
+        for col, width in ((THUMB, self.thumbnails.size + 8), (FILE, 220), (SLIDE, 110), (LABEL, 150),
+                           (CONFIDENCE, 110), (REVIEW, 130), (REVIEWED, 150), (ERROR, 160)):
+            self.table.setColumnWidth(col, width)
+        self.confidence_delegate = ConfidenceDelegate(self.table)
+        self.table.setItemDelegateForColumn(CONFIDENCE, self.confidence_delegate)
+        self.table.selectionModel().currentRowChanged.connect(lambda current, _: self._show_current())
+        self.model.dataChanged.connect(self._source_changed)
+
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(4, 4, 0, 4)
+        left_layout.addLayout(filters)
+        left_layout.addWidget(self.table, 1)
+
+        self.image_pane = ImagePane()
+        self.image_pane.review_requested.connect(self.review_selected)
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.addWidget(left)
+        self.splitter.addWidget(self.image_pane)
+        self.splitter.setStretchFactor(0, 3)
+        self.splitter.setStretchFactor(1, 2)
+        self.setCentralWidget(self.splitter)
+
+    def _build_dock(self) -> None:
+        self.summary = SlideSummary()
+        dock = QDockWidget("Slides", self)
+        dock.setObjectName("slides-dock")
+        dock.setWidget(self.summary)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, dock)
+        self.view_menu.addAction(dock.toggleViewAction())
+        self.summary_dock = dock
+
+    def _build_status(self) -> None:
+        status = self.statusBar()
+        self.counts_label = QLabel("")
+        self.progress = QProgressBar()
+        self.progress.setMaximumWidth(220)
+        self.progress.setFormat("%v / %m")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop classifying; the images done so far stay (Esc)")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.device_label = QLabel("")
+        self.model_label = QLabel("")
+        status.addPermanentWidget(self.counts_label)
+        status.addPermanentWidget(self.progress)
+        status.addPermanentWidget(self.cancel_button)
+        status.addPermanentWidget(self.model_label)
+        status.addPermanentWidget(self.device_label)
+
+    def _restore_layout(self) -> None:
+        geometry, state, splitter = self.settings.window_state()
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        else:
+            self.resize(1400, 880)
+        if state is not None:
+            self.restoreState(state)
+        if splitter is not None:
+            self.splitter.restoreState(splitter)
+
+    # =========================================================================================
+    # Model choice
+    def _apply_choice(self, choice: ModelChoice) -> None:
+        """Show what `choice` means before anything is loaded (bundle.json only: instant)."""
+        self.choice = choice
+        try:
+            metas = [read_meta(d) for d in choice.model_dirs]
+        except BundleError as exc:
+            self.classes = []
+            self.model_label.setText("no usable model")
+            self._notify(f"model: {exc}")
+            metas = []
+        if metas:
+            self.classes = list(metas[0].classes)
+            names = " + ".join(m.name for m in metas)
+            extras = [x for x, on in (("TTA", choice.tta), ("ensemble", len(metas) > 1)) if on]
+            self.model_label.setText(f"model: {names}" + (f" ({', '.join(extras)})" if extras else ""))
+            threshold = choice.review_threshold if choice.review_threshold is not None else max(
+                m.review_threshold for m in metas)
+            self.confidence_delegate.threshold = threshold
+        self.device_label.setText(f"device: {_device_preview(choice.device)}")
+        self._fill_class_filter()
+        self._build_review_actions()
+        self.image_pane.set_classes(self.classes)
+        first = choice.model_dirs[0] if choice.model_dirs else None
+        self.image_pane.set_cam_source((lambda: self.store.cam_model(first)) if first and metas else None)
+
+    def choose_model(self) -> None:
+        dialog = ModelDialog(self.choice, self.settings.known_models, self)
+        if dialog.exec() != ModelDialog.DialogCode.Accepted:
+            return
+        self.set_choice(dialog.choice(), remember=True)
+        self.settings.known_models = dialog.listed_folders()
+        if self.root is not None and self.model.rowCount():
+            answer = QMessageBox.question(self, "bcc-desk", "Classify the open folder again with this model?")
+            if answer == QMessageBox.StandardButton.Yes:
+                self.rerun()
+
+    def set_choice(self, choice: ModelChoice, remember: bool = False) -> None:
+        """Use another model/ensemble/device/TTA/threshold from the next run on."""
+        self._apply_choice(choice)
+        if remember:
+            self.settings.model_dirs = list(choice.model_dirs)
+            self.settings.device = choice.device
+            self.settings.tta = choice.tta
+            self.settings.review_threshold = choice.review_threshold
+
+    # =========================================================================================
+    # Running
+    def open_folder(self, path: Path | str) -> None:
+        """Classify every image under `path` (a slide folder, or a folder of slide folders).
+
+        Returns at once; rows arrive as they are classified and `classification_finished`
+        fires at the end.  A run already going is cancelled first."""
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"no such folder: {root}")
+        root = root.resolve()
+        if self._thread is not None:
+            self._pending_root = root
+            self._thread.cancel()
+            return
+        self._start(root)
+
+    def rerun(self) -> None:
+        if self.root is not None:
+            self.open_folder(self.root)
+
+    def cancel(self) -> None:
+        """Stop the run; the images classified so far stay in the table."""
+        self._pending_root = None
+        if self._thread is not None:
+            self._thread.cancel()
+            self.statusBar().showMessage("Cancelling\u2026")
+
+    def is_running(self) -> bool:
+        return self._thread is not None
+
+    def _start(self, root: Path) -> None:
+        keep = root == self.root  # same folder again: keep the reviews made so far
+        self.root = root
+        self.model.clear(keep_reviews=keep)
+        self.image_pane.show_prediction(None, None)
+        self.slide_filter.blockSignals(True)
+        self.slide_filter.clear()
+        self.slide_filter.addItem("All slides", ALL)
+        self.slide_filter.blockSignals(False)
+        self.proxy.set_slide(None)
+        self._slides_seen = set()
+        self.settings.add_recent_folder(root)
+        self.setWindowTitle(f"bcc-desk \u2014 {root}")
+        self._completed = False
+        self._total = 0
+        self._run = {"started": datetime.now(UTC)}
+        self._started_at = time.monotonic()
+        self.progress.setRange(0, 0)  # busy until the images are counted
+        self.statusBar().showMessage(f"Loading the model and looking for images in {root}\u2026")
+        freeze_heap()  # torch, Qt and the window: long-lived, never worth a full GC pass again
+        thread = ClassifyThread(root, self.choice, self.store, parent=self)
+        thread.prepared.connect(self._prepared)
+        thread.batch.connect(self._batch)
+        thread.failed.connect(self._failed)
+        thread.ended.connect(self._ended)
+        thread.device_changed.connect(self._device_changed)
+        thread.finished.connect(self._thread_finished)
+        self._thread = thread
+        self._set_running(True)
+        thread.start()
+
+    def _prepared(self, total: int, device: str, compiling: bool) -> None:
+        thread = self._thread
+        assert thread is not None
+        self._total = total
+        self.progress.setRange(0, total)
+        self.progress.setValue(0)
+        self.device_label.setText(f"device: {device}")
+        self._run.update(device=device, classes=thread.classes, threshold=thread.review_threshold,
+                         tta=self.choice.tta, models=thread.models, ood=thread.ood_check)
+        if thread.classes != self.classes:
+            self.classes = thread.classes
+            self._fill_class_filter()
+            self._build_review_actions()
+            self.image_pane.set_classes(self.classes)
+        self.confidence_delegate.threshold = thread.review_threshold
+        note = " (preparing the model for a large folder first: up to ~20 s)" if compiling else ""
+        self.statusBar().showMessage(f"Classifying {total} images on {device}{note}\u2026")
+
+    def _device_changed(self, device: str) -> None:
+        self.device_label.setText(f"device: {device}")
+        self._run["device"] = device
+
+    def _batch(self, predictions: list[Prediction]) -> None:
+        had_rows = self.model.rowCount() > 0
+        self.model.append(predictions)
+        new_slides = {p.slide for p in predictions} - self._slides_seen
+        if new_slides:
+            self._slides_seen |= new_slides
+            for slide in sorted(new_slides):
+                self.slide_filter.addItem(slide, slide)
+        self.progress.setValue(self.model.rowCount())
+        if not had_rows and self.proxy.rowCount():
+            self.table.selectRow(0)
+            self.table.setFocus()
+        if not self._summary_timer.isActive():
+            self._summary_timer.start()
+        self._update_counts()
+        self.rows_added.emit(len(predictions))
+
+    def _failed(self, message: str) -> None:
+        self._notify(message)
+
+    def _ended(self, completed: bool) -> None:
+        self._completed = completed
+
+    def _thread_finished(self) -> None:
+        thread = self._thread
+        self._thread = None
+        if thread is not None:
+            thread.wait()
+            thread.deleteLater()
+        done = self.model.rowCount()
+        self._run["finished"] = datetime.now(UTC)
+        self._run["outcome"] = "complete" if self._completed else f"stopped after {done} of {self._total} images"
+        self._set_running(False)
+        self._refresh_summary()
+        seconds = time.monotonic() - self._started_at
+        if self._completed:
+            self.statusBar().showMessage(f"Classified {done} images in {seconds:.0f} s.", 15000)
+        elif done:
+            self.statusBar().showMessage(f"Stopped after {done} of {self._total} images.", 15000)
+        completed = self._completed
+        self.classification_finished.emit(completed)
+        if self._pending_root is not None:
+            root, self._pending_root = self._pending_root, None
+            self._start(root)
+
+    def _set_running(self, running: bool) -> None:
+        self.progress.setVisible(running)
+        self.cancel_button.setVisible(running)
+        self.cancel_action.setEnabled(running)
+        self.rerun_action.setEnabled(not running and self.root is not None)
+        has_rows = self.model.rowCount() > 0
+        self.export_action.setEnabled(has_rows and not running)
+
+    # =========================================================================================
+    # Table, filters, review
+    def _combo_value(self, combo: QComboBox) -> str | None:
+        value = combo.currentData()
+        return None if value in (None, ALL) else str(value)
+
+    def _fill_class_filter(self) -> None:
+        current = self._combo_value(self.class_filter)
+        self.class_filter.blockSignals(True)
+        self.class_filter.clear()
+        self.class_filter.addItem("All classes", ALL)
+        for c in self.classes:
+            self.class_filter.addItem(c, c)
+        index = self.class_filter.findData(current) if current else 0
+        self.class_filter.setCurrentIndex(max(0, index))
+        self.class_filter.blockSignals(False)
+        self.proxy.set_label(self._combo_value(self.class_filter))
+
+    def _build_review_actions(self) -> None:
+        for action in self.review_actions:
+            self.removeAction(action)
+            action.deleteLater()
+        self.review_menu.clear()
+        self.review_actions = []
+        for i, c in enumerate(self.classes[:9]):
+            action = self._action(f"Reviewed as {c}", lambda _=False, label=c: self.review_selected(label), str(i + 1))
+            self.review_actions.append(action)
+            self.addAction(action)  # the shortcut works wherever the focus is in the window
+            self.review_menu.addAction(action)
+        self.review_menu.addAction(self.clear_review_action)
+        self.addAction(self.clear_review_action)
+        self.review_menu.addSeparator()
+        self.review_menu.addAction(self.reviewer_action)
+
+    def set_filters(
+        self,
+        label: str | None = None,
+        slide: str | None = None,
+        flagged_only: bool = False,
+        errors_only: bool = False,
+        search: str = "",
+    ) -> None:
+        """Set every filter at once through the widgets (what a user's clicks do)."""
+        self.class_filter.setCurrentIndex(max(0, self.class_filter.findData(label)) if label else 0)
+        self.slide_filter.setCurrentIndex(max(0, self.slide_filter.findData(slide)) if slide else 0)
+        self.flagged_only.setChecked(flagged_only)
+        self.errors_only.setChecked(errors_only)
+        self.search.setText(search)
+
+    def clear_filters(self) -> None:
+        self.set_filters()
+
+    def flagged_first(self) -> None:
+        """One click to the images that need a person: flagged first, least confident on top."""
+        self.table.sortByColumn(REVIEW, Qt.SortOrder.AscendingOrder)
+        if self.proxy.rowCount():
+            self.table.selectRow(0)
+            self.table.scrollToTop()
+        self.table.setFocus()
+
+    def visible_predictions(self) -> list[Prediction]:
+        """The rows as the table shows them now (filters and sort applied)."""
+        return [self.model.prediction(self.proxy.source_row(r)) for r in range(self.proxy.rowCount())]
+
+    def predictions(self) -> list[Prediction]:
+        return self.model.predictions()
+
+    def reviews(self) -> dict[Path, Review]:
+        return self.model.reviews()
+
+    def _selected_source_rows(self) -> list[int]:
+        rows = sorted({self.proxy.mapToSource(i).row() for i in self.table.selectionModel().selectedRows()})
+        if not rows:
+            current = self.table.currentIndex()
+            if current.isValid():
+                rows = [self.proxy.mapToSource(current).row()]
+        return rows
+
+    def review_selected(self, label: str | None) -> None:
+        """Give the selected image(s) a reviewed label (None clears it); with one image
+        selected, move on to the next row so a reviewer can go key, key, key."""
+        rows = self._selected_source_rows()
+        if not rows:
+            return
+        for row in rows:
+            self._set_review_row(row, label)
+        if len(rows) == 1:
+            current = self.table.currentIndex()
+            next_row = current.row() + 1 if current.isValid() else 0
+            if next_row < self.proxy.rowCount():
+                self.table.selectRow(next_row)
+
+    def set_review(self, target: int | str | Path, label: str | None) -> None:
+        """Set the reviewed label of one image: `target` is a row of the (unsorted) model, the
+        file as the table shows it (relative to the folder), or the image's path."""
+        if isinstance(target, int):
+            row = target
+        else:
+            row = self.model.row_of(Path(target)) if Path(target).is_absolute() else None
+            if row is None:
+                row = next((i for i, p in enumerate(self.model.predictions()) if p.file == str(target)), None)
+        if row is None or not 0 <= row < self.model.rowCount():
+            raise KeyError(f"no such image in the table: {target}")
+        self._set_review_row(row, label)
+
+    def _set_review_row(self, row: int, label: str | None) -> None:
+        if label is not None and label not in self.classes:
+            raise ValueError(f"{label!r} is not one of the model's classes {self.classes}")
+        self.model.set_review(row, label, self.settings.reviewer)
+        self._unexported_reviews = True
+        if not self._summary_timer.isActive():
+            self._summary_timer.start()
+        self.review_changed.emit()
+
+    def _source_changed(self, top_left, bottom_right, roles=()) -> None:
+        pane_prediction = self.image_pane.prediction
+        if pane_prediction is None:
+            return
+        row = self.model.row_of(pane_prediction.path)
+        if row is not None and top_left.row() <= row <= bottom_right.row():
+            self.image_pane.update_review(self.model.review(row))
+
+    def _show_current(self) -> None:
+        current = self.table.currentIndex()
+        if not current.isValid():
+            self.image_pane.show_prediction(None, None)
+            return
+        row = self.proxy.mapToSource(current).row()
+        self.image_pane.show_prediction(self.model.prediction(row), self.model.review(row))
+
+    def _refresh_summary(self) -> None:
+        self.summary.refresh(self.classes, self.model.iter_rows())
+        self._update_counts()
+
+    def _update_counts(self) -> None:
+        slides = self.summary.slides
+        total = self.model.rowCount()
+        flagged = sum(s.flagged for s in slides.values())
+        errors = sum(s.unreadable for s in slides.values())
+        reviewed = sum(s.reviewed for s in slides.values())
+        self.counts_label.setText(f"{total} images \u00b7 {flagged} flagged \u00b7 {errors} unreadable \u00b7 {reviewed} reviewed")
+        self.shown_label.setText(f"{self.proxy.rowCount()} of {total} shown")
+
+    def _ask_reviewer(self) -> None:
+        name, ok = QInputDialog.getText(self, "Reviewer", "Name recorded with each review:", text=self.settings.reviewer)
+        if ok and name.strip():
+            self.settings.reviewer = name
+
+    # =========================================================================================
+    # Export
+    def default_report_path(self) -> Path | None:
+        if self.root is None:
+            return None
+        folder = self.root if self.root.is_dir() else self.root.parent
+        return folder / "bcc-report.xlsx"
+
+    def export_report(self, path: Path | str | None = None) -> Path:
+        """Write the report (xlsx, or CSV for a .csv path) with the review columns; return the
+        path written (beside the asked one when that is open in Excel).  Raises ReportError."""
+        out = Path(path) if path is not None else self.default_report_path()
+        if out is None:
+            raise ValueError("nothing to export: open a folder first")
+        written = _write_report(out, *self._export_snapshot())
+        self._unexported_reviews = False
+        return written
+
+    def _export_snapshot(self) -> tuple:
+        if not self.model.rowCount():
+            raise ValueError("nothing to export: no image has been classified yet")
+        run = dict(self._run)
+        return self.model.predictions(), self.model.reviews(), run, self.root, self.choice
+
+    def _choose_export(self) -> None:
+        try:
+            snapshot = self._export_snapshot()
+        except ValueError as exc:
+            self._notify(str(exc))
+            return
+        default = self.default_report_path()
+        path, _ = QFileDialog.getSaveFileName(self, "Export report", str(default or ""),
+                                              "Excel workbook (*.xlsx);;CSV, images only (*.csv)")
+        if not path:
+            return
+        out = Path(path)
+        if out.suffix.lower() not in (".xlsx", ".csv"):
+            out = out.with_suffix(".xlsx")
+        self.statusBar().showMessage(f"Writing {out}\u2026")
+        submit(self._export_pool, lambda: _write_report(out, *snapshot), lambda written: self._exported(out, written),
+               self._notify)
+
+    def _exported(self, asked: Path, written: Path) -> None:
+        self._unexported_reviews = False
+        if written != asked:  # the writer never overwrites a workbook someone has open
+            self._notify(f"{asked.name} is open in another program; the report was written to {written}")
+        else:
+            self.statusBar().showMessage(f"Report written: {written}", 15000)
+
+    # =========================================================================================
+    # Opening folders: dialog, recent, drag and drop
+    def _choose_folder(self) -> None:
+        start = self.settings.last_folder or str(Path.home())
+        folder = QFileDialog.getExistingDirectory(self, "Open a slide folder", start)
+        if folder:
+            self._open_from_ui(folder)
+
+    def _open_from_ui(self, folder: str | Path) -> None:
+        try:
+            self.open_folder(folder)
+        except OSError as exc:
+            self._notify(str(exc))
+
+    def _fill_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        recent = self.settings.recent_folders
+        for folder in recent:
+            action = self.recent_menu.addAction(folder)
+            action.triggered.connect(lambda _=False, f=folder: self._open_from_ui(f))
+        if recent:
+            self.recent_menu.addSeparator()
+            self.recent_menu.addAction("Clear the list", self.settings.clear_recent_folders)
+        else:
+            self.recent_menu.addAction("(none yet)").setEnabled(False)
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if _dropped_folder(event) is not None:
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        folder = _dropped_folder(event)
+        if folder is None:
+            event.ignore()
+            return
+        event.acceptProposedAction()
+        self._open_from_ui(folder)
+
+    # =========================================================================================
+    # Messages, closing
+    def _notify(self, message: str) -> None:
+        """Tell the user without blocking: status bar, plus a non-modal box when on screen."""
+        self.statusBar().showMessage(message, 20000)
+        self.error_shown.emit(message)
+        if self.isVisible():
+            box = QMessageBox(QMessageBox.Icon.Warning, "bcc-desk", message, QMessageBox.StandardButton.Ok, self)
+            box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+            box.open()
+
+    def _about(self) -> None:
+        QMessageBox.about(self, "bcc-desk", f"bcc-desk {__version__}\nB-ALL blood smear image classifier.\n"
+                          "Research software: a decision aid for trained staff, not a diagnostic device.")
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if self.ask_before_close and self._unexported_reviews:
+            answer = QMessageBox.question(
+                self, "bcc-desk", "Some reviews have not been exported. Export the report before closing?",
+                QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
+            )
+            if answer == QMessageBox.StandardButton.Cancel:
+                event.ignore()
+                return
+            if answer == QMessageBox.StandardButton.Save:
+                self._choose_export()
+                self._export_pool.waitForDone()
+        self.shutdown()
+        self.settings.save_window_state(self.saveGeometry(), self.saveState(), self.splitter.saveState())
+        self.settings.sync()
+        super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        """Stop the run and the helper threads (closing the window does this)."""
+        self._pending_root = None
+        thread = self._thread
+        if thread is not None:
+            thread.cancel()
+            thread.wait()
+        self.thumbnails.wait()
+        self._export_pool.waitForDone()
+        self.image_pane.shutdown()
+
+
+def _write_report(out: Path, predictions: list[Prediction], reviews: dict[Path, Review], run: dict,
+                  root: Path | None, choice: ModelChoice) -> Path:
+    """The CLI's writer, with the reviewer's label, name and time as extra Images columns."""
+    from bcc_desk.report import RunInfo, write_csv, write_report
+
+    def get(field: str):
+        return lambda p: getattr(reviews[p.path], field) if p.path in reviews else None
+
+    extra = dict(zip(REVIEW_COLUMNS, (get("label"), get("by"), get("at"))))
+    info = RunInfo.collect(
+        models=run.get("models") or [(predictions[0].model, predictions[0].model_sha256)],
+        classes=run.get("classes") or sorted(set(predictions[0].probabilities)),
+        review_threshold=run.get("threshold", 0.0),
+        ood_check=run.get("ood", "off"),
+        tta=run.get("tta", choice.tta),
+        device=run.get("device", ""),
+        root=str(root or ""),
+        command=shlex.join(["bcc-desk", str(root or "")]),
+        started=run.get("started"),
+        finished=run.get("finished"),
+        extra={"front end": f"bcc-desk {__version__} desktop app", "run": run.get("outcome", ""),
+               "reviewed images": str(len(reviews))},
+    )
+    writer = write_csv if out.suffix.lower() == ".csv" else write_report
+    return writer(predictions, out, info, extra_columns=extra)
+
+
+def _dropped_folder(event: QDragEnterEvent | QDropEvent) -> Path | None:
+    mime = event.mimeData()
+    if mime is None or not mime.hasUrls():
+        return None
+    for url in mime.urls():
+        if url.isLocalFile():
+            path = Path(url.toLocalFile())
+            if path.is_dir() or path.is_file():
+                return path
+    return None
+
+
+def _device_preview(device: str) -> str:
+    """What `device` will be, before any model is loaded (e.g. 'cpu (bf16)')."""
+    try:
+        from bcc_desk.classifier import device_label, pick_device, pick_precision
+
+        d = pick_device(device)
+        return device_label(d, pick_precision(d))
+    except ValueError as exc:
+        return f"{device} ({one_line(exc)})"
+

@@ -1,0 +1,206 @@
+"""The model picker: which bundle (or bundles: an ensemble), on which device, with or without
+test-time augmentation, and which review threshold.
+
+It reads only `bundle.json` (no weights), so browsing bundles is instant; the weights are
+verified when a folder is classified.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from bcc_desk.bundle import BundleError, BundleMeta, read_meta
+from bcc_desk.gui.models import ModelChoice
+from bcc_desk.paths import DEFAULT_MODEL_DIR
+
+_PATH_ROLE = Qt.ItemDataRole.UserRole + 1
+
+
+def describe(meta: BundleMeta, folder: Path) -> str:
+    """A bundle's metadata and validation metrics as HTML (the dialog's details pane)."""
+    rows = [
+        ("folder", str(folder)),
+        ("architecture", meta.arch),
+        ("classes", ", ".join(meta.classes)),
+        ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"),
+        ("temperature", f"{meta.temperature:.4g}"),
+        ("review threshold", f"{meta.review_threshold:.1%}"),
+        ("unfamiliar-image check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
+        ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256[:16]}\u2026"),
+    ]
+    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k != "recipe"]
+    metrics = [(k, _fmt(v, percent=True)) for k, v in meta.metrics.items()]
+    html = [f"<h3>{_esc(meta.name)}</h3><table cellspacing='2'>"]
+    html += [f"<tr><td><b>{_esc(k)}</b></td><td>{_esc(v)}</td></tr>" for k, v in rows]
+    html.append("</table><h4>Validation metrics</h4><table cellspacing='2'>")
+    html += [f"<tr><td><b>{_esc(k)}</b></td><td align='right'>{_esc(v)}</td></tr>" for k, v in metrics]
+    if not metrics:
+        html.append("<tr><td>none recorded</td></tr>")
+    html.append("</table>")
+    return "".join(html)
+
+
+def _fmt(value: object, percent: bool = False) -> str:
+    if isinstance(value, float):
+        return f"{value:.1%}" if percent and 0.0 <= value <= 1.0 else f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _esc(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class ModelDialog(QDialog):
+    """Tick one bundle, or several for an ensemble; the details show the selected one."""
+
+    def __init__(self, choice: ModelChoice, known: list[Path], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Model")
+        self.resize(760, 520)
+        self.list = QListWidget()
+        self.list.currentItemChanged.connect(self._show_details)
+        self.details = QTextBrowser()
+        add = QPushButton("Add bundle folder\u2026")
+        add.clicked.connect(self._browse)
+        chosen = {Path(d).resolve() for d in choice.model_dirs}
+        folders: list[Path] = []
+        for folder in [DEFAULT_MODEL_DIR, *known, *choice.model_dirs]:
+            folder = Path(folder).resolve()
+            if folder not in folders:
+                folders.append(folder)
+        for folder in folders:
+            self.add_bundle(folder, checked=folder in chosen)
+
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device.setEditable(True)  # cuda:1 and the like
+        self.device.setCurrentText(choice.device)
+        self.tta = QCheckBox("Test-time augmentation (average with flips; 3x slower)")
+        self.tta.setChecked(choice.tta)
+        self.own_threshold = QCheckBox("Use the model's review threshold")
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.0, 100.0)
+        self.threshold.setSuffix(" %")
+        self.threshold.setDecimals(1)
+        self.own_threshold.toggled.connect(lambda on: self.threshold.setEnabled(not on))
+        self.own_threshold.setChecked(choice.review_threshold is None)
+        if choice.review_threshold is not None:
+            self.threshold.setValue(choice.review_threshold * 100)
+        self.threshold.setEnabled(choice.review_threshold is not None)
+
+        form = QFormLayout()
+        form.addRow("Device", self.device)
+        form.addRow("", self.tta)
+        threshold_row = QHBoxLayout()
+        threshold_row.addWidget(self.own_threshold)
+        threshold_row.addWidget(self.threshold)
+        form.addRow("Flag below", threshold_row)
+
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self._accept)
+        buttons.rejected.connect(self.reject)
+        self.message = QTextBrowser()
+        self.message.setMaximumHeight(40)
+        self.message.setVisible(False)
+
+        left = QVBoxLayout()
+        left.addWidget(self.list)
+        left.addWidget(add)
+        top = QHBoxLayout()
+        top.addLayout(left, 2)
+        top.addWidget(self.details, 3)
+        layout = QVBoxLayout(self)
+        layout.addLayout(top, 1)
+        layout.addLayout(form)
+        layout.addWidget(self.message)
+        layout.addWidget(buttons)
+        if self.list.count():
+            self.list.setCurrentRow(0)
+
+    def add_bundle(self, folder: Path, checked: bool = False) -> bool:
+        """List a bundle folder (False, and a message, when it is not a readable bundle)."""
+        try:
+            meta = read_meta(folder)
+        except BundleError as exc:
+            self._say(str(exc))
+            return False
+        item = QListWidgetItem(f"{meta.name}  ({meta.arch}, {folder.name})")
+        item.setData(_PATH_ROLE, str(folder))
+        item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+        item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
+        item.setToolTip(str(folder))
+        self.list.addItem(item)
+        self.list.setCurrentItem(item)
+        return True
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Model bundle folder")
+        if folder:
+            self.add_bundle(Path(folder).resolve(), checked=False)
+
+    def _show_details(self, item: QListWidgetItem | None, _previous=None) -> None:
+        if item is None:
+            self.details.clear()
+            return
+        folder = Path(item.data(_PATH_ROLE))
+        try:
+            self.details.setHtml(describe(read_meta(folder), folder))
+        except BundleError as exc:
+            self.details.setPlainText(str(exc))
+
+    def _say(self, text: str) -> None:
+        self.message.setPlainText(text)
+        self.message.setVisible(True)
+
+    def checked_folders(self) -> list[Path]:
+        return [
+            Path(self.list.item(i).data(_PATH_ROLE))
+            for i in range(self.list.count())
+            if self.list.item(i).checkState() == Qt.CheckState.Checked
+        ]
+
+    def listed_folders(self) -> list[Path]:
+        return [Path(self.list.item(i).data(_PATH_ROLE)) for i in range(self.list.count())]
+
+    def choice(self) -> ModelChoice:
+        return ModelChoice(
+            model_dirs=tuple(self.checked_folders()),
+            device=self.device.currentText().strip() or "auto",
+            tta=self.tta.isChecked(),
+            review_threshold=None if self.own_threshold.isChecked() else self.threshold.value() / 100,
+        )
+
+    def _accept(self) -> None:
+        folders = self.checked_folders()
+        if not folders:
+            self._say("Tick at least one model (several make an ensemble).")
+            return
+        try:
+            metas = [read_meta(f) for f in folders]
+        except BundleError as exc:
+            self._say(str(exc))
+            return
+        if any(m.classes != metas[0].classes for m in metas[1:]):
+            self._say("The ticked models have different classes; an ensemble needs the same classes.")
+            return
+        self.accept()

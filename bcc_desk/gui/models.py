@@ -1,0 +1,103 @@
+"""Loaded model bundles and the classifier built from them, shared by the app's worker threads.
+
+Loading a bundle (hashing ~60 MB of weights, building the timm network) takes a second or two,
+so it happens off the UI thread and only once per bundle: a second folder, or a Grad-CAM request,
+reuses what is loaded.  No Qt in here; the threads that call it are Qt's.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from bcc_desk.bundle import Bundle, BundleNet, InputSpec, load_bundle
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the user picked: one bundle, or several (an ensemble), and how to run them."""
+
+    model_dirs: tuple[Path, ...]
+    device: str = "auto"
+    tta: bool = False
+    review_threshold: float | None = None
+    """Overrides the bundles' own threshold when set."""
+    compile: bool | None = None
+    """None: the classifier decides by the size of the folder."""
+    batch_size: int | None = None
+    workers: int = 2
+
+
+def _fingerprint(folder: Path) -> tuple:
+    """Changes when the bundle on disk is replaced (a retrained model saved to the same folder)."""
+    stats = []
+    for name in ("bundle.json", "model.safetensors"):
+        try:
+            st = (folder / name).stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append(None)
+    return tuple(stats)
+
+
+class ModelStore:
+    """Thread-safe cache: bundles by folder, the current classifier, Grad-CAM copies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._bundles: dict[Path, tuple[tuple, Bundle]] = {}
+        self._classifier = None
+        self._classifier_key: tuple | None = None
+        self._cam: dict[Path, tuple[tuple, BundleNet]] = {}
+
+    def bundle(self, folder: Path) -> Bundle:
+        """The loaded bundle in `folder` (raises BundleError with a one-line reason)."""
+        folder = Path(folder).resolve()
+        with self._lock:
+            stamp = _fingerprint(folder)
+            cached = self._bundles.get(folder)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            bundle = load_bundle(folder)
+            self._bundles[folder] = (stamp, bundle)
+            return bundle
+
+    def classifier(self, choice: ModelChoice):
+        """A `Classifier` for `choice`, reused while the choice (and the bundles) stay the same."""
+        # torch-heavy; only worker threads get here
+        from bcc_desk.classifier import Classifier
+
+        with self._lock:
+            bundles = [self.bundle(d) for d in choice.model_dirs]
+            key = (choice, tuple(id(b) for b in bundles))
+            if self._classifier is None or self._classifier_key != key:
+                self._classifier = Classifier(
+                    bundles,
+                    device=choice.device,
+                    tta=choice.tta,
+                    review_threshold=choice.review_threshold,
+                    batch_size=choice.batch_size,
+                    workers=choice.workers,
+                    compile=choice.compile,
+                )
+                self._classifier_key = key
+            return self._classifier
+
+    def cam_model(self, folder: Path) -> tuple[BundleNet, InputSpec, list[str]]:
+        """A private copy of a bundle's network for Grad-CAM.
+
+        Grad-CAM hooks the network and runs a backward pass; on the classifier's own copy the
+        hooks would also fire inside a running classification on another thread."""
+        folder = Path(folder).resolve()
+        with self._lock:
+            bundle = self.bundle(folder)
+            stamp = _fingerprint(folder)
+            cached = self._cam.get(folder)
+            if cached is None or cached[0] != stamp:
+                net = copy.deepcopy(bundle.model).float().eval()
+                for p in net.parameters():
+                    p.requires_grad_(True)
+                self._cam[folder] = (stamp, net)
+            return self._cam[folder][1], bundle.meta.input, list(bundle.classes)

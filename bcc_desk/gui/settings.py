@@ -1,0 +1,147 @@
+"""What the app remembers between sessions, kept in QSettings.
+
+Lists are stored as JSON text: QSettings' own list handling differs between the INI and native
+back ends (a one-element list comes back as a plain string from INI files).  Tests hand the
+window a QSettings on a temporary INI file, so they never touch the user's real configuration.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QSettings
+
+from bcc_desk.paths import APP_NAME, DEFAULT_MODEL_DIR
+
+MAX_RECENT = 10
+
+
+def default_qsettings() -> QSettings:
+    """The per-user settings file (registry on Windows, plist on macOS, INI on Linux)."""
+    return QSettings(APP_NAME, APP_NAME)
+
+
+def current_user() -> str:
+    # getpass fails in containers without a passwd entry; a review still needs a name.
+    try:
+        return getpass.getuser() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+class AppSettings:
+    """Typed access to the keys the app uses."""
+
+    def __init__(self, qsettings: QSettings | None = None) -> None:
+        self.q = qsettings if qsettings is not None else default_qsettings()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _list(self, key: str) -> list[str]:
+        raw = self.q.value(key, "")
+        try:
+            value = json.loads(raw) if isinstance(raw, str) and raw else []
+        except json.JSONDecodeError:
+            return []
+        return [str(v) for v in value] if isinstance(value, list) else []
+
+    def _set_list(self, key: str, values: list[str]) -> None:
+        self.q.setValue(key, json.dumps(list(values)))
+
+    def _bool(self, key: str, default: bool) -> bool:
+        raw = self.q.value(key, default)
+        if isinstance(raw, str):
+            return raw.lower() in ("1", "true", "yes")
+        return bool(raw)
+
+    def _bytes(self, key: str) -> QByteArray | None:
+        raw = self.q.value(key)
+        return raw if isinstance(raw, QByteArray) and not raw.isEmpty() else None
+
+    # -- folders ------------------------------------------------------------------------------
+    @property
+    def last_folder(self) -> str:
+        return str(self.q.value("folders/last", "") or "")
+
+    @property
+    def recent_folders(self) -> list[str]:
+        return self._list("folders/recent")
+
+    def add_recent_folder(self, folder: Path) -> None:
+        text = str(folder)
+        recent = [text] + [f for f in self.recent_folders if f != text]
+        self._set_list("folders/recent", recent[:MAX_RECENT])
+        self.q.setValue("folders/last", text)
+
+    def clear_recent_folders(self) -> None:
+        self._set_list("folders/recent", [])
+
+    # -- model --------------------------------------------------------------------------------
+    @property
+    def model_dirs(self) -> list[Path]:
+        dirs = [Path(d) for d in self._list("model/dirs")]
+        return dirs or [DEFAULT_MODEL_DIR]
+
+    @model_dirs.setter
+    def model_dirs(self, dirs: list[Path]) -> None:
+        self._set_list("model/dirs", [str(d) for d in dirs])
+
+    @property
+    def known_models(self) -> list[Path]:
+        """Bundle folders the user has added to the picker (the shipped one is always listed)."""
+        return [Path(d) for d in self._list("model/known")]
+
+    @known_models.setter
+    def known_models(self, dirs: list[Path]) -> None:
+        self._set_list("model/known", [str(d) for d in dirs])
+
+    @property
+    def device(self) -> str:
+        return str(self.q.value("model/device", "auto") or "auto")
+
+    @device.setter
+    def device(self, value: str) -> None:
+        self.q.setValue("model/device", value)
+
+    @property
+    def tta(self) -> bool:
+        return self._bool("model/tta", False)
+
+    @tta.setter
+    def tta(self, value: bool) -> None:
+        self.q.setValue("model/tta", bool(value))
+
+    @property
+    def review_threshold(self) -> float | None:
+        """The user's override of the model's review threshold (None: the model's own)."""
+        raw = self.q.value("model/review_threshold", "")
+        try:
+            return float(raw) if raw not in ("", None) else None
+        except (TypeError, ValueError):
+            return None
+
+    @review_threshold.setter
+    def review_threshold(self, value: float | None) -> None:
+        self.q.setValue("model/review_threshold", "" if value is None else float(value))
+
+    # -- review -------------------------------------------------------------------------------
+    @property
+    def reviewer(self) -> str:
+        return str(self.q.value("review/reviewer", "") or "") or current_user()
+
+    @reviewer.setter
+    def reviewer(self, name: str) -> None:
+        self.q.setValue("review/reviewer", name.strip())
+
+    # -- window -------------------------------------------------------------------------------
+    def window_state(self) -> tuple[QByteArray | None, QByteArray | None, QByteArray | None]:
+        return self._bytes("window/geometry"), self._bytes("window/state"), self._bytes("window/splitter")
+
+    def save_window_state(self, geometry: QByteArray, state: QByteArray, splitter: QByteArray) -> None:
+        self.q.setValue("window/geometry", geometry)
+        self.q.setValue("window/state", state)
+        self.q.setValue("window/splitter", splitter)
+
+    def sync(self) -> None:
+        self.q.sync()

@@ -1,0 +1,285 @@
+"""The image table: one row per Prediction, plus the reviewer's label beside the model's.
+
+A Qt model/view rather than a widget per cell, so a folder of 5,000 images costs only the rows
+on screen.  Rows arrive in batches while the classifier runs (`append`); reviews are kept by
+image path, so re-running the same folder keeps them.  `PredictionFilter` does the sorting and
+the filters (class, slide, flagged only, errors only, file-name search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QModelIndex,
+    QPersistentModelIndex,
+    QSize,
+    QSortFilterProxyModel,
+    Qt,
+)
+from PySide6.QtGui import QFont
+
+from bcc_desk.gui.palette import ERROR_BACKGROUND, FLAGGED_BACKGROUND
+from bcc_desk.gui.thumbnails import ThumbnailCache
+from bcc_desk.prediction import Prediction
+
+THUMB, FILE, SLIDE, LABEL, CONFIDENCE, REVIEW, REVIEWED, ERROR = range(8)
+HEADERS = ("", "File", "Slide", "Label", "Confidence", "Review", "Reviewed as", "Error")
+SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+FLAG_MARK = "\u2691"  # ⚑
+
+_Index = QModelIndex | QPersistentModelIndex
+_ROOT = QModelIndex()
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """A person's label for one image, and who gave it when."""
+
+    label: str
+    by: str
+    at: datetime
+
+
+def review_sort_key(p: Prediction) -> float:
+    """Flagged first (least confident first), then the rest by confidence, unreadable last:
+    the order in which a reviewer should look."""
+    if p.error is not None:
+        return 4.0
+    return (0.0 if p.needs_review else 2.0) + (p.confidence or 0.0)
+
+
+class PredictionTableModel(QAbstractTableModel):
+    """Predictions as rows; columns as in `HEADERS`."""
+
+    def __init__(self, thumbnails: ThumbnailCache | None = None, parent=None) -> None:
+        super().__init__(parent)
+        self._rows: list[Prediction] = []
+        self._row_of: dict[Path, int] = {}
+        self._reviews: dict[Path, Review] = {}
+        self._bold = QFont()
+        self._bold.setBold(True)
+        self.thumbnails = thumbnails
+        if thumbnails is not None:
+            thumbnails.ready.connect(self._thumbnail_ready)
+
+    # -- content ------------------------------------------------------------------------------
+    def clear(self, keep_reviews: bool = False) -> None:
+        self.beginResetModel()
+        self._rows = []
+        self._row_of = {}
+        if not keep_reviews:
+            self._reviews = {}
+        self.endResetModel()
+        if self.thumbnails is not None:
+            self.thumbnails.clear()
+
+    def append(self, predictions: Sequence[Prediction]) -> None:
+        """Add a batch of rows (one model signal per batch, not per row)."""
+        if not predictions:
+            return
+        first = len(self._rows)
+        self.beginInsertRows(QModelIndex(), first, first + len(predictions) - 1)
+        for i, p in enumerate(predictions, start=first):
+            self._rows.append(p)
+            self._row_of[p.path] = i
+        self.endInsertRows()
+
+    def prediction(self, row: int) -> Prediction:
+        return self._rows[row]
+
+    def predictions(self) -> list[Prediction]:
+        return list(self._rows)
+
+    def row_of(self, path: Path) -> int | None:
+        return self._row_of.get(Path(path))
+
+    def review(self, row: int) -> Review | None:
+        return self._reviews.get(self._rows[row].path)
+
+    def reviews(self) -> dict[Path, Review]:
+        """Reviews of the rows present (reviews carried over from an earlier run included)."""
+        return {p.path: self._reviews[p.path] for p in self._rows if p.path in self._reviews}
+
+    def effective_label(self, row: int) -> str | None:
+        """The reviewer's label where there is one, else the model's."""
+        review = self.review(row)
+        return review.label if review is not None else self._rows[row].label
+
+    def set_review(self, row: int, label: str | None, by: str) -> None:
+        """Set (or with None, clear) the reviewer's label of a row."""
+        path = self._rows[row].path
+        if label is None:
+            self._reviews.pop(path, None)
+        else:
+            self._reviews[path] = Review(label, by, datetime.now(UTC))
+        self.dataChanged.emit(self.index(row, 0), self.index(row, len(HEADERS) - 1))
+
+    def iter_rows(self) -> Iterable[tuple[Prediction, Review | None]]:
+        for p in self._rows:
+            yield p, self._reviews.get(p.path)
+
+    # -- Qt model -----------------------------------------------------------------------------
+    def rowCount(self, parent: _Index = _ROOT) -> int:
+        return 0 if parent.isValid() else len(self._rows)
+
+    def columnCount(self, parent: _Index = _ROOT) -> int:
+        return 0 if parent.isValid() else len(HEADERS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return HEADERS[section]
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            return _HEADER_TIPS.get(section)
+        return None
+
+    def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        row, col = index.row(), index.column()
+        p = self._rows[row]
+        if role == Qt.ItemDataRole.DisplayRole:
+            return self._display(p, row, col)
+        if role == SORT_ROLE:
+            return self._sort_value(p, row, col)
+        if role == Qt.ItemDataRole.DecorationRole and col == THUMB and self.thumbnails is not None:
+            return self.thumbnails.get(p.path)
+        if role == Qt.ItemDataRole.SizeHintRole and col == THUMB and self.thumbnails is not None:
+            return QSize(self.thumbnails.size + 4, self.thumbnails.size + 4)
+        if role == Qt.ItemDataRole.BackgroundRole:
+            if p.error is not None:
+                return ERROR_BACKGROUND
+            if p.needs_review:
+                return FLAGGED_BACKGROUND
+            return None
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return self._tooltip(p, row, col)
+        if role == Qt.ItemDataRole.FontRole and col == REVIEWED:
+            review = self._reviews.get(p.path)
+            if review is not None and review.label != p.label:
+                return self._bold  # a correction stands out
+        return None
+
+    def _display(self, p: Prediction, row: int, col: int):
+        if col == FILE:
+            return p.file
+        if col == SLIDE:
+            return p.slide
+        if col == LABEL:
+            return p.label or ""
+        if col == CONFIDENCE:
+            return "" if p.confidence is None else f"{p.confidence:.1%}"
+        if col == REVIEW:
+            return f"{FLAG_MARK} {p.review_reason}" if p.needs_review else ""
+        if col == REVIEWED:
+            review = self._reviews.get(p.path)
+            return review.label if review is not None else ""
+        if col == ERROR:
+            return p.error or ""
+        return None
+
+    def _sort_value(self, p: Prediction, row: int, col: int):
+        if col == CONFIDENCE:
+            return -1.0 if p.confidence is None else p.confidence
+        if col == REVIEW:
+            return review_sort_key(p)
+        if col == THUMB:
+            return row
+        value = self._display(p, row, col)
+        return value.casefold() if isinstance(value, str) else value
+
+    def _tooltip(self, p: Prediction, row: int, col: int) -> str | None:
+        if col in (THUMB, FILE):
+            return str(p.path)
+        if col == REVIEW and p.needs_review:
+            return f"flagged for review: {p.review_reason}"
+        if col == CONFIDENCE and p.probabilities:
+            return "\n".join(f"{c}: {v:.1%}" for c, v in p.probabilities.items())
+        if col == REVIEWED:
+            review = self._reviews.get(p.path)
+            if review is not None:
+                when = review.at.astimezone().strftime("%Y-%m-%d %H:%M")
+                return f"{review.label}, by {review.by} at {when} (model: {p.label or 'unreadable'})"
+        if col == ERROR and p.error:
+            return p.error
+        return None
+
+    def _thumbnail_ready(self, path: Path) -> None:
+        row = self._row_of.get(path)
+        if row is not None:
+            index = self.index(row, THUMB)
+            self.dataChanged.emit(index, index, [Qt.ItemDataRole.DecorationRole])
+
+
+_HEADER_TIPS = {
+    LABEL: "The model's label",
+    CONFIDENCE: "Calibrated probability of the model's label",
+    REVIEW: f"{FLAG_MARK}: a person should look (low confidence, or unlike the training data)",
+    REVIEWED: "The reviewer's label (keys 1-9 set it, 0 clears it)",
+}
+
+
+class PredictionFilter(QSortFilterProxyModel):
+    """Sorting and the table's filters.  Filters test the model's own fields, so reviewing a
+    row never makes it jump out of the view under the reviewer's hands."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setSortRole(SORT_ROLE)
+        self.setDynamicSortFilter(True)
+        self._label: str | None = None
+        self._slide: str | None = None
+        self._flagged_only = False
+        self._errors_only = False
+        self._search = ""
+
+    def source(self) -> PredictionTableModel:
+        model = self.sourceModel()
+        assert isinstance(model, PredictionTableModel)
+        return model
+
+    def _refilter(self, attr: str, value: object) -> None:
+        if getattr(self, attr) == value:
+            return
+        # Qt 6.10 replaced invalidateFilter() by begin/endFilterChange(); older Qt has only the former.
+        if hasattr(self, "endFilterChange"):
+            self.beginFilterChange()
+            setattr(self, attr, value)
+            self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+        else:
+            setattr(self, attr, value)
+            self.invalidateFilter()
+
+    def set_label(self, label: str | None) -> None:
+        self._refilter("_label", label or None)
+
+    def set_slide(self, slide: str | None) -> None:
+        self._refilter("_slide", slide or None)
+
+    def set_flagged_only(self, on: bool) -> None:
+        self._refilter("_flagged_only", bool(on))
+
+    def set_errors_only(self, on: bool) -> None:
+        self._refilter("_errors_only", bool(on))
+
+    def set_search(self, text: str) -> None:
+        self._refilter("_search", text.strip().casefold())
+
+    def filterAcceptsRow(self, source_row: int, source_parent: _Index) -> bool:
+        p = self.source().prediction(source_row)
+        if self._flagged_only and not p.needs_review:
+            return False
+        if self._errors_only and p.error is None:
+            return False
+        if self._label is not None and p.label != self._label:
+            return False
+        if self._slide is not None and p.slide != self._slide:
+            return False
+        return not self._search or self._search in p.file.casefold()
+
+    def source_row(self, proxy_row: int) -> int:
+        return self.mapToSource(self.index(proxy_row, 0)).row()

@@ -1,0 +1,305 @@
+"""The folder-watching daemon's memory: one SQLite row per file ever seen under ROOT.
+
+The ledger, not the report and not the daemon's memory, is the source of truth.  The report is
+always regenerated from it, so the two promises of `bcc watch` come from two properties here:
+
+* **Exactly once.**  The primary key is the file's path relative to ROOT, so a file can never
+  have two rows; the report lists the rows in state `done` or `error`, one per present file.
+* **Crash safety.**  An outcome is committed in one transaction *after* the image was
+  classified.  A crash before the commit leaves the row `pending` (or absent) and the file is
+  classified on the next start; a crash after it leaves a `done` row whose size and mtime match
+  the file, so it is not classified again.  WAL mode with synchronous=NORMAL survives a killed
+  process whole; a power cut may roll back the last few commits, which only means those images
+  are classified once more (still one row each).
+
+States:
+  pending   seen, not yet complete or not yet classified (or between read retries)
+  done      classified; the prediction is in the row
+  error     could not be read after the retries; `error` says why
+  vanished  no longer under ROOT; the last outcome is kept, so the same file coming back (a
+            share remounted, a slide folder moved away and back) is restored without work
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bcc_desk.prediction import Prediction, relative_location
+
+SCHEMA_VERSION = 1
+PENDING, DONE, ERROR, VANISHED = "pending", "done", "error", "vanished"
+REPORTED = (DONE, ERROR)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path          TEXT PRIMARY KEY,   -- relative to ROOT, forward slashes
+    size          INTEGER NOT NULL,
+    mtime_ns      INTEGER NOT NULL,
+    sha256        TEXT,               -- of the content the outcome is for
+    state         TEXT NOT NULL CHECK (state IN ('{PENDING}', '{DONE}', '{ERROR}', '{VANISHED}')),
+    attempts      INTEGER NOT NULL DEFAULT 0,  -- failed reads of the current content
+    label         TEXT,
+    confidence    REAL,
+    margin        REAL,
+    probabilities TEXT,               -- JSON object, in the model's class order
+    needs_review  INTEGER,
+    review_reason TEXT,
+    error         TEXT,
+    model         TEXT,
+    model_sha256  TEXT,
+    classified_at TEXT,
+    ood_score     REAL,
+    first_seen    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
+"""
+
+_OUTCOME = (
+    "label", "confidence", "margin", "probabilities", "needs_review", "review_reason", "error",
+    "model", "model_sha256", "classified_at", "ood_score",
+)
+
+
+class LedgerError(Exception):
+    """The state file cannot be used (another ROOT's, newer schema, not a database)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    state: str
+    attempts: int
+    label: str | None
+    error: str | None
+    model_sha256: str | None
+
+    @property
+    def outcome(self) -> str | None:
+        """The state the row's stored outcome stands for (what a vanished row comes back as)."""
+        return DONE if self.label is not None else ERROR if self.error is not None else None
+
+    def matches(self, st: os.stat_result) -> bool:
+        return self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Ledger:
+    """One connection to the ledger of one ROOT, used by one thread at a time: the report
+    writer opens its own (WAL lets it read while the daemon writes)."""
+
+    def __init__(self, path: Path, root: Path | None = None) -> None:
+        """Open (creating it if need be) the ledger of `root`; without `root`, open an existing
+        ledger to read it (the report writer, tests, a technician's script)."""
+        self.path = Path(path)
+        create = root is not None
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
+            # Autocommit mode: every write below is its own short transaction (or an explicit one).
+            # Not shared between threads at once, but built in one thread and used in another.
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, check_same_thread=False)
+            if create:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+            self.root = self._check_meta(root)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"cannot use the state file {self.path}: {exc}") from None
+        self._db.row_factory = sqlite3.Row
+
+    def _check_meta(self, root: Path | None) -> Path:
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        version = int(meta.get("schema_version", SCHEMA_VERSION))
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"the state file {self.path} was written by a newer bcc-desk (schema {version})")
+        recorded = meta.get("root")
+        if root is None:
+            if recorded is None:
+                raise LedgerError(f"the state file {self.path} is not a bcc watch ledger")
+            return Path(recorded)
+        if recorded is not None and recorded != str(root):
+            raise LedgerError(
+                f"the state file {self.path} belongs to the folder {recorded}, not {root}; "
+                "pass another --state"
+            )
+        if recorded is None:
+            with self.transaction() as db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [("root", str(root)), ("schema_version", str(SCHEMA_VERSION))],
+                )
+        return Path(root)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- reading --------------------------------------------------------------------------------
+    def get(self, path: str) -> Row | None:
+        r = self._db.execute(f"SELECT {_ROW_FIELDS} FROM files WHERE path = ?", (path,)).fetchone()
+        return Row(*r) if r is not None else None
+
+    def rows(self) -> dict[str, Row]:
+        return {r[0]: Row(*r) for r in self._db.execute(f"SELECT {_ROW_FIELDS} FROM files")}
+
+    def done_with_hash(self, sha256: str, model_sha256: str) -> str | None:
+        """A path whose content `sha256` this model already classified (a copy or a move)."""
+        r = self._db.execute(
+            "SELECT path FROM files WHERE sha256 = ? AND model_sha256 = ? AND label IS NOT NULL LIMIT 1",
+            (sha256, model_sha256),
+        ).fetchone()
+        return r[0] if r is not None else None
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+
+    def predictions(self) -> list[Prediction]:
+        """The report's rows: every present file with an outcome, as the classifier made it."""
+        cur = self._db.execute(
+            f"SELECT path, {', '.join(_OUTCOME)} FROM files WHERE state IN (?, ?)", REPORTED
+        )
+        return [self._prediction(r) for r in cur]
+
+    def _prediction(self, r: sqlite3.Row) -> Prediction:
+        path = self.root / r["path"]
+        file, slide = relative_location(path, self.root)
+        return Prediction(
+            path=path,
+            file=file,
+            slide=slide,
+            label=r["label"],
+            confidence=r["confidence"],
+            margin=r["margin"],
+            probabilities=json.loads(r["probabilities"] or "{}"),
+            needs_review=bool(r["needs_review"]),
+            review_reason=r["review_reason"] or "",
+            error=r["error"],
+            model=r["model"] or "",
+            model_sha256=r["model_sha256"] or "",
+            classified_at=datetime.fromisoformat(r["classified_at"]),
+            ood_score=r["ood_score"],
+        )
+
+    # -- writing --------------------------------------------------------------------------------
+    def seen(self, path: str, st: os.stat_result) -> None:
+        """Note a file the first time it shows up (an existing row keeps its outcome until a
+        new one is recorded, so the report never loses the file meanwhile)."""
+        now = _now()
+        self._db.execute(
+            "INSERT OR IGNORE INTO files (path, size, mtime_ns, state, first_seen, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (path, st.st_size, st.st_mtime_ns, PENDING, now, now),
+        )
+
+    def record(self, path: str, st: os.stat_result, sha256: str | None, p: Prediction, attempts: int = 0) -> None:
+        """Store an outcome (prediction or read error) in one transaction: the crash-safe step."""
+        outcome = _outcome_values(p)
+        now = _now()
+        self._db.execute(
+            f"INSERT INTO files (path, size, mtime_ns, sha256, state, attempts, {', '.join(_OUTCOME)}, "
+            f"first_seen, updated_at) VALUES ({', '.join('?' * (8 + len(_OUTCOME)))}) "
+            "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+            "sha256 = excluded.sha256, state = excluded.state, attempts = excluded.attempts, "
+            + ", ".join(f"{c} = excluded.{c}" for c in _OUTCOME)
+            + ", updated_at = excluded.updated_at",
+            (path, st.st_size, st.st_mtime_ns, sha256, DONE if p.ok else ERROR, attempts, *outcome, now, now),
+        )
+
+    def copy_outcome(self, source: str, path: str, st: os.stat_result, sha256: str) -> None:
+        """Give `path` the outcome already stored for the same content at `source` (a copy, or a
+        move the watcher saw as a delete and a create): same image, same answer, no work."""
+        with self.transaction() as db:
+            r = db.execute(f"SELECT {', '.join(_OUTCOME)} FROM files WHERE path = ?", (source,)).fetchone()
+            now = _now()
+            db.execute(
+                "INSERT OR IGNORE INTO files (path, size, mtime_ns, state, first_seen, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (path, st.st_size, st.st_mtime_ns, PENDING, now, now),
+            )
+            db.execute(
+                f"UPDATE files SET size = ?, mtime_ns = ?, sha256 = ?, state = ?, attempts = 0, "
+                f"{', '.join(f'{c} = ?' for c in _OUTCOME)}, updated_at = ? WHERE path = ?",
+                (st.st_size, st.st_mtime_ns, sha256, DONE, *r, now, path),
+            )
+
+    def refresh(self, path: str, st: os.stat_result, state: str) -> None:
+        """Same content as recorded (touched, copied back, share remounted): new size/mtime,
+        the outcome restored to `state`."""
+        self._db.execute(
+            "UPDATE files SET size = ?, mtime_ns = ?, state = ?, updated_at = ? WHERE path = ?",
+            (st.st_size, st.st_mtime_ns, state, _now(), path),
+        )
+
+    def failed_read(self, path: str, attempts: int) -> None:
+        """Count a read that will be retried.  The row keeps its state and outcome: a pending
+        row must not look finished (the reason goes to the log until the last try)."""
+        self._db.execute("UPDATE files SET attempts = ?, updated_at = ? WHERE path = ?", (attempts, _now(), path))
+
+    def vanish(self, paths: list[str]) -> int:
+        """Mark files that are no longer under ROOT (their outcome kept); returns how many."""
+        now = _now()
+        with self.transaction() as db:
+            return sum(
+                db.execute(
+                    "UPDATE files SET state = ?, updated_at = ? WHERE path = ? AND state != ?",
+                    (VANISHED, now, path, VANISHED),
+                ).rowcount
+                for path in paths
+            )
+
+    def vanish_under(self, folder: str) -> list[str]:
+        """Vanish every row under a relative folder (a slide folder moved away or deleted)."""
+        prefix = folder.rstrip("/") + "/"
+        paths = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT path FROM files WHERE substr(path, 1, ?) = ? AND state != ?",
+                (len(prefix), prefix, VANISHED),
+            )
+        ]
+        self.vanish(paths)
+        return paths
+
+
+_ROW_FIELDS = "path, size, mtime_ns, sha256, state, attempts, label, error, model_sha256"
+
+
+def _outcome_values(p: Prediction) -> tuple:
+    return (
+        p.label,
+        p.confidence,
+        p.margin,
+        json.dumps(p.probabilities) if p.probabilities else None,
+        int(bool(p.needs_review)),
+        p.review_reason,
+        p.error,
+        p.model,
+        p.model_sha256,
+        p.classified_at.isoformat(),
+        p.ood_score,
+    )

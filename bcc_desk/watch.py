@@ -1,0 +1,649 @@
+"""`bcc watch`: classify every image that lands under a folder, for weeks, exactly once.
+
+One thread does the work, in a loop: take the watchdog events off a queue, decide with the
+`Settler` which files are complete, classify the ready ones in one `predict_paths` call (a
+burst becomes batches), commit each outcome to the `Ledger`.  A second thread rewrites the
+report from the ledger (`ReportWriter`), so neither a slow workbook nor one open in Excel holds
+up classification.  The observer's own threads only put events on the queue.
+
+The ledger is the truth; everything else is rebuilt from it.  On start (and after the
+observer had to be restarted, and every `RESCAN_EVERY` seconds against lost events) ROOT is
+reconciled with it: new or changed files are queued, files gone are marked vanished, files
+whose size and mtime match their row are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import logging.handlers
+import os
+import queue
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+)
+from watchdog.observers.api import BaseObserver
+
+from bcc_desk.images import discover_images, is_candidate
+from bcc_desk.ledger import DONE, VANISHED, Ledger, Row
+from bcc_desk.paths import SAMPLES_DIR, user_data_dir
+from bcc_desk.prediction import Prediction
+from bcc_desk.report import ReportError, RunInfo, locked_target, write_csv, write_report
+from bcc_desk.settle import COMPLETE, READ_RETRIES, SEEN, WRITING, Settler
+
+if TYPE_CHECKING:
+    from bcc_desk.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+HEALTH_EVERY = 1.0
+"""Seconds between checks that the observer is alive and ROOT is still the same folder."""
+RESCAN_EVERY = 600.0
+"""Seconds between full reconciliations: a safety net for events the kernel or share dropped."""
+MAX_CALL = 256
+"""Most images handed to one classifier call (the rest wait for the next loop turn): batches
+flow through a burst, and new events are still looked at every few seconds."""
+MAX_EVENTS = 20_000
+"""Most events taken per loop turn, so that a never-ending stream cannot starve the work."""
+
+_EVENTS = [
+    FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
+    DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
+]  # no open / close-without-write events: our own reads would echo back as work
+
+
+class WatchError(Exception):
+    """The watch cannot start (state in use by another daemon, ...)."""
+
+
+def default_state(root: Path) -> Path:
+    """Where the ledger of ROOT lives unless --state says otherwise (the log sits beside it)."""
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return user_data_dir() / "watch" / key / "ledger.sqlite"
+
+
+def log_file(state: Path) -> Path:
+    return Path(state).with_suffix(".log")
+
+
+def log_to_file(path: Path) -> logging.Handler:
+    """Also log to `path` (rotated at 5 MB, 3 kept: the daemon runs for weeks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("bcc_desk")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def lock_state(state: Path) -> TextIO:
+    """Hold an exclusive lock beside the state file for the life of the daemon, so a second
+    daemon on the same ROOT cannot classify and record alongside the first.  The kernel drops
+    the lock when the process dies, however it dies."""
+    lock = Path(state).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock, "a+")  # noqa: SIM115 - held open (locked) until the process ends
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise WatchError(f"another bcc watch is already using the state file {state}") from None
+    return fh
+
+
+def make_observer(polling: bool, interval: float) -> tuple[BaseObserver, bool]:
+    """(observer, whether it reports closed-after-writing)."""
+    if polling:
+        from watchdog.observers.polling import PollingObserver
+
+        return PollingObserver(timeout=interval), False
+    if sys.platform.startswith("linux"):
+        from watchdog.observers.inotify import InotifyObserver
+
+        # Full events: a file moved in from outside ROOT is a move (complete), not a create.
+        return InotifyObserver(generate_full_events=True), True
+    from watchdog.observers import Observer
+
+    return Observer(), False
+
+
+class _Queue:
+    """Observer threads -> the work loop.  SimpleQueue, because `stop` may run in a signal
+    handler and only SimpleQueue.put is safe there."""
+
+    def __init__(self) -> None:
+        self.q: queue.SimpleQueue[FileSystemEvent | None] = queue.SimpleQueue()
+
+    def dispatch(self, event: FileSystemEvent) -> None:  # watchdog's handler interface
+        self.q.put(event)
+
+
+class Watcher:
+    """Watch `root`, classify what lands there into the ledger at `state`, keep `out` written.
+
+    `classifier` is a ready `Classifier`; `run` blocks until `stop` is called (from another
+    thread or a signal handler), then finishes the batch in hand and writes the report.
+    `single`, when `classifier` compiles, is the same model uncompiled, for calls of fewer than
+    half a batch: a compiled network has one batch shape, so one image would cost a whole batch
+    (8x the work on a CPU) where a camera sends images one at a time."""
+
+    def __init__(
+        self,
+        root: Path,
+        out: Path,
+        classifier: Classifier,
+        state: Path,
+        run_info: RunInfo,
+        *,
+        single: Classifier | None = None,
+        polling: bool = False,
+        interval: float = 1.0,
+        settle: float = 2.0,
+        quiet: float = 1.0,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.out = Path(out)
+        self.classifier = classifier
+        self.single = single
+        self.state = Path(state)
+        self.polling, self.interval, self.settle = polling, interval, settle
+        self.ledger = Ledger(self.state, self.root)
+        self.settler = Settler(settle)
+        self.report = ReportWriter(self.state, self.out, run_info, quiet=quiet)
+        self._events = _Queue()
+        self._observer: BaseObserver | None = None
+        self._close_events = False
+        self._identity: tuple[int, int] | None = None
+        self._stopping = False
+        self._next_health = 0.0
+        self._next_rescan = 0.0
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask `run` to finish; safe from any thread and from a signal handler."""
+        self._stopping = True
+        self._events.q.put(None)
+
+    def run(self) -> None:
+        try:
+            self._start_observer()  # first: whatever arrives from now on is queued, not missed
+            kind = f"polling every {self.interval:g} s" if self.polling else "native"
+            log.info("watching %s (%s observer, settle %g s); report %s; ledger %s (log beside it)",
+                     self.root, kind, self.settle, self.out, self.state)
+            self._prepare()
+            self._rescan()
+            self.report.start()
+            log.info("ready (%s)", self.classifier.device_label)
+            while not self._stopping:
+                self._take_events(self._timeout())
+                self._check_health()
+                ready, gone = self.settler.ready(self._stat)
+                for rel in gone:
+                    self._gone(rel)
+                if ready and not self._stopping:
+                    self._classify(ready)
+            log.info("stopping: the batch in hand is done, writing the report")
+        finally:
+            self._stop_observer()
+            self.report.close(datetime.now(UTC))
+            counts = self.ledger.counts()
+            self.ledger.close()
+            log.info("stopped; ledger: %s", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty")
+
+    def _prepare(self) -> None:
+        """Compile the network now (when the classifier compiles: int8 where the model allows,
+        as `bcc classify` does), and run one real image through each network, so that neither
+        the compilation nor the first call's set-up falls on the first image a user waits for."""
+        started = time.monotonic()
+        if self.classifier.compile:
+            log.info("compiling the network (seconds; about 20 s the first time on 2 cores)")
+            for _ in self.classifier.predict_paths([], self.root):
+                pass
+        samples = sorted(SAMPLES_DIR.rglob("*.jpg")) if SAMPLES_DIR.is_dir() else []
+        engines = [e for e in (self.classifier, self.single) if e is not None]
+        for engine in engines if samples else []:
+            for _ in engine.predict_paths(samples[:1], samples[0].parent):
+                pass
+        log.info("network ready in %.0f s", time.monotonic() - started)
+        # The Run sheet says what really ran (compiling may have switched to int8).
+        labels = dict.fromkeys(e.device_label for e in engines)
+        device = self.classifier.device_label
+        if len(labels) > 1 and self.single is not None:
+            device += f"; calls under {self.classifier.batch_size // 2} images: {self.single.device_label}"
+        self.report.run = replace(self.report.run, device=device)
+
+    def _timeout(self) -> float:
+        due = self.settler.next_due()
+        return min(HEALTH_EVERY, due) if due is not None else HEALTH_EVERY
+
+    def _start_observer(self) -> None:
+        observer, self._close_events = make_observer(self.polling, self.interval)
+        try:
+            observer.schedule(self._events, str(self.root), recursive=True, event_filter=_EVENTS)
+            observer.start()
+        except OSError as exc:
+            hint = "; use --polling, or raise fs.inotify.max_user_watches" if not self.polling else ""
+            raise WatchError(f"cannot watch {self.root}: {exc.strerror or exc}{hint}") from None
+        self._observer = observer
+        self._identity = _identity(self.root)
+        self._next_rescan = time.monotonic() + RESCAN_EVERY
+
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def _check_health(self) -> None:
+        """Restart a dead watch: the observer's thread ended (its folder was deleted) or ROOT is
+        no longer the folder it watches (deleted and recreated, a share unmounted/remounted)."""
+        now = time.monotonic()
+        if now < self._next_health:
+            return
+        self._next_health = now + HEALTH_EVERY
+        identity = _identity(self.root)
+        obs = self._observer
+        if obs is not None and identity == self._identity and obs.is_alive() and all(
+            e.is_alive() for e in obs.emitters
+        ):
+            if now >= self._next_rescan:
+                self._rescan()
+                self._next_rescan = now + RESCAN_EVERY
+            return
+        if obs is not None:
+            log.warning("lost the watch on %s (folder %s); restarting it", self.root,
+                        "missing" if identity is None else "replaced or watcher stopped")
+            self._stop_observer()
+        if identity is None:
+            return  # not back yet: look again in a second
+        try:
+            self._start_observer()
+        except WatchError as exc:
+            log.warning("%s; trying again", exc)
+            return
+        self._rescan()
+        log.info("watching %s again", self.root)
+
+    # -- what is where --------------------------------------------------------------------------
+    def _rel(self, path: str | Path) -> str | None:
+        """ROOT-relative key of an image path we care about, else None."""
+        try:
+            rel = Path(path).relative_to(self.root)
+        except ValueError:
+            return None
+        parts = rel.parts
+        if not parts or any(p.startswith(".") for p in parts[:-1]) or not is_candidate(rel):
+            return None
+        return rel.as_posix()
+
+    def _stat(self, rel: str) -> os.stat_result | None:
+        """lstat of a regular file, else None: links and special files are not images here
+        (a link could lead outside ROOT, a FIFO would block the reader)."""
+        try:
+            st = os.lstat(self.root / rel)
+        except OSError:
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
+
+    def _current(self, row: Row) -> bool:
+        """Whether a row's outcome still stands (a read error does not depend on the model)."""
+        if row.outcome == DONE:
+            return row.model_sha256 == self.classifier.sha256
+        return row.outcome is not None
+
+    # -- events -----------------------------------------------------------------------------------
+    def _take_events(self, timeout: float) -> None:
+        try:
+            event = self._events.q.get(timeout=timeout)
+        except queue.Empty:
+            return
+        for _ in range(MAX_EVENTS):
+            if event is not None:
+                self._on_event(event)
+            try:
+                event = self._events.q.get_nowait()
+            except queue.Empty:
+                return
+
+    def _on_event(self, ev: FileSystemEvent) -> None:
+        src, dest = str(ev.src_path), str(getattr(ev, "dest_path", "") or "")
+        kind = ev.event_type
+        if ev.is_directory:
+            if src and (kind == "deleted" or kind == "moved") and Path(src) != self.root:
+                self._gone_folder(src)
+            if kind == "created":
+                self._scan_folder(src, SEEN)
+            elif kind == "moved" and dest:
+                self._scan_folder(dest, COMPLETE)
+            return
+        if kind == "moved":
+            if src:
+                self._gone(self._rel(src))
+            if dest:
+                self._note(dest, COMPLETE)
+        elif kind == "deleted":
+            self._gone(self._rel(src))
+        elif kind == "closed":
+            self._note(src, COMPLETE)
+        elif kind == "modified":
+            self._note(src, WRITING if self._close_events else SEEN)
+        elif kind == "created":
+            self._note(src, SEEN)
+
+    def _note(self, path: str | Path, evidence: str, st: os.stat_result | None = None, scan: bool = False) -> None:
+        rel = self._rel(path)
+        if rel is None:
+            return
+        st = st or self._stat(rel)
+        if st is None:
+            return
+        row = self.ledger.get(rel)
+        # A scan or create that finds the file as recorded needs no work; a write or close does
+        # (the same size and mtime tick can hide new content).
+        if (scan or evidence == SEEN) and row is not None and row.matches(st) and self._current(row):
+            if row.state == VANISHED:
+                self.ledger.refresh(rel, st, row.outcome)
+                self.report.changed()
+            self.settler.forget(rel)
+            return
+        if self.settler.note(rel, st, evidence) and row is None:
+            self.ledger.seen(rel, st)
+
+    def _gone(self, rel: str | None) -> None:
+        if rel is None:
+            return
+        self.settler.forget(rel)
+        if self.ledger.vanish([rel]):
+            log.info("gone: %s", rel)
+            self.report.changed()
+
+    def _gone_folder(self, folder: str) -> None:
+        try:
+            rel = Path(folder).relative_to(self.root).as_posix()
+        except ValueError:
+            return
+        for key in self.settler.waiting():
+            if str(key).startswith(rel + "/"):
+                self.settler.forget(key)
+        if gone := self.ledger.vanish_under(rel):
+            log.info("gone: %d images under %s", len(gone), rel)
+            self.report.changed()
+
+    def _scan_folder(self, folder: str, evidence: str) -> None:
+        """A folder created or moved in: its files may come without events of their own."""
+        try:
+            paths = discover_images(Path(folder))
+        except OSError:
+            return
+        for path in paths:
+            self._note(path, evidence, scan=True)
+
+    def _rescan(self) -> None:
+        """Reconcile ROOT with the ledger: the start-up (and safety-net) pass."""
+        try:
+            found = {rel: st for p in discover_images(self.root)
+                     if (rel := self._rel(p)) is not None and (st := self._stat(rel)) is not None}
+        except OSError as exc:
+            log.warning("cannot scan %s (%s); will try again", self.root, exc)
+            return
+        rows = self.ledger.rows()
+        gone = [rel for rel, row in rows.items() if row.state != VANISHED and rel not in found]
+        for rel in self.settler.waiting():
+            if rel not in found:
+                self.settler.forget(rel)
+        if self.ledger.vanish(gone):
+            log.info("%d images recorded before are no longer under %s", len(gone), self.root)
+            self.report.changed()
+        settled_before = time.time() - self.settle
+        for rel, st in found.items():
+            # Untouched for the settle time: complete, no need to wait again.
+            self._note(self.root / rel, COMPLETE if st.st_mtime < settled_before else SEEN, st, scan=True)
+        if len(self.settler):
+            log.info("%d images to classify (new or changed)", len(self.settler))
+
+    # -- work -------------------------------------------------------------------------------------
+    def _classify(self, ready: list[tuple[str, os.stat_result]]) -> None:
+        todo: list[tuple[str, os.stat_result, str | None]] = []
+        for rel, st in ready[:MAX_CALL]:
+            try:
+                digest = sha256_file(self.root / rel)
+            except FileNotFoundError:
+                self._gone(rel)
+                continue
+            except OSError:
+                digest = None  # the classifier's read will say why
+            if digest is not None and self._known(rel, st, digest):
+                continue
+            todo.append((rel, st, digest))
+        if not todo:
+            return
+        log.debug("classifying %d images", len(todo))
+        small = self.single is not None and 2 * len(todo) < self.classifier.batch_size
+        engine = self.single if small else self.classifier
+        predictions = engine.predict_paths([self.root / rel for rel, _, _ in todo], self.root)
+        try:
+            for n, ((rel, st, digest), p) in enumerate(zip(todo, predictions), start=1):
+                self._outcome(rel, st, digest, p)
+                # Stopping: finish the batch the network already computed, leave the rest pending.
+                if self._stopping and n % engine.batch_size == 0:
+                    break
+        finally:
+            predictions.close()
+
+    def _known(self, rel: str, st: os.stat_result, digest: str) -> bool:
+        """Content this model already classified, here or at another path: reuse the answer."""
+        row = self.ledger.get(rel)
+        if row is not None and row.sha256 == digest and row.outcome == DONE and self._current(row):
+            self.ledger.refresh(rel, st, DONE)
+        elif source := self.ledger.done_with_hash(digest, self.classifier.sha256):
+            self.ledger.copy_outcome(source, rel, st, digest)
+            log.info("same image as %s: %s", source, rel)
+        else:
+            return False
+        self.settler.forget(rel)
+        self.report.changed()
+        return True
+
+    def _outcome(self, rel: str, st: os.stat_result, digest: str | None, p: Prediction) -> None:
+        now = self._stat(rel)
+        if now is None:
+            self._gone(rel)
+            return
+        if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self.settler.note(rel, now, SEEN)  # changed while we read it: this answer is stale
+            return
+        if p.ok:
+            self.ledger.record(rel, st, digest, p)  # no digest: read, but not hashed (rare)
+            self.settler.forget(rel)
+            log.info("classified %s: %s %.1f%%%s", rel, p.label, 100 * (p.confidence or 0.0),
+                     " (review)" if p.needs_review else "")
+            self.report.changed()
+            return
+        attempts = self.settler.retry(rel)
+        if attempts > READ_RETRIES:
+            self.ledger.record(rel, st, digest, p, attempts)
+            self.settler.forget(rel)
+            log.warning("cannot read %s after %d tries: %s", rel, attempts, p.error)
+            self.report.changed()
+        else:
+            self.ledger.failed_read(rel, attempts)
+            log.info("cannot read %s yet (%s); trying again", rel, p.error)
+
+
+def _identity(root: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+class _Repeats(logging.Filter):
+    """Let the report writer's 'target is locked, wrote beside it' warning through once per
+    episode, not every few seconds while the workbook stays open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.threadName != ReportWriter.THREAD:
+            return True
+        message = record.getMessage()
+        if message == self.last:
+            return False
+        self.last = message
+        return True
+
+
+class ReportWriter:
+    """Rewrites the report from the ledger in a thread of its own: once ledger changes have been
+    quiet for `quiet` seconds (a burst does not rewrite it per file), at least every `max_wait`
+    seconds during a long burst (longer when the workbook grows slow to write), again as soon as
+    a locked target frees, and a last time at shutdown."""
+
+    THREAD = "bcc-report"
+    LOCK_RECHECK = 2.0
+    FAILED_RETRY = 10.0
+
+    def __init__(self, state: Path, out: Path, run: RunInfo, *, quiet: float = 1.0, max_wait: float = 5.0) -> None:
+        self.state, self.out, self.run = Path(state), Path(out), run
+        self.quiet, self.max_wait = quiet, max_wait
+        self._write: Callable[..., Path] = write_csv if self.out.suffix.lower() == ".csv" else write_report
+        self._cond = threading.Condition()
+        now = time.monotonic()
+        self._dirty_since: float | None = now  # the first report right away: the daemon is up
+        self._last_change = now - quiet
+        self._retry_at: float | None = None
+        self._closing = False
+        self._fallback: Path | None = None
+        self._duration = 0.0
+        self._last_end = 0.0
+        self._failure: str | None = None
+        self._filter = _Repeats()
+        self._thread = threading.Thread(target=self._loop, name=self.THREAD, daemon=True)
+        self.written: Path | None = None
+        """Where the last report went (the target, or a sibling while the target is locked)."""
+        self.writes = 0
+
+    def start(self) -> None:
+        logging.getLogger("bcc_desk.report").addFilter(self._filter)
+        self._thread.start()
+
+    def changed(self) -> None:
+        with self._cond:
+            now = time.monotonic()
+            if self._dirty_since is None:
+                self._dirty_since = now
+            self._last_change = now
+            self._cond.notify()
+
+    def close(self, finished: datetime) -> None:
+        """Write the final report (the Run sheet says when the watch ended) and stop."""
+        with self._cond:
+            self.run = replace(self.run, finished=finished)
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        else:  # never started (the watch failed early): still leave a report behind
+            self._loop()
+        logging.getLogger("bcc_desk.report").removeFilter(self._filter)
+
+    def _due(self) -> float | None:
+        times = []
+        if self._dirty_since is not None:
+            burst_limit = self._dirty_since + max(self.max_wait, 5 * self._duration)
+            due = min(self._last_change + self.quiet, burst_limit)
+            # A workbook grown slow to write (weeks of images) is not rewritten back to back by a
+            # steady trickle: at most a third of the time goes into writing it.
+            times.append(max(due, self._last_end + 2 * self._duration))
+        if self._retry_at is not None:
+            times.append(self._retry_at)
+        return min(times) if times else None
+
+    def _loop(self) -> None:
+        ledger = Ledger(self.state)  # this thread's own connection
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing:
+                        due, now = self._due(), time.monotonic()
+                        if due is not None and due <= now:
+                            break
+                        self._cond.wait(None if due is None else due - now)
+                    closing, dirty = self._closing, self._dirty_since is not None
+                    self._dirty_since = None
+                if dirty or closing or self._fallback is None or not locked_target(self.out):
+                    self._write_once(ledger)
+                else:
+                    self._retry_at = time.monotonic() + self.LOCK_RECHECK  # still open in Excel
+                if closing:
+                    return
+        finally:
+            ledger.close()
+
+    def _write_once(self, ledger: Ledger) -> None:
+        started = time.monotonic()
+        try:
+            written = self._write(ledger.predictions(), self.out, self.run, fallback=self._fallback)
+        except Exception as exc:  # whatever it is, the daemon and the ledger go on
+            message = str(exc)
+            if message != self._failure:
+                log.error("%s; every result is kept in the ledger, trying again every %g s",
+                          message, self.FAILED_RETRY, exc_info=not isinstance(exc, (ReportError, OSError)))
+                self._failure = message
+            self._retry_at = time.monotonic() + self.FAILED_RETRY
+            return
+        self._last_end = time.monotonic()
+        self._duration = self._last_end - started
+        if self._failure is not None:
+            log.info("the report is written again: %s", written)
+            self._failure = None
+        if written != self.out:
+            self._fallback = written
+            wait = self.LOCK_RECHECK if locked_target(self.out) else self.FAILED_RETRY
+            self._retry_at = time.monotonic() + wait
+        else:
+            if self._fallback is not None:
+                log.info("the report target is free again: %s is up to date (the copy %s stays)",
+                         self.out, self._fallback.name)
+                self._filter.last = None
+            self._fallback = None
+            self._retry_at = None
+        self.written = written
+        self.writes += 1

@@ -1,0 +1,417 @@
+"""The desktop app driven like a user drives it: a real window (offscreen), real images, a real
+small bundle, the real classifier in its worker thread, the xlsx read back with openpyxl."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openpyxl
+import pytest
+from bundles import CLASSES, make_bundle
+from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QTimer, QUrl
+from PySide6.QtGui import QDropEvent
+
+from bcc_desk.gui import MainWindow
+from bcc_desk.gui.model_dialog import ModelDialog
+from bcc_desk.gui.models import ModelChoice
+from bcc_desk.gui.table_model import CONFIDENCE, FILE, REVIEW, review_sort_key
+from bcc_desk.images import discover_images
+
+RUN_TIMEOUT_MS = 60_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("gui-model") / "atto", review_threshold=0.6)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory, real_images) -> Path:
+    """Three slide folders of real images (slide-10 checks natural order) and two bad files."""
+    root = tmp_path_factory.mktemp("gui-slides") / "case 1"
+    for i, files in enumerate(real_images.values()):
+        for j, f in enumerate(files[:4]):
+            slide = root / ("slide-1", "slide-2", "slide-10")[(i + j) % 3]
+            slide.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, slide / f.name)
+    (root / "slide-2" / "empty.jpg").write_bytes(b"")
+    good = next(iter(real_images.values()))[0].read_bytes()
+    (root / "slide-10" / "=cut short.jpg").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def _many(folder: Path, images: list[Path], n: int) -> Path:
+    """n real images in 4 slide folders (hard links where the file system allows)."""
+    for k in range(n):
+        src = images[k % len(images)]
+        dest = folder / f"slide-{k % 4}" / f"{k:05d}-{src.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.hardlink_to(src)
+        except OSError:
+            shutil.copy(src, dest)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory, all4) -> Path:
+    images = sorted(all4.glob("*/*.jpg"))[::7]
+    return _many(tmp_path_factory.mktemp("gui-big") / "big", images, 400)
+
+
+@pytest.fixture(autouse=True)
+def private_settings(tmp_path: Path):
+    """Whatever creates a default QSettings in a test writes under tmp_path, never to the
+    user's real configuration."""
+    for fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
+        QSettings.setPath(fmt, QSettings.Scope.UserScope, str(tmp_path / "user-config"))
+    yield
+
+
+@pytest.fixture()
+def settings(tmp_path: Path) -> QSettings:
+    return QSettings(str(tmp_path / "bcc-desk.ini"), QSettings.Format.IniFormat)
+
+
+@pytest.fixture()
+def make_window(qtbot, bundle: Path, settings: QSettings):
+    def make(**kwargs) -> MainWindow:
+        kwargs.setdefault("choice", ModelChoice((bundle,), device="cpu", compile=False))
+        window = MainWindow(settings=settings, ask_before_close=False, **kwargs)
+        qtbot.addWidget(window)
+        window.show()
+        qtbot.waitExposed(window)
+        return window
+
+    return make
+
+
+@pytest.fixture()
+def window(make_window) -> MainWindow:
+    return make_window()
+
+
+def run(qtbot, window: MainWindow, folder: Path) -> bool:
+    with qtbot.waitSignal(window.classification_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        window.open_folder(folder)
+    return blocker.args[0]
+
+
+@pytest.fixture()
+def done(qtbot, window: MainWindow, slides: Path) -> MainWindow:
+    assert run(qtbot, window, slides) is True
+    return window
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening and classifying
+
+
+def test_open_folder_classifies_every_image(qtbot, done: MainWindow, slides: Path) -> None:
+    window = done
+    expected = {p.relative_to(slides).as_posix() for p in discover_images(slides)}
+    rows = window.predictions()
+    assert {p.file for p in rows} == expected and window.model.rowCount() == len(expected)
+    good = [p for p in rows if p.error is None]
+    assert len(good) == len(expected) - 2 and {p.label for p in good} <= set(CLASSES)
+    bad = {p.file: p.error for p in rows if p.error is not None}
+    assert "empty" in bad["slide-2/empty.jpg"] and "truncated" in bad["slide-10/=cut short.jpg"]
+    assert {p.slide for p in rows} == {"slide-1", "slide-2", "slide-10"}
+    # The window is idle again, shows what ran where, and the slide summary is filled in.
+    assert not window.is_running() and not window.progress.isVisible()
+    assert "cpu" in window.device_label.text()
+    assert list(window.summary.slides) == ["slide-1", "slide-2", "slide-10"]
+    assert sum(s.images for s in window.summary.slides.values()) == len(expected)
+    assert window.summary.table.rowCount() == 3
+    assert f"{len(expected)} images" in window.counts_label.text()
+    # The first row is selected and shown large; thumbnails arrive for the rows on screen.
+    qtbot.waitUntil(lambda: window.image_pane.view.has_image(), timeout=10_000)
+    qtbot.waitUntil(lambda: len(window.thumbnails) > 0, timeout=10_000)
+
+
+def test_sort_by_columns_and_flagged_first(done: MainWindow) -> None:
+    window = done
+    window.table.sortByColumn(CONFIDENCE, Qt.SortOrder.DescendingOrder)
+    conf = [p.confidence if p.confidence is not None else -1 for p in window.visible_predictions()]
+    assert conf == sorted(conf, reverse=True)
+    window.table.sortByColumn(FILE, Qt.SortOrder.AscendingOrder)
+    files = [p.file.casefold() for p in window.visible_predictions()]
+    assert files == sorted(files)
+    window.flagged_first()
+    shown = window.visible_predictions()
+    assert [review_sort_key(p) for p in shown] == sorted(review_sort_key(p) for p in shown)
+    assert window.table.horizontalHeader().sortIndicatorSection() == REVIEW
+    flagged = [p.needs_review for p in shown]
+    assert flagged == sorted(flagged, reverse=True)  # every flagged row before the others
+    assert shown[-1].error is not None  # unreadable last
+    assert window.table.currentIndex().row() == 0
+
+
+def test_each_filter(done: MainWindow) -> None:
+    window = done
+    rows = window.predictions()
+    label = next(p.label for p in rows if p.label)
+    window.set_filters(label=label)
+    assert window.visible_predictions() and all(p.label == label for p in window.visible_predictions())
+    assert len(window.visible_predictions()) == sum(p.label == label for p in rows)
+    window.set_filters(slide="slide-10")
+    assert {p.slide for p in window.visible_predictions()} == {"slide-10"}
+    assert len(window.visible_predictions()) == sum(p.slide == "slide-10" for p in rows)
+    window.set_filters(flagged_only=True)
+    assert len(window.visible_predictions()) == sum(p.needs_review for p in rows)
+    window.set_filters(errors_only=True)
+    assert {p.file for p in window.visible_predictions()} == {"slide-2/empty.jpg", "slide-10/=cut short.jpg"}
+    window.set_filters(search="CUT SH")
+    assert [p.file for p in window.visible_predictions()] == ["slide-10/=cut short.jpg"]
+    window.set_filters(slide="slide-1", search="benign")
+    assert all(p.slide == "slide-1" and "benign" in p.file.lower() for p in window.visible_predictions())
+    assert "shown" in window.shown_label.text()
+    window.clear_filters()
+    assert len(window.visible_predictions()) == len(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review and export
+
+
+def test_review_by_keys_and_by_api(qtbot, done: MainWindow) -> None:
+    window = done
+    window.table.sortByColumn(FILE, Qt.SortOrder.AscendingOrder)
+    window.table.selectRow(0)
+    window.table.setFocus()
+    first, second = window.visible_predictions()[:2]
+    qtbot.keyClick(window.table, Qt.Key.Key_2)
+    review = window.reviews()[first.path]
+    assert review.label == CLASSES[1] and review.by == window.settings.reviewer and review.at is not None
+    assert window.table.currentIndex().row() == 1  # moved on to the next image
+    qtbot.keyClick(window.table, Qt.Key.Key_4)
+    assert window.reviews()[second.path].label == CLASSES[3]
+    qtbot.keyClick(window.table, Qt.Key.Key_Up)  # arrows move, as everywhere
+    qtbot.keyClick(window.table, Qt.Key.Key_0)  # 0 clears
+    assert second.path not in window.reviews()
+    # The image pane shows the review, and the slide summary counts the reviewed label.
+    window.table.selectRow(0)
+    assert CLASSES[1] in window.image_pane.info.text()
+    qtbot.waitUntil(lambda: sum(s.reviewed for s in window.summary.slides.values()) == 1, timeout=5_000)
+    # By API: a file as the table shows it, or an absolute path.
+    window.set_review("slide-1/" + next(p.path.name for p in window.predictions() if p.slide == "slide-1"), CLASSES[0])
+    window.set_review(second.path, CLASSES[2])
+    assert window.reviews()[second.path].label == CLASSES[2]
+    with pytest.raises(ValueError):
+        window.set_review(second.path, "Leukaemia")
+    with pytest.raises(KeyError):
+        window.set_review("no/such.jpg", CLASSES[0])
+    # The review buttons of the image pane do the same as the keys.
+    window.table.selectRow(3)
+    target = window.visible_predictions()[3]
+    window.image_pane._review_buttons[2].click()
+    assert window.reviews()[target.path].label == CLASSES[2]
+
+
+def test_export_holds_model_and_reviewer_labels(done: MainWindow, tmp_path: Path) -> None:
+    window = done
+    rows = window.predictions()
+    reviewed = [p for p in rows if p.error is None][:3]
+    for p, label in zip(reviewed, (CLASSES[0], CLASSES[3], CLASSES[2])):
+        window.set_review(p.file, label)
+    written = window.export_report(tmp_path / "review.xlsx")
+    assert written == tmp_path / "review.xlsx"
+    wb = openpyxl.load_workbook(written)
+    assert wb.sheetnames == ["Images", "Slides", "Run"]
+    ws = wb["Images"]
+    header = [c.value for c in ws[1]]
+    for column in ("label", "reviewer label", "reviewed by", "reviewed at"):
+        assert column in header
+    table = {r[header.index("file")]: dict(zip(header, r)) for r in ws.iter_rows(min_row=2, values_only=True)}
+    assert set(table) == {p.file for p in rows}
+    for p, label in zip(reviewed, (CLASSES[0], CLASSES[3], CLASSES[2])):
+        row = table[p.file]
+        assert row["label"] == p.label and row["reviewer label"] == label
+        assert row["reviewed by"] == window.settings.reviewer and row["reviewed at"] is not None
+    untouched = next(p for p in rows if p not in reviewed)
+    assert table[untouched.file]["reviewer label"] is None and table[untouched.file]["reviewed by"] is None
+    assert table["slide-10/=cut short.jpg"]["error"]  # the formula-like name stayed text
+    run_sheet = {r[0]: r[1] for r in wb["Run"].iter_rows(min_row=2, values_only=True)}
+    assert run_sheet["reviewed images"] == "3" and "bcc-desk" in run_sheet["front end"]
+    assert run_sheet["device"].startswith("cpu") and run_sheet["model"] == rows[0].model
+    # CSV too, by the suffix.
+    csv_path = window.export_report(tmp_path / "review.csv")
+    assert "reviewer label" in csv_path.read_text(encoding="utf-8-sig").splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancel, responsiveness
+
+
+def test_cancel_mid_run_leaves_a_usable_window(qtbot, window: MainWindow, big_folder: Path, slides: Path) -> None:
+    window.rows_added.connect(lambda n: window.cancel())
+    with qtbot.waitSignal(window.classification_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        window.open_folder(big_folder)
+    assert blocker.args == [False]
+    done = window.model.rowCount()
+    assert 0 < done < 400 and not window.is_running()
+    assert "Stopped after" in window.statusBar().currentMessage()
+    # Still usable: export what was done, then classify another folder to the end.
+    window.rows_added.disconnect()
+    assert window.export_report(big_folder.parent / "partial.xlsx").exists()
+    assert run(qtbot, window, slides) is True
+    assert window.model.rowCount() == len(discover_images(slides))
+
+
+def test_ui_thread_keeps_ticking_while_classifying(qtbot, window: MainWindow, big_folder: Path) -> None:
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(50)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    try:
+        assert run(qtbot, window, big_folder) is True
+    finally:
+        timer.stop()
+    assert window.model.rowCount() == 400 and len(ticks) > 5
+    longest = max(b - a for a, b in itertools.pairwise(ticks))
+    assert longest < 2.0, f"the UI thread stalled for {longest:.2f} s"
+
+
+def test_opening_another_folder_while_running_switches_to_it(qtbot, window: MainWindow, big_folder: Path,
+                                                             slides: Path) -> None:
+    finished: list[bool] = []
+    window.classification_finished.connect(finished.append)
+    window.open_folder(big_folder)
+    qtbot.waitSignal(window.rows_added, timeout=RUN_TIMEOUT_MS).wait()
+    window.open_folder(slides)
+    qtbot.waitUntil(lambda: len(finished) == 2, timeout=RUN_TIMEOUT_MS)
+    assert finished == [False, True] and window.root == slides.resolve()
+    assert window.model.rowCount() == len(discover_images(slides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image pane, model picker, settings, opening by drop
+
+
+def test_grad_cam_overlay_toggles(qtbot, done: MainWindow) -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    window = done
+    pane = window.image_pane
+    window.table.selectRow(0)
+    qtbot.waitUntil(pane.view.has_image, timeout=10_000)
+    with qtbot.waitSignal(pane.cam_shown, timeout=30_000):
+        pane.cam_toggle.setChecked(True)
+    assert pane.view.overlay_visible() and "looked" in pane.cam_status.text()
+    pane.cam_toggle.setChecked(False)
+    assert not pane.view.overlay_visible()
+    before = pane.view.zoom_factor()
+    pane.view.zoom(2.0)
+    assert pane.view.zoom_factor() == pytest.approx(before * 2)
+    # Probabilities of every class are shown for the image.
+    assert pane.bars._probs.keys() == set(CLASSES)
+
+
+def test_unreadable_image_shows_its_reason(qtbot, done: MainWindow) -> None:
+    window = done
+    window.set_filters(errors_only=True)
+    window.table.selectRow(0)
+    assert "Unreadable" in window.image_pane.info.text()
+    qtbot.waitUntil(lambda: "cannot show" in window.image_pane.view._message.toPlainText(), timeout=10_000)
+
+
+def test_model_dialog_shows_metadata_and_builds_an_ensemble(qtbot, bundle: Path, tmp_path: Path) -> None:
+    second = make_bundle(tmp_path / "second", seed=1)
+    dialog = ModelDialog(ModelChoice((bundle,)), known=[second])
+    qtbot.addWidget(dialog)
+    folders = dialog.listed_folders()
+    assert bundle.resolve() in folders and second.resolve() in folders
+    dialog.list.setCurrentRow(folders.index(bundle.resolve()))
+    html = dialog.details.toHtml()
+    assert "test-convnext_atto-0" in html and "val_macro_f1" in html and "50.0%" in html
+    item = dialog.list.item(folders.index(second.resolve()))
+    item.setCheckState(Qt.CheckState.Checked)
+    dialog.tta.setChecked(True)
+    dialog.own_threshold.setChecked(False)
+    dialog.threshold.setValue(75)
+    choice = dialog.choice()
+    assert set(choice.model_dirs) == {bundle.resolve(), second.resolve()}
+    assert choice.tta and choice.review_threshold == pytest.approx(0.75)
+
+
+def test_ensemble_with_tta_runs(qtbot, make_window, bundle: Path, slides: Path, tmp_path: Path) -> None:
+    second = make_bundle(tmp_path / "second", seed=1)
+    window = make_window(choice=ModelChoice((bundle, second), device="cpu", tta=True, review_threshold=0.9,
+                                            compile=False))
+    assert "ensemble" in window.model_label.text() and "TTA" in window.model_label.text()
+    assert run(qtbot, window, slides) is True
+    p = next(p for p in window.predictions() if p.error is None)
+    assert "+" in p.model and p.needs_review == (p.confidence < 0.9)
+
+
+def test_settings_are_remembered(qtbot, make_window, settings: QSettings, bundle: Path, slides: Path) -> None:
+    window = make_window()
+    window.set_choice(ModelChoice((bundle,), device="cpu", tta=True, review_threshold=0.8), remember=True)
+    assert run(qtbot, window, slides) is True
+    window.summary_dock.hide()  # the layout is part of what is remembered
+    window.close()
+    again = make_window(choice=None)
+    assert again.choice.model_dirs == (bundle,) and again.choice.tta and again.choice.review_threshold == 0.8
+    assert again.settings.recent_folders[0] == str(slides.resolve())
+    assert again.settings.last_folder == str(slides.resolve())
+    assert again.summary_dock.isHidden()
+    assert all(settings.value(f"window/{k}") is not None for k in ("geometry", "state", "splitter"))
+    again.recent_menu.aboutToShow.emit()
+    assert str(slides.resolve()) in [a.text() for a in again.recent_menu.actions()]
+
+
+def test_dropping_a_folder_opens_it(qtbot, window: MainWindow, slides: Path) -> None:
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(slides))])
+    event = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                       Qt.KeyboardModifier.NoModifier)
+    with qtbot.waitSignal(window.classification_finished, timeout=RUN_TIMEOUT_MS):
+        window.dropEvent(event)
+    assert window.root == slides.resolve() and window.model.rowCount() > 0
+
+
+def test_a_bad_model_is_a_message_not_a_crash(qtbot, make_window, slides: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(make_bundle(tmp_path / "ok"), broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    messages: list[str] = []
+    window = make_window(choice=ModelChoice((broken,), device="cpu", compile=False))
+    window.error_shown.connect(messages.append)
+    assert run(qtbot, window, slides) is False
+    assert messages and "sha256" in messages[-1]
+    with pytest.raises(FileNotFoundError):
+        window.open_folder(tmp_path / "missing")
+
+
+def test_command_line_and_light_import(tmp_path: Path) -> None:
+    from bcc_desk.gui.app import main, parse_args
+
+    args = parse_args([str(tmp_path), "--model", "a", "-m", "b"])
+    assert args.folder == tmp_path and args.model == [Path("a"), Path("b")]
+    assert main([str(tmp_path / "missing")]) == 2
+    # The core and the CLI never import Qt; `import bcc_desk.gui` alone does not either.
+    code = ("import sys, bcc_desk.cli, bcc_desk.classifier, bcc_desk.report, bcc_desk.gui; "
+            "sys.exit(any(m.startswith('PySide6') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_qt_calls_cannot_free_none() -> None:
+    """PySide6 6.12 drops a reference to None on every void call on CPython < 3.12; without
+    `refcount_guard` these calls abort the interpreter ("none_dealloc")."""
+    from PySide6.QtCore import QObject
+
+    obj = QObject()
+    for _ in range(300_000):
+        obj.setObjectName("x")
+        obj.blockSignals(False)
+    if sys.version_info < (3, 12):
+        assert min(sys.getrefcount(x) for x in (None, True, False)) > 2**39

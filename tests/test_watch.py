@@ -1,0 +1,474 @@
+"""`bcc watch`: a real observer on a real folder, real image files, the daemon as a real process
+killed and restarted, and every workbook read back with openpyxl."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import openpyxl
+import pytest
+from bundles import CLASSES, make_bundle
+from typer.testing import CliRunner
+
+from bcc_desk import cli
+from bcc_desk.bundle import load_bundle
+from bcc_desk.classifier import Classifier
+from bcc_desk.ledger import DONE, ERROR, PENDING, VANISHED, Ledger, Row
+from bcc_desk.report import RunInfo
+from bcc_desk.settle import READ_RETRIES
+from bcc_desk.watch import Watcher, default_state, lock_state, log_file
+
+REPO = Path(__file__).resolve().parents[1]
+SETTLE = 0.3
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("m") / "atto")
+
+
+@pytest.fixture(scope="module")
+def classifier(model: Path) -> Classifier:
+    return Classifier([load_bundle(model)], compile=False)
+
+
+@pytest.fixture(scope="module")
+def jpgs(all4: Path) -> list[Path]:
+    """Real images, 60 per class, interleaved so that any prefix mixes the classes."""
+    per_class = [sorted((all4 / c).glob("*.jpg"))[:60] for c in CLASSES]
+    return [f for group in zip(*per_class) for f in group]
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def rows(state: Path) -> dict[str, Row]:
+    if not state.exists():
+        return {}
+    ledger = Ledger(state)
+    try:
+        return ledger.rows()
+    finally:
+        ledger.close()
+
+
+def all_done(state: Path, names: set[str]) -> bool:
+    r = rows(state)
+    return all(n in r and r[n].state == DONE for n in names)
+
+
+def report_rows(path: Path) -> list[dict]:
+    wb = openpyxl.load_workbook(path, read_only=True)
+    try:
+        values = wb["Images"].iter_rows(values_only=True)
+        header = next(values)
+        return [dict(zip(header, v)) for v in values]
+    finally:
+        wb.close()
+
+
+def report_files(path: Path) -> list[str]:
+    return sorted(r["file"] for r in report_rows(path)) if path.exists() else []
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def watching(tmp_path: Path, classifier: Classifier, **options) -> Iterator[Watcher]:
+    """A Watcher running in a thread on tmp_path/export until the block ends."""
+    root = tmp_path / "export"
+    root.mkdir(exist_ok=True)
+    out = tmp_path / "reports" / "report.xlsx"
+    out.parent.mkdir(exist_ok=True)
+    run = RunInfo.collect(
+        models=[(classifier.name, classifier.sha256)], classes=classifier.classes,
+        review_threshold=classifier.review_threshold, ood_check="off", tta=False,
+        device=classifier.device_label, root=root,
+    )
+    options.setdefault("settle", SETTLE)
+    options.setdefault("quiet", 0.2)  # a short debounce keeps the tests quick
+    watcher = Watcher(root, out, classifier, tmp_path / "state" / "ledger.sqlite", run, **options)
+    thread = threading.Thread(target=watcher.run, name="watcher")
+    thread.start()
+    try:
+        wait_for("the first report (the watch is up)", lambda: watcher.report.written is not None or not thread.is_alive())
+        assert thread.is_alive()
+        yield watcher
+    finally:
+        watcher.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "the watcher did not stop"
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """A folder nobody can create files in: chmod, and for root (whom modes do not stop) the
+    immutable attribute."""
+    folder.chmod(0o555)
+    immutable = os.geteuid() == 0 and shutil.which("chattr") is not None and subprocess.run(
+        ["chattr", "+i", str(folder)], check=False, capture_output=True
+    ).returncode == 0
+    try:
+        probe = folder / "probe"
+        try:
+            probe.touch()
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("cannot make a folder read-only here")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrival: what counts as an image, and when
+
+
+def test_a_slowly_written_image_is_read_only_once_complete(tmp_path: Path, classifier: Classifier, jpgs) -> None:
+    data = jpgs[0].read_bytes()
+    step = len(data) // 4 + 1
+    # The slide folder exists before the watch: a file opened in a folder made a moment ago may
+    # be written before inotify watches that folder, and then only the settle rule (and the
+    # decode check, which refuses the truncated file) protects it; here the close must.
+    (tmp_path / "export" / "slide-1").mkdir(parents=True)
+    with watching(tmp_path, classifier) as w:
+        with open(w.root / "slide-1" / "slow.jpg", "wb") as fh:
+            for i in range(0, len(data), step):
+                fh.write(data[i : i + step])
+                fh.flush()
+                # Pauses longer than the settle time: only the close may say the file is done.
+                time.sleep(2 * SETTLE)
+                row = rows(w.state).get("slide-1/slow.jpg")
+                assert row is None or (row.state == PENDING and row.attempts == 0), row
+        wait_for("the complete image's row", lambda: all_done(w.state, {"slide-1/slow.jpg"}))
+    row = rows(w.state)["slide-1/slow.jpg"]
+    assert row.sha256 == sha256(data) and row.attempts == 0 and row.error is None
+    assert report_files(w.out) == ["slide-1/slow.jpg"]
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["native", "polling"])
+def test_copies_moves_and_renamed_temp_files_each_count_once(tmp_path: Path, classifier, jpgs, polling) -> None:
+    outside = tmp_path / "elsewhere"
+    (outside / "slide-3").mkdir(parents=True)
+    shutil.copyfile(jpgs[0], outside / "moved.jpg")
+    for f in jpgs[1:4]:
+        shutil.copyfile(f, outside / "slide-3" / f.name)
+    with watching(tmp_path, classifier, polling=polling, interval=0.2) as w:
+        root = w.root
+        for slide in ("slide-1", "slide-2", ".thumbnails"):
+            (root / slide).mkdir()
+        shutil.copyfile(jpgs[4], root / "slide-1" / "copied.jpg")
+        shutil.copy2(jpgs[5], root / "slide-1" / "copied-with-metadata.jpg")  # old mtime, read-only
+        os.rename(outside / "moved.jpg", root / "slide-2" / "moved.jpg")  # moved in from outside ROOT
+        shutil.move(outside / "slide-3", root / "slide-3")  # a whole slide folder moved in
+        (root / "slide-1" / "camera.jpg.part").write_bytes(jpgs[6].read_bytes())  # still "downloading"
+        (root / "slide-1" / "~$owner.jpg").write_bytes(b"office owner file")
+        shutil.copyfile(jpgs[7], root / ".thumbnails" / "thumb.jpg")  # hidden folder: not a slide
+        expected = {"slide-1/copied.jpg", "slide-1/copied-with-metadata.jpg", "slide-2/moved.jpg",
+                    *(f"slide-3/{f.name}" for f in jpgs[1:4])}
+        wait_for("the copied and moved images", lambda: all_done(w.state, expected))
+        (root / "slide-1" / "camera.jpg.part").rename(root / "slide-1" / "camera.jpg")
+        expected.add("slide-1/camera.jpg")
+        wait_for("the renamed temp file", lambda: all_done(w.state, expected))
+        assert set(rows(w.state)) == expected
+        # A rename inside ROOT: the new name takes the old one's place (and its answer).
+        label = rows(w.state)["slide-1/copied.jpg"].label
+        (root / "slide-1" / "copied.jpg").rename(root / "slide-2" / "renamed.jpg")
+        expected = expected - {"slide-1/copied.jpg"} | {"slide-2/renamed.jpg"}
+        wait_for("the renamed image", lambda: all_done(w.state, expected))
+        assert rows(w.state)["slide-2/renamed.jpg"].label == label
+        assert rows(w.state)["slide-1/copied.jpg"].state == VANISHED
+    got = report_rows(w.out)
+    assert sorted(r["file"] for r in got) == sorted(expected)
+    assert {r["slide"] for r in got} == {"slide-1", "slide-2", "slide-3"}
+    assert all(r["label"] in CLASSES and r["error"] is None for r in got)
+
+
+def test_new_content_is_classified_again_in_the_same_row(tmp_path: Path, classifier: Classifier, jpgs) -> None:
+    first, second = jpgs[0].read_bytes(), jpgs[1].read_bytes()
+    expected = next(classifier.predict_paths([jpgs[1]], jpgs[1].parent))
+    with watching(tmp_path, classifier) as w:
+        field = w.root / "slide" / "field.jpg"
+        field.parent.mkdir()
+        field.write_bytes(first)
+        wait_for("the first content", lambda: all_done(w.state, {"slide/field.jpg"}))
+        field.write_bytes(second)  # the camera overwrites the field with a new shot
+        wait_for("the new content", lambda: rows(w.state)["slide/field.jpg"].sha256 == sha256(second)
+                 and rows(w.state)["slide/field.jpg"].state == DONE)
+        assert len(rows(w.state)) == 1
+        before = Ledger(w.state).predictions()[0]
+        field.unlink()
+        wait_for("the deletion", lambda: rows(w.state)["slide/field.jpg"].state == VANISHED)
+        shutil.copyfile(jpgs[1], field)  # back again: the stored answer, not a second classification
+        wait_for("the image back", lambda: all_done(w.state, {"slide/field.jpg"}))
+        after = Ledger(w.state).predictions()[0]
+    assert after.classified_at == before.classified_at
+    assert after.probabilities == pytest.approx(expected.probabilities, abs=1e-4)
+    got = report_rows(w.out)
+    assert [r["file"] for r in got] == ["slide/field.jpg"]
+    assert got[0]["label"] == expected.label
+
+
+def test_a_burst_of_hundreds_is_classified_in_batches(tmp_path: Path, classifier: Classifier, jpgs, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="bcc_desk.watch")
+    copied, dragged = jpgs[:100], jpgs[100:200]
+    usb = tmp_path / "usb" / "slide-usb"
+    usb.mkdir(parents=True)
+    for f in dragged:
+        shutil.copyfile(f, usb / f.name)
+    with watching(tmp_path, classifier, quiet=1.0) as w:  # the daemon's own debounce
+        for i, f in enumerate(copied):  # a camera or copy tool writing file after file
+            slide = w.root / f"slide-{i % 4}"
+            slide.mkdir(exist_ok=True)
+            shutil.copyfile(f, slide / f.name)
+        shutil.move(usb, w.root / "slide-usb")  # and a slide folder dragged in: 100 at once
+        expected = {f"slide-{i % 4}/{f.name}" for i, f in enumerate(copied)} | {f"slide-usb/{f.name}" for f in dragged}
+        wait_for("the burst", lambda: all_done(w.state, expected), timeout=90)
+        writes = w.report.writes
+    calls = [int(n) for n in re.findall(r"classifying (\d+) images", caplog.text)]
+    assert sum(calls) >= len(expected) and max(calls) >= len(dragged), calls  # batched, not one by one
+    assert writes < 20, writes  # debounced: not one workbook per image
+    assert report_files(w.out) == sorted(expected)
+
+
+def test_an_unreadable_image_becomes_an_error_row_after_spaced_retries(tmp_path, classifier, jpgs, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="bcc_desk.watch")
+    data = jpgs[0].read_bytes()
+    with watching(tmp_path, classifier) as w:
+        started = time.monotonic()
+        (w.root / "bad.jpg").write_bytes(b"this is not an image" * 100)
+        half = w.root / "half.jpg"
+        half.write_bytes(data[: len(data) // 2])  # a camera that closes the file between writes
+        wait_for("a failed read of the half image", lambda: rows(w.state).get("half.jpg", None)
+                 and rows(w.state)["half.jpg"].attempts >= 1)
+        with open(half, "ab") as fh:
+            fh.write(data[len(data) // 2 :])
+        wait_for("the completed image", lambda: all_done(w.state, {"half.jpg"}))
+        wait_for("the error row", lambda: rows(w.state).get("bad.jpg") and rows(w.state)["bad.jpg"].state == ERROR)
+        elapsed = time.monotonic() - started
+        time.sleep(1.0)  # and then it is left alone
+        bad = rows(w.state)["bad.jpg"]
+    assert bad.attempts == READ_RETRIES + 1 and "not an image" in bad.error
+    assert elapsed >= SETTLE * (1 + 3 + 9) * 0.9  # retries spaced, not a tight loop
+    assert caplog.text.count("cannot read bad.jpg after") == 1
+    got = {r["file"]: r for r in report_rows(w.out)}
+    assert set(got) == {"bad.jpg", "half.jpg"}
+    assert "not an image" in got["bad.jpg"]["error"] and got["bad.jpg"]["label"] is None
+    assert got["half.jpg"]["label"] in CLASSES and got["half.jpg"]["error"] is None
+
+
+def test_the_watch_restarts_when_its_folder_is_deleted_and_recreated(tmp_path, classifier, jpgs, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="bcc_desk.watch")
+    with watching(tmp_path, classifier) as w:
+        shutil.copyfile(jpgs[0], w.root / "before.jpg")
+        wait_for("the first image", lambda: all_done(w.state, {"before.jpg"}))
+        shutil.rmtree(w.root)  # the share goes away ...
+        wait_for("the lost watch to be noticed", lambda: "lost the watch" in caplog.text)
+        (w.root / "slide").mkdir(parents=True)  # ... and comes back with new images
+        shutil.copyfile(jpgs[1], w.root / "slide" / "after.jpg")
+        wait_for("the image in the new folder", lambda: all_done(w.state, {"slide/after.jpg"}))
+        shutil.copyfile(jpgs[2], w.root / "slide" / "later.jpg")  # seen by the new observer
+        wait_for("an image after the restart", lambda: all_done(w.state, {"slide/later.jpg"}))
+        assert rows(w.state)["before.jpg"].state == VANISHED
+    assert report_files(w.out) == ["slide/after.jpg", "slide/later.jpg"]
+
+
+def test_a_share_mounted_over_the_folder_and_unmounted_again(tmp_path, classifier, jpgs, caplog) -> None:
+    """A share that mounts after the daemon started (or drops and comes back): the watch follows
+    the folder now there, and the images of the folder underneath return without new work."""
+    caplog.set_level(logging.INFO, logger="bcc_desk.watch")
+    with watching(tmp_path, classifier) as w:
+        shutil.copyfile(jpgs[0], w.root / "local.jpg")
+        wait_for("the local image", lambda: all_done(w.state, {"local.jpg"}))
+        local = rows(w.state)["local.jpg"]
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(w.root)],
+                                               check=False, capture_output=True).returncode != 0:
+            pytest.skip("mounting a file system needs root here")
+        try:
+            wait_for("the new folder to be watched", lambda: caplog.text.count("watching ") >= 2)
+            shutil.copyfile(jpgs[1], w.root / "on-share.jpg")
+            wait_for("the image on the share", lambda: all_done(w.state, {"on-share.jpg"}))
+            assert rows(w.state)["local.jpg"].state == VANISHED  # hidden under the mount
+        finally:
+            subprocess.run(["umount", "-l", str(w.root)], check=True)
+        wait_for("the local image back", lambda: all_done(w.state, {"local.jpg"}))
+        assert rows(w.state)["on-share.jpg"].state == VANISHED
+        assert rows(w.state)["local.jpg"] == local  # restored as recorded, not classified again
+    assert report_files(w.out) == ["local.jpg"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def test_a_report_open_in_excel_is_written_beside_then_back_in_place(tmp_path, classifier, jpgs) -> None:
+    with watching(tmp_path, classifier) as w:
+        shutil.copyfile(jpgs[0], w.root / "a.jpg")
+        wait_for("the first report row", lambda: report_files(w.out) == ["a.jpg"])
+        before = w.out.read_bytes()
+        lock = w.out.with_name(f"~${w.out.name}")
+        lock.write_bytes(b"\x05alice")  # Excel's owner file: the workbook is open
+        shutil.copyfile(jpgs[1], w.root / "b.jpg")
+        sibling = wait_for("a report beside the open one",
+                           lambda: w.report.written if w.report.written not in (None, w.out) else None)
+        wait_for("both rows beside", lambda: report_files(sibling) == ["a.jpg", "b.jpg"])
+        shutil.copyfile(jpgs[2], w.root / "c.jpg")
+        wait_for("the next row beside", lambda: report_files(sibling) == ["a.jpg", "b.jpg", "c.jpg"])
+        assert w.out.read_bytes() == before  # Excel's copy untouched
+        assert {p.name for p in w.out.parent.glob("report*.xlsx")} == {"report.xlsx", sibling.name}  # one sibling
+        lock.unlink()  # Excel closed
+        wait_for("the report back in place", lambda: report_files(w.out) == ["a.jpg", "b.jpg", "c.jpg"])
+
+
+def test_a_read_only_report_folder_loses_no_row(tmp_path, classifier, jpgs, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="bcc_desk.watch")
+    with watching(tmp_path, classifier) as w:
+        w.report.FAILED_RETRY = 0.3
+        shutil.copyfile(jpgs[0], w.root / "a.jpg")
+        wait_for("the first report row", lambda: report_files(w.out) == ["a.jpg"])
+        with read_only(w.out.parent):
+            shutil.copyfile(jpgs[1], w.root / "b.jpg")
+            wait_for("the image classified all the same", lambda: all_done(w.state, {"a.jpg", "b.jpg"}))
+            wait_for("the failure said", lambda: "cannot write the report" in caplog.text)
+            assert report_files(w.out) == ["a.jpg"]
+        wait_for("the report once the folder is writable", lambda: report_files(w.out) == ["a.jpg", "b.jpg"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon as a user runs it
+
+
+def _start(root: Path, out: Path, model: Path, env: dict, tag: str, tmp_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bcc_desk", "watch", str(root), "--out", str(out), "--model", str(model),
+           "--settle", str(SETTLE)]
+    with open(tmp_path / f"console-{tag}.txt", "wb") as console:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=console, stderr=subprocess.STDOUT)
+
+
+def _wait_up(proc: subprocess.Popen, log: Path, starts: int) -> None:
+    def up() -> bool:
+        assert proc.poll() is None, f"the daemon exited with {proc.returncode}"
+        return log.exists() and log.read_text().count("INFO ready") >= starts
+    wait_for("the daemon to be ready (network compiled)", up, timeout=180)
+
+
+def test_the_daemon_killed_mid_stream_and_restarted_reports_every_image_once(
+    tmp_path: Path, model: Path, jpgs, monkeypatch
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # the default state location
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    root, out = tmp_path / "export", tmp_path / "report.xlsx"
+    root.mkdir()
+    state = default_state(root)
+    assert str(state).startswith(str(tmp_path / "data"))
+    images = jpgs[:60]
+    names = [f"slide-{i % 3}/{f.name}" for i, f in enumerate(images)]
+
+    def feed(start: int, stop: int) -> None:
+        for name, f in zip(names[start:stop], images[start:stop]):
+            (root / name).parent.mkdir(exist_ok=True)
+            shutil.copyfile(f, root / name)
+            time.sleep(0.02)
+
+    proc = _start(root, out, model, env, "1", tmp_path)
+    try:
+        _wait_up(proc, log_file(state), 1)
+        feeder = threading.Thread(target=feed, args=(0, 40))
+        feeder.start()
+        wait_for("some images classified", lambda: sum(r.state == DONE for r in rows(state).values()) >= 10)
+        proc.send_signal(signal.SIGKILL)  # a power cut, mid-stream
+        proc.wait(10)
+        feeder.join()
+    finally:
+        proc.kill()
+    committed = {k: r for k, r in rows(state).items() if r.state == DONE}
+    assert 10 <= len(committed) < len(images)
+    ledger = Ledger(state)
+    classified_at = {p.file: p.classified_at for p in ledger.predictions()}
+    ledger.close()
+
+    # While it is down: more images arrive, one is deleted, one is overwritten with another image.
+    feed(40, 60)
+    deleted, overwritten = sorted(committed)[:2]
+    (root / deleted).unlink()
+    (root / overwritten).write_bytes(jpgs[-1].read_bytes())
+    expected = set(names) - {deleted}
+
+    proc = _start(root, out, model, env, "2", tmp_path)
+    try:
+        _wait_up(proc, log_file(state), 2)
+        wait_for("every image after the restart", lambda: all_done(state, expected), timeout=90)
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - stopping < 5
+    finally:
+        proc.kill()
+
+    got = report_rows(out)
+    files = [r["file"] for r in got]
+    assert len(files) == len(set(files)) and set(files) == expected  # exactly once
+    assert all(r["label"] in CLASSES for r in got)
+    final = rows(state)
+    assert final[deleted].state == VANISHED
+    assert final[overwritten].sha256 == sha256(jpgs[-1].read_bytes())
+    ledger = Ledger(state)
+    again = {p.file: p.classified_at for p in ledger.predictions()}
+    ledger.close()
+    unchanged = set(committed) - {deleted, overwritten}
+    assert {f: again[f] for f in unchanged} == {f: classified_at[f] for f in unchanged}  # none twice
+    run = dict(openpyxl.load_workbook(out, read_only=True)["Run"].iter_rows(min_row=2, values_only=True))
+    assert run["finished"] != "still running" and run["mode"] == "bcc watch"
+    assert log_file(state).read_text().count("stopped; ledger:") == 1  # the killed run never said so
+
+
+def test_usage_errors_stop_the_daemon_before_it_starts(tmp_path: Path, model: Path) -> None:
+    runner = CliRunner()
+    root = tmp_path / "export"
+    result = runner.invoke(cli.app, ["watch", str(root)])
+    assert result.exit_code == cli.EXIT_USAGE and "does not exist" in result.output
+
+    root.mkdir()
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    with read_only(reports):
+        result = runner.invoke(cli.app, ["watch", str(root), "--out", str(reports / "r.xlsx"), "--model", str(model)])
+    assert result.exit_code == cli.EXIT_USAGE and "cannot write the report" in result.output
+
+    state = tmp_path / "state" / "ledger.sqlite"
+    held = lock_state(state)  # a daemon already running on this state
+    try:
+        result = runner.invoke(cli.app, ["watch", str(root), "--state", str(state), "--model", str(model)])
+    finally:
+        held.close()
+    assert result.exit_code == cli.EXIT_USAGE and "already using the state file" in result.output
+
+    Ledger(state, tmp_path).close()  # a ledger of another folder
+    result = runner.invoke(cli.app, ["watch", str(root), "--state", str(state), "--model", str(model)])
+    assert result.exit_code == cli.EXIT_USAGE and "belongs to the folder" in result.output
