@@ -95,15 +95,21 @@ def quantize_int8(
                 prepared(batch)
             converted = convert_pt2e(prepared)
             compiled = torch.compile(converted, dynamic=False)
-            # Freezing is read when inductor compiles, i.e. at this first call.
-            with inductor_config.patch(freezing=True), autocast(torch.device("cpu"), autocast_dtype):
-                compiled(example)
+
+            def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                # Freezing is read whenever inductor compiles: at the first call, and again at
+                # any recompile (dynamo recompiles when the grad mode differs, for one).
+                with inductor_config.patch(freezing=True):
+                    return compiled(x)
+
+            with torch.inference_mode(), autocast(torch.device("cpu"), autocast_dtype):
+                forward(example)  # compile now, in the mode the classifier runs in
     except Int8Unavailable:
         raise
     except Exception as exc:  # noqa: BLE001 - no compiler, unsupported op, ...: the caller falls back
         text = str(exc).strip().splitlines()
         raise Int8Unavailable((text[0] if text else type(exc).__name__)[:200]) from None
-    return compiled
+    return forward
 
 
 
