@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -311,8 +312,9 @@ class Classifier:
         progress: ProgressCallback | None = None,
     ) -> Iterator[Prediction]:
         """Classify images under `root`, yielding one Prediction per path, in order."""
-        root = Path(root).resolve()
-        paths = [Path(p).resolve() for p in paths]
+        # Absolute, not resolved: a symlinked image is reported where its link sits under ROOT.
+        root = Path(os.path.abspath(root))
+        paths = [Path(os.path.abspath(p)) for p in paths]
         total = len(paths)
         if self.compile or (self.compile is None and (total >= COMPILE_MIN_IMAGES or self.int8)):
             self._compile()

@@ -49,8 +49,16 @@ class Prediction:
 
 
 def relative_location(path: Path, root: Path) -> tuple[str, str]:
-    """(file, slide) of `path` under `root`: the report's two location columns."""
-    rel = path.relative_to(root)
+    """(file, slide) of `path` under `root`: the report's two location columns.  A path that is
+    not under `root` as spelled (a symlink or a differently spelled root) is tried resolved, and
+    otherwise reported by its full path rather than failing the run."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        try:
+            rel = path.resolve().relative_to(root.resolve())
+        except (ValueError, OSError):
+            return path.as_posix(), path.parent.name
     parent = rel.parent.as_posix()
     slide = root.name if parent == "." else parent
     return rel.as_posix(), slide

@@ -170,3 +170,17 @@ def test_compiled_network_matches_eager_including_a_padded_last_batch(bundle_dir
     assert [p.label for p in compiled] == [p.label for p in eager] and len(compiled) == 7
     for a, b in zip(compiled, eager):
         assert a.confidence == pytest.approx(b.confidence, abs=1e-4)
+
+
+def test_a_symlinked_image_is_classified_where_its_link_sits(bundle_dir: Path, real_images, tmp_path: Path) -> None:
+    """A link inside ROOT to an image outside it is a normal row, not a crash."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    target = shutil.copy(real_images[CLASSES[1]][0], outside / "cell.jpg")
+    root = tmp_path / "root"
+    (root / "slide-1").mkdir(parents=True)
+    (root / "slide-1" / "linked.jpg").symlink_to(target)
+    shutil.copy(real_images[CLASSES[2]][0], root / "slide-1" / "plain.jpg")
+    preds = list(Classifier(load_bundle(bundle_dir), precision="fp32").predict_paths(discover_images(root), root))
+    assert sorted((p.file, p.slide, p.ok) for p in preds) == [
+        ("slide-1/linked.jpg", "slide-1", True), ("slide-1/plain.jpg", "slide-1", True)]
