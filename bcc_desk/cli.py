@@ -111,7 +111,7 @@ def classify(
     from bcc_desk.bundle import BundleError
     from bcc_desk.classifier import Classifier
     from bcc_desk.images import discover_images
-    from bcc_desk.report import ReportError, RunInfo, write_csv, write_report
+    from bcc_desk.report import ReportError, RunInfo, ood_check, write_csv, write_report
 
     started = datetime.now(timezone.utc)
     if not root.exists():
@@ -157,7 +157,7 @@ def classify(
         models=[(b.name, b.sha256) for b in bundles],
         classes=classifier.classes,
         review_threshold=classifier.review_threshold,
-        ood_check=_ood_state(bundles),
+        ood_check=ood_check(bundles),
         tta=tta,
         device=classifier.device_label,
         started=started,
@@ -203,11 +203,6 @@ def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: li
             paths, root, progress=lambda done, total: bar.update(task, completed=done)
         ):
             predictions.append(prediction)
-
-
-def _ood_state(bundles) -> str:
-    with_ood = sum(b.meta.ood is not None for b in bundles)
-    return "on" if with_ood == len(bundles) else ("off" if with_ood == 0 else "partly")
 
 
 def summary_table(predictions, classes: list[str]) -> Table:
@@ -318,30 +313,22 @@ def watch(
 
     from bcc_desk.classifier import Classifier
     from bcc_desk.ledger import LedgerError
-    from bcc_desk.report import RunInfo
     from bcc_desk.watch import (
-        Watcher,
+        ReportFolderError,
         WatchError,
-        default_state,
-        lock_state,
+        claim_watch,
         log_file,
         log_to_file,
+        make_watcher,
     )
 
-    if not root.is_dir():
-        fail(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
-    root = root.resolve()
-    out = (out or root / "bcc-report.xlsx").resolve()
-    if not out.parent.is_dir():
-        fail(f"the report's folder {out.parent} does not exist")
-    if problem := _unwritable(out.parent):  # a service must say so at start, not in a week
-        fail(f"cannot write the report in {out.parent} ({problem}); choose another place with --out")
-    state = (state or default_state(root)).resolve()
-    try:
-        held = lock_state(state)  # noqa: F841 - the lock lasts as long as this reference
+    try:  # before a model is loaded: a service must say so at start, not in a week
+        site = claim_watch(root, out, state)  # holds the state's lock as long as it lives
+    except ReportFolderError as exc:
+        fail(f"{exc}; choose another place with --out")
     except WatchError as exc:
         fail(str(exc))
-    log_to_file(log_file(state))
+    log_to_file(log_file(site.state))
     bundles = _load_models(model or [])
     settings = {"device": device, "precision": precision, "batch_size": batch_size, "tta": tta,
                 "review_threshold": review_threshold, "workers": workers}
@@ -354,16 +341,9 @@ def watch(
         single = Classifier(bundles, compile=False, **eager) if compile else None  # type: ignore[arg-type]
     except ValueError as exc:
         fail(str(exc))
-    observer = f"polling every {interval:g} s" if polling else "native (system events)"
-    run = RunInfo.collect(
-        models=[(b.name, b.sha256) for b in bundles], classes=classifier.classes,
-        review_threshold=classifier.review_threshold, ood_check=_ood_state(bundles), tta=tta,
-        device=classifier.device_label, root=root, command=shlex.join(["bcc", *sys.argv[1:]]),
-        extra={"mode": "bcc watch", "observer": observer, "settle time": f"{settle:g} s", "ledger": str(state)},
-    )
     try:
-        watcher = Watcher(root, out, classifier, state, run, single=single, polling=polling, interval=interval,
-                          settle=settle)
+        watcher = make_watcher(site, classifier, command=shlex.join(["bcc", *sys.argv[1:]]), single=single,
+                               polling=polling, interval=interval, settle=settle)
     except LedgerError as exc:
         fail(str(exc))
 
@@ -381,15 +361,6 @@ def watch(
     except Exception:
         logging.getLogger("bcc_desk.watch").exception("the watch stopped on an unexpected error")
         raise typer.Exit(EXIT_NOTHING) from None
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why nothing can be created in `folder`, or None when it can."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as exc:
-        return exc.strerror or str(exc)
 
 
 def main() -> None:

@@ -185,6 +185,13 @@ class Ledger:
         )
         return [self._prediction(r) for r in cur]
 
+    def prediction(self, path: str) -> Prediction | None:
+        """The report's row of one file, or None when it has no outcome (pending, vanished)."""
+        r = self._db.execute(
+            f"SELECT path, {', '.join(_OUTCOME)} FROM files WHERE path = ? AND state IN (?, ?)", (path, *REPORTED)
+        ).fetchone()
+        return self._prediction(r) if r is not None else None
+
     def _prediction(self, r: sqlite3.Row) -> Prediction:
         path = self.root / r["path"]
         file, slide = relative_location(path, self.root)

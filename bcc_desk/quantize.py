@@ -1,28 +1,45 @@
-"""Static int8 inference on x86 CPUs: about twice the speed of bf16 for ConvNeXt Tiny.
+"""Static int8 inference on x86 CPUs: about twice the speed of compiled bf16 for ConvNeXt Tiny.
 
 The network is exported, its activation ranges are calibrated on the images the bundle carries
 for that purpose (validation images chosen by the trainer, so a run never depends on the images
 it classifies), its linear layers are converted to int8 with torchao's PT2E
-`X86InductorQuantizer`, and the result is compiled by inductor with weight freezing (without
-freezing the int8 graph is no faster than bf16: measured in bench/RESULTS.md).
+`X86InductorQuantizer`, and the result is compiled ahead of time by AOTInductor with weight
+freezing (without freezing the int8 graph is no faster than bf16: measured in bench/RESULTS.md).
+
+Building costs ~25-40 s on 2 cores, so the compiled package is kept in the per-user data
+directory, keyed by everything it depends on (weights, calibration, batch size, numerics, torch
+and torchao versions, CPU): later runs load it in a fraction of a second.  A package is only
+ever one this program wrote there; its sha256 is checked before it is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import platform
+import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from bcc_desk.bundle import InputSpec
+from bcc_desk.bundle import InputSpec, file_sha256
 
 log = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """A network's forward pass returning (logits, pooled features)."""
+
+X86 = ("x86_64", "amd64", "i686", "x86")
+PACKAGE_SUFFIX = ".pt2"
+KEEP_PACKAGES = 6
+"""Compiled packages kept in the cache (~50 MB each); the least recently used go first."""
 
 
 class Int8Unavailable(Exception):
@@ -33,9 +50,7 @@ def int8_unavailable_reason(device: torch.device) -> str | None:
     """None when static int8 can run on `device`, else a short reason."""
     if device.type != "cpu":
         return f"int8 runs on x86 CPUs only, not on {device.type}"
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+    if platform.machine().lower() not in X86:
         return f"int8 needs an x86 CPU, this one is {platform.machine()}"
     # torch logs a deprecation note about one of torchao's enums at import: not for a lab user.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
@@ -44,6 +59,12 @@ def int8_unavailable_reason(device: torch.device) -> str | None:
     except Exception as exc:  # noqa: BLE001 - missing or incompatible torchao: fall back
         return f"torchao is not usable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
     return None
+
+
+def default_cache_dir() -> Path:
+    from bcc_desk.paths import user_data_dir
+
+    return user_data_dir() / "int8"
 
 
 class _WithFeatures(nn.Module):
@@ -57,60 +78,191 @@ class _WithFeatures(nn.Module):
         return self.net.forward_with_features(x)
 
 
+class _Package(nn.Module):
+    """What the ahead-of-time package runs: uint8 images in, normalised inside (inductor fuses
+    that into the first layer: ~4% of a batch's time when done apart), under its own autocast
+    (the package runs outside the caller's)."""
+
+    def __init__(self, net: nn.Module, spec: InputSpec, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.net, self.spec, self.dtype = net, spec, dtype
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from bcc_desk.classifier import normalise
+
+        x = normalise(x, self.spec)
+        with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            return self.net(x)
+
+
 def quantize_int8(
     model: nn.Module,
     calibration: torch.Tensor,
     spec: InputSpec,
     batch_size: int,
     autocast_dtype: torch.dtype | None = torch.bfloat16,
+    *,
+    identity: str,
+    cache_dir: Path | None = None,
 ) -> Forward:
     """`model` (a BundleNet on the CPU, eval mode) as a compiled static-int8 forward for batches
-    of exactly `batch_size` images.  `calibration` is uint8 (N, 3, size, size).  Raises
-    Int8Unavailable when torchao, export or the C++ compiler fails."""
-    from bcc_desk.classifier import autocast, normalise, pad_batch  # the same numerics as every other path
+    of exactly `batch_size` uint8 images (it normalises them itself).  `calibration` is uint8 (N, 3, size, size); `identity` names
+    the weights and calibration (their sha256s) for the package cache in `cache_dir` (default:
+    the per-user data directory; None when that cannot be written: then nothing is kept).
+    Raises Int8Unavailable when torchao, export or the C++ compiler fails."""
+    cache = default_cache_dir() if cache_dir is None else cache_dir
+    try:
+        key = package_key(identity, spec, batch_size, autocast_dtype)
+    except PackageNotFoundError:
+        raise Int8Unavailable("torchao is not installed") from None
+    package = cache / f"{key}{PACKAGE_SUFFIX}"
+    # A kept package needs neither torchao nor the compiler (importing torchao alone costs ~2 s).
+    forward = _load_cached(package) if platform.machine().lower() in X86 else None
+    if forward is None:
+        reason = int8_unavailable_reason(torch.device("cpu"))
+        if reason:
+            raise Int8Unavailable(reason)
+        log.info("preparing int8 for this computer and model (once: about half a minute on 2 cores)")
+        try:
+            with warnings.catch_warnings():
+                # torchao and export announce API migrations at every call: noise for a lab user.
+                warnings.simplefilter("ignore")
+                program = _quantized_program(model, calibration, spec, batch_size, autocast_dtype)
+                forward = _compile_to(program, package)
+        except Int8Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported op, ...: the caller falls back
+            text = str(exc).strip().splitlines()
+            raise Int8Unavailable((text[0] if text else type(exc).__name__)[:200]) from None
+    return forward
 
-    reason = int8_unavailable_reason(torch.device("cpu"))
-    if reason:
-        raise Int8Unavailable(reason)
-    import torch._inductor.config as inductor_config
+
+def package_key(identity: str, spec: InputSpec, batch_size: int, dtype: torch.dtype | None) -> str:
+    """What a compiled package depends on, hashed: a change in any of it builds a new one."""
+    parts = {
+        "identity": identity,
+        "input": asdict(spec),
+        "batch": batch_size,
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "torchao": version("torchao"),
+        "python": platform.python_version(),
+        "cpu": _cpu_identity(),  # kernels are built for this CPU's instruction set
+        "float_modules": "head+last-stage",
+        "observer": "minmax-linear",
+        "takes": "uint8",
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cpu_identity() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return f"{platform.machine()} {model} {hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:16]}"
+
+
+def _quantized_program(
+    model: nn.Module, calibration: torch.Tensor, spec: InputSpec, batch_size: int, dtype: torch.dtype | None
+) -> torch.export.ExportedProgram:
+    """Export, calibrate on the bundle's images, convert the linear layers to int8."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    inputs = normalise(calibration, spec)
+    from bcc_desk.classifier import normalise, pad_batch  # the same numerics as every other path
+
+    raw = [pad_batch(calibration[i : i + batch_size], batch_size) for i in range(0, len(calibration), batch_size)]
+    batches = [normalise(b, spec) for b in raw]
+    with torch.no_grad():
+        exported = torch.export.export(_WithFeatures(model).eval(), (batches[0],)).module()
+        quantizer = xiq.X86InductorQuantizer()
+        # Linear layers only: they do most of a ConvNeXt's work (its MLPs), and quantizing
+        # the convolutions too moved calibrated confidences by up to 0.12 instead of 0.008.
+        quantizer.set_module_type_qconfig(nn.Linear, _linear_config(xiq))
+        for name in _float_modules(model):
+            quantizer.set_module_name_qconfig(name, None)
+        prepared = prepare_pt2e(exported, quantizer)
+        for batch in batches:
+            prepared(batch)
+        converted = convert_pt2e(prepared)
+        return torch.export.export(_Package(converted, spec, dtype), (raw[0],))
+
+
+def _compile_to(program: torch.export.ExportedProgram, package: Path) -> Forward:
+    """Compile `program` into `package` (atomically, with its sha256 beside it) and load it.
+    Where the cache cannot be written the package is built in temp and not kept."""
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # torchao and export announce API migrations at every call: noise for a lab user.
-            warnings.simplefilter("ignore")
-            batches = [pad_batch(inputs[i : i + batch_size], batch_size) for i in range(0, len(inputs), batch_size)]
-            example = batches[0]
-            exported = torch.export.export(_WithFeatures(model).eval(), (example,)).module()
-            quantizer = xiq.X86InductorQuantizer()
-            # Linear layers only: they do most of a ConvNeXt's work (its MLPs), and quantizing
-            # the convolutions too moved calibrated confidences by up to 0.12 instead of 0.008.
-            quantizer.set_module_type_qconfig(nn.Linear, _linear_config(xiq))
-            for name in _float_modules(model):
-                quantizer.set_module_name_qconfig(name, None)
-            prepared = prepare_pt2e(exported, quantizer)
-            for batch in batches:
-                prepared(batch)
-            converted = convert_pt2e(prepared)
-            compiled = torch.compile(converted, dynamic=False)
+        package.parent.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix=".building-", dir=package.parent)
+        keep = True
+    except OSError as exc:
+        log.info("the int8 cache %s cannot be written (%s); building for this run only", package.parent, exc)
+        folder = tempfile.mkdtemp(prefix="bcc-int8-")
+        keep = False
+    try:
+        built = Path(folder) / package.name
+        # Inductor freezes weights (and prepacks the int8 ones) only with grad off: without it
+        # the package runs at half the speed.
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(built),
+                                                     inductor_configs={"freezing": True})
+        forward = _load(built)
+        if keep:
+            _sidecar(package).with_suffix(".tmp").write_text(json.dumps({"sha256": file_sha256(built)}))
+            os.replace(built, package)  # atomic: a second process building the same key is harmless
+            os.replace(_sidecar(package).with_suffix(".tmp"), _sidecar(package))
+            _prune(package.parent)
+        return forward
+    finally:
+        for leftover in Path(folder).glob("*"):
+            leftover.unlink(missing_ok=True)
+        os.rmdir(folder)
 
-            def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                # Freezing is read whenever inductor compiles: at the first call, and again at
-                # any recompile (dynamo recompiles when the grad mode differs, for one).
-                with inductor_config.patch(freezing=True):
-                    return compiled(x)
 
-            with torch.inference_mode(), autocast(torch.device("cpu"), autocast_dtype):
-                forward(example)  # compile now, in the mode the classifier runs in
-    except Int8Unavailable:
-        raise
-    except Exception as exc:  # noqa: BLE001 - no compiler, unsupported op, ...: the caller falls back
-        text = str(exc).strip().splitlines()
-        raise Int8Unavailable((text[0] if text else type(exc).__name__)[:200]) from None
+def _sidecar(package: Path) -> Path:
+    return package.with_suffix(".json")
+
+
+def _load(package: Path) -> Forward:
+    runner = torch._inductor.aoti_load_package(str(package))
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype != torch.uint8:  # the package does not check: a float batch would run as bytes
+            raise TypeError(f"the int8 package takes uint8 images, not {x.dtype}")
+        logits, features = runner(x)
+        return logits, features
+
     return forward
 
+
+def _load_cached(package: Path) -> Forward | None:
+    """The cached package's forward, or None (absent, altered or unloadable: it is removed)."""
+    try:
+        expected = json.loads(_sidecar(package).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        if file_sha256(package) != expected:
+            raise ValueError("its sha256 does not match")
+        forward = _load(package)
+        os.utime(package)  # most recently used: pruned last
+        return forward
+    except Exception as exc:  # noqa: BLE001 - a damaged cache entry is rebuilt, never fatal
+        log.warning("the cached int8 package %s is unusable (%s); rebuilding it", package.name, str(exc)[:120])
+        for stale in (package, _sidecar(package)):
+            stale.unlink(missing_ok=True)
+        return None
+
+
+def _prune(cache: Path) -> None:
+    """Keep the `KEEP_PACKAGES` most recently used packages."""
+    packages = sorted(cache.glob(f"*{PACKAGE_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in packages[KEEP_PACKAGES:]:
+        for stale in (old, _sidecar(old)):
+            stale.unlink(missing_ok=True)
 
 
 def _linear_config(xiq) -> object:

@@ -125,6 +125,13 @@ class RunInfo:
         )
 
 
+def ood_check(bundles: Sequence) -> str:
+    """The Run sheet's "out-of-distribution check" for these bundles: "on" when every one
+    carries the check, "off" when none does, "partly" in between."""
+    with_ood = sum(b.meta.ood is not None for b in bundles)
+    return "on" if with_ood == len(bundles) else ("off" if with_ood == 0 else "partly")
+
+
 def _safe(get: Callable[[], str]) -> str:
     # getpass.getuser raises in containers without a passwd entry: a report is still wanted.
     try:

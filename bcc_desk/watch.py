@@ -10,6 +10,10 @@ The ledger is the truth; everything else is rebuilt from it.  On start (and afte
 observer had to be restarted, and every `RESCAN_EVERY` seconds against lost events) ROOT is
 reconciled with it: new or changed files are queued, files gone are marked vanished, files
 whose size and mtime match their row are left alone.
+
+`bcc watch` and the desktop app's "Watch this folder" start a watch the same way:
+`claim_watch` (check the folders, take the state's lock) before any model is loaded, then
+`make_watcher` (the Run sheet, the ledger) and `Watcher.run` on a thread of their own.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import os
 import queue
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -46,7 +51,7 @@ from bcc_desk.images import discover_images, is_candidate
 from bcc_desk.ledger import DONE, VANISHED, Ledger, Row
 from bcc_desk.paths import SAMPLES_DIR, user_data_dir
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import ReportError, RunInfo, locked_target, write_csv, write_report
+from bcc_desk.report import ReportError, RunInfo, locked_target, ood_check, write_csv, write_report
 from bcc_desk.settle import COMPLETE, READ_RETRIES, SEEN, WRITING, Settler
 
 if TYPE_CHECKING:
@@ -74,10 +79,86 @@ class WatchError(Exception):
     """The watch cannot start (state in use by another daemon, ...)."""
 
 
+class ReportFolderError(WatchError):
+    """The report cannot be written where it is asked for (the CLI adds: use --out)."""
+
+
 def default_state(root: Path) -> Path:
     """Where the ledger of ROOT lives unless --state says otherwise (the log sits beside it)."""
     key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
     return user_data_dir() / "watch" / key / "ledger.sqlite"
+
+
+def default_report(root: Path) -> Path:
+    """Where the report of a watch on ROOT goes unless --out says otherwise."""
+    return Path(root) / "bcc-report.xlsx"
+
+
+@dataclass(frozen=True)
+class WatchSite:
+    """Where one watch reads and writes, checked, with its state's lock held until `release`."""
+
+    root: Path
+    out: Path
+    state: Path
+    lock: TextIO
+
+    def release(self) -> None:
+        self.lock.close()
+
+
+def claim_watch(root: Path, out: Path | None = None, state: Path | None = None) -> WatchSite:
+    """Check ROOT and the report's folder and take the lock of the state (default: the per-user
+    ledger of ROOT; the report: `default_report`), before any model is loaded: a service must
+    say at start, not in a week, that it cannot work.  Raises WatchError with a one-line reason
+    (ReportFolderError about the report's folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise WatchError(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
+    root = root.resolve()
+    out = Path(out or default_report(root)).resolve()
+    if not out.parent.is_dir():
+        raise ReportFolderError(f"the report's folder {out.parent} does not exist")
+    if problem := unwritable(out.parent):
+        raise ReportFolderError(f"cannot write the report in {out.parent} ({problem})")
+    state = Path(state or default_state(root)).resolve()
+    return WatchSite(root, out, state, lock_state(state))
+
+
+def make_watcher(
+    site: WatchSite,
+    classifier: Classifier,
+    *,
+    command: str,
+    mode: str = "bcc watch",
+    single: Classifier | None = None,
+    polling: bool = False,
+    interval: float = 1.0,
+    settle: float = 2.0,
+    quiet: float = 1.0,
+    on_predictions: Callable[[list[Prediction]], None] | None = None,
+) -> Watcher:
+    """The Watcher of `site`, its Run sheet saying what runs (models, device), who started it
+    (`mode`, `command`), how it watches and where its ledger is.  Raises LedgerError when the
+    state file cannot be used."""
+    observer = f"polling every {interval:g} s" if polling else "native (system events)"
+    run = RunInfo.collect(
+        models=[(b.name, b.sha256) for b in classifier.bundles], classes=classifier.classes,
+        review_threshold=classifier.review_threshold, ood_check=ood_check(classifier.bundles),
+        tta=classifier.tta, device=classifier.device_label, root=site.root, command=command,
+        extra={"mode": mode, "observer": observer, "settle time": f"{settle:g} s", "ledger": str(site.state)},
+    )
+    return Watcher(site.root, site.out, classifier, site.state, run, single=single, polling=polling,
+                   interval=interval, settle=settle, quiet=quiet, on_predictions=on_predictions)
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in `folder`, or None when it can."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def log_file(state: Path) -> Path:
@@ -121,7 +202,7 @@ def lock_state(state: Path) -> TextIO:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fh.close()
-        raise WatchError(f"another bcc watch is already using the state file {state}") from None
+        raise WatchError(f"another bcc watch (or bcc-desk) is already using the state file {state}") from None
     return fh
 
 
@@ -159,7 +240,12 @@ class Watcher:
     thread or a signal handler), then finishes the batch in hand and writes the report.
     `single`, when `classifier` compiles, is the same model uncompiled, for calls of fewer than
     half a batch: a compiled network has one batch shape, so one image would cost a whole batch
-    (8x the work on a CPU) where a camera sends images one at a time."""
+    (8x the work on a CPU) where a camera sends images one at a time.
+
+    `on_predictions`, when given, is called on the watch's thread with each batch of outcomes
+    just committed to the ledger (new images, changed ones, copies given a stored answer, read
+    errors after their last retry): how the desktop app shows them as they come.  It should be
+    quick; an exception in it is logged, and the watch goes on."""
 
     def __init__(
         self,
@@ -174,6 +260,7 @@ class Watcher:
         interval: float = 1.0,
         settle: float = 2.0,
         quiet: float = 1.0,
+        on_predictions: Callable[[list[Prediction]], None] | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.out = Path(out)
@@ -184,6 +271,7 @@ class Watcher:
         self.ledger = Ledger(self.state, self.root)
         self.settler = Settler(settle)
         self.report = ReportWriter(self.state, self.out, run_info, quiet=quiet)
+        self.on_predictions = on_predictions
         self._events = _Queue()
         self._observer: BaseObserver | None = None
         self._close_events = False
@@ -438,6 +526,7 @@ class Watcher:
     # -- work -------------------------------------------------------------------------------------
     def _classify(self, ready: list[tuple[str, os.stat_result]]) -> None:
         todo: list[tuple[str, os.stat_result, str | None]] = []
+        copies: list[Prediction] = []
         for rel, st in ready[:MAX_CALL]:
             try:
                 digest = sha256_file(self.root / rel)
@@ -446,62 +535,83 @@ class Watcher:
                 continue
             except OSError:
                 digest = None  # the classifier's read will say why
-            if digest is not None and self._known(rel, st, digest):
+            if digest is not None and self._known(rel, st, digest, copies):
                 continue
             todo.append((rel, st, digest))
+        self._publish(copies)
         if not todo:
             return
         log.debug("classifying %d images", len(todo))
         small = self.single is not None and 2 * len(todo) < self.classifier.batch_size
         engine = self.single if small else self.classifier
         predictions = engine.predict_paths([self.root / rel for rel, _, _ in todo], self.root)
+        recorded: list[Prediction] = []
         try:
             for n, ((rel, st, digest), p) in enumerate(zip(todo, predictions), start=1):
-                self._outcome(rel, st, digest, p)
-                # Stopping: finish the batch the network already computed, leave the rest pending.
-                if self._stopping and n % engine.batch_size == 0:
-                    break
+                if self._outcome(rel, st, digest, p):
+                    recorded.append(p)
+                if n % engine.batch_size == 0:
+                    self._publish(recorded)  # batch by batch, not once per (up to MAX_CALL) call
+                    recorded = []
+                    # Stopping: finish the batch the network already computed, leave the rest pending.
+                    if self._stopping:
+                        break
         finally:
             predictions.close()
+            self._publish(recorded)
 
-    def _known(self, rel: str, st: os.stat_result, digest: str) -> bool:
-        """Content this model already classified, here or at another path: reuse the answer."""
+    def _publish(self, predictions: list[Prediction]) -> None:
+        """Hand outcomes already committed to the ledger to `on_predictions`."""
+        if not predictions or self.on_predictions is None:
+            return
+        try:
+            self.on_predictions(list(predictions))
+        except Exception:  # a listener's bug must not end weeks of watching
+            log.exception("the on_predictions listener failed; the watch goes on")
+
+    def _known(self, rel: str, st: os.stat_result, digest: str, copies: list[Prediction]) -> bool:
+        """Content this model already classified, here or at another path: reuse the answer
+        (a copy's stored answer is added to `copies`)."""
         row = self.ledger.get(rel)
         if row is not None and row.sha256 == digest and row.outcome == DONE and self._current(row):
             self.ledger.refresh(rel, st, DONE)
         elif source := self.ledger.done_with_hash(digest, self.classifier.sha256):
             self.ledger.copy_outcome(source, rel, st, digest)
             log.info("same image as %s: %s", source, rel)
+            if (copied := self.ledger.prediction(rel)) is not None:
+                copies.append(copied)
         else:
             return False
         self.settler.forget(rel)
         self.report.changed()
         return True
 
-    def _outcome(self, rel: str, st: os.stat_result, digest: str | None, p: Prediction) -> None:
+    def _outcome(self, rel: str, st: os.stat_result, digest: str | None, p: Prediction) -> bool:
+        """Commit `p` (or count a failed read); True when it is now the file's recorded outcome."""
         now = self._stat(rel)
         if now is None:
             self._gone(rel)
-            return
+            return False
         if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             self.settler.note(rel, now, SEEN)  # changed while we read it: this answer is stale
-            return
+            return False
         if p.ok:
             self.ledger.record(rel, st, digest, p)  # no digest: read, but not hashed (rare)
             self.settler.forget(rel)
             log.info("classified %s: %s %.1f%%%s", rel, p.label, 100 * (p.confidence or 0.0),
                      " (review)" if p.needs_review else "")
             self.report.changed()
-            return
+            return True
         attempts = self.settler.retry(rel)
         if attempts > READ_RETRIES:
             self.ledger.record(rel, st, digest, p, attempts)
             self.settler.forget(rel)
             log.warning("cannot read %s after %d tries: %s", rel, attempts, p.error)
             self.report.changed()
-        else:
-            self.ledger.failed_read(rel, attempts)
-            log.info("cannot read %s yet (%s); trying again", rel, p.error)
+            return True
+        self.ledger.failed_read(rel, attempts)
+        log.info("cannot read %s yet (%s); trying again", rel, p.error)
+        return False
 
 
 def _identity(root: Path) -> tuple[int, int] | None:

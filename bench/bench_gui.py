@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,17 +29,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ALL4 = REPO.parent / "shared" / "data" / "all4"
+from common import ALL4, REPO, cpu_name, publish  # noqa: E402 - bench/ is the script's own folder
+
 DEFAULT_MODEL = REPO / "resources" / "models" / "default"
 TICK_MS = 50
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def proc_status(key: str) -> int:
@@ -291,7 +283,8 @@ def markdown(stall: dict | None, memory: dict | None, model: Path) -> str:
             "|---|---:|",
             f"| window open, model not loaded yet | {memory['rss_start_mb']:.0f} MB |",
             f"| all {memory['images']} classified ({memory['classify_s']:.0f} s) | {memory['rss_after_run_mb']:.0f} MB |",
-            f"| after scrolling the whole table ({memory['thumbnails_cached']} thumbnails cached) | {memory['rss_after_scroll_mb']:.0f} MB |",
+            f"| after scrolling the whole table ({memory['thumbnails_cached']} thumbnails cached) "
+            f"| {memory['rss_after_scroll_mb']:.0f} MB |",
             f"| after exporting the report ({memory['report_bytes'] / 1e6:.1f} MB xlsx) | {memory['rss_after_export_mb']:.0f} MB |",
             f"| **peak (VmHWM)** | **{memory['vmhwm_mb']:.0f} MB** |",
             "",
@@ -323,12 +316,7 @@ def main() -> None:
     stall = None if args.skip_stall else run_part("stall", args.model, args.stall_images)
     memory = None if args.skip_memory else run_part("memory", args.model, args.memory_images)
     text = markdown(stall, memory, args.model)
-    print(text)
-    if args.write:
-        results = REPO / "bench" / "RESULTS.md"
-        with results.open("a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
-        print(f"appended to {results}")
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

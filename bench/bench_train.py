@@ -12,23 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from bcc_desk.classifier import autocast, normalise
+from trainer.augment import AugmentSpec, augment
+from trainer.data import decode_images
+from trainer.fit import FitConfig, build_meta, create_model
+from trainer.split import list_dataset
 
-from bench_classify import ALL4, cpu_name  # noqa: E402
-
-from bcc_desk.classifier import autocast, normalise  # noqa: E402
-from trainer.augment import AugmentSpec, augment  # noqa: E402
-from trainer.data import decode_images  # noqa: E402
-from trainer.fit import FitConfig, build_meta, create_model  # noqa: E402
-from trainer.split import list_dataset  # noqa: E402
+from common import ALL4, cpu_name, publish  # bench/ is the script's own folder
 
 
 def step_rate(cfg: FitConfig, meta, images, device: torch.device, dtype, steps: int, channels_last: bool,
@@ -97,12 +93,7 @@ def main() -> None:
         *(f"| {name} | {rate:.1f} |" for name, rate in rows),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        results = REPO / "bench" / "RESULTS.md"
-        results.write_text(results.read_text().rstrip("\n") + "\n\n" + text)
-
+    publish("\n".join(lines), args.write)
 
 if __name__ == "__main__":
     main()

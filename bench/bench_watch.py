@@ -33,11 +33,13 @@ from pathlib import Path
 
 import openpyxl
 import torch
-from bench_classify import ALL4, REPO, cpu_name, e2e_rate
 
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classifier import Classifier
 from bcc_desk.watch import log_file
+
+from bench_classify import e2e_rate
+from common import ALL4, REPO, cpu_name, publish
 
 
 def real_images() -> list[Path]:
@@ -176,6 +178,9 @@ def main() -> None:
     bursts = [rest[i * args.burst : (i + 1) * args.burst] for i in range(args.repeats + 1)]
     load = [os.getloadavg()[0]]
     work = Path(tempfile.mkdtemp(prefix="bcc-bench-watch-"))
+    # One per-user data directory for the engine here, the daemon and classify: the int8 package
+    # the engine builds in its untimed warm-up is the one they load, as on a lab's computer.
+    os.environ["XDG_DATA_HOME"] = str(work / "data")
     try:
         bundle = load_bundle(args.model)
         engine = Classifier([bundle])  # classify's own settings: compiles for runs this size
@@ -189,7 +194,8 @@ def main() -> None:
             rates["watch"].append(burst_rate(daemon, bursts[r], f"burst-{r}"))
             folder = work / f"classify-{r}"
             place(bursts[r], folder)
-            rates["classify"].append(e2e_rate(args.model, folder, len(bursts[r]), work / f"classify-{r}.xlsx"))
+            rates["classify"].append(
+                e2e_rate(args.model, folder, len(bursts[r]), work / f"classify-{r}.xlsx", work / "data"))
             rates["engine"].append(engine_rate(engine, folder))
             print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()), flush=True)
         device = daemon.device()
@@ -221,12 +227,7 @@ def main() -> None:
         f"| SIGINT -> daemon exited (report written) | {shutdown:.2f} s | a few s |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        results = REPO / "bench" / "RESULTS.md"
-        results.write_text(results.read_text().rstrip("\n") + "\n\n" + text)
-
+    publish("\n".join(lines), args.write)
 
 if __name__ == "__main__":
     main()

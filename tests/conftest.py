@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Qt must never look for a display in the tests (set before anything imports Qt).
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Ledgers, logs and compiled int8 packages go to a throw-away per-user data directory, never the
+# tester's own (platformdirs reads XDG_DATA_HOME on Linux).
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="bcc-tests-data-")
+atexit.register(shutil.rmtree, os.environ["XDG_DATA_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

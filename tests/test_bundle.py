@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundles import CLASSES, make_bundle
 from safetensors.torch import save_file
 
 from bcc_desk.bundle import BundleError, file_sha256, load_bundle, read_meta
+
+from bundles import CLASSES, make_bundle
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundles import CLASSES, make_bundle
-from corpus import VANISH_NAME, build_corpus
 
 from bcc_desk.bundle import BundleError, load_bundle
 from bcc_desk.classifier import Classifier, make_transform, pick_device, pick_precision
 from bcc_desk.images import discover_images, open_image
 from bcc_desk.prediction import REVIEW_LOW_CONFIDENCE, REVIEW_UNFAMILIAR
+
+from bundles import CLASSES, make_bundle
+from corpus import VANISH_NAME, build_corpus
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,8 @@ def test_every_image_gets_a_record_in_order(bundle_dir: Path, slide_root: Path) 
 def test_temperature_softens_and_keeps_labels(tmp_path: Path, slide_root: Path) -> None:
     paths = discover_images(slide_root)
     sharp = list(Classifier(load_bundle(make_bundle(tmp_path / "t1", seed=1)), precision="fp32").predict_paths(paths, slide_root))
-    soft = list(Classifier(load_bundle(make_bundle(tmp_path / "t4", seed=1, temperature=4.0)), precision="fp32").predict_paths(paths, slide_root))
+    soft_bundle = load_bundle(make_bundle(tmp_path / "t4", seed=1, temperature=4.0))
+    soft = list(Classifier(soft_bundle, precision="fp32").predict_paths(paths, slide_root))
     assert [p.label for p in sharp] == [p.label for p in soft]
     assert all(s.confidence < h.confidence for s, h in zip(soft, sharp))
 

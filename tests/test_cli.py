@@ -10,12 +10,13 @@ from pathlib import Path
 
 import openpyxl
 import pytest
-from bundles import CLASSES, make_bundle
-from corpus import build_corpus
 from typer.testing import CliRunner
 
 from bcc_desk import cli
 from bcc_desk.images import discover_images
+
+from bundles import CLASSES, make_bundle
+from corpus import build_corpus
 
 runner = CliRunner()
 IMAGE_HEADER = ["file", "slide", "label", "confidence", "margin", "needs_review", "error",

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import openpyxl
-from conftest import CLASSES, OOD_DEV, REPO
 
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classifier import Classifier
 from bcc_desk.images import discover_images
 from bcc_desk.paths import DEFAULT_MODEL_DIR, SAMPLES_DIR
+
+from conftest import CLASSES, OOD_DEV, REPO
 
 SAMPLE_CLASS = {"Benign": CLASSES[0], "early-Pre-B": CLASSES[1], "Pre-B": CLASSES[2], "Pro-B": CLASSES[3]}
 

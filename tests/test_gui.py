@@ -3,26 +3,33 @@ small bundle, the real classifier in its worker thread, the xlsx read back with 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import openpyxl
 import pytest
-from bundles import CLASSES, make_bundle
 from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QDropEvent
+from watchdog.utils import BaseThread
 
 from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice
 from bcc_desk.gui.table_model import CONFIDENCE, FILE, REVIEW, review_sort_key
 from bcc_desk.images import discover_images
+from bcc_desk.ledger import DONE, Ledger
+from bcc_desk.watch import ReportWriter, default_state, lock_state
+
+from bundles import CLASSES, make_bundle
 
 RUN_TIMEOUT_MS = 60_000
+WATCH_TIMEOUT_MS = 60_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,11 +76,12 @@ def big_folder(tmp_path_factory, all4) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def private_settings(tmp_path: Path):
+def private_settings(tmp_path: Path, monkeypatch):
     """Whatever creates a default QSettings in a test writes under tmp_path, never to the
-    user's real configuration."""
+    user's real configuration; so do the watch's per-user ledgers."""
     for fmt in (QSettings.Format.NativeFormat, QSettings.Format.IniFormat):
         QSettings.setPath(fmt, QSettings.Scope.UserScope, str(tmp_path / "user-config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "user-data"))
     yield
 
 
@@ -292,6 +300,143 @@ def test_opening_another_folder_while_running_switches_to_it(qtbot, window: Main
     qtbot.waitUntil(lambda: len(finished) == 2, timeout=RUN_TIMEOUT_MS)
     assert finished == [False, True] and window.root == slides.resolve()
     assert window.model.rowCount() == len(discover_images(slides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching the folder: bcc watch's watcher and ledger, rows live in the table
+
+
+@pytest.fixture()
+def watched(tmp_path: Path, real_images) -> Path:
+    """A fresh folder per test (the watch writes its report into it): two slides, four images."""
+    root = tmp_path / "camera export"
+    for i, files in enumerate(real_images.values()):
+        slide = root / f"slide-{i % 2 + 1}"
+        slide.mkdir(parents=True, exist_ok=True)
+        shutil.copy(files[0], slide / files[0].name)
+    return root.resolve()
+
+
+def start_watching(qtbot, window: MainWindow, folder: Path) -> None:
+    """Open and classify `folder`, then turn the toggle on as a click does (fast settings)."""
+    assert run(qtbot, window, folder) is True
+    window.watch_settle, window.watch_quiet = 0.3, 0.2
+    assert window.watch_action.isEnabled() and not window.watch_action.isChecked()
+    window.watch_action.trigger()
+    assert window.watch_action.isChecked() and window.is_watching()
+
+
+def ledger_outcomes(state: Path) -> dict:
+    """file -> (state, sha256, classified_at) as the watch's ledger has them."""
+    if not state.exists():
+        return {}
+    ledger = Ledger(state)
+    try:
+        at = {p.file: p.classified_at for p in ledger.predictions()}
+        return {rel: (row.state, row.sha256, at.get(rel)) for rel, row in ledger.rows().items()}
+    finally:
+        ledger.close()
+
+
+def shown_as_in_ledger(window: MainWindow, state: Path) -> bool:
+    """Every image is done in the ledger, and the table shows each with the ledger's outcome."""
+    outcomes = ledger_outcomes(state)
+    table = {p.file: p.classified_at for p in window.predictions()}
+    return bool(outcomes) and all(s == DONE and table.get(f) == at for f, (s, _, at) in outcomes.items())
+
+
+def watch_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if isinstance(t, BaseThread) or t.name == ReportWriter.THREAD]
+
+
+def test_watching_shows_arriving_images_live_and_records_them(qtbot, window: MainWindow, watched: Path,
+                                                               real_images) -> None:
+    start_watching(qtbot, window, watched)
+    state = default_state(watched)
+    assert "user-data" in state.parts  # the per-user ledger (the tests' own user data folder)
+    before = {p.file for p in window.predictions()}
+    # A new slide folder with a new image, and a copy of an image already there.
+    new = watched / "slide-3" / "arrived.jpg"
+    new.parent.mkdir()
+    shutil.copy(real_images[CLASSES[1]][1], new)
+    original = watched / "slide-1" / real_images[CLASSES[0]][0].name
+    copy = watched / "slide-2" / "copy of it.jpg"
+    shutil.copy(original, copy)
+    qtbot.waitUntil(lambda: all((row := window.model.row_of(p)) is not None and window.model.prediction(row).label
+                                for p in (new, copy)), timeout=WATCH_TIMEOUT_MS)
+    assert "Watching" in window.watch_label.text() and window.watch_label.isVisible()
+    # The ledger has them done; every row (the ones re-recorded at the start included) is the
+    # ledger's outcome, and no image has two rows.
+    qtbot.waitUntil(lambda: shown_as_in_ledger(window, state), timeout=WATCH_TIMEOUT_MS)
+    outcomes = ledger_outcomes(state)
+    assert set(outcomes) == before | {"slide-3/arrived.jpg", "slide-2/copy of it.jpg"}
+    assert outcomes["slide-3/arrived.jpg"][0] == DONE
+    files = [p.file for p in window.predictions()]
+    assert len(files) == len(set(files)) == len(before) + 2
+    by_file = {p.file: p for p in window.predictions()}
+    assert by_file["slide-2/copy of it.jpg"].label == by_file[f"slide-1/{original.name}"].label
+    qtbot.waitUntil(lambda: "slide-3" in window.summary.slides, timeout=5_000)
+    assert window.slide_filter.findData("slide-3") >= 0
+    # A file written again with other content: its row is updated, still one row.
+    content = real_images[CLASSES[3]][2].read_bytes()
+    original.write_bytes(content)
+    digest = hashlib.sha256(content).hexdigest()
+    rel = f"slide-1/{original.name}"
+    qtbot.waitUntil(lambda: ledger_outcomes(state)[rel][:2] == (DONE, digest) and shown_as_in_ledger(window, state),
+                    timeout=WATCH_TIMEOUT_MS)
+    assert window.model.rowCount() == len(before) + 2
+    # Exporting the reviews never goes over the watch's report (it is rewritten from the ledger).
+    assert window.default_report_path() == watched / "bcc-review.xlsx"
+    with pytest.raises(ValueError, match="watch's report"):
+        window.export_report(watched / "bcc-report.xlsx")
+
+
+def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, make_window, settings: QSettings,
+                                                                       watched: Path, real_images) -> None:
+    window = make_window()
+    start_watching(qtbot, window, watched)
+    new = watched / "slide-1" / "late.jpg"
+    shutil.copy(real_images[CLASSES[2]][3], new)
+    qtbot.waitUntil(lambda: window.model.row_of(new) is not None, timeout=WATCH_TIMEOUT_MS)
+    with qtbot.waitSignal(window.watch_stopped, timeout=30_000):
+        window.watch_action.trigger()  # off
+    assert not window.watch_action.isChecked() and not window.is_watching() and window._watch is None
+    assert not window.watch_label.isVisible() and window.watch_action.isEnabled()
+    assert watch_threads() == []  # observer, emitters, report writer: all gone
+    lock_state(default_state(watched)).close()  # the ledger's lock is free again
+    run_sheet = dict(openpyxl.load_workbook(watched / "bcc-report.xlsx", read_only=True)["Run"]
+                     .iter_rows(min_row=2, values_only=True))
+    assert run_sheet["mode"] == "bcc-desk" and run_sheet["finished"] != "still running"  # finalised
+    assert settings.value("watch/folder", "") == ""
+    # On again, then the window closed while watching: the watch ends with it, and the folder is
+    # watched again when it is next opened.
+    window.watch_action.trigger()
+    assert window.is_watching()
+    window.close()
+    assert not window.isVisible() and window._watch is None and watch_threads() == []
+    assert settings.value("watch/folder") == str(watched)
+    again = make_window()
+    again.watch_settle = 0.3
+    assert run(qtbot, again, watched) is True
+    assert again.is_watching() and again.watch_action.isChecked()
+    with qtbot.waitSignal(again.watch_stopped, timeout=30_000):
+        again.set_watching(False)
+    assert watch_threads() == []
+
+
+def test_a_ledger_in_use_by_bcc_watch_is_one_message_and_the_toggle_off(qtbot, window: MainWindow,
+                                                                        watched: Path) -> None:
+    messages: list[str] = []
+    window.error_shown.connect(messages.append)
+    assert run(qtbot, window, watched) is True
+    held = lock_state(default_state(watched))  # a bcc watch daemon running on the same folder
+    try:
+        window.watch_action.trigger()
+    finally:
+        held.close()
+    assert not window.watch_action.isChecked() and not window.is_watching() and window._watch is None
+    assert len(messages) == 1 and "already using the state file" in messages[0] and str(watched) in messages[0]
+    assert window.watch_action.isEnabled() and watch_threads() == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,16 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ALL4_COUNTS, CLASSES
-from corpus import (
-    SKIPPED,
-    VANISH_NAME,
-    build_corpus,
-    gray16_from_8bit,
-    palette_with_transparent_corner,
-    rgba_with_transparency,
-    write_bomb_png,
-)
 from PIL import Image
 
 from bcc_desk.images import (
@@ -37,6 +27,16 @@ from bcc_desk.images import (
     open_image,
 )
 
+from conftest import ALL4_COUNTS, CLASSES
+from corpus import (
+    SKIPPED,
+    VANISH_NAME,
+    build_corpus,
+    gray16_from_8bit,
+    palette_with_transparent_corner,
+    rgba_with_transparency,
+    write_bomb_png,
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from bundles import CLASSES, make_bundle
 
 from bcc_desk.bundle import (
     CALIBRATION_FILE,
@@ -18,6 +18,8 @@ from bcc_desk.bundle import (
 )
 from bcc_desk.classifier import Classifier, make_transform
 from bcc_desk.images import open_image
+
+from bundles import CLASSES, make_bundle
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +72,46 @@ def test_int8_is_refused_without_a_calibration(tmp_path: Path) -> None:
         Classifier(load_bundle(plain), precision="int8", device="meta")
 
 
-def test_auto_stays_bf16_and_int8_needs_compilation(int8_bundle: Path, images: list[Path]) -> None:
-    """int8 is opt-in: a calibrated bundle still runs bf16/fp32 under 'auto', compiled or not."""
-    clf = Classifier(load_bundle(int8_bundle), compile=True)
-    assert all(p.ok for p in clf.predict_paths(images[:4], images[0].parents[1]))
-    assert not clf.int8_active and "int8" not in clf.device_label
+def test_auto_takes_int8_only_when_compiling_a_calibrated_bundle(int8_bundle: Path, images: list[Path],
+                                                                 tmp_path: Path) -> None:
+    root = images[0].parents[1]
+    compiled = Classifier(load_bundle(int8_bundle), compile=True)
+    assert all(p.ok for p in compiled.predict_paths(images[:4], root))
+    assert compiled.int8_active and "int8" in compiled.device_label
+    eager = Classifier(load_bundle(int8_bundle), compile=False)
+    assert all(p.ok for p in eager.predict_paths(images[:4], root))
+    assert not eager.int8_active and "int8" not in eager.device_label
+    plain = Classifier(load_bundle(make_bundle(tmp_path / "plain")), compile=True)  # no trainer check: no int8
+    assert all(p.ok for p in plain.predict_paths(images[:4], root)) and not plain.int8_active
     with pytest.raises(ValueError, match="no-compile"):
         Classifier(load_bundle(int8_bundle), precision="int8", compile=False)
+
+
+def test_the_compiled_package_is_kept_verified_and_rebuilt_when_damaged(
+    int8_bundle: Path, images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The slow build happens once per model and computer; a damaged package is never loaded."""
+    root, cache = images[0].parents[1], tmp_path / "cache"
+
+    def run() -> list[dict[str, float]]:
+        clf = Classifier(load_bundle(int8_bundle), precision="int8", int8_cache=cache)
+        preds = list(clf.predict_paths(images, root))
+        assert clf.int8_active
+        return [p.probabilities for p in preds]
+
+    with caplog.at_level(logging.INFO, logger="bcc_desk.quantize"):
+        built = run()
+        assert "preparing int8" in caplog.text
+        [package] = cache.glob("*.pt2")
+        caplog.clear()
+        assert run() == built and "preparing int8" not in caplog.text  # loaded, not rebuilt
+        data = bytearray(package.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        package.write_bytes(bytes(data))
+        caplog.clear()
+        assert run() == built
+    assert "unusable" in caplog.text and "preparing int8" in caplog.text
+    assert list(cache.glob("*.pt2")) == [package] and not list(cache.glob(".building-*"))
 
 
 def test_bcc_classify_int8_without_calibration_is_a_one_line_usage_error(tmp_path: Path, images: list[Path]) -> None:

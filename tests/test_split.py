@@ -12,7 +12,6 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pytest
-from conftest import ALL4_COUNTS, CLASSES
 from PIL import Image
 
 from trainer.split import (
@@ -24,6 +23,7 @@ from trainer.split import (
     make_split,
 )
 
+from conftest import ALL4_COUNTS, CLASSES
 
 
 @pytest.fixture(scope="module")

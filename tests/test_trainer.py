@@ -13,7 +13,6 @@ from pathlib import Path
 import openpyxl
 import pytest
 import torch
-from bundles import CLASSES
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -21,6 +20,8 @@ from bcc_desk import cli as bcc_cli
 from bcc_desk.bundle import load_bundle
 from trainer import cli as train_cli
 from trainer.fit import FitConfig, FitError, build_meta, create_model
+
+from bundles import CLASSES
 
 runner = CliRunner()
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",

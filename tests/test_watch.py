@@ -20,7 +20,6 @@ from typing import TypeVar
 
 import openpyxl
 import pytest
-from bundles import CLASSES, make_bundle
 from typer.testing import CliRunner
 
 from bcc_desk import cli
@@ -30,6 +29,8 @@ from bcc_desk.ledger import DONE, ERROR, PENDING, VANISHED, Ledger, Row
 from bcc_desk.report import RunInfo
 from bcc_desk.settle import READ_RETRIES
 from bcc_desk.watch import Watcher, default_state, lock_state, log_file
+
+from bundles import CLASSES, make_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SETTLE = 0.3

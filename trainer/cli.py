@@ -90,7 +90,8 @@ def fit(
         weight_decay=weight_decay, optimizer=optimizer, image_size=image_size, seed=seed, device=device,
         precision=precision, workers=workers,
         init="pretrained" if pretrained else (str(init_weights) if init_weights else "none"),
-        split=split, ood_dir=ood_dir.resolve() if ood_dir else None, hidden=[hidden] if hidden else [], dropout=dropout, drop_path=drop_path,
+        split=split, ood_dir=ood_dir.resolve() if ood_dir else None, hidden=[hidden] if hidden else [],
+        dropout=dropout, drop_path=drop_path,
         label_smoothing=label_smoothing, weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class,
         int8=int8,
     )

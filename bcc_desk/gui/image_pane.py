@@ -299,6 +299,14 @@ class ImagePane(QWidget):
         submit(self._image_pool, lambda: _load_full(path), lambda img, p=path: self._image_loaded(p, img),
                lambda msg, p=path: self._image_failed(p, msg))
 
+    def forget(self, path: Path) -> None:
+        """The file at `path` has new content: drop its Grad-CAM maps, and its picture when shown
+        (the next `show_prediction` loads it again)."""
+        for key in [k for k in self._cam_cache if k[0] == path]:
+            del self._cam_cache[key]
+        if self._prediction is not None and self._prediction.path == path:
+            self.view.set_image(None)
+
     def update_review(self, review: Review | None) -> None:
         p = self._prediction
         if p is None:

@@ -7,6 +7,7 @@ Automation API (used by the tests and usable from a script):
     window.classification_finished             # Signal(bool): True when every image was done
     window.set_review("slide/img.jpg", "Benign")
     window.export_report(path)                  # -> the path written (the CLI's writer)
+    window.set_watching(True)                   # "Watch this folder": bcc watch's watcher, live rows
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from bcc_desk.gui.table_model import (
     Review,
 )
 from bcc_desk.gui.thumbnails import ThumbnailCache
-from bcc_desk.gui.worker import ClassifyThread, freeze_heap
+from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
 from bcc_desk.prediction import Prediction
 
 REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
@@ -89,6 +90,8 @@ class MainWindow(QMainWindow):
     error_shown = Signal(str)
     """A message the user was shown (bad folder, bad model, failed export...)."""
     review_changed = Signal()
+    watch_stopped = Signal()
+    """A watch of the folder ended (turned off, another folder opened, or it failed)."""
 
     def __init__(
         self,
@@ -126,6 +129,13 @@ class MainWindow(QMainWindow):
         self._slides_seen: set[str] = set()
         self._export_pool = QThreadPool(self)
         self._export_pool.setMaxThreadCount(1)
+        self._watch: WatchThread | None = None
+        # Watched when the app was last closed: watched again once it is opened and classified.
+        self._resume_watch: Path | None = Path(self.settings.watched_folder) if self.settings.watched_folder else None
+        self.watch_settle = 2.0
+        """Seconds a file must stay unchanged to count as complete (bcc watch's --settle)."""
+        self.watch_quiet = 1.0
+        """Seconds without a new result before the watch's report is rewritten."""
 
         self.setWindowTitle("bcc-desk")
         self.setAcceptDrops(True)
@@ -173,6 +183,9 @@ class MainWindow(QMainWindow):
                                                  "Sort flagged images first, least confident on top")
         self.clear_filters_action = self._action("Clear filters", self.clear_filters, "Ctrl+Shift+F")
         self.find_action = self._action("Search file names", lambda: self.search.setFocus(), QKeySequence.StandardKey.Find)
+        self.watch_action = self._action("&Watch this folder", self.set_watching, None,
+                                         "Classify images as they arrive in the open folder, as bcc watch does")
+        self.watch_action.setCheckable(True)
         self.reviewer_action = self._action("Reviewer &name\u2026", self._ask_reviewer)
         self.quit_action = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit)
         self.clear_review_action = self._action("Clear the reviewed label", lambda: self.review_selected(None), "0")
@@ -186,6 +199,7 @@ class MainWindow(QMainWindow):
         self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
         file_menu.addMenu(self.recent_menu)
         file_menu.addAction(self.rerun_action)
+        file_menu.addAction(self.watch_action)
         file_menu.addAction(self.cancel_action)
         file_menu.addSeparator()
         file_menu.addAction(self.export_action)
@@ -210,6 +224,7 @@ class MainWindow(QMainWindow):
         recent.setMenu(self.recent_menu)
         tools.addWidget(recent)
         tools.addAction(self.rerun_action)
+        tools.addAction(self.watch_action)
         tools.addSeparator()
         tools.addAction(self.model_action)
         tools.addAction(self.flagged_first_action)
@@ -302,6 +317,9 @@ class MainWindow(QMainWindow):
         self.cancel_button.clicked.connect(self.cancel)
         self.device_label = QLabel("")
         self.model_label = QLabel("")
+        self.watch_label = QLabel("")
+        self.watch_label.setVisible(False)
+        status.addPermanentWidget(self.watch_label)
         status.addPermanentWidget(self.counts_label)
         status.addPermanentWidget(self.progress)
         status.addPermanentWidget(self.cancel_button)
@@ -365,6 +383,9 @@ class MainWindow(QMainWindow):
             self.settings.device = choice.device
             self.settings.tta = choice.tta
             self.settings.review_threshold = choice.review_threshold
+        if self.is_watching():  # the watch goes on with the new model
+            self._stop_watch()
+            self._start_watch()
 
     # =========================================================================================
     # Running
@@ -377,6 +398,12 @@ class MainWindow(QMainWindow):
         if not root.exists():
             raise FileNotFoundError(f"no such folder: {root}")
         root = root.resolve()
+        if self.is_watching():
+            if root == self.root:  # the same folder again: watch it again once classified
+                self._resume_watch = root
+            else:
+                self.settings.watched_folder = ""
+            self._stop_watch()
         if self._thread is not None:
             self._pending_root = root
             self._thread.cancel()
@@ -451,14 +478,20 @@ class MainWindow(QMainWindow):
         self._run["device"] = device
 
     def _batch(self, predictions: list[Prediction]) -> None:
+        self._add_rows(predictions)
+        self.progress.setValue(self.model.rowCount())
+
+    def _add_rows(self, predictions: list[Prediction]) -> None:
+        """New rows, or new predictions for images already in the table (one row per image)."""
         had_rows = self.model.rowCount() > 0
-        self.model.append(predictions)
+        replaced = self.model.append(predictions)
+        if replaced:
+            self._refresh_replaced(replaced)
         new_slides = {p.slide for p in predictions} - self._slides_seen
         if new_slides:
             self._slides_seen |= new_slides
             for slide in sorted(new_slides):
                 self.slide_filter.addItem(slide, slide)
-        self.progress.setValue(self.model.rowCount())
         if not had_rows and self.proxy.rowCount():
             self.table.selectRow(0)
             self.table.setFocus()
@@ -466,6 +499,18 @@ class MainWindow(QMainWindow):
             self._summary_timer.start()
         self._update_counts()
         self.rows_added.emit(len(predictions))
+
+    def _refresh_replaced(self, replaced: list[Prediction]) -> None:
+        shown = self.image_pane.prediction
+        for old in replaced:
+            row = self.model.row_of(old.path)
+            new = self.model.prediction(row) if row is not None else old
+            if (new.label, new.probabilities, new.error) != (old.label, old.probabilities, old.error):
+                # New content (a file written again): its preview and maps are of the old one.
+                self.thumbnails.forget(old.path)
+                self.image_pane.forget(old.path)
+        if shown is not None and any(old.path == shown.path for old in replaced):
+            self._show_current()
 
     def _failed(self, message: str) -> None:
         self._notify(message)
@@ -494,6 +539,10 @@ class MainWindow(QMainWindow):
         if self._pending_root is not None:
             root, self._pending_root = self._pending_root, None
             self._start(root)
+        elif self._resume_watch is not None and self._resume_watch == self.root:
+            self._resume_watch = None
+            if completed and self.root.is_dir():
+                self._start_watch()
 
     def _set_running(self, running: bool) -> None:
         self.progress.setVisible(running)
@@ -502,6 +551,112 @@ class MainWindow(QMainWindow):
         self.rerun_action.setEnabled(not running and self.root is not None)
         has_rows = self.model.rowCount() > 0
         self.export_action.setEnabled(has_rows and not running)
+        self._update_watch_action()
+
+    # =========================================================================================
+    # Watching the folder: bcc watch's watcher and ledger, its new rows shown as they come
+    def set_watching(self, on: bool) -> None:
+        """Watch the open folder (the "Watch this folder" toggle): images that land in it later
+        are classified, once complete, by `bcc watch`'s watcher with the chosen model, recorded
+        in its per-user ledger and report (FOLDER/bcc-report.xlsx), and shown as they come.
+        Asked during a run, the watch starts when the run has completed."""
+        if not on:
+            self._resume_watch = None
+            self.settings.watched_folder = ""
+            self._stop_watch()
+            return
+        if self.is_watching():
+            return
+        if self.root is None or not self.root.is_dir():
+            self._update_watch_action()
+            self._notify("Open a folder first: only a folder can be watched")
+            return
+        if self._thread is not None:
+            self._resume_watch = self.root
+            return
+        self._start_watch()
+
+    def is_watching(self) -> bool:
+        return self._watch is not None and not self._watch.stopping
+
+    def _start_watch(self) -> None:
+        from bcc_desk.watch import WatchError, claim_watch
+
+        root = self.root
+        assert root is not None
+        old = self._watch
+        if old is not None:  # still finishing (turned off a moment ago): it holds the lock
+            old.stop()
+            old.wait()
+            self._watch = None
+        try:
+            site = claim_watch(root)  # at once: the per-user ledger in use by a bcc watch daemon, ...
+        except WatchError as exc:
+            self.settings.watched_folder = ""
+            self._update_watch_action()
+            self._notify(f"Cannot watch {root}: {exc}")
+            return
+        thread = WatchThread(site, self.choice, self.store, settle=self.watch_settle, quiet=self.watch_quiet,
+                             parent=self)
+        thread.started_watching.connect(self._watch_started)
+        thread.batch.connect(self._watch_batch)
+        thread.failed.connect(self._watch_failed)
+        thread.ended.connect(self._watch_ended)
+        self._watch = thread
+        self.settings.watched_folder = str(root)
+        self.watch_label.setText("Watching: starting\u2026")
+        self.watch_label.setToolTip(f"Folder: {root}\nReport: {site.out}\nLedger: {site.state}")
+        self.watch_label.setVisible(True)
+        self.statusBar().showMessage(f"Loading the model to watch {root}\u2026")
+        self._update_watch_action()
+        thread.start()
+
+    def _stop_watch(self) -> None:
+        """Ask the watch to end; it finishes the images in hand and writes its report on its own
+        thread, and `_watch_ended` joins it."""
+        thread = self._watch
+        if thread is None or thread.stopping:
+            return
+        thread.stop()
+        self.watch_label.setText("Watching: stopping\u2026")
+        self.statusBar().showMessage("Stopping the watch (the images in hand, then the report)\u2026")
+        self._update_watch_action()
+
+    def _watch_started(self, device: str) -> None:
+        thread = self._watch
+        if thread is None or thread.stopping:
+            return
+        self.watch_label.setText("\u25c9 Watching")
+        self.statusBar().showMessage(
+            f"Watching {thread.root} on {device}: new images are classified as they arrive; report {thread.site.out}",
+            15000)
+
+    def _watch_batch(self, root: Path, predictions: list[Prediction]) -> None:
+        if root != self.root:  # a watch of the folder open before, finishing its last images
+            return
+        self._add_rows(predictions)
+        self.export_action.setEnabled(self.model.rowCount() > 0 and self._thread is None)
+
+    def _watch_failed(self, message: str) -> None:
+        self.settings.watched_folder = ""
+        self._notify(f"The watch stopped: {message}")
+
+    def _watch_ended(self, thread: WatchThread) -> None:
+        thread.wait()
+        thread.deleteLater()
+        if self._watch is thread:
+            self._watch = None
+            self.watch_label.setVisible(False)
+            if not self.statusBar().currentMessage().startswith("The watch stopped"):
+                self.statusBar().showMessage(f"Stopped watching {thread.root}.", 15000)
+            self._update_watch_action()
+        self.watch_stopped.emit()
+
+    def _update_watch_action(self) -> None:
+        stopping = self._watch is not None and self._watch.stopping
+        folder = self.root is not None and self.root.is_dir()
+        self.watch_action.setEnabled(self.is_watching() or (folder and self._thread is None and not stopping))
+        self.watch_action.setChecked(self.is_watching())
 
     # =========================================================================================
     # Table, filters, review
@@ -657,7 +812,15 @@ class MainWindow(QMainWindow):
         if self.root is None:
             return None
         folder = self.root if self.root.is_dir() else self.root.parent
+        if self._watch is not None and self._watch.root == folder:
+            return folder / "bcc-review.xlsx"  # bcc-report.xlsx is the watch's, rewritten from its ledger
         return folder / "bcc-report.xlsx"
+
+    def _check_export_target(self, out: Path) -> None:
+        """The watch rewrites its report from its ledger: reviews exported over it would be lost."""
+        if self._watch is not None and out.resolve() == self._watch.site.out:
+            raise ValueError(f"{out.name} is the watch's report, rewritten from its ledger as images arrive: "
+                             "export the reviews to another file")
 
     def export_report(self, path: Path | str | None = None) -> Path:
         """Write the report (xlsx, or CSV for a .csv path) with the review columns; return the
@@ -665,6 +828,7 @@ class MainWindow(QMainWindow):
         out = Path(path) if path is not None else self.default_report_path()
         if out is None:
             raise ValueError("nothing to export: open a folder first")
+        self._check_export_target(out)
         written = _write_report(out, *self._export_snapshot())
         self._unexported_reviews = False
         return written
@@ -689,6 +853,11 @@ class MainWindow(QMainWindow):
         out = Path(path)
         if out.suffix.lower() not in (".xlsx", ".csv"):
             out = out.with_suffix(".xlsx")
+        try:
+            self._check_export_target(out)
+        except ValueError as exc:
+            self._notify(str(exc))
+            return
         self.statusBar().showMessage(f"Writing {out}\u2026")
         submit(self._export_pool, lambda: _write_report(out, *snapshot), lambda written: self._exported(out, written),
                self._notify)
@@ -773,12 +942,19 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
     def shutdown(self) -> None:
-        """Stop the run and the helper threads (closing the window does this)."""
+        """Stop the run, the watch and the helper threads (closing the window does this; the
+        folder watched now is watched again when next opened)."""
         self._pending_root = None
         thread = self._thread
         if thread is not None:
             thread.cancel()
             thread.wait()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop()
+            watch.wait()  # the report is finalised by the watcher before its thread ends
+            self.watch_label.setVisible(False)
+            self._update_watch_action()
         self.thumbnails.wait()
         self._export_pool.waitForDone()
         self.image_pane.shutdown()

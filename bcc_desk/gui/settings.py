@@ -134,6 +134,17 @@ class AppSettings:
     def reviewer(self, name: str) -> None:
         self.q.setValue("review/reviewer", name.strip())
 
+    # -- watch --------------------------------------------------------------------------------
+    @property
+    def watched_folder(self) -> str:
+        """The folder that was being watched when the app was last closed ('' for none): it is
+        watched again when it is next opened."""
+        return str(self.q.value("watch/folder", "") or "")
+
+    @watched_folder.setter
+    def watched_folder(self, folder: str) -> None:
+        self.q.setValue("watch/folder", folder)
+
     # -- window -------------------------------------------------------------------------------
     def window_state(self) -> tuple[QByteArray | None, QByteArray | None, QByteArray | None]:
         return self._bytes("window/geometry"), self._bytes("window/state"), self._bytes("window/splitter")

@@ -78,16 +78,29 @@ class PredictionTableModel(QAbstractTableModel):
         if self.thumbnails is not None:
             self.thumbnails.clear()
 
-    def append(self, predictions: Sequence[Prediction]) -> None:
-        """Add a batch of rows (one model signal per batch, not per row)."""
-        if not predictions:
-            return
-        first = len(self._rows)
-        self.beginInsertRows(QModelIndex(), first, first + len(predictions) - 1)
-        for i, p in enumerate(predictions, start=first):
-            self._rows.append(p)
-            self._row_of[p.path] = i
-        self.endInsertRows()
+    def append(self, predictions: Sequence[Prediction]) -> list[Prediction]:
+        """Add a batch of rows (one model signal per batch, not per row).  An image already in
+        the table keeps its one row, which takes the new prediction (a watched file classified
+        again); returns the predictions so replaced."""
+        fresh: dict[Path, Prediction] = {}
+        replaced: dict[int, Prediction] = {}
+        for p in predictions:
+            row = self._row_of.get(p.path)
+            if row is None:
+                fresh[p.path] = p
+            else:
+                replaced.setdefault(row, self._rows[row])
+                self._rows[row] = p
+        if replaced:
+            self.dataChanged.emit(self.index(min(replaced), 0), self.index(max(replaced), len(HEADERS) - 1))
+        if fresh:
+            first = len(self._rows)
+            self.beginInsertRows(QModelIndex(), first, first + len(fresh) - 1)
+            for i, p in enumerate(fresh.values(), start=first):
+                self._rows.append(p)
+                self._row_of[p.path] = i
+            self.endInsertRows()
+        return list(replaced.values())
 
     def prediction(self, row: int) -> Prediction:
         return self._rows[row]

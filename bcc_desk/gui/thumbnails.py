@@ -82,6 +82,10 @@ class ThumbnailCache(QObject):
             self._pending.clear()
         self._cache.clear()
 
+    def forget(self, path: Path) -> None:
+        """Drop the preview of a file whose content changed (the next `get` loads it again)."""
+        self._cache.pop(path, None)
+
     def wait(self) -> None:
         """Block until queued loads are done (tests and shutdown)."""
         self._pool.waitForDone()

@@ -5,19 +5,29 @@ the core `Classifier`.  Predictions are handed to the UI in batches at most ever
 `emit_interval` seconds, so a fast GPU classifying thousands of images a minute cannot flood the
 event loop with one signal per image.  Cancelling closes the classifier's generator, which also
 stops its image decoders; the images done so far stay in the table.
+
+`WatchThread` runs `bcc watch`'s own `Watcher` (ledger, settle rules, report) on the open folder
+and hands each batch it records to the UI.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import shlex
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, QThread, Signal
 
 from bcc_desk.gui.jobs import one_line
 from bcc_desk.gui.models import ModelChoice, ModelStore
+
+if TYPE_CHECKING:
+    from bcc_desk.watch import Watcher, WatchSite
 
 
 class ClassifyThread(QThread):
@@ -72,6 +82,7 @@ class ClassifyThread(QThread):
     def _classify(self) -> bool:
         from bcc_desk.classifier import COMPILE_MIN_IMAGES
         from bcc_desk.images import discover_images
+        from bcc_desk.report import ood_check
 
         root = self.root.resolve()
         folder = root if root.is_dir() else root.parent  # the CLI's rule: slides relative to it
@@ -92,8 +103,7 @@ class ClassifyThread(QThread):
         self.review_threshold = classifier.review_threshold
         # What the report's Run sheet records, read here so the UI thread never touches the store.
         self.models = [(b.name, b.sha256) for b in classifier.bundles]
-        with_ood = sum(b.meta.ood is not None for b in classifier.bundles)
-        self.ood_check = "on" if with_ood == len(classifier.bundles) else ("off" if not with_ood else "partly")
+        self.ood_check = ood_check(classifier.bundles)
         self.prepared.emit(len(paths), self.device_label, compiling)
         if self._cancel.is_set():
             return False
@@ -122,6 +132,81 @@ class ClassifyThread(QThread):
         if pending:
             self.batch.emit(pending)
         return not self._cancel.is_set()
+
+
+class WatchThread(QThread):
+    """A watch of one folder, `bcc watch`'s `Watcher` on `site` (claimed, its lock held, by the
+    caller), until `stop`.  The network runs uncompiled: images arrive one at a time, and a
+    compiled network costs a whole batch per call.  The lock is released when the thread ends."""
+
+    started_watching = Signal(str)
+    """the device label: the model is loaded and the watch is starting"""
+    batch = Signal(object, object)
+    """(the watched folder, list[Prediction]): outcomes just recorded in the ledger"""
+    failed = Signal(str)
+    """a one-line reason the watch could not start or stopped"""
+    ended = Signal(object)
+    """this thread, as its last act (the UI thread then joins it)"""
+
+    def __init__(
+        self,
+        site: WatchSite,
+        choice: ModelChoice,
+        store: ModelStore,
+        *,
+        settle: float = 2.0,
+        quiet: float = 1.0,
+        parent: QObject | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.site = site
+        self.root = site.root
+        self.choice = replace(choice, compile=False)
+        self.store = store
+        self.settle, self.quiet = settle, quiet
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._watcher: Watcher | None = None
+
+    def stop(self) -> None:
+        """Ask the watch to end: it finishes the batch in hand and writes the report."""
+        with self._lock:
+            self.stopping = True
+            watcher = self._watcher
+        if watcher is not None:
+            watcher.stop()
+
+    def run(self) -> None:  # the thread's body
+        from bcc_desk.watch import log_file, log_to_file, make_watcher
+
+        logger = logging.getLogger("bcc_desk")
+        level = logger.level
+        handler = None
+        try:
+            classifier = self.store.classifier(self.choice)
+            freeze_heap()
+            with self._lock:
+                if self.stopping:
+                    return
+                handler = log_to_file(log_file(self.site.state))  # beside the ledger, as bcc watch does
+                self._watcher = make_watcher(
+                    self.site, classifier, command=shlex.join(["bcc-desk", str(self.root)]), mode="bcc-desk",
+                    settle=self.settle, quiet=self.quiet, on_predictions=self._recorded,
+                )
+            self.started_watching.emit(classifier.device_label)
+            self._watcher.run()
+        except Exception as exc:  # noqa: BLE001 - a bad bundle, a folder that cannot be watched: a message
+            self.failed.emit(one_line(exc))
+        finally:
+            self.site.release()
+            if handler is not None:
+                logger.removeHandler(handler)
+                handler.close()
+                logger.setLevel(level)
+            self.ended.emit(self)
+
+    def _recorded(self, predictions: list) -> None:
+        self.batch.emit(self.root, predictions)
 
 
 def freeze_heap() -> None:
