@@ -172,12 +172,14 @@ class Classifier:
         channels_last: bool | None = None,
         compile: bool | None = None,
         int8_cache: Path | None = None,
+        auto_int8: bool = True,
     ) -> None:
         """`batch_size` None picks the device's fastest; `compile` None (auto) compiles the
         network (torch.compile) before a call of `COMPILE_MIN_IMAGES` images or more.
         precision 'int8' runs static int8 (always compiled) from the bundles' checked calibration;
         'auto' does too on x86 CPUs whenever it compiles a bundle that carries one.  Compiled int8
-        packages are kept in `int8_cache` (default: the per-user data directory)."""
+        packages are kept in `int8_cache` (default: the per-user data directory).  `auto_int8`
+        False keeps 'auto' off int8 (a GUI: the int8 package holds the GIL through each batch)."""
         members = [bundles] if isinstance(bundles, Bundle) else list(bundles)
         if not members:
             raise BundleError("no model bundle given")
@@ -208,7 +210,7 @@ class Classifier:
         # is compiled and every member carries that check.  Settled at the first compile, where
         # it may fall back to bf16.
         self.int8 = precision == "int8" or (
-            precision == "auto" and compile is not False and self.device.type == "cpu"
+            precision == "auto" and auto_int8 and compile is not False and self.device.type == "cpu"
             and all(b.meta.int8 is not None for b in members)
         )
         self._int8_requested = precision == "int8"
@@ -364,19 +366,14 @@ class Classifier:
 
     def _quantize(self) -> None:
         """Static int8 for every member, or none (an ensemble runs at one precision)."""
-        from bcc_desk.bundle import load_int8_calibration
-        from bcc_desk.quantize import Int8Unavailable, quantize_int8
+        from bcc_desk.quantize import Int8Unavailable, int8_forward
 
         compiled = {}
         try:
             for m in self._members:
-                calibration = load_int8_calibration(m.bundle)
-                identity = f"{m.bundle.sha256}:{m.bundle.meta.int8.calibration_sha256}"  # type: ignore[union-attr]
-                compiled[id(m.bundle.model)] = quantize_int8(
-                    m.bundle.model, calibration, m.bundle.meta.input, self.batch_size, self.autocast_dtype,
-                    identity=identity, cache_dir=self.int8_cache,
-                )
-        except (Int8Unavailable, BundleError) as exc:
+                compiled[id(m.bundle.model)] = int8_forward(m.bundle, self.batch_size, self.autocast_dtype,
+                                                            self.int8_cache)
+        except Int8Unavailable as exc:
             # Asked for: the user must know.  Picked by 'auto': bf16 is the documented fallback.
             (log.warning if self._int8_requested else log.info)("int8 is not available (%s); running %s",
                                                                 exc, "bf16" if self.autocast_dtype else "fp32")

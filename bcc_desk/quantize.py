@@ -6,8 +6,8 @@ it classifies), its linear layers are converted to int8 with torchao's PT2E
 `X86InductorQuantizer`, and the result is compiled ahead of time by AOTInductor with weight
 freezing (without freezing the int8 graph is no faster than bf16: measured in bench/RESULTS.md).
 
-Building costs ~25-40 s on 2 cores, so the compiled package is kept in the per-user data
-directory, keyed by everything it depends on (weights, calibration, batch size, numerics, torch
+Building costs ~25-40 s on 2 cores (in a child process: `int8_forward`), so the compiled
+package is kept in the per-user data directory, keyed by everything it depends on (weights, calibration, batch size, numerics, torch
 and torchao versions, CPU): later runs load it in a fraction of a second.  A package is only
 ever one this program wrote there; its sha256 is checked before it is loaded.
 """
@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bcc_desk.bundle import InputSpec, file_sha256
+from bcc_desk.bundle import Bundle, BundleError, InputSpec, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,6 @@ def quantize_int8(
         reason = int8_unavailable_reason(torch.device("cpu"))
         if reason:
             raise Int8Unavailable(reason)
-        log.info("preparing int8 for this computer and model (once: about half a minute on 2 cores)")
         try:
             with warnings.catch_warnings():
                 # torchao and export announce API migrations at every call: noise for a lab user.
@@ -134,6 +135,45 @@ def quantize_int8(
         except Exception as exc:  # noqa: BLE001 - no compiler, unsupported op, ...: the caller falls back
             text = str(exc).strip().splitlines()
             raise Int8Unavailable((text[0] if text else type(exc).__name__)[:200]) from None
+    return forward
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ERROR = "int8 unavailable: "
+
+
+def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | None,
+                 cache_dir: Path | None = None) -> Forward:
+    """The bundle's static-int8 forward for batches of `batch_size` uint8 images, from the
+    package kept for this computer; a missing one is built first in a child process, so that
+    the caller keeps its interpreter (a window's UI thread stalled for 3 s while the build ran
+    in its process: bench/RESULTS.md) and its memory.  Raises Int8Unavailable."""
+    assert bundle.meta.int8 is not None
+    cache = default_cache_dir() if cache_dir is None else cache_dir
+    identity = f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}"
+    try:
+        package = cache / f"{package_key(identity, bundle.meta.input, batch_size, autocast_dtype)}{PACKAGE_SUFFIX}"
+    except PackageNotFoundError:
+        raise Int8Unavailable("torchao is not installed") from None
+    forward = _load_cached(package) if platform.machine().lower() in X86 else None
+    if forward is not None:
+        return forward
+    dtype = next(name for name, value in DTYPES.items() if value == autocast_dtype)
+    log.info("preparing int8 for this computer and model (once: about half a minute on 2 cores)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bcc_desk.quantize", str(bundle.path), "--batch-size", str(batch_size),
+         "--dtype", dtype, "--cache", str(cache)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(_ERROR)] or proc.stderr.strip().splitlines()
+        raise Int8Unavailable((lines[-1].removeprefix(_ERROR) if lines else f"exit code {proc.returncode}")[:200])
+    forward = _load_cached(package)
+    if forward is None:  # the cache cannot be written: build for this run only, here
+        from bcc_desk.bundle import load_int8_calibration
+
+        forward = quantize_int8(bundle.model, load_int8_calibration(bundle), bundle.meta.input, batch_size,
+                                autocast_dtype, identity=identity, cache_dir=cache)
     return forward
 
 
@@ -286,3 +326,32 @@ def _float_modules(model: nn.Module) -> list[str]:
     if info:
         names.append(f"net.trunk.{info[-1]['module']}")
     return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build a bundle's int8 package into the cache (the child process of `int8_forward`)."""
+    import argparse
+
+    from bcc_desk.bundle import load_bundle, load_int8_calibration
+
+    ap = argparse.ArgumentParser(prog="python -m bcc_desk.quantize")
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--batch-size", type=int, required=True)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), required=True)
+    ap.add_argument("--cache", type=Path, required=True)
+    args = ap.parse_args(argv)
+    try:
+        bundle = load_bundle(args.bundle)
+        if bundle.meta.int8 is None:
+            raise Int8Unavailable(f"{bundle.name} carries no int8 calibration")
+        quantize_int8(bundle.model, load_int8_calibration(bundle), bundle.meta.input, args.batch_size,
+                      DTYPES[args.dtype], identity=f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}",
+                      cache_dir=args.cache)
+    except (Int8Unavailable, BundleError) as exc:
+        print(f"{_ERROR}{exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -230,11 +230,13 @@ def part_memory(model: Path, n: int, tmp: Path) -> dict:
 
 
 def run_part(part: str, model: Path, n: int) -> dict:
-    """One part in a fresh process, so each measures the app from a clean start."""
+    """One part in a fresh process, so each measures the app from a clean start: also a fresh
+    per-user data directory, so a large folder's first run builds the int8 package inside the
+    app, as on a lab computer the first time (the worst case for stalls and memory)."""
     with tempfile.TemporaryDirectory(prefix="bench-gui-") as tmp:
         result = Path(tmp) / "result.json"
         subprocess.run([sys.executable, __file__, "--part", part, "--images", str(n), "--model", str(model),
-                        "--result", str(result)], check=True)
+                        "--result", str(result)], check=True, env={**os.environ, "XDG_DATA_HOME": str(Path(tmp) / "data")})
         return json.loads(result.read_text())
 
 

@@ -444,7 +444,6 @@ def test_a_ledger_in_use_by_bcc_watch_is_one_message_and_the_toggle_off(qtbot, w
 
 
 def test_grad_cam_overlay_toggles(qtbot, done: MainWindow) -> None:
-    pytest.importorskip("pytorch_grad_cam")
     window = done
     pane = window.image_pane
     window.table.selectRow(0)

@@ -124,3 +124,20 @@ def test_bcc_classify_int8_without_calibration_is_a_one_line_usage_error(tmp_pat
                                  "--out", str(tmp_path / "r.xlsx")])
     assert r.exit_code == 2 and "bcc-train int8" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "r.xlsx").exists()
+
+
+def test_a_failed_int8_build_falls_back_to_bf16_with_its_reason(
+    int8_bundle: Path, images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The package is built in a child process; what stops it reaches the user in one line."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(int8_bundle, tampered)
+    data = bytearray((tampered / CALIBRATION_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (tampered / CALIBRATION_FILE).write_bytes(bytes(data))
+    clf = Classifier(load_bundle(tampered), precision="int8", int8_cache=tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="bcc_desk.classifier"):
+        preds = list(clf.predict_paths(images[:3], images[0].parents[1]))
+    assert all(p.ok for p in preds) and not clf.int8_active and "int8" not in clf.device_label
+    assert "does not match its bundle" in caplog.text and "Traceback" not in caplog.text
+    assert not list((tmp_path / "cache").glob("*.pt2"))

@@ -81,6 +81,9 @@ class ModelStore:
                     batch_size=choice.batch_size,
                     workers=choice.workers,
                     compile=choice.compile,
+                    # The int8 package holds Python's GIL for a whole batch (~170 ms, seconds
+                    # on its first call): the window would freeze.  Compiled bf16 does not.
+                    auto_int8=False,
                 )
                 self._classifier_key = key
             return self._classifier
