@@ -141,3 +141,12 @@ def test_a_failed_int8_build_falls_back_to_bf16_with_its_reason(
     assert all(p.ok for p in preds) and not clf.int8_active and "int8" not in clf.device_label
     assert "does not match its bundle" in caplog.text and "Traceback" not in caplog.text
     assert not list((tmp_path / "cache").glob("*.pt2"))
+
+
+def test_the_desktop_app_never_picks_int8_by_itself(int8_bundle: Path) -> None:
+    """The int8 package holds the GIL through a batch: the window would freeze (bench/RESULTS.md)."""
+    from bcc_desk.gui.models import ModelChoice, ModelStore
+
+    clf = ModelStore().classifier(ModelChoice((int8_bundle,), compile=True))
+    assert not clf.int8 and clf.autocast_dtype == Classifier(load_bundle(int8_bundle), compile=True).autocast_dtype
+    assert Classifier(load_bundle(int8_bundle), compile=True).int8  # where `bcc classify` would
