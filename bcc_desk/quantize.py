@@ -158,8 +158,13 @@ def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | 
     forward = _load_cached(package) if platform.machine().lower() in X86 else None
     if forward is not None:
         return forward
-    dtype = next(name for name, value in DTYPES.items() if value == autocast_dtype)
     log.info("preparing int8 for this computer and model (once: about half a minute on 2 cores)")
+    if not _writable(cache):  # nothing could be kept for the child to hand over: build here, once
+        from bcc_desk.bundle import load_int8_calibration
+
+        return quantize_int8(bundle.model, load_int8_calibration(bundle), bundle.meta.input, batch_size,
+                             autocast_dtype, identity=identity, cache_dir=cache)
+    dtype = next(name for name, value in DTYPES.items() if value == autocast_dtype)
     proc = subprocess.run(
         [sys.executable, "-m", "bcc_desk.quantize", str(bundle.path), "--batch-size", str(batch_size),
          "--dtype", dtype, "--cache", str(cache)],
@@ -169,12 +174,18 @@ def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | 
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(_ERROR)] or proc.stderr.strip().splitlines()
         raise Int8Unavailable((lines[-1].removeprefix(_ERROR) if lines else f"exit code {proc.returncode}")[:200])
     forward = _load_cached(package)
-    if forward is None:  # the cache cannot be written: build for this run only, here
-        from bcc_desk.bundle import load_int8_calibration
-
-        forward = quantize_int8(bundle.model, load_int8_calibration(bundle), bundle.meta.input, batch_size,
-                                autocast_dtype, identity=identity, cache_dir=cache)
+    if forward is None:
+        raise Int8Unavailable(f"the int8 build left no usable package in {cache}")
     return forward
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
 
 
 def package_key(identity: str, spec: InputSpec, batch_size: int, dtype: torch.dtype | None) -> str:

@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from datetime import date
 from pathlib import Path
 
 from common import ALL4, REPO, cpu_name, publish  # noqa: E402 - bench/ is the script's own folder
+
+sys.path.insert(0, str(REPO / "tests"))
+from folders import spread_images  # noqa: E402 - the tests' helper
 
 DEFAULT_MODEL = REPO / "resources" / "models" / "default"
 TICK_MS = 50
@@ -54,16 +56,7 @@ def real_images() -> list[Path]:
 
 def make_folder(dest: Path, n: int, slides: int) -> Path:
     """n real images (repeated when n exceeds the data set) spread over `slides` folders."""
-    images = real_images()
-    for k in range(n):
-        src = images[k % len(images)]
-        target = dest / f"slide-{k % slides + 1:02d}" / f"{k:05d}-{src.name}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            target.hardlink_to(src)
-        except OSError:
-            shutil.copy(src, target)
-    return dest
+    return spread_images(dest, real_images(), n, lambda k: f"slide-{k % slides + 1:02d}")
 
 
 def _window(model: Path, tmp: Path):

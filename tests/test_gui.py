@@ -27,6 +27,7 @@ from bcc_desk.ledger import DONE, Ledger
 from bcc_desk.watch import ReportWriter, default_state, lock_state
 
 from bundles import CLASSES, make_bundle
+from folders import spread_images
 
 RUN_TIMEOUT_MS = 60_000
 WATCH_TIMEOUT_MS = 60_000
@@ -58,15 +59,7 @@ def slides(tmp_path_factory, real_images) -> Path:
 
 def _many(folder: Path, images: list[Path], n: int) -> Path:
     """n real images in 4 slide folders (hard links where the file system allows)."""
-    for k in range(n):
-        src = images[k % len(images)]
-        dest = folder / f"slide-{k % 4}" / f"{k:05d}-{src.name}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            dest.hardlink_to(src)
-        except OSError:
-            shutil.copy(src, dest)
-    return folder
+    return spread_images(folder, images, n, lambda k: f"slide-{k % 4}")
 
 
 @pytest.fixture(scope="module")

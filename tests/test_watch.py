@@ -139,7 +139,7 @@ def read_only(folder: Path) -> Iterator[None]:
             pass
         else:
             probe.unlink()
-            pytest.skip("cannot make a folder read-only here")
+            pytest.fail("this test needs a folder it can make read-only (chmod; as root, chattr +i)")
         yield
     finally:
         if immutable:
@@ -310,7 +310,7 @@ def test_a_share_mounted_over_the_folder_and_unmounted_again(tmp_path, classifie
         local = rows(w.state)["local.jpg"]
         if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(w.root)],
                                                check=False, capture_output=True).returncode != 0:
-            pytest.skip("mounting a file system needs root here")
+            pytest.fail("this test mounts a tmpfs over the watched folder: run the tests as root (CI does)")
         try:
             wait_for("the new folder to be watched", lambda: caplog.text.count("watching ") >= 2)
             shutil.copyfile(jpgs[1], w.root / "on-share.jpg")

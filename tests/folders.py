@@ -1,0 +1,21 @@
+"""Large folders of real images for the GUI tests and benchmarks (not a test module)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def spread_images(dest: Path, images: Sequence[Path], n: int, slide: Callable[[int], str]) -> Path:
+    """n real images (repeated when n exceeds `images`), image k in folder `slide(k)`; hard
+    links where the file system allows, copies elsewhere."""
+    for k in range(n):
+        src = images[k % len(images)]
+        target = dest / slide(k) / f"{k:05d}-{src.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.hardlink_to(src)
+        except OSError:
+            shutil.copy(src, target)
+    return dest
