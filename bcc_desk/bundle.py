@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 FORMAT_VERSION = 1
@@ -27,6 +27,7 @@ WEIGHTS_FILE = "model.safetensors"
 CALIBRATION_FILE = "int8-calibration.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # Pillow's resampling filters
 
 
 class BundleError(Exception):
@@ -141,6 +142,8 @@ class BundleMeta:
             raise ValueError(f"review_threshold must be within 0..1, got {self.review_threshold}")
         if self.input.size < 16 or not 0 < self.input.crop_pct <= 1:
             raise ValueError(f"bad input spec {self.input}")
+        if self.input.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.input.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
 
 
 class BundleNet(nn.Module):
@@ -187,19 +190,46 @@ class BundleNet(nn.Module):
 
     def ood_score(self, features: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance to the nearest class mean, per row."""
-        f = features.float()
-        diff = f[:, None, :] - self.ood_means[None, :, :]  # (n, k, d)
-        dist = torch.einsum("nkd,de,nke->nk", diff, self.ood_precision, diff)
-        return dist.min(dim=1).values
+        return ood_distance(features, self.ood_means, self.ood_precision)
+
+
+def ood_distance(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distance of each row of `features` to the nearest of `means` (k, d)
+    under the shared `precision` (d, d)."""
+    f = features.float()
+    diff = f[:, None, :] - means[None, :, :]  # (n, k, d)
+    dist = torch.einsum("nkd,de,nke->nk", diff, precision, diff)
+    return dist.min(dim=1).values
 
 
 @dataclass
 class Bundle:
-    """A loaded, verified bundle."""
+    """A loaded bundle whose weights matched their sha256.  The network is built on first use
+    of `model` (building it imports timm: seconds that a run from a kept int8 package, which
+    holds the whole network, does not need); the out-of-distribution statistics are at hand
+    without it."""
 
     path: Path
     meta: BundleMeta
-    model: BundleNet
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    ood_stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _model: BundleNet | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> BundleNet:
+        """The network with the bundle's weights (built and shape-checked on first use)."""
+        if self._model is None:
+            assert self.state is not None
+            model = build_model(self.meta)
+            _check_state(model, self.state, self.path / WEIGHTS_FILE, self.meta.arch)
+            model.load_state_dict(self.state, strict=True)
+            self._model = model.eval()
+            self.state = None  # the model holds the weights now
+        return self._model
+
+    @property
+    def model_built(self) -> bool:
+        return self._model is not None
 
     @property
     def name(self) -> str:
@@ -351,8 +381,10 @@ def read_meta(folder: Path) -> BundleMeta:
     return meta
 
 
-def load_bundle(folder: Path | str) -> Bundle:
-    """Read, verify and build a bundle; raise `BundleError` naming what is wrong."""
+def load_bundle(folder: Path | str, build: bool = True) -> Bundle:
+    """Read and verify a bundle; raise `BundleError` naming what is wrong.  With `build` False
+    the network (and the check of every tensor's shape against the architecture) waits for the
+    first use of `Bundle.model`."""
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
@@ -360,23 +392,31 @@ def load_bundle(folder: Path | str) -> Bundle:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{folder} has no {WEIGHTS_FILE}")
-    actual = file_sha256(weights)
-    if meta.weights_sha256 and actual != meta.weights_sha256:
+    if not meta.weights_sha256:
+        raise BundleError(f"{folder / META_FILE} records no weights_sha256: cannot verify the weights")
+    try:
+        data = weights.read_bytes()  # read once: the bytes hashed are the bytes used
+    except OSError as exc:
+        raise BundleError(f"{weights} cannot be read ({_one_line(exc)})") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != meta.weights_sha256:
         raise BundleError(
             f"{weights} does not match its bundle: sha256 {actual[:12]}… but bundle.json says "
             f"{meta.weights_sha256[:12]}… (corrupt or replaced file)"
         )
-    if not meta.weights_sha256:
-        raise BundleError(f"{folder / META_FILE} records no weights_sha256: cannot verify the weights")
     try:
-        state = load_file(str(weights))
+        state = load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{weights} is not a readable safetensors file ({_one_line(exc)})") from None
-    model = build_model(meta)
-    _check_state(model, state, weights, meta.arch)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    return Bundle(path=folder, meta=meta, model=model)
+    del data
+    bundle = Bundle(path=folder, meta=meta, state=state)
+    if build:
+        bundle.model  # noqa: B018 - build and check every shape now, where the caller expects errors
+    if meta.ood is not None:
+        if "ood_means" not in state or "ood_precision" not in state:
+            raise BundleError(f"{weights} lacks the out-of-distribution statistics its bundle.json declares")
+        bundle.ood_stats = (state["ood_means"].float(), state["ood_precision"].float())
+    return bundle
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, arch: str) -> None:

@@ -18,12 +18,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as T
 
-from bcc_desk.bundle import Bundle, BundleError, InputSpec
+from bcc_desk.bundle import Bundle, BundleError, InputSpec, ood_distance
 from bcc_desk.images import ImageReadError, open_image
 from bcc_desk.prediction import (
     REVIEW_LOW_CONFIDENCE,
@@ -32,6 +31,7 @@ from bcc_desk.prediction import (
     error_prediction,
     relative_location,
 )
+from bcc_desk.quantize import Int8Unavailable, int8_forward, int8_package_ready
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +124,33 @@ def device_label(device: torch.device, dtype: torch.dtype | None, int8: bool = F
 
 def make_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
     """PIL RGB image -> uint8 CHW tensor of the bundle's input size (resize shorter side,
-    centre crop).  Normalisation happens later, on the whole batch."""
-    resize = int(round(spec.size / spec.crop_pct))
-    interpolation = InterpolationMode(spec.interpolation)
-    return T.Compose(
-        [
-            T.Resize(resize, interpolation=interpolation, antialias=True),
-            T.CenterCrop(spec.size),
-            T.PILToTensor(),
-        ]
-    )
+    centre crop).  Normalisation happens later, on the whole batch.
+
+    These are the Pillow calls torchvision's Resize/CenterCrop/PILToTensor make on a PIL image
+    (a test checks that the pixels are identical); torchvision itself is not imported because
+    its import pulls in torch._dynamo, seconds of every run's start-up."""
+    short = int(round(spec.size / spec.crop_pct))
+    resample = Image.Resampling[spec.interpolation.upper()]
+    size = spec.size
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        w, h = image.size
+        scaled = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        if scaled != (w, h):
+            image = image.resize(scaled, resample)
+            w, h = scaled
+        if (w, h) != (size, size):
+            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+        # Planar (CHW) here, in the decoding thread, so the batch is stacked by plain copies; by
+        # numpy, because a torch op in this thread would start a second OpenMP team on the cores
+        # the network is using.
+        # A CHW view, as torchvision's PILToTensor gives; the batch's stack makes it planar.  (A
+        # torch op here, in a decoding thread, would start a second OpenMP team on the cores the
+        # network is using: end to end fell from ~35 to 23-32 images/s.)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+    return transform
 
 
 def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
@@ -153,6 +170,9 @@ def _spec_key(spec: InputSpec) -> tuple:
 class _Member:
     bundle: Bundle
     key: tuple
+    forward: Callable | None = None  # compiled or int8; None: the eager network
+    model: torch.nn.Module | None = None  # the eager network, once placed on the device
+    ood: tuple[torch.Tensor, torch.Tensor, float] | None = None  # means, precision, threshold
 
 
 class Classifier:
@@ -220,7 +240,6 @@ class Classifier:
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.batch_size = batch_size or default_batch_size(self.device)
         self.compile = compile
-        self._compiled: dict[int, Callable] = {}
         self.tta = tta
         self.workers = max(1, workers)
         self.classes = list(classes)
@@ -236,12 +255,27 @@ class Classifier:
         # The largest size any member resizes to: big JPEGs are decoded straight at that scale.
         self._decode_size = max(round(b.meta.input.size / b.meta.input.crop_pct) for b in members)
         self._members: list[_Member] = []
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        # A kept int8 package holds the whole network: then the eager one is not even built
+        # (timm's import and the build are seconds of a run's start-up).
+        lazy = self.int8 and all(int8_package_ready(b, self.batch_size, self.autocast_dtype, int8_cache)
+                                 for b in members)
         for b in members:
             key = _spec_key(b.meta.input)
             self._transforms.setdefault(key, make_transform(b.meta.input))
-            b.model.to(self.device, memory_format=memory_format).eval()
-            self._members.append(_Member(b, key))
+            ood = None
+            if b.ood_stats is not None and b.meta.ood is not None:
+                means, precision = b.ood_stats
+                ood = (means.to(self.device), precision.to(self.device), b.meta.ood.threshold)
+            self._members.append(_Member(b, key, ood=ood))
+            if not lazy:
+                self._eager(self._members[-1])
+
+    def _eager(self, m: _Member) -> torch.nn.Module:
+        """The member's eager network on this classifier's device (built on first use)."""
+        if m.model is None:
+            memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+            m.model = m.bundle.model.to(self.device, memory_format=memory_format).eval()
+        return m.model
 
     @property
     def device_label(self) -> str:
@@ -253,8 +287,13 @@ class Classifier:
         return self._int8_active
 
     @property
+    def compiled(self) -> bool:
+        """True once the network runs compiled (torch.compile or an int8 package)."""
+        return any(m.forward is not None for m in self._members)
+
+    @property
     def has_ood(self) -> bool:
-        return any(m.bundle.model.has_ood and m.bundle.meta.ood for m in self._members)
+        return any(m.ood is not None for m in self._members)
 
     # -- decoding -----------------------------------------------------------------------------
     def _decode(self, path: Path) -> _Decoded:
@@ -299,8 +338,7 @@ class Classifier:
         probs = None
         ood = None
         for m in self._members:
-            model = m.bundle.model
-            forward = self._compiled.get(id(model), model.forward_with_features)
+            forward = m.forward or self._eager(m).forward_with_features
             x = tensors[m.key].to(self.device, non_blocking=True)
             if not self._int8_active:  # the int8 package takes uint8 and normalises inside
                 x = normalise(x, m.bundle.meta.input)
@@ -312,8 +350,9 @@ class Classifier:
                     logits, features = forward(view)
                 p = torch.softmax(logits.float() / m.bundle.meta.temperature, dim=1)
                 probs = p if probs is None else probs + p
-                if i == 0 and model.has_ood and m.bundle.meta.ood is not None:
-                    ratio = model.ood_score(features) / m.bundle.meta.ood.threshold
+                if i == 0 and m.ood is not None:
+                    means, precision, threshold = m.ood
+                    ratio = ood_distance(features, means, precision) / threshold
                     ood = ratio if ood is None else torch.maximum(ood, ratio)
         assert probs is not None
         probs = probs / (len(self._members) * (3 if self.tta else 1))
@@ -344,13 +383,12 @@ class Classifier:
         # Inductor's C++ toolchain probe warns about a missing CUDA runtime on CPU-only machines:
         # noise for a technician, not a problem.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        if self.int8 and not self._compiled:
+        if self.int8 and not self._int8_active:
             self._quantize()
         for m in self._members:
-            model = m.bundle.model
-            if id(model) in self._compiled:
+            if m.forward is not None:
                 continue
-            compiled = torch.compile(model.forward_with_features, dynamic=False)
+            compiled = torch.compile(self._eager(m).forward_with_features, dynamic=False)
             probe = torch.zeros(self.batch_size, 3, m.bundle.meta.input.size, m.bundle.meta.input.size,
                                 device=self.device)
             if self.channels_last:
@@ -362,24 +400,22 @@ class Classifier:
                 log.warning("torch.compile is not available here (%s); running uncompiled", _first_line(exc))
                 self.compile = False
                 return
-            self._compiled[id(model)] = compiled
+            m.forward = compiled
 
     def _quantize(self) -> None:
         """Static int8 for every member, or none (an ensemble runs at one precision)."""
-        from bcc_desk.quantize import Int8Unavailable, int8_forward
-
-        compiled = {}
+        compiled = []
         try:
             for m in self._members:
-                compiled[id(m.bundle.model)] = int8_forward(m.bundle, self.batch_size, self.autocast_dtype,
-                                                            self.int8_cache)
+                compiled.append(int8_forward(m.bundle, self.batch_size, self.autocast_dtype, self.int8_cache))
         except Int8Unavailable as exc:
             # Asked for: the user must know.  Picked by 'auto': bf16 is the documented fallback.
             (log.warning if self._int8_requested else log.info)("int8 is not available (%s); running %s",
                                                                 exc, "bf16" if self.autocast_dtype else "fp32")
             self.int8 = False
             return
-        self._compiled.update(compiled)
+        for m, forward in zip(self._members, compiled):
+            m.forward = forward
         self._int8_active = True
 
     def _predict_batches(
@@ -395,7 +431,7 @@ class Classifier:
             results: dict[Path, Prediction] = {}
             if good:
                 stacked = {key: torch.stack([r[key] for _, r in good]) for key in self._transforms}
-                if self._compiled and len(good) < self.batch_size:
+                if self.compiled and len(good) < self.batch_size:
                     # A compiled network has one static shape: pad, and ignore the padding.
                     stacked = {k: pad_batch(v, self.batch_size) for k, v in stacked.items()}
                 if self.device.type == "cuda":

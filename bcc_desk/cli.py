@@ -70,7 +70,8 @@ def _load_models(models: list[Path]):
             )
         models = [DEFAULT_MODEL_DIR]
     try:
-        return [load_bundle(m) for m in models]
+        # The classifier builds the networks: not at all when it runs a kept int8 package.
+        return [load_bundle(m, build=False) for m in models]
     except BundleError as exc:
         fail(str(exc))
 
@@ -311,6 +312,7 @@ def watch(
     """Classify every image that lands under ROOT, exactly once, until Ctrl+C or SIGTERM."""
     import signal
 
+    from bcc_desk.bundle import BundleError
     from bcc_desk.classifier import Classifier
     from bcc_desk.ledger import LedgerError
     from bcc_desk.watch import (
@@ -339,7 +341,7 @@ def watch(
         classifier = Classifier(bundles, compile=compile, **settings)  # type: ignore[arg-type]
         eager = {**settings, "precision": "auto" if precision == "int8" else precision}  # int8 is compiled only
         single = Classifier(bundles, compile=False, **eager) if compile else None  # type: ignore[arg-type]
-    except ValueError as exc:
+    except (ValueError, BundleError) as exc:
         fail(str(exc))
     try:
         watcher = make_watcher(site, classifier, command=shlex.join(["bcc", *sys.argv[1:]]), single=single,

@@ -142,19 +142,37 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ERROR = "int8 unavailable: "
 
 
+def _package_path(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | None, cache_dir: Path | None) -> Path:
+    """Where the bundle's package for this computer is kept (PackageNotFoundError: no torchao)."""
+    assert bundle.meta.int8 is not None
+    cache = default_cache_dir() if cache_dir is None else cache_dir
+    identity = f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}"
+    return cache / f"{package_key(identity, bundle.meta.input, batch_size, autocast_dtype)}{PACKAGE_SUFFIX}"
+
+
+def int8_package_ready(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | None,
+                       cache_dir: Path | None = None) -> bool:
+    """Whether a package for the bundle is kept here (not yet checked: loading does that)."""
+    if bundle.meta.int8 is None or platform.machine().lower() not in X86:
+        return False
+    try:
+        package = _package_path(bundle, batch_size, autocast_dtype, cache_dir)
+    except PackageNotFoundError:
+        return False
+    return package.is_file() and _sidecar(package).is_file()
+
+
 def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | None,
                  cache_dir: Path | None = None) -> Forward:
     """The bundle's static-int8 forward for batches of `batch_size` uint8 images, from the
     package kept for this computer; a missing one is built first in a child process, so that
     the caller keeps its interpreter (a window's UI thread stalled for 3 s while the build ran
     in its process: bench/RESULTS.md) and its memory.  Raises Int8Unavailable."""
-    assert bundle.meta.int8 is not None
-    cache = default_cache_dir() if cache_dir is None else cache_dir
-    identity = f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}"
     try:
-        package = cache / f"{package_key(identity, bundle.meta.input, batch_size, autocast_dtype)}{PACKAGE_SUFFIX}"
+        package = _package_path(bundle, batch_size, autocast_dtype, cache_dir)
     except PackageNotFoundError:
         raise Int8Unavailable("torchao is not installed") from None
+    cache = package.parent
     forward = _load_cached(package) if platform.machine().lower() in X86 else None
     if forward is not None:
         return forward
@@ -163,7 +181,8 @@ def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | 
         from bcc_desk.bundle import load_int8_calibration
 
         return quantize_int8(bundle.model, load_int8_calibration(bundle), bundle.meta.input, batch_size,
-                             autocast_dtype, identity=identity, cache_dir=cache)
+                             autocast_dtype, identity=f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}",
+                             cache_dir=cache)
     dtype = next(name for name, value in DTYPES.items() if value == autocast_dtype)
     proc = subprocess.run(
         [sys.executable, "-m", "bcc_desk.quantize", str(bundle.path), "--batch-size", str(batch_size),
@@ -278,12 +297,20 @@ def _sidecar(package: Path) -> Path:
 
 
 def _load(package: Path) -> Forward:
-    runner = torch._inductor.aoti_load_package(str(package))
+    # torch's own loader, without the wrapper torch._inductor.aoti_load_package puts round it:
+    # importing torch._inductor pulls in torch._dynamo, 1.5 s of every run's start-up, for a
+    # pytree flatten.  The wrapper stays the fallback should torch move its loader.
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader is not None:
+        run = loader(str(package), "model", False, 1, -1).boxed_run
+    else:
+        wrapped = torch._inductor.aoti_load_package(str(package))
+        run = lambda inputs: list(wrapped(*inputs))  # noqa: E731
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype != torch.uint8:  # the package does not check: a float batch would run as bytes
             raise TypeError(f"the int8 package takes uint8 images, not {x.dtype}")
-        logits, features = runner(x)
+        logits, features = run([x])
         return logits, features
 
     return forward

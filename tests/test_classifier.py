@@ -168,7 +168,7 @@ def test_compiled_network_matches_eager_including_a_padded_last_batch(bundle_dir
     eager = list(Classifier(load_bundle(bundle_dir), precision="fp32", batch_size=4, compile=False).predict_paths(paths, slide_root))
     clf = Classifier(load_bundle(bundle_dir), precision="fp32", batch_size=4, compile=True)
     compiled = list(clf.predict_paths(paths, slide_root))
-    assert clf._compiled, "the network was compiled"
+    assert clf.compiled, "the network was compiled"
     assert [p.label for p in compiled] == [p.label for p in eager] and len(compiled) == 7
     for a, b in zip(compiled, eager):
         assert a.confidence == pytest.approx(b.confidence, abs=1e-4)
@@ -186,3 +186,26 @@ def test_a_symlinked_image_is_classified_where_its_link_sits(bundle_dir: Path, r
     preds = list(Classifier(load_bundle(bundle_dir), precision="fp32").predict_paths(discover_images(root), root))
     assert sorted((p.file, p.slide, p.ok) for p in preds) == [
         ("slide-1/linked.jpg", "slide-1", True), ("slide-1/plain.jpg", "slide-1", True)]
+
+
+@pytest.mark.parametrize("crop_pct, interpolation", [(1.0, "bicubic"), (0.875, "bilinear"), (0.9, "lanczos")])
+def test_the_input_transform_gives_torchvisions_pixels(real_images, crop_pct: float, interpolation: str) -> None:
+    """make_transform uses Pillow directly (torchvision's import costs seconds of start-up);
+    its pixels must be exactly those of torchvision's Resize + CenterCrop + PILToTensor, the
+    transform the shipped model was trained and validated with."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    from bcc_desk.bundle import InputSpec
+
+    spec = InputSpec(size=96, crop_pct=crop_pct, interpolation=interpolation)
+    reference = T.Compose([T.Resize(round(spec.size / crop_pct), interpolation=InterpolationMode(interpolation),
+                                    antialias=True), T.CenterCrop(spec.size), T.PILToTensor()])
+    ours = make_transform(spec)
+    image = open_image(real_images[CLASSES[1]][0])
+    # The camera's own size, upscaled, portrait, landscape and odd sizes: each crop and rounding path.
+    for size in [image.size, (250, 181), (181, 250), (96, 96), (1023, 767), (97, 300)]:
+        variant = image.resize(size)
+        a, b = ours(variant), reference(variant)
+        assert a.dtype == torch.uint8 and a.shape == (3, 96, 96)
+        assert torch.equal(a, b), size

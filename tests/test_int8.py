@@ -93,18 +93,23 @@ def test_the_compiled_package_is_kept_verified_and_rebuilt_when_damaged(
     """The slow build happens once per model and computer; a damaged package is never loaded."""
     root, cache = images[0].parents[1], tmp_path / "cache"
 
-    def run() -> list[dict[str, float]]:
-        clf = Classifier(load_bundle(int8_bundle), precision="int8", int8_cache=cache)
+    def run() -> list[tuple[dict[str, float], float | None]]:
+        bundle = load_bundle(int8_bundle, build=False)  # as `bcc classify` loads it
+        clf = Classifier(bundle, precision="int8", int8_cache=cache)
         preds = list(clf.predict_paths(images, root))
         assert clf.int8_active
-        return [p.probabilities for p in preds]
+        runs.append(bundle.model_built)
+        return [(p.probabilities, p.ood_score) for p in preds]
 
+    runs: list[bool] = []
     with caplog.at_level(logging.INFO, logger="bcc_desk.quantize"):
         built = run()
         assert "preparing int8" in caplog.text
         [package] = cache.glob("*.pt2")
         caplog.clear()
         assert run() == built and "preparing int8" not in caplog.text  # loaded, not rebuilt
+        # The kept package holds the whole network: the eager one (timm, seconds) is never built.
+        assert runs == [True, False]
         data = bytearray(package.read_bytes())
         data[len(data) // 2] ^= 0xFF
         package.write_bytes(bytes(data))
@@ -150,3 +155,27 @@ def test_the_desktop_app_never_picks_int8_by_itself(int8_bundle: Path) -> None:
     clf = ModelStore().classifier(ModelChoice((int8_bundle,), compile=True))
     assert not clf.int8 and clf.autocast_dtype == Classifier(load_bundle(int8_bundle), compile=True).autocast_dtype
     assert Classifier(load_bundle(int8_bundle), compile=True).int8  # where `bcc classify` would
+
+
+def test_a_kept_package_that_fails_and_cannot_be_rebuilt_still_classifies(
+    int8_bundle: Path, images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that planned on the kept package (and did not build the eager network) falls back
+    to bf16 when the package turns out damaged and the rebuild fails."""
+    copy, cache, root = tmp_path / "copy", tmp_path / "cache", images[0].parents[1]
+    shutil.copytree(int8_bundle, copy)
+    reference = list(Classifier(load_bundle(copy), compile=False).predict_paths(images, root))
+    list(Classifier(load_bundle(copy), precision="int8", int8_cache=cache).predict_paths(images[:2], root))
+    [package] = cache.glob("*.pt2")
+    package.write_bytes(package.read_bytes()[:-100])  # damaged ...
+    data = bytearray((copy / CALIBRATION_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (copy / CALIBRATION_FILE).write_bytes(bytes(data))  # ... and no rebuild possible
+    bundle = load_bundle(copy, build=False)
+    clf = Classifier(bundle, int8_cache=cache, compile=True)
+    assert not bundle.model_built
+    with caplog.at_level(logging.INFO):
+        preds = list(clf.predict_paths(images, root))
+    assert not clf.int8_active and bundle.model_built and "does not match its bundle" in caplog.text
+    assert all(p.ok and p.ood_score is not None for p in preds)
+    assert sum(p.label == r.label for p, r in zip(preds, reference)) >= 0.9 * len(images)  # bf16, compiled

@@ -71,6 +71,7 @@ def evaluate(
             "model": bundle.name,
             "model_sha256": bundle.sha256,
             "tta": tta,
+            "device": clf.device_label,  # the numerics the figures were made with (int8 on x86 CPUs)
             "ece": float(expected_calibration_error(probs, y)),
             "flagged": float(flagged.mean()),
             "accuracy_unflagged": float(correct[~flagged].mean()) if (~flagged).any() else None,
@@ -84,7 +85,8 @@ def evaluate(
     plot_reliability(probs, y, folder / "reliability.png")
     markdown = "\n".join(
         [
-            f"**{bundle.name}** on the {part} images of `{data.name}` ({len(items)} images{', flip TTA' if tta else ''})",
+            f"**{bundle.name}** on the {part} images of `{data.name}` ({len(items)} images{', flip TTA' if tta else ''}; "
+            f"{clf.device_label})",
             "",
             study_table(report),
             "",
