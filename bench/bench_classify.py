@@ -233,7 +233,7 @@ def main() -> None:
            f"{int8_load:.2f} s to load it on every later run." if int8 is not None else "."),
         "",
     ]
-    publish("\n".join(lines), args.write)
+    publish("\n".join(lines), args.write, "## `bcc classify`")
 
 if __name__ == "__main__":
     main()

@@ -311,7 +311,7 @@ def main() -> None:
     stall = None if args.skip_stall else run_part("stall", args.model, args.stall_images)
     memory = None if args.skip_memory else run_part("memory", args.model, args.memory_images)
     text = markdown(stall, memory, args.model)
-    publish(text, args.write)
+    publish(text, args.write, "## Desktop app")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def main() -> None:
         *(f"| {name} | {rate:.1f} |" for name, rate in rows),
         "",
     ]
-    publish("\n".join(lines), args.write)
+    publish("\n".join(lines), args.write, "## `bcc-train`")
 
 if __name__ == "__main__":
     main()

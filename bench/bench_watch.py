@@ -227,7 +227,7 @@ def main() -> None:
         f"| SIGINT -> daemon exited (report written) | {shutdown:.2f} s | a few s |",
         "",
     ]
-    publish("\n".join(lines), args.write)
+    publish("\n".join(lines), args.write, "## `bcc watch`")
 
 if __name__ == "__main__":
     main()

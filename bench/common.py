@@ -1,5 +1,5 @@
 """What every benchmark shares: where the real images are, the machine's name, and how figures
-are published (printed, and with --write appended to bench/RESULTS.md)."""
+are published (printed, and with --write added to bench/RESULTS.md in their issue's section)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def publish(text: str, write: bool) -> None:
-    """Print a benchmark's section; with `write`, append it to bench/RESULTS.md."""
+def publish(text: str, write: bool, section: str | None = None) -> None:
+    """Print a benchmark's figures; with `write`, add them to bench/RESULTS.md at the end of the
+    `## ` section whose heading starts with `section` (RESULTS is organised by issue), or at the
+    end of the file when there is no such section."""
     print(text)
-    if write:
-        old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n", encoding="utf-8")
-        print(f"appended to {RESULTS}")
+    if not write:
+        return
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    lines = old.rstrip("\n").split("\n")
+    start = next((i for i, ln in enumerate(lines) if section and ln.startswith(section)), None)
+    end = len(lines) if start is None else next(
+        (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    head = "\n".join(lines[:end]).rstrip("\n")
+    tail = "\n".join(lines[end:])
+    RESULTS.write_text(head + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + tail + "\n" if tail else ""),
+                       encoding="utf-8")
+    print(f"written to {RESULTS}")
