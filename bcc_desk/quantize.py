@@ -142,12 +142,16 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ERROR = "int8 unavailable: "
 
 
+def package_identity(bundle: Bundle) -> str:
+    """What names a bundle's int8 network: its weights and its calibration images (sha256s)."""
+    assert bundle.meta.int8 is not None
+    return f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}"
+
+
 def _package_path(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | None, cache_dir: Path | None) -> Path:
     """Where the bundle's package for this computer is kept (PackageNotFoundError: no torchao)."""
-    assert bundle.meta.int8 is not None
     cache = default_cache_dir() if cache_dir is None else cache_dir
-    identity = f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}"
-    return cache / f"{package_key(identity, bundle.meta.input, batch_size, autocast_dtype)}{PACKAGE_SUFFIX}"
+    return cache / f"{package_key(package_identity(bundle), bundle.meta.input, batch_size, autocast_dtype)}{PACKAGE_SUFFIX}"
 
 
 def int8_package_ready(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | None,
@@ -181,7 +185,7 @@ def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | 
         from bcc_desk.bundle import load_int8_calibration
 
         return quantize_int8(bundle.model, load_int8_calibration(bundle), bundle.meta.input, batch_size,
-                             autocast_dtype, identity=f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}",
+                             autocast_dtype, identity=package_identity(bundle),
                              cache_dir=cache)
     dtype = next(name for name, value in DTYPES.items() if value == autocast_dtype)
     proc = subprocess.run(
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if bundle.meta.int8 is None:
             raise Int8Unavailable(f"{bundle.name} carries no int8 calibration")
         quantize_int8(bundle.model, load_int8_calibration(bundle), bundle.meta.input, args.batch_size,
-                      DTYPES[args.dtype], identity=f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}",
+                      DTYPES[args.dtype], identity=package_identity(bundle),
                       cache_dir=args.cache)
     except (Int8Unavailable, BundleError) as exc:
         print(f"{_ERROR}{exc}", file=sys.stderr)

@@ -46,7 +46,7 @@ from bcc_desk.classifier import (  # noqa: E402
     pick_precision,
 )
 from bcc_desk.images import discover_images, open_image  # noqa: E402
-from bcc_desk.quantize import quantize_int8  # noqa: E402
+from bcc_desk.quantize import package_identity, quantize_int8  # noqa: E402
 
 
 def make_folder(dest: Path, n: int) -> Path:
@@ -154,7 +154,7 @@ def main() -> None:
         if bundle.meta.int8:
             def build_or_load():
                 return quantize_int8(model, load_int8_calibration(bundle), bundle.meta.input, bs, dtype,
-                                     identity=f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}",
+                                     identity=package_identity(bundle),
                                      cache_dir=work / "int8-cache")
             t = time.perf_counter()
             build_or_load()
