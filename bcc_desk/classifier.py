@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from bcc_desk.bundle import Bundle, BundleError, InputSpec, ood_distance
+from bcc_desk.heap import keep_freed_memory
 from bcc_desk.images import ImageReadError, open_image
 from bcc_desk.prediction import (
     REVIEW_LOW_CONFIDENCE,
@@ -142,9 +143,6 @@ def make_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
         if (w, h) != (size, size):
             left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
             image = image.crop((left, top, left + size, top + size))
-        # Planar (CHW) here, in the decoding thread, so the batch is stacked by plain copies; by
-        # numpy, because a torch op in this thread would start a second OpenMP team on the cores
-        # the network is using.
         # A CHW view, as torchvision's PILToTensor gives; the batch's stack makes it planar.  (A
         # torch op here, in a decoding thread, would start a second OpenMP team on the cores the
         # network is using: end to end fell from ~35 to 23-32 images/s.)
@@ -255,6 +253,7 @@ class Classifier:
         # The largest size any member resizes to: big JPEGs are decoded straight at that scale.
         self._decode_size = max(round(b.meta.input.size / b.meta.input.crop_pct) for b in members)
         self._members: list[_Member] = []
+        keep_freed_memory()  # every batch frees and re-allocates the same tens of MB
         # A kept int8 package holds the whole network: then the eager one is not even built
         # (timm's import and the build are seconds of a run's start-up).
         lazy = self.int8 and all(int8_package_ready(b, self.batch_size, self.autocast_dtype, int8_cache)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import openpyxl
 import pytest
 import torch
 
@@ -34,6 +38,15 @@ def int8_bundle(tmp_path_factory, images: list[Path]) -> Path:
     calibration = torch.stack([transform(open_image(p)) for p in images[::2]])
     save_int8_calibration(folder, calibration, {"passed": True})
     return folder
+
+
+@pytest.fixture(scope="module")
+def kept_cache(int8_bundle: Path, images: list[Path], tmp_path_factory) -> Path:
+    """An int8 cache holding `int8_bundle`'s package, built once (tests copy it)."""
+    cache = tmp_path_factory.mktemp("kept") / "int8"
+    clf = Classifier(load_bundle(int8_bundle), precision="int8", int8_cache=cache)
+    assert all(p.ok for p in clf.predict_paths(images[:2], images[0].parents[1])) and clf.int8_active
+    return cache
 
 
 def test_calibration_is_stored_hashed_and_verified(int8_bundle: Path, tmp_path: Path) -> None:
@@ -158,14 +171,14 @@ def test_the_desktop_app_never_picks_int8_by_itself(int8_bundle: Path) -> None:
 
 
 def test_a_kept_package_that_fails_and_cannot_be_rebuilt_still_classifies(
-    int8_bundle: Path, images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    int8_bundle: Path, kept_cache: Path, images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A run that planned on the kept package (and did not build the eager network) falls back
     to bf16 when the package turns out damaged and the rebuild fails."""
     copy, cache, root = tmp_path / "copy", tmp_path / "cache", images[0].parents[1]
     shutil.copytree(int8_bundle, copy)
     reference = list(Classifier(load_bundle(copy), compile=False).predict_paths(images, root))
-    list(Classifier(load_bundle(copy), precision="int8", int8_cache=cache).predict_paths(images[:2], root))
+    shutil.copytree(kept_cache, cache)  # the same files, so the same package
     [package] = cache.glob("*.pt2")
     package.write_bytes(package.read_bytes()[:-100])  # damaged ...
     data = bytearray((copy / CALIBRATION_FILE).read_bytes())
@@ -179,3 +192,38 @@ def test_a_kept_package_that_fails_and_cannot_be_rebuilt_still_classifies(
     assert not clf.int8_active and bundle.model_built and "does not match its bundle" in caplog.text
     assert all(p.ok and p.ood_score is not None for p in preds)
     assert sum(p.label == r.label for p, r in zip(preds, reference)) >= 0.9 * len(images)  # bf16, compiled
+
+
+def test_bcc_classify_on_a_kept_package_ends_with_its_report_summary_and_exit_code(
+    int8_bundle: Path, kept_cache: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """The lab's usual run, in a fresh process: the kept package is loaded (no compiler at all),
+    and once the report is written the process skips Python's teardown (a second on 2 cores).
+    The exit code, the closing lines and the report must all still come out."""
+    home = tmp_path / "data"
+    shutil.copytree(kept_cache, home / "bcc-desk" / "int8")
+    env = {**os.environ, "XDG_DATA_HOME": str(home)}
+    slide = tmp_path / "root" / "slide-1"
+    slide.mkdir(parents=True)
+    for p in images[:6]:
+        shutil.copy(p, slide / p.name)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"")
+
+    def classify(folder: Path, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bcc_desk", "classify", str(folder), "-m", str(int8_bundle),
+             "--precision", "int8", "-o", str(out)],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+
+    proc = classify(slide.parent, tmp_path / "r.xlsx")
+    assert proc.returncode == 0, proc.stderr
+    assert "slide-1" in proc.stdout and "6 of 6 images classified" in proc.stdout
+    assert "preparing int8" not in proc.stderr  # the kept package, not a rebuild
+    wb = openpyxl.load_workbook(tmp_path / "r.xlsx")
+    assert wb["Images"].max_row == 7 and "int8" in str([c.value for row in wb["Run"].iter_rows() for c in row])
+    proc = classify(junk, tmp_path / "j.xlsx")
+    assert proc.returncode == 1 and "no image could be classified" in proc.stderr
+    assert "0 of 1 images classified" in proc.stdout and (tmp_path / "j.xlsx").is_file()
