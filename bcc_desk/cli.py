@@ -378,12 +378,12 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
-        if _report_written and "torch._inductor" not in sys.modules:
-            _exit_now(done.code)
+        if _report_written and "torch._inductor" not in sys.modules and not isinstance(done.code, str):
+            _exit_now(done.code or 0)
         raise
 
 
-def _exit_now(code: object) -> NoReturn:
+def _exit_now(code: int) -> NoReturn:
     """End the process without the interpreter's teardown, once everything is written.
 
     That teardown frees torch's objects one by one: about a second on a 2-core machine after a
@@ -393,10 +393,7 @@ def _exit_now(code: object) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
-    if code is None or isinstance(code, int):
-        os._exit(code or 0)
-    print(code, file=sys.stderr, flush=True)  # sys.exit("text") semantics
-    os._exit(1)
+    os._exit(code)
 
 
 if __name__ == "__main__":

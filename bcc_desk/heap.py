@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -10,9 +11,8 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 
-_done = False
 
-
+@functools.cache  # process-wide: once is enough
 def keep_freed_memory() -> bool:
     """Let glibc keep the memory a batch frees for the next batch, instead of handing it back to
     the system and page-faulting it in again (tens of MB per batch).
@@ -20,11 +20,8 @@ def keep_freed_memory() -> bool:
     glibc tunes these two thresholds itself, but only up to the largest block freed so far: a
     fresh process running a compiled network took 5,000-10,000 page faults per batch and ran ~7%
     slower than a warmed-up one (bench/RESULTS.md).  These are the values its own tuning settles
-    on at most (mmap threshold at its 32 MB ceiling, trim threshold twice that).  Process-wide
-    and idempotent; a no-op (False) off glibc."""
-    global _done
-    if _done:
-        return True
+    on at most (mmap threshold at its 32 MB ceiling, trim threshold twice that).  A no-op
+    (False) off glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -32,5 +29,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return _done
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
