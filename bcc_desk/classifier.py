@@ -173,6 +173,18 @@ class _Member:
     ood: tuple[torch.Tensor, torch.Tensor, float] | None = None  # means, precision, threshold
 
 
+TTA_VIEWS = 8
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 label-safe views of a batch of smear fields (n, c, h, w): the four right-angle
+    rotations, each also mirrored.  A field has no up or left, so a model's answer averaged over
+    them does not depend on how the slide lay under the camera.  The first view is `x` itself
+    (the out-of-distribution score is taken on it)."""
+    views = [x.rot90(k, dims=(-2, -1)) for k in range(4)]
+    return [v.contiguous() for r in views for v in (r, r.flip(-1))]
+
+
 class Classifier:
     """One or several bundles (an ensemble, probabilities averaged) ready to classify images.
 
@@ -343,7 +355,7 @@ class Classifier:
                 x = normalise(x, m.bundle.meta.input)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            views = [x, x.flip(-1), x.flip(-2)] if self.tta else [x]
+            views = tta_views(x) if self.tta else [x]
             for i, view in enumerate(views):
                 with autocast(self.device, self.autocast_dtype):
                     logits, features = forward(view)
@@ -354,7 +366,7 @@ class Classifier:
                     ratio = ood_distance(features, means, precision) / threshold
                     ood = ratio if ood is None else torch.maximum(ood, ratio)
         assert probs is not None
-        probs = probs / (len(self._members) * (3 if self.tta else 1))
+        probs = probs / (len(self._members) * (TTA_VIEWS if self.tta else 1))
         return probs.cpu(), None if ood is None else ood.cpu()
 
     def predict_paths(

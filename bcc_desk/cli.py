@@ -96,7 +96,7 @@ def classify(
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch. Default: 8 on CPU, 64 on GPU.")
     ] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over horizontal and vertical flips (3x slower).")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 right-angle rotations and mirror images (8x slower).")] = False,
     review_threshold: Annotated[
         Optional[float],
         typer.Option(min=0.0, max=1.0, help="Flag images whose confidence is below this. Default: the model's."),
@@ -304,7 +304,7 @@ def watch(
     device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16 or int8 (as for classify).")] = "auto",
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over flips (3x slower).")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 rotations and mirror images (8x slower).")] = False,
     review_threshold: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="Flag images below this confidence. Default: the model's.")
     ] = None,

@@ -1,17 +1,23 @@
-"""Training throughput of `bcc-train fit`'s step (augment, forward, backward, AdamW) in images/s.
+"""Training throughput by resolution: the bare step against `bcc-train fit` itself, side by side.
 
-    python bench/bench_train.py [--arch convnext_tiny] [--image-size 224] [--steps 6] [--write]
+    python bench/bench_train.py [--sizes 112,128,160,224] [--steps 6] [--write]
 
-Real images from ../shared/data/all4, decoded once as the trainer does; each figure is the
-median step time over `--steps` steps after two warm-up steps, bf16 autocast and fp32 side by
-side in one run.  On a CUDA machine it also times the GPU (bf16 + channels_last + compile).
+Real images from ../shared/data/all4, decoded once as the trainer does.  Per resolution, in one
+run: the bare bf16 step (augment, forward, backward, AdamW; median of `--steps` steps after two
+warm-up steps), then a real `fit` with the `cpu` recipe (balanced sampling, stain jitter, EMA,
+label smoothing) on a subset for two epochs, whose second epoch gives the training phase's
+images/s; the validation time of the real 411-image split is measured in the same fit, and the
+projected epoch (1,905 training + 411 validation images) follows.  On a CUDA machine it also
+times the GPU's bare step (bf16 + channels_last, with and without compile).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +27,8 @@ import torch.nn.functional as F
 from bcc_desk.classifier import autocast, normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import decode_images
-from trainer.fit import FitConfig, build_meta, create_model
+from trainer.fit import FitConfig, build_meta, create_model, fit
+from trainer.recipes import recipe_settings
 from trainer.split import list_dataset
 
 from common import ALL4, cpu_name, publish  # bench/ is the script's own folder
@@ -57,43 +64,70 @@ def step_rate(cfg: FitConfig, meta, images, device: torch.device, dtype, steps: 
     return cfg.batch_size / statistics.median(times)
 
 
+def fit_rates(size: int, per_class: int) -> tuple[float, float]:
+    """(training images/s of fit's second epoch, seconds to validate the 411-image split)."""
+    settings = {**recipe_settings("cpu"), "image_size": size, "epochs": 2}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        fit(FitConfig(data=ALL4, out=Path(tmp), limit_per_class=per_class, int8=False, recipe="cpu", **settings))
+        with open(Path(tmp) / "history.csv", newline="") as fh:
+            last = list(csv.DictReader(fh))[-1]
+    return float(last["train_images_per_s"]), float(last["val_seconds"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="convnext_tiny")
-    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--sizes", default="112,128,160,224")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--per-class", type=int, default=48, help="training images per class in the fit runs")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    cfg = FitConfig(data=ALL4, out=Path("."), arch=args.arch, image_size=args.image_size, batch_size=args.batch_size)
     everything = list_dataset(ALL4)
     items = everything[::10][:256]
     classes = sorted({c for _, c in everything})
-    meta = build_meta(cfg, classes)
-    images = decode_images(ALL4, [p for p, _ in items], [classes.index(c) for _, c in items], meta.input)
     cpu = torch.device("cpu")
-    rows = [
-        ("CPU, bf16 autocast", step_rate(cfg, meta, images, cpu, torch.bfloat16, args.steps, False, False)),
-        ("CPU, fp32", step_rate(cfg, meta, images, cpu, None, args.steps, False, False)),
-    ]
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        cfg = FitConfig(data=ALL4, out=Path("."), arch=args.arch, image_size=size, batch_size=args.batch_size,
+                        stain=0.05)
+        meta = build_meta(cfg, classes)
+        images = decode_images(ALL4, [p for p, _ in items], [classes.index(c) for _, c in items], meta.input)
+        bare = step_rate(cfg, meta, images, cpu, torch.bfloat16, args.steps, False, False)
+        train_rate, val_s = fit_rates(size, args.per_class)
+        epoch_s = 1905 / train_rate + val_s
+        rows.append((size, bare, train_rate, val_s, epoch_s))
+        print(f"{size} px: bare {bare:.1f} img/s, fit {train_rate:.1f} img/s, validation {val_s:.1f} s", flush=True)
+    gpu_rows = []
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         name = torch.cuda.get_device_name(0)
-        rows.append((f"{name}, bf16 + channels_last", step_rate(cfg, meta, images, gpu, torch.bfloat16, 20, True, False)))
-        rows.append((f"{name}, bf16 + channels_last + compile", step_rate(cfg, meta, images, gpu, torch.bfloat16, 20, True, True)))
+        cfg = FitConfig(data=ALL4, out=Path("."), arch=args.arch, image_size=224, batch_size=64)
+        meta = build_meta(cfg, classes)
+        images = decode_images(ALL4, [p for p, _ in items], [classes.index(c) for _, c in items], meta.input)
+        gpu_rows.append((f"{name}, bf16 + channels_last", step_rate(cfg, meta, images, gpu, torch.bfloat16, 20, True, False)))
+        gpu_rows.append((f"{name}, bf16 + channels_last + compile",
+                         step_rate(cfg, meta, images, gpu, torch.bfloat16, 20, True, True)))
     lines = [
-        f"### Training step throughput, {time.strftime('%Y-%m-%d')}",
+        f"### Training throughput by resolution, {time.strftime('%Y-%m-%d')}",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.arch} at "
-        f"{args.image_size} px, batch {args.batch_size}, augmentation on the device, AdamW; median of "
-        f"{args.steps} steps after 2 warm-up steps.",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.arch}, batch "
+        f"{args.batch_size}, bf16 autocast. Bare step: augment + forward + backward + AdamW, median of "
+        f"{args.steps} steps. `fit`: the `cpu` recipe's training phase (balanced sampling, stain jitter, EMA "
+        f"update, label smoothing, bookkeeping), second epoch of a {4 * args.per_class}-image run; "
+        "validation: the 411 real validation images with the EMA weights. Epoch: 1,905 training images "
+        "at fit's rate plus validation.",
         "",
-        "| where | images/s |",
-        "|---|---:|",
-        *(f"| {name} | {rate:.1f} |" for name, rate in rows),
+        "| size | bare step, images/s | `fit` training, images/s | fit / bare | validation, s | epoch, s |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *(f"| {size} | {bare:.1f} | {rate:.1f} | {rate / bare:.2f} | {val:.1f} | {ep:.0f} |"
+          for size, bare, rate, val, ep in rows),
         "",
+        *(["GPU bare step at 224 px, batch 64: " + "; ".join(f"{n}: {r:.0f} images/s" for n, r in gpu_rows), ""]
+          if gpu_rows else []),
     ]
     publish("\n".join(lines), args.write, "## `bcc-train`")
+
 
 if __name__ == "__main__":
     main()

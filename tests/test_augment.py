@@ -45,3 +45,34 @@ def test_full_augmentation_is_bounded_and_repeatable(real_images) -> None:
     # Rotation with reflection padding keeps the field's overall brightness (no black corners).
     ratio = a.mean(dim=(1, 2, 3)) / x.float().mean(dim=(1, 2, 3))
     assert bool(((ratio > 0.7) & (ratio < 1.3)).all())
+
+
+def test_stain_jitter_at_rest_is_the_identity_and_otherwise_moves_colour_not_shape(real_images) -> None:
+    from trainer.augment import stain_jitter
+
+    x = _batch(real_images).float()
+    n = len(x)
+    same = stain_jitter(x, torch.ones(n, 3), torch.zeros(n, 3))
+    assert (same - x).abs().max() < 0.05
+    # More haematoxylin, less eosin: the colours change, every cell stays where it was.
+    out = stain_jitter(x, torch.tensor([[1.2, 0.8, 1.0]] * n), torch.full((n, 3), 0.03))
+    assert (out - x).abs().mean() > 3
+    for o, i in zip(out, x):
+        grey_o, grey_i = o.mean(0).flatten(), i.mean(0).flatten()
+        assert torch.corrcoef(torch.stack([grey_o, grey_i]))[0, 1] > 0.95
+    assert float(out.min()) >= 0 and float(out.max()) <= 255
+
+
+def test_stain_and_trivial_augment_are_repeatable_with_a_seed_and_vary_without(real_images) -> None:
+    x = _batch(real_images)
+    spec = AugmentSpec(stain=0.05, trivial=True)
+    a = augment(x, spec, generator=torch.Generator().manual_seed(5))
+    b = augment(x, spec, generator=torch.Generator().manual_seed(5))
+    c = augment(x, spec, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and float(a.min()) >= 0 and float(a.max()) <= 255
+    # Trivial augment alone changes the images (one random operation each) and keeps them images.
+    t = augment(x, AugmentSpec(rotate=False, flip=False, zoom=(1.0, 1.0), brightness=0, contrast=0, saturation=0,
+                               trivial=True), generator=torch.Generator().manual_seed(7))
+    changed = [(o - i).abs().mean() > 0.5 for o, i in zip(t, x.float())]
+    assert 0 < sum(changed) and t.shape == x.shape

@@ -21,7 +21,7 @@ SAMPLE_CLASS = {"Benign": CLASSES[0], "early-Pre-B": CLASSES[1], "Pre-B": CLASSE
 def test_the_default_bundle_verifies_and_is_calibrated() -> None:
     bundle = load_bundle(DEFAULT_MODEL_DIR)
     meta = bundle.meta
-    assert meta.arch == "convnext_tiny" and meta.classes == CLASSES and meta.input.size == 224
+    assert meta.arch == "convnext_tiny" and meta.classes == CLASSES and meta.input.size == 112
     assert meta.ood is not None and bundle.model.has_ood
     assert meta.metrics["val_ece_after"] <= meta.metrics["val_ece_before"]
     assert meta.metrics["val_flagged_ood"] <= 0.05 and meta.metrics["ood_dev_flagged"] >= 0.95
@@ -37,8 +37,8 @@ def test_readme_main_job_classifies_the_samples(tmp_path: Path) -> None:
     header = [c.value for c in ws[1]]
     rows = [dict(zip(header, r)) for r in ws.iter_rows(min_row=2, values_only=True)]
     assert len(rows) == 12 and not any(r["error"] for r in rows)
-    correct = sum(r["label"] == SAMPLE_CLASS[r["slide"]] for r in rows)
-    assert correct >= 9, f"only {correct} of 12 samples right"
+    wrong = [r["file"] for r in rows if r["label"] != SAMPLE_CLASS[r["slide"]]]
+    assert not wrong, f"samples labelled wrongly: {wrong}"
 
 
 def test_images_from_another_lab_are_flagged_as_unfamiliar() -> None:

@@ -23,7 +23,7 @@ from trainer.split import (
     make_split,
 )
 
-from conftest import ALL4_COUNTS, CLASSES
+from conftest import ALL4, ALL4_COUNTS, CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +323,29 @@ def test_data_fingerprint_is_sha256sum_of_the_images_and_changes_with_them(
     assert renamed != first
     shutil.copy(sorted((all4 / "Benign").glob("*.jpg"))[1], data / "Benign" / "renamed.jpg")  # other bytes
     assert data_fingerprint(data) not in (first, renamed)
+
+
+def test_samples_are_drawn_from_the_test_part_with_a_fixed_seed(tmp_path: Path) -> None:
+    from trainer.samples import draw_samples, short_name
+
+    data = tmp_path / "data"
+    for c in CLASSES:
+        (data / c).mkdir(parents=True)
+        for f in sorted((ALL4 / c).glob("*.jpg"))[::20][:20]:
+            (data / c / f.name).write_bytes(f.read_bytes())
+    split_csv = make_split(data, seed=0).save(tmp_path / "split.csv")
+    test = set(Split.load(split_csv, data).paths("test"))
+    out = tmp_path / "samples"
+    (out / "Benign").mkdir(parents=True)
+    (out / "Benign" / "old.jpg").write_bytes(b"x")
+    (out / "README.md").write_text("kept")
+    first = draw_samples(data, split_csv, out, per_class=2, seed=0)
+    assert len(first) == 8 and not (out / "Benign" / "old.jpg").exists() and (out / "README.md").exists()
+    assert sorted(p.parent.name for p in first) == sorted(short_name(c) for c in CLASSES for _ in range(2))
+    for p in first:
+        cls = next(c for c in CLASSES if short_name(c) == p.parent.name)
+        assert f"{cls}/{p.name}" in test  # only test images, each in its own class's folder
+    again = draw_samples(data, split_csv, tmp_path / "again", per_class=2, seed=0)
+    assert [p.relative_to(tmp_path / "again") for p in again] == [p.relative_to(out) for p in first]
+    other = draw_samples(data, split_csv, tmp_path / "other", per_class=2, seed=1)
+    assert [p.relative_to(tmp_path / "other") for p in other] != [p.relative_to(out) for p in first]

@@ -13,7 +13,7 @@ from pathlib import Path
 import openpyxl
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from bcc_desk import cli as bcc_cli
@@ -184,3 +184,79 @@ def test_int8_is_kept_only_when_it_passes_the_check(tiny_run: Path, small_data: 
         writer.writerows(rows)
     r = runner.invoke(train_cli.app, [*args[:3], "--split", str(other)])
     assert r.exit_code == 2 and "not the split" in r.output, r.output
+
+
+def _history(run: Path) -> list[dict[str, str]]:
+    with open(run / "history.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cpu_recipe_with_overrides_records_its_settings_and_ships_the_ema(small_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), "--recipe", "cpu", *TINY,
+                                      "--ema-decay", "0.9", "--size-schedule", "48@1"])
+    assert r.exit_code == 0, r.output
+    recipe = load_bundle(run / "bundle").meta.provenance["recipe"]
+    # The preset's own settings, and the ones given on the command line over it.
+    assert recipe["recipe"] == "cpu" and recipe["balance"] == "sampler" and recipe["stain"] == 0.05
+    assert recipe["ema_decay"] == 0.9 and recipe["image_size"] == 64 and recipe["epochs"] == 1
+    assert recipe["size_schedule"] == [[1, 48]]
+    # Trained at 48 px, validated and shipped at the bundle's 64 px.
+    assert [row["train_size"] for row in _history(run)] == ["48"]
+    assert load_bundle(run / "bundle").meta.input.size == 64
+    # The weights kept as best (and shipped) are the EMA's, not the raw model's.
+    state = torch.load(run / "last.pt", weights_only=True)
+    best = load_file(str(run / "best.safetensors"))
+    key = "trunk.stem.0.weight"
+    assert torch.equal(best[key], state["ema"][f"module.{key}"])
+    assert not torch.allclose(best[key], state["model"][key])
+
+
+def test_unknown_recipe_and_bad_schedule_are_one_line_errors(small_data: Path, tmp_path: Path) -> None:
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(tmp_path / "a"), "--recipe", "fast"])
+    assert r.exit_code == 2 and "unknown recipe 'fast'; choose one of: study, cpu, gpu" in r.output
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(tmp_path / "b"), "--size-schedule", "96"])
+    assert r.exit_code == 2 and "SIZE@EPOCH" in r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_interrupted_run_says_how_to_resume_and_then_repeats_an_uninterrupted_one(small_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    """Ctrl+C during epoch 2 of 3, the same command again: the history and the shipped weights
+    are those of a run that was never interrupted (every random draw is seeded per epoch)."""
+    import signal
+    import time
+
+    args = ["fit", str(small_data), "--recipe", "cpu", *TINY[:4], "--epochs", "3", *TINY[6:],
+            "--mixup", "0.2", "--trivial-augment"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    r = runner.invoke(train_cli.app, [*args, "--out", str(whole)])
+    assert r.exit_code == 0, r.output
+
+    cmd = [sys.executable, "-m", "trainer", *args, "--out", str(cut)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not ((cut / "history.csv").is_file() and len(_history(cut)) >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch was seen"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    if proc.returncode == 0:
+        pytest.fail("the run finished before the interruption reached it; make its epochs longer")
+    assert proc.returncode == 130, output
+    assert "interrupted; run the same command again to resume" in output and "Traceback" not in output
+    done = len(_history(cut))
+    assert 1 <= done < 3
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming after epoch {done} of 3" in again.stdout + again.stderr
+
+    timing = {"seconds", "train_images_per_s", "val_seconds"}
+    strip = [{k: v for k, v in row.items() if k not in timing} for row in _history(cut)]
+    assert strip == [{k: v for k, v in row.items() if k not in timing} for row in _history(whole)]
+    a, b = load_bundle(whole / "bundle"), load_bundle(cut / "bundle")
+    assert a.meta.temperature == b.meta.temperature
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from trainer.recipes import RECIPES
+
 app = typer.Typer(
     name="bcc-train",
     help="Train, calibrate and evaluate B-ALL classifiers; writes model bundles for bcc-desk.",
@@ -39,13 +41,17 @@ def _root() -> None:
 def fit(
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: split, history, checkpoints, bundle/.")],
-    arch: Annotated[str, typer.Option(help="Any timm architecture name.")] = "convnext_tiny",
-    epochs: Annotated[int, typer.Option(min=1)] = 25,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Per process.")] = 32,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (after warm-up).")] = 5e-4,
-    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.05,
-    optimizer: Annotated[str, typer.Option(help="adamw or adam (the study's).")] = "adamw",
-    image_size: Annotated[int, typer.Option("--image-size", min=16)] = 224,
+    recipe: Annotated[
+        Optional[str], typer.Option(help=f"A named preset ({', '.join(RECIPES)}); the options below override it.")
+    ] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Any timm architecture name. (default convnext_tiny)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="[default: 25]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Per process. (default 32)")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (after warm-up). (default 5e-4)")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="[default: 0.05]")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw or adam (the study's). (default adamw)")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="[default: 1]")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="[default: 224]")] = None,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 where native), fp32, bf16, fp16.")] = "auto",
@@ -60,10 +66,27 @@ def fit(
     ood_dir: Annotated[
         Optional[Path], typer.Option("--ood-dir", help="Images unlike the training data, to report the OOD flag rate.")
     ] = None,
-    hidden: Annotated[int, typer.Option(help="Width of the head's hidden layer (0: none).")] = 256,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.3,
-    drop_path: Annotated[float, typer.Option("--drop-path", min=0.0, max=0.9)] = 0.1,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", min=0.0, max=0.5)] = 0.0,
+    hidden: Annotated[Optional[int], typer.Option(help="Width of the head's hidden layer (0: none). (default 256)")] = None,
+    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.9, help="[default: 0.3]")] = None,
+    drop_path: Annotated[Optional[float], typer.Option("--drop-path", min=0.0, max=0.9, help="[default: 0.1]")] = None,
+    label_smoothing: Annotated[
+        Optional[float], typer.Option("--label-smoothing", min=0.0, max=0.5, help="[default: 0]")
+    ] = None,
+    ema_decay: Annotated[
+        Optional[float], typer.Option("--ema-decay", min=0.0, max=0.99999, help="EMA of the weights per step, 0 off. (default 0)")
+    ] = None,
+    balance: Annotated[
+        Optional[str], typer.Option(help="sampler (classes drawn equally), loss (weighted), none. (default none)")
+    ] = None,
+    stain: Annotated[Optional[float], typer.Option(min=0.0, max=0.5, help="HED stain jitter strength. (default 0)")] = None,
+    mixup: Annotated[Optional[float], typer.Option(min=0.0, help="Mixup alpha, 0 off. (default 0)")] = None,
+    cutmix: Annotated[Optional[float], typer.Option(min=0.0, help="CutMix alpha, 0 off. (default 0)")] = None,
+    trivial_augment: Annotated[
+        Optional[bool], typer.Option("--trivial-augment/--no-trivial-augment", help="TrivialAugmentWide per image. (default off)")
+    ] = None,
+    size_schedule: Annotated[
+        Optional[str], typer.Option("--size-schedule", help="Training sizes by epoch, e.g. 96@1,112@31 (default: --image-size throughout).")
+    ] = None,
     weights_dtype: Annotated[str, typer.Option("--weights-dtype", help="float16 or float32 in the bundle.")] = "float16",
     limit_per_class: Annotated[
         Optional[int], typer.Option("--limit-per-class", min=1, help="Train on the first N images per class (trials).")
@@ -73,32 +96,54 @@ def fit(
         bool, typer.Option("--int8/--no-int8", help="Add checked static int8 for x86 CPUs (see `bcc-train int8`).")
     ] = True,
 ) -> None:
-    """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle."""
+    """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle.
+
+    Interrupted (Ctrl+C, a restart), the same command resumes from OUT/last.pt."""
     from trainer.fit import FitConfig, FitError
     from trainer.fit import fit as run_fit
+    from trainer.recipes import recipe_settings
+    from trainer.schedule import parse_size_schedule
 
     if not data.is_dir():
         fail(f"{data} is not a folder")
     if pretrained and init_weights:
         fail("--pretrained and --init-weights exclude each other")
-    if optimizer not in ("adam", "adamw"):
-        fail(f"--optimizer must be adam or adamw, not {optimizer!r}")
+    try:
+        settings = recipe_settings(recipe)
+    except ValueError as exc:
+        fail(str(exc))
+    given = {
+        "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "optimizer": optimizer, "warmup_epochs": warmup_epochs, "image_size": image_size, "dropout": dropout,
+        "drop_path": drop_path, "label_smoothing": label_smoothing, "ema_decay": ema_decay, "balance": balance,
+        "stain": stain, "mixup": mixup, "cutmix": cutmix, "trivial_augment": trivial_augment,
+        "hidden": None if hidden is None else ([hidden] if hidden else []),
+    }
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if size_schedule is not None:
+        try:
+            settings["size_schedule"] = parse_size_schedule(size_schedule)
+        except ValueError as exc:
+            fail(str(exc))
+    if settings.get("optimizer", "adamw") not in ("adam", "adamw"):
+        fail(f"--optimizer must be adam or adamw, not {settings['optimizer']!r}")
+    if settings.get("balance", "none") not in ("sampler", "loss", "none"):
+        fail(f"--balance must be sampler, loss or none, not {settings['balance']!r}")
     if weights_dtype not in ("float16", "float32", "bfloat16"):
         fail("--weights-dtype must be float16, bfloat16 or float32")
     cfg = FitConfig(
-        data=data.resolve(), out=out.resolve(), arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, optimizer=optimizer, image_size=image_size, seed=seed, device=device,
-        precision=precision, workers=workers,
+        data=data.resolve(), out=out.resolve(), seed=seed, device=device, precision=precision, workers=workers,
         init="pretrained" if pretrained else (str(init_weights) if init_weights else "none"),
-        split=split, ood_dir=ood_dir.resolve() if ood_dir else None, hidden=[hidden] if hidden else [],
-        dropout=dropout, drop_path=drop_path,
-        label_smoothing=label_smoothing, weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class,
-        int8=int8,
+        split=split, ood_dir=ood_dir.resolve() if ood_dir else None,
+        weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class, int8=int8, recipe=recipe,
+        **settings,
     )
     try:
         bundle = run_fit(cfg)
     except (FitError, ValueError) as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail(f"interrupted; run the same command again to resume from {cfg.out / 'last.pt'}", code=130)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"bundle: {bundle}")
 
@@ -113,7 +158,7 @@ def evaluate(
     part: Annotated[str, typer.Option(help="Which part of the split: test, val or train.")] = "test",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json, tables and plots.")] = None,
     device: str = "auto",
-    tta: Annotated[bool, typer.Option("--tta", help="Flip test-time augmentation.")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the 8 right-angle rotations and mirror images.")] = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 next to the study's, calibration, plots."""
     from bcc_desk.bundle import BundleError
@@ -155,6 +200,24 @@ def int8(
         f"flags and {check['ood_agreement']:.1%} of out-of-distribution flags; confidence moved by at most "
         f"{check['max_confidence_change']:.3f}"
     )
+
+
+@app.command()
+def samples(
+    data: Annotated[Path, typer.Argument(help="The data folder the split was made from.", show_default=False)],
+    split: Annotated[Path, typer.Option(help="RUN/split.csv: the samples come from its test part.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of sample sub-folders, one per class.")],
+    per_class: Annotated[int, typer.Option("--per-class", min=1)] = 3,
+    seed: int = 0,
+) -> None:
+    """Draw sample images at random (fixed seed) from a split's test part, one folder per class."""
+    from trainer.samples import draw_samples
+
+    try:
+        copies = draw_samples(data, split, out, per_class=per_class, seed=seed)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(f"{len(copies)} sample images in {out}")
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def evaluate(
     plot_reliability(probs, y, folder / "reliability.png")
     markdown = "\n".join(
         [
-            f"**{bundle.name}** on the {part} images of `{data.name}` ({len(items)} images{', flip TTA' if tta else ''}; "
+            f"**{bundle.name}** on the {part} images of `{data.name}` ({len(items)} images{', 8-view TTA' if tta else ''}; "
             f"{clf.device_label})",
             "",
             study_table(report),

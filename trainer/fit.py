@@ -10,14 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,13 +29,14 @@ from bcc_desk.bundle import BundleError, BundleMeta, BundleNet, HeadSpec, InputS
 from bcc_desk.classifier import autocast, normalise, pick_device, pick_precision
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
+from trainer.schedule import class_weights, epoch_order, lr_factor, train_size
 from trainer.split import Split, data_fingerprint, make_split
 
 log = logging.getLogger("bcc-train")
 
 HISTORY_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "train_macro_f1",
-    "val_loss", "val_acc", "val_macro_f1", "seconds", "train_images_per_s",
+    "val_loss", "val_acc", "val_macro_f1", "seconds", "train_images_per_s", "train_size", "val_seconds",
 ]
 
 
@@ -75,6 +76,23 @@ class FitConfig:
     """Add checked static int8 to the bundle (bcc-train int8) where this machine can run it."""
     limit_per_class: int | None = None
     """Use only the first N training images per class (quick trials and tests)."""
+    recipe: str | None = None
+    """The named preset (trainer/recipes.py) these settings started from, for the provenance."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights per step (0: off); validated and shipped when on."""
+    balance: str = "none"
+    """'sampler' draws every class equally often per epoch, 'loss' weights the loss, 'none'."""
+    stain: float = 0.0
+    """HED stain jitter strength (trainer/augment.py)."""
+    mixup: float = 0.0
+    """timm Mixup's alpha (0: off)."""
+    cutmix: float = 0.0
+    """timm CutMix's alpha (0: off); with mixup too, each batch uses one of them."""
+    trivial_augment: bool = False
+    """torchvision's TrivialAugmentWide per image, before the geometric and colour jitter."""
+    size_schedule: list[tuple[int, int]] = field(default_factory=list)
+    """(first epoch, training size) pairs, 1-based (trainer/schedule.py); validation and the
+    bundle use image_size."""
 
 
 # -- distributed ----------------------------------------------------------------------------------
@@ -192,20 +210,12 @@ def load_trunk_weights(model: BundleNet, path: Path) -> None:
 
 
 # -- training --------------------------------------------------------------------------------------
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 1% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 @torch.no_grad()
 def predict_logits(
     model: torch.nn.Module, images: ImageSet, spec: InputSpec, device: torch.device,
     dtype: torch.dtype | None, batch_size: int, channels_last: bool, features: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (and pooled features) for a decoded set, in order, without augmentation."""
+    """Logits (and the OOD check's features) for a decoded set, in order, without augmentation."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
     logits, feats = [], []
@@ -214,8 +224,7 @@ def predict_logits(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            f = net.forward_features(x)
-            out = net.head(f)
+            out, f = net.forward_with_features(x)
         logits.append(out.float().cpu())
         if features:
             feats.append(f.float().cpu())
@@ -258,6 +267,16 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     t0 = time.perf_counter()
     train = decode_images(cfg.data, train_paths, train_labels, meta.input, cfg.workers).to(device)
     val = decode_images(cfg.data, split.paths("val"), split.labels("val"), meta.input, cfg.workers)
+    # The training images at each size of the schedule, decoded once each with the application's
+    # own resize (so an image at 112 px in training is the very image the application sees).
+    train_at: dict[int, ImageSet] = {meta.input.size: train}
+
+    def train_images(size: int) -> ImageSet:
+        if size not in train_at:
+            spec = InputSpec(**{**asdict(meta.input), "size": size})
+            train_at[size] = decode_images(cfg.data, train_paths, train_labels, spec, cfg.workers).to(device)
+        return train_at[size]
+
     if env.main:
         log.info("decoded %d train and %d val images in %.1f s", len(train), len(val), time.perf_counter() - t0)
 
@@ -276,7 +295,9 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
-    start_epoch, best_f1 = 0, -1.0
+    ema = _make_ema(model, cfg.ema_decay)
+
+    start_epoch, best_f1, history = 0, -1.0, []
     ckpt = out / "last.pt"
     if ckpt.is_file():
         # Our own checkpoint; still read with weights_only=True (tensors and numbers only).
@@ -284,9 +305,14 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            if "ema" not in state:
+                raise FitError(f"{ckpt} was written without EMA; resume with the settings it started with")
+            ema.load_state_dict(state["ema"])
         start_epoch, best_f1 = int(state["epoch"]), float(state["best_f1"])
+        history = list(state["history"]) if "history" in state else _read_history(out / "history.csv", start_epoch)
         if env.main:
-            log.info("resuming after epoch %d (best val macro-F1 %.4f)", start_epoch, best_f1)
+            log.info("resuming after epoch %d of %d (best val macro-F1 %.4f)", start_epoch, cfg.epochs, best_f1)
 
     net = model
     if env.world > 1:
@@ -294,38 +320,60 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     step_fn = torch.compile(net) if (cfg.compile if cfg.compile is not None else device.type == "cuda") else net
-    aug = AugmentSpec()
+    aug = AugmentSpec(stain=cfg.stain, trivial=cfg.trivial_augment)
+    mixer = _make_mixup(cfg, len(classes))
+    class_weight = class_weights(train.labels, len(classes)).to(device) if cfg.balance == "loss" else None
 
-    def run_epoch(epoch: int, bar, best_f1: float) -> float:
+    def chosen() -> torch.nn.Module:
+        """The weights that are validated, kept as best and shipped: the EMA's when there is one."""
+        return ema.module if ema is not None else model
+
+    def run_epoch(epoch: int, bar, whole, best_f1: float) -> float:
         """One epoch of training, then (main process) validation, history and checkpoints;
         returns the best validation macro-F1 so far."""
         t_epoch = time.perf_counter()
         net.train()
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(len(train), generator=g)
+        # Every random draw of an epoch (order, augmentation, mixup, drop-path, dropout) comes from
+        # seeds of (seed, epoch), so a run resumed after epoch k repeats an uninterrupted one.
+        seed = cfg.seed * 1000 + epoch
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed + 1)
+        np.random.seed(seed + 2)
+        order = epoch_order(train.labels.cpu(), len(classes), cfg.balance, g)
         order = order[: steps_per_epoch * cfg.batch_size * env.world]
         mine = order[env.rank :: env.world]
+        size = train_size(cfg.size_schedule, epoch + 1, meta.input.size)
+        images = train_images(size)
         losses, preds, targets = [], [], []
-        task = bar.add_task("train", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}")
+        task = bar.add_task("epoch", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}")
         for b in range(steps_per_epoch):
             idx = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(device)
-            x = normalise(augment(train.images[idx], aug, generator=g), meta.input)
-            y = train.labels[idx]
+            x = normalise(augment(images.images[idx], aug, generator=g), meta.input)
+            y = images.labels[idx]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            target = y
+            if mixer is not None:
+                x, target = mixer(x, y)  # soft targets; label smoothing is applied by Mixup
             with autocast(device, dtype):
                 logits = step_fn(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if mixer is not None:
+                    loss = torch.sum(-target * F.log_softmax(logits.float(), -1), -1).mean()
+                else:
+                    loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             # Kept on the device: a .cpu() per step would stall a GPU every batch.
             losses.append(loss.detach())
             preds.append(logits.detach().argmax(1))
             targets.append(y)
             bar.advance(task)
+            bar.advance(whole)
         bar.remove_task(task)
         train_loss = float(torch.stack(losses).mean())
         p, t = torch.cat(preds).cpu(), torch.cat(targets).cpu()
@@ -333,34 +381,44 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         train_f1 = float(f1_score(t.numpy(), p.numpy(), average="macro", zero_division=0))
         seconds = time.perf_counter() - t_epoch
         if env.main:
-            val_logits, _ = predict_logits(model, val, meta.input, device, dtype, cfg.batch_size * 2, channels_last)
+            t_val = time.perf_counter()
+            val_logits, _ = predict_logits(chosen(), val, meta.input, device, dtype, cfg.batch_size * 2, channels_last)
             val_loss, val_acc, val_f1 = _scores(val.labels, val_logits)
             row = {
                 "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
                 "train_acc": train_acc, "train_macro_f1": train_f1, "val_loss": val_loss, "val_acc": val_acc,
                 "val_macro_f1": val_f1, "seconds": seconds,
                 "train_images_per_s": steps_per_epoch * cfg.batch_size * env.world / seconds,
+                "train_size": size, "val_seconds": time.perf_counter() - t_val,
             }
-            _append_history(out / "history.csv", row)
+            history.append(row)
             log.info(
-                "epoch %d/%d  loss %.4f  acc %.3f | val loss %.4f  acc %.3f  macro-F1 %.4f | %.0f s, %.1f img/s",
+                "epoch %d/%d  loss %.4f  acc %.3f | val loss %.4f  acc %.3f  macro-F1 %.4f | %.0f s, %.1f img/s%s | %s",
                 epoch + 1, cfg.epochs, train_loss, train_acc, val_loss, val_acc, val_f1, seconds,
-                row["train_images_per_s"],
+                row["train_images_per_s"], f" at {size} px" if cfg.size_schedule else "",
+                _eta(t_loop, epoch + 1 - start_epoch, cfg.epochs - epoch - 1),
             )
             if val_f1 > best_f1:
                 best_f1 = val_f1
-                _save_weights(model, out / "best.safetensors")
+                _save_weights(chosen(), out / "best.safetensors")
             _atomic_torch_save(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_f1": best_f1},
+                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_f1": best_f1,
+                 "history": history, **({"ema": ema.state_dict()} if ema is not None else {})},
                 ckpt,
             )
+            # After the checkpoint, and rewritten whole from what it holds: an interruption
+            # between the two never leaves history.csv a row ahead of (or behind) the checkpoint.
+            _write_history(out / "history.csv", history)
         env.barrier()
         return best_f1
 
+    t_loop = time.perf_counter()
     with _progress(env.main) as bar:
+        whole = bar.add_task("run", total=(cfg.epochs - start_epoch) * steps_per_epoch, epoch=f"{start_epoch}/{cfg.epochs}")
         for epoch in range(start_epoch, cfg.epochs):
-            best_f1 = run_epoch(epoch, bar, best_f1)
+            bar.update(whole, epoch=f"{epoch + 1}/{cfg.epochs}")
+            best_f1 = run_epoch(epoch, bar, whole, best_f1)
 
     if not env.main:
         return out / "bundle"
@@ -397,7 +455,8 @@ def _progress(enabled: bool):
 
     console = next((h.console for h in log.handlers if isinstance(h, RichHandler)), None) or Console(stderr=True)
     return Progress(
-        TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        # Two bars: this epoch, and the whole run (its time remaining is the run's ETA).
+        TextColumn("{task.description} {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=console, disable=not enabled, transient=True,
     )
 
@@ -418,6 +477,7 @@ def export_bundle(
 
     out = Path(cfg.out)
     bs = cfg.batch_size * 2
+    model.ood_features = "stage"  # see OODSpec: the features that tell other labs' images apart
     # The images stay where they are (on the GPU when training there); batches move as needed.
     _, train_feats = predict_logits(model, train, meta.input, device, dtype, bs, channels_last, features=True)
     val_logits, val_feats = predict_logits(model, val, meta.input, device, dtype, bs, channels_last, features=True)
@@ -432,7 +492,7 @@ def export_bundle(
 
     meta.temperature = float(temperature)
     meta.review_threshold = float(review)
-    meta.ood = OODSpec(threshold=float(ood_threshold))
+    meta.ood = OODSpec(threshold=float(ood_threshold), features=model.ood_features)
     metrics: dict[str, Any] = {
         "val_accuracy": float(correct.float().mean()),
         "val_macro_f1": float(best_f1),
@@ -453,8 +513,9 @@ def export_bundle(
         "seed": cfg.seed,
         "init": "imagenet" if cfg.init == "pretrained" else ("from scratch" if cfg.init in ("none", "") else f"file:{Path(cfg.init).name}"),
         "recipe": {k: v for k, v in asdict(cfg).items() if k in (
-            "arch", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "image_size",
-            "hidden", "dropout", "drop_path", "label_smoothing")},
+            "recipe", "arch", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "image_size",
+            "hidden", "dropout", "drop_path", "label_smoothing", "ema_decay", "balance", "stain", "mixup", "cutmix",
+            "trivial_augment", "size_schedule")},
         "device": str(device),
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"bcc-desk": __version__, "torch": torch.__version__, "timm": _timm_version()},
@@ -483,6 +544,26 @@ def _ood_flag_rate(folder: Path, model, meta, means, precision, threshold, devic
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _make_ema(model: torch.nn.Module, decay: float):
+    """timm's EMA of the weights, kept in fp32 beside the model (None when decay is 0)."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
+
+
+def _make_mixup(cfg: FitConfig, n_classes: int):
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    from timm.data import Mixup
+
+    if cfg.batch_size % 2:
+        raise FitError("--mixup/--cutmix need an even --batch-size")
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                 num_classes=n_classes)
+
+
 def _split(cfg: FitConfig, env: Dist, out: Path) -> Split:
     """A given split, the run's own from an earlier (interrupted) run, or a new one."""
     target = out / "split.csv"
@@ -505,6 +586,15 @@ def _split(cfg: FitConfig, env: Dist, out: Path) -> Split:
     return split if env.main else Split.load(target, cfg.data)
 
 
+def _eta(t_loop: float, done: int, left: int) -> str:
+    """'12 epochs left, done about 14:05' from this session's pace (validation included)."""
+    if not left:
+        return "last epoch"
+    per_epoch = (time.perf_counter() - t_loop) / max(1, done)
+    finish = datetime.now() + timedelta(seconds=per_epoch * left)
+    return f"{left} epoch{'s' if left > 1 else ''} left, done about {finish:%H:%M}"
+
+
 def _first_per_class(labels: list[int], n: int) -> list[int]:
     seen: dict[int, int] = {}
     keep = []
@@ -515,13 +605,23 @@ def _first_per_class(labels: list[int], n: int) -> list[int]:
     return keep
 
 
-def _append_history(path: Path, row: dict[str, float]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+def _read_history(path: Path, epochs: int) -> list[dict[str, Any]]:
+    """The first `epochs` rows of a history.csv (a checkpoint from before history was kept in it)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= epochs]
+    return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v not in (None, "")} for r in rows]
+
+
+def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:

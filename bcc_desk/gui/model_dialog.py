@@ -95,7 +95,7 @@ class ModelDialog(QDialog):
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
         self.device.setEditable(True)  # cuda:1 and the like
         self.device.setCurrentText(choice.device)
-        self.tta = QCheckBox("Test-time augmentation (average with flips; 3x slower)")
+        self.tta = QCheckBox("Test-time augmentation (average of 8 rotations and mirror images; 8x slower)")
         self.tta.setChecked(choice.tta)
         self.own_threshold = QCheckBox("Use the model's review threshold")
         self.threshold = QDoubleSpinBox()

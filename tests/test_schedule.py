@@ -1,0 +1,60 @@
+"""Learning-rate, resolution and sampling schedules of bcc-train fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.recipes import RECIPES, recipe_settings
+from trainer.schedule import class_weights, epoch_order, lr_factor, parse_size_schedule, train_size
+
+
+def test_lr_warms_up_then_decays_to_one_percent() -> None:
+    total, warmup = 100, 10
+    f = [lr_factor(s, total, warmup) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(total, total, warmup) == pytest.approx(0.01)
+
+
+def test_size_schedule_parses_and_picks_the_size_of_each_epoch() -> None:
+    schedule = parse_size_schedule("112@31, 96@1")
+    assert schedule == [(1, 96), (31, 112)]
+    assert [train_size(schedule, e, 128) for e in (1, 30, 31, 70)] == [96, 96, 112, 112]
+    assert train_size([], 5, 128) == 128
+    for bad, why in (("96", "SIZE@EPOCH"), ("96@0", "SIZE@EPOCH"), ("x@1", "SIZE@EPOCH"), ("96@5", "start at epoch 1"),
+                     ("96@1,112@1", "one epoch twice")):
+        with pytest.raises(ValueError, match=why):
+            parse_size_schedule(bad)
+
+
+def test_balanced_sampler_draws_each_class_about_equally_and_repeatably() -> None:
+    # The data set's imbalance: Benign is about half as common as each other class.
+    labels = torch.tensor([0] * 300 + [1] * 600 + [2] * 600 + [3] * 480)
+    draws = torch.cat([epoch_order(labels, 4, "sampler", torch.Generator().manual_seed(e)) for e in range(5)])
+    share = torch.bincount(labels[draws], minlength=4).float() / len(draws)
+    assert torch.allclose(share, torch.full((4,), 0.25), atol=0.02)
+    again = epoch_order(labels, 4, "sampler", torch.Generator().manual_seed(0))
+    assert torch.equal(again, epoch_order(labels, 4, "sampler", torch.Generator().manual_seed(0)))
+    plain = epoch_order(labels, 4, "none", torch.Generator().manual_seed(0))
+    assert sorted(plain.tolist()) == list(range(len(labels)))  # a permutation: every image once
+
+
+def test_class_weights_give_every_class_the_same_total() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 30 + [2] * 60)
+    w = class_weights(labels, 3)
+    totals = torch.bincount(labels, weights=w[labels], minlength=3)
+    assert torch.allclose(totals, torch.full((3,), totals[0].item()))
+
+
+def test_recipes_name_real_settings_and_unknown_names_are_refused() -> None:
+    from dataclasses import fields
+
+    from trainer.fit import FitConfig
+
+    known = {f.name for f in fields(FitConfig)}
+    for name in RECIPES:
+        assert set(recipe_settings(name)) <= known, name
+    assert recipe_settings(None) == {}
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; choose one of: study, cpu, gpu"):
+        recipe_settings("fast")
