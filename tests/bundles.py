@@ -20,6 +20,7 @@ def make_bundle(
     hidden: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
     ood_threshold: float | None = None,
+    ood_features: str = "pooled",
     **meta: object,
 ) -> Path:
     """Save a random-weight bundle; with `ood_threshold`, unit OOD statistics around zero."""
@@ -30,7 +31,7 @@ def make_bundle(
         classes=list(classes or CLASSES),
         input=InputSpec(size=size),
         head=HeadSpec(hidden=hidden or [], dropout=0.1 if hidden else 0.0),
-        ood=OODSpec(threshold=ood_threshold) if ood_threshold is not None else None,
+        ood=OODSpec(threshold=ood_threshold, features=ood_features) if ood_threshold is not None else None,
         provenance={"test": True, "seed": seed},
         metrics={"val_macro_f1": 0.5},
         **meta,  # type: ignore[arg-type]

@@ -136,3 +136,35 @@ def test_real_convnext_tiny_round_trip(tmp_path: Path) -> None:
     assert sum(p.numel() for p in bundle.model.parameters()) > 27_000_000
     with torch.no_grad():
         assert bundle.model(torch.rand(1, 3, 224, 224)).shape == (1, 4)
+
+
+def test_ood_features_are_the_pooled_ones_or_the_last_stage_mean_as_the_bundle_says(tmp_path: Path,
+                                                                                     real_images) -> None:
+    """v1 bundles (no `features`) keep the pooled, normalised features; v2 bundles read the last
+    stage's map before the final norm, through every path that classifies (eager, int8, GUI)."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from bcc_desk.classifier import normalise
+
+    files = [f for fs in real_images.values() for f in fs[:1]]
+    pooled = load_bundle(make_bundle(tmp_path / "p", ood_threshold=10.0))
+    stage = load_bundle(make_bundle(tmp_path / "s", ood_threshold=10.0, ood_features="stage"))
+    old = json.loads((tmp_path / "p" / "bundle.json").read_text())
+    assert old["ood"].get("features", "pooled") == "pooled" and stage.meta.ood.features == "stage"
+    x = torch.stack([pil_to_tensor(Image.open(f).convert("RGB").resize((64, 64))) for f in files])
+    x = normalise(x, stage.meta.input)
+    with torch.no_grad():
+        for bundle in (pooled, stage):
+            logits, feats = bundle.model.forward_with_features(x)
+            assert torch.allclose(logits, bundle.model(x), atol=1e-5)  # the head still reads the pooled features
+        _, feats = stage.model.forward_with_features(x)
+        assert torch.allclose(feats, stage.model.trunk.forward_features(x).mean(dim=(2, 3)), atol=1e-5)
+        _, feats = pooled.model.forward_with_features(x)
+        assert torch.allclose(feats, pooled.model.trunk(x), atol=1e-5)
+    # A bundle that names an unknown kind of features is refused in one line.
+    meta = json.loads((tmp_path / "s" / "bundle.json").read_text())
+    meta["ood"]["features"] = "logits"
+    (tmp_path / "s" / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="ood.features must be one of pooled, stage, not 'logits'"):
+        load_bundle(tmp_path / "s")
