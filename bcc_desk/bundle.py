@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class BundleMeta:
     name: str
     arch: str
     classes: list[str]
+    """The training data's class folder names, in output order."""
     input: InputSpec = field(default_factory=InputSpec)
     head: HeadSpec = field(default_factory=HeadSpec)
     temperature: float = 1.0
@@ -108,6 +110,17 @@ class BundleMeta:
     weights_sha256: str = ""
     weights_dtype: str = "float32"
     format_version: int = FORMAT_VERSION
+    display_names: list[str] = field(default_factory=list)
+    """What every front end calls each class (empty: derived from `classes` by `display_name`)."""
+
+    @property
+    def labels(self) -> list[str]:
+        """The class names a user reads, in output order: the table, the image pane, the report,
+        the console and the sample folders all use these."""
+        if self.display_names:
+            return list(self.display_names)
+        derived = [display_name(c) for c in self.classes]
+        return derived if len(set(derived)) == len(derived) else list(self.classes)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +156,7 @@ class BundleMeta:
                 metrics=dict(data.get("metrics") or {}),
                 weights_sha256=str(data.get("weights_sha256", "")),
                 weights_dtype=str(data.get("weights_dtype", "float32")),
+                display_names=[str(c) for c in data.get("display_names") or []],
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"malformed field ({exc})") from None
@@ -150,6 +164,9 @@ class BundleMeta:
     def validate(self) -> None:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must be two or more distinct names, got {self.classes}")
+        if self.display_names and (len(self.display_names) != len(self.classes)
+                                   or len(set(self.display_names)) != len(self.display_names)):
+            raise ValueError(f"display_names must be one distinct name per class, got {self.display_names}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.review_threshold <= 1.0:
@@ -262,6 +279,16 @@ class Bundle:
     def classes(self) -> list[str]:
         return self.meta.classes
 
+    @property
+    def labels(self) -> list[str]:
+        return self.meta.labels
+
+
+def display_name(cls: str) -> str:
+    """'[Malignant] early Pre-B' -> 'early Pre-B': the public data set's folder names carry a
+    bracketed group tag that only adds noise where a class is read."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", cls).strip() or cls
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -320,6 +347,16 @@ def save_int8_calibration(folder: Path, images: torch.Tensor, check: dict[str, A
     publish(tmp)
     os.replace(tmp, target)
     meta.int8 = Int8Spec(calibration_sha256=file_sha256(target), images=len(images), check=dict(check))
+    _write_json_atomic(folder / META_FILE, meta.to_json())
+    return meta
+
+
+def record_metrics(folder: Path, metrics: dict[str, Any]) -> BundleMeta:
+    """Add `metrics` (e.g. the test split's, from `bcc-train evaluate --record`) to the bundle at
+    `folder`, so that `bcc info` and the app show them; the weights are untouched."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta.metrics.update(metrics)
     _write_json_atomic(folder / META_FILE, meta.to_json())
     return meta
 

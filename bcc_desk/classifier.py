@@ -33,6 +33,7 @@ from bcc_desk.prediction import (
     relative_location,
 )
 from bcc_desk.quantize import Int8Unavailable, int8_forward, int8_package_ready
+from bcc_desk.toolchain import compile_blocker, failure_reason, remember_compile_failure
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class Classifier:
         self.compile = compile
         self.tta = tta
         self.workers = max(1, workers)
-        self.classes = list(classes)
+        self.classes = members[0].labels  # the names a user reads (bundle.labels), in output order
         self.review_threshold = (
             review_threshold
             if review_threshold is not None
@@ -380,7 +381,7 @@ class Classifier:
         root = Path(os.path.abspath(root))
         paths = [Path(os.path.abspath(p)) for p in paths]
         total = len(paths)
-        if self.compile or (self.compile is None and (total >= COMPILE_MIN_IMAGES or self.int8)):
+        if self._compiles(total) or self._int8_kept():
             self._compile()
         batches = self._decoded_batches(paths)
         try:
@@ -388,12 +389,40 @@ class Classifier:
         finally:
             batches.close()  # a consumer that stops early (GUI cancel) stops the decoders too
 
+    def _compiles(self, total: int) -> bool:
+        """Whether a call of `total` images compiles first (int8 asked for by name always does)."""
+        return bool(self.compile or (self.compile is None and (total >= COMPILE_MIN_IMAGES or self._int8_requested)))
+
+    def _int8_kept(self) -> bool:
+        """int8 is chosen and already built here: loading it costs less than a batch, so even a
+        small call takes it (a small call never builds one: that takes half a minute)."""
+        return self.int8 and all(int8_package_ready(m.bundle, self.batch_size, self.autocast_dtype, self.int8_cache)
+                                 for m in self._members)
+
+    def preparation(self, total: int) -> str | None:
+        """What a call of `total` images does before its first batch, for a progress display
+        (None: nothing worth saying)."""
+        if self.compiled or not self._compiles(total):
+            return None
+        if compile_blocker(self.device) is not None:
+            return None
+        if self.int8 and not self._int8_kept():
+            return "preparing int8 for this computer (once, about half a minute)"
+        return "compiling the network"
+
     def _compile(self) -> None:
         """Compile each member once (static shapes: partial batches are padded).  Compilation
-        needs a C++ compiler (CPU) or Triton (GPU); where it fails the network stays eager."""
+        needs a C++ compiler (CPU) or Triton (GPU); where it cannot work the network stays eager,
+        said in one warning, and a failure is remembered so that no later run pays for it."""
         # Inductor's C++ toolchain probe warns about a missing CUDA runtime on CPU-only machines:
         # noise for a technician, not a problem.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        if not self._int8_active and not self.compiled and not self._int8_kept():
+            blocker = compile_blocker(self.device)
+            if blocker is not None:
+                log.warning("running uncompiled%s: %s", " and without int8" if self.int8 else "", blocker)
+                self.compile, self.int8 = False, False
+                return
         if self.int8 and not self._int8_active:
             self._quantize()
         for m in self._members:
@@ -408,7 +437,9 @@ class Classifier:
                 with torch.inference_mode(), autocast(self.device, self.autocast_dtype):
                     compiled(probe)
             except Exception as exc:  # noqa: BLE001 - no compiler, unsupported op, ...: eager still works
-                log.warning("torch.compile is not available here (%s); running uncompiled", _first_line(exc))
+                reason = failure_reason(exc)
+                remember_compile_failure(self.device, reason)
+                log.warning("running uncompiled: torch.compile failed here (%s); later runs will not try again", reason)
                 self.compile = False
                 return
             m.forward = compiled
@@ -491,8 +522,3 @@ def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
     if len(batch) >= size:
         return batch
     return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

@@ -21,6 +21,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from bcc_desk import __version__
+from bcc_desk.cli_help import DEVICE_CHOICES, PRECISION_CHOICES, Command
 from bcc_desk.paths import DEFAULT_MODEL_DIR
 
 app = typer.Typer(
@@ -80,19 +81,19 @@ def _load_models(models: list[Path]):
         fail(str(exc))
 
 
-@app.command()
+@app.command(cls=Command)
 def classify(
     root: Annotated[Path, typer.Argument(help="Folder of slide folders (or one image).", show_default=False)],
     model: Annotated[
         Optional[list[Path]],
-        typer.Option("--model", "-m", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
+        typer.Option("--model", "-m", metavar="BUNDLE", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
     ] = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Report file. Default: ROOT/bcc-report.xlsx (.csv with --csv).")
     ] = None,
     csv: Annotated[bool, typer.Option("--csv", help="Write a plain CSV of the image rows instead of Excel.")] = False,
-    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (fastest that keeps the labels), fp32, bf16, fp16 or int8.")] = "auto",
+    device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu.")] = "auto",
+    precision: Annotated[str, typer.Option(metavar=PRECISION_CHOICES, help="auto: the fastest that keeps the labels.")] = "auto",
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch. Default: 8 on CPU, 64 on GPU.")
     ] = None,
@@ -133,8 +134,8 @@ def classify(
     except OSError as exc:
         fail(f"cannot write the report in {out.parent} ({exc.strerror or exc}); choose another place with --out")
     bundles = _load_models(model or [])
-    if not quiet:  # the first run on a computer prepares int8 for half a minute: say so
-        logging.getLogger("bcc_desk.quantize").setLevel(logging.INFO)
+    if quiet:  # nothing but errors
+        logging.getLogger("bcc_desk").setLevel(logging.ERROR)
     try:
         classifier = Classifier(
             bundles,
@@ -182,12 +183,13 @@ def classify(
         out_console.print(summary_table(predictions, classifier.classes))
     classified = sum(p.ok for p in predictions)
     flagged = sum(p.needs_review for p in predictions)
-    out_console.print(
-        f"{classified} of {len(paths)} images classified, {flagged} flagged for review, "
-        f"{len(predictions) - classified} unreadable. Report: {written}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    if not quiet:
+        out_console.print(
+            f"{classified} of {len(paths)} images classified, {flagged} flagged for review "
+            f"({len(predictions) - classified} of them unreadable). Report: {written}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if classified == 0:
@@ -198,8 +200,13 @@ def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: li
     """Classify into `predictions` (filled in place so an interrupt keeps what is done)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    # The first large run on a computer builds int8 for half a minute before its first batch:
+    # the bar says so instead of sitting at 0.
+    preparing = classifier.preparation(len(paths))
+    if preparing and not quiet and not console.is_terminal:  # no bar in a log file: one line
+        console.print(preparing, highlight=False)
     with Progress(
-        TextColumn("classifying"),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
@@ -207,26 +214,28 @@ def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: li
         disable=quiet,
         transient=True,
     ) as bar:
-        task = bar.add_task("classify", total=len(paths))
+        task = bar.add_task(preparing or "classifying", total=len(paths))
         for prediction in classifier.predict_paths(
-            paths, root, progress=lambda done, total: bar.update(task, completed=done)
+            paths, root, progress=lambda done, total: bar.update(task, completed=done, description="classifying")
         ):
             predictions.append(prediction)
 
 
 def summary_table(predictions, classes: list[str]) -> Table:
     """Per slide: images, counts per class, flagged, unreadable (the closing screen)."""
-    table = Table(title="Slides", title_justify="left")
-    table.add_column("slide", overflow="fold")
-    table.add_column("images", justify="right")
-    for c in classes:
-        table.add_column(c, justify="right")
-    table.add_column("flagged", justify="right")
-    table.add_column("unreadable", justify="right")
+    from rich import box
+
+    from bcc_desk.report import natural_key
+
+    # Fits an 80-column console with the four class names whole (no borders between columns).
+    table = Table(title="Slides", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("slide", overflow="fold", ratio=1)
+    for name in ["images", *classes, "flagged", "unreadable"]:
+        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
     slides: dict[str, list] = {}
     for p in predictions:
         slides.setdefault(p.slide, []).append(p)
-    for slide in sorted(slides):
+    for slide in sorted(slides, key=lambda s: (natural_key(s), s)):  # slide-2 before slide-10
         rows = slides[slide]
         counts = [sum(p.label == c for p in rows) for c in classes]
         table.add_row(
@@ -239,11 +248,11 @@ def summary_table(predictions, classes: list[str]) -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=Command)
 def info(
     bundle: Annotated[Path, typer.Argument(help="Model bundle folder.", show_default=False)],
 ) -> None:
-    """Show a model bundle's metadata and validation metrics (weights verified)."""
+    """Show a model bundle's metadata and its validation (and, where recorded, test) figures."""
     from bcc_desk.bundle import BundleError, load_bundle
 
     try:
@@ -256,7 +265,8 @@ def info(
     rows = [
         ("name", meta.name),
         ("architecture", meta.arch),
-        ("classes", ", ".join(meta.classes)),
+        ("classes", ", ".join(meta.labels)),
+        ("class folders", ", ".join(meta.classes)),
         ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"),
         ("head", f"hidden {meta.head.hidden or 'none'}, dropout {meta.head.dropout:g}"),
         ("temperature", f"{meta.temperature:.4g}"),
@@ -279,7 +289,7 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-@app.command()
+@app.command(cls=Command)
 def watch(
     root: Annotated[Path, typer.Argument(help="Folder to watch (one sub-folder per slide).", show_default=False)],
     out: Annotated[
@@ -287,7 +297,7 @@ def watch(
     ] = None,
     model: Annotated[
         list[Path] | None,
-        typer.Option("--model", "-m", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
+        typer.Option("--model", "-m", metavar="BUNDLE", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
     ] = None,
     state: Annotated[
         Path | None,
@@ -301,8 +311,8 @@ def watch(
         float,
         typer.Option(min=0.05, help="Seconds a file must stay unchanged to count as complete, where the system does not report closes."),
     ] = 2.0,
-    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16 or int8 (as for classify).")] = "auto",
+    device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu.")] = "auto",
+    precision: Annotated[str, typer.Option(metavar=PRECISION_CHOICES, help="auto: the fastest that keeps the labels.")] = "auto",
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 rotations and mirror images (8x slower).")] = False,
     review_threshold: Annotated[
@@ -371,6 +381,8 @@ def watch(
     except Exception:
         logging.getLogger("bcc_desk.watch").exception("the watch stopped on an unexpected error")
         raise typer.Exit(EXIT_NOTHING) from None
+    finally:
+        site.release()
 
 
 def main() -> None:

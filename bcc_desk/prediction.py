@@ -12,6 +12,7 @@ from pathlib import Path
 
 REVIEW_LOW_CONFIDENCE = "low confidence"
 REVIEW_UNFAMILIAR = "unlike training data"
+REVIEW_UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +76,10 @@ def error_prediction(path: Path, root: Path, error: str, model: str, model_sha25
         confidence=None,
         margin=None,
         probabilities={},
-        # Unreadable images are counted apart from flagged ones (the `error` column says why).
-        needs_review=False,
-        review_reason="",
+        # A person must look at an image the model could not read (the `error` column says why);
+        # it is also counted as unreadable, apart from the classified ones.
+        needs_review=True,
+        review_reason=REVIEW_UNREADABLE,
         error=error,
         model=model,
         model_sha256=model_sha256,

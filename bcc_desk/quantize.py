@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from bcc_desk.bundle import Bundle, BundleError, InputSpec, file_sha256
+from bcc_desk.toolchain import failed_before, remember_failure
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | 
     forward = _load_cached(package) if platform.machine().lower() in X86 else None
     if forward is not None:
         return forward
+    if earlier := failed_before(f"int8 {package}"):  # half a minute each time: not again
+        raise Int8Unavailable(earlier)
     log.info("preparing int8 for this computer and model (once: about half a minute on 2 cores)")
     if not _writable(cache):  # nothing could be kept for the child to hand over: build here, once
         from bcc_desk.bundle import load_int8_calibration
@@ -195,7 +198,9 @@ def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | 
     )
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(_ERROR)] or proc.stderr.strip().splitlines()
-        raise Int8Unavailable((lines[-1].removeprefix(_ERROR) if lines else f"exit code {proc.returncode}")[:200])
+        reason = (lines[-1].removeprefix(_ERROR) if lines else f"exit code {proc.returncode}")[:200]
+        remember_failure(f"int8 {package}", reason)
+        raise Int8Unavailable(reason)
     forward = _load_cached(package)
     if forward is None:
         raise Int8Unavailable(f"the int8 build left no usable package in {cache}")

@@ -104,7 +104,17 @@ class WatchSite:
     lock: TextIO
 
     def release(self) -> None:
+        """Give up the lock and remove its file (a clean stop leaves nothing behind; a crash
+        leaves the file, unlocked, and the next start takes it)."""
+        path = Path(self.lock.name)
+        if os.name != "nt":
+            path.unlink(missing_ok=True)  # still locked here: no second watch can slip in between
         self.lock.close()
+        if os.name == "nt":
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # another process opened it meanwhile: harmless
+                pass
 
 
 def claim_watch(root: Path, out: Path | None = None, state: Path | None = None) -> WatchSite:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real microscope images in ../shared/data and small real bundles."""
+"""Shared fixtures: the real microscope images committed in tests/data and small real bundles."""
 
 from __future__ import annotations
 
@@ -18,16 +18,19 @@ os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="bcc-tests-data-")
 atexit.register(shutil.rmtree, os.environ["XDG_DATA_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-ALL4 = DATA / "all4"
+# A real subset of the public data set, committed (tests/data/README.md): a fresh clone's tests
+# need nothing beside the repository.
+DATA = REPO / "tests" / "data"
+ALL4 = DATA / "all4-mini"
 OOD_DEV = DATA / "ood-dev"
-CLASSES = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]
-ALL4_COUNTS = dict(zip(CLASSES, (417, 826, 807, 672)))  # images per class in ../shared/data/all4
+CLASSES = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]  # the folders
+LABELS = ["Benign", "early Pre-B", "Pre-B", "Pro-B"]  # what every front end calls them
+ALL4_COUNTS = dict(zip(CLASSES, (75, 75, 75, 90)))  # images per class in tests/data/all4-mini
 
 
 @pytest.fixture(scope="session")
 def all4() -> Path:
-    assert ALL4.is_dir(), f"the real data set is missing at {ALL4}"
+    assert ALL4.is_dir(), f"the committed test images are missing at {ALL4}"
     return ALL4
 
 

@@ -12,9 +12,9 @@ import torch
 from bcc_desk.bundle import BundleError, load_bundle
 from bcc_desk.classifier import Classifier, make_transform, pick_device, pick_precision
 from bcc_desk.images import discover_images, open_image
-from bcc_desk.prediction import REVIEW_LOW_CONFIDENCE, REVIEW_UNFAMILIAR
+from bcc_desk.prediction import REVIEW_LOW_CONFIDENCE, REVIEW_UNFAMILIAR, REVIEW_UNREADABLE
 
-from bundles import CLASSES, make_bundle
+from bundles import CLASSES, LABELS, make_bundle
 from corpus import VANISH_NAME, build_corpus
 
 
@@ -60,8 +60,8 @@ def test_every_image_gets_a_record_in_order(bundle_dir: Path, slide_root: Path) 
     loose = next(p for p in preds if p.file == "loose.jpg")
     assert loose.slide == slide_root.name
     for p in preds:
-        assert p.ok and p.label in CLASSES
-        assert list(p.probabilities) == CLASSES
+        assert p.ok and p.label in LABELS
+        assert list(p.probabilities) == LABELS
         assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
         assert p.confidence == max(p.probabilities.values()) and p.label == max(p.probabilities, key=p.probabilities.get)
         ranked = sorted(p.probabilities.values(), reverse=True)
@@ -111,7 +111,7 @@ def test_with_tta_a_field_photographed_rotated_gets_the_same_answer(bundle_dir: 
         im.transpose(Image.Transpose.ROTATE_90).save(turned / "b.png")
         im.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(turned / "c.png")
     def spread(preds) -> float:
-        return max(abs(p.probabilities[k] - preds[0].probabilities[k]) for p in preds[1:] for k in CLASSES)
+        return max(abs(p.probabilities[k] - preds[0].probabilities[k]) for p in preds[1:] for k in LABELS)
 
     images = discover_images(turned)
     with_tta = list(Classifier(load_bundle(bundle_dir), precision="fp32", tta=True).predict_paths(images, turned))
@@ -131,7 +131,7 @@ def test_ensemble_averages_members_and_refuses_mixed_classes(tmp_path: Path, sli
     pe = list(ens.predict_paths(paths, slide_root))
     assert ens.name == "test-convnext_atto-1+test-convnext_atto-2" and pe[0].model_sha256.count("+") == 1
     for x, y, e in zip(pa, pb, pe):
-        for c in CLASSES:
+        for c in LABELS:
             assert e.probabilities[c] == pytest.approx((x.probabilities[c] + y.probabilities[c]) / 2, abs=1e-5)
     other = make_bundle(tmp_path / "c", classes=["x", "y"])
     with pytest.raises(BundleError, match="disagree on classes"):
@@ -161,9 +161,11 @@ def test_bad_inputs_become_error_rows_and_the_rest_is_classified(bundle_dir: Pat
             continue
         p = preds[name]
         if err is None:
-            assert p.ok and p.label in CLASSES, (name, p.error)
+            assert p.ok and p.label in LABELS, (name, p.error)
         else:
             assert not p.ok and err in p.error and p.label is None and "\n" not in p.error, (name, p.error)
+            # A person must look at what the model could not read.
+            assert p.needs_review and p.review_reason == REVIEW_UNREADABLE, name
     assert sum(p.ok for p in preds.values()) >= 8
 
 

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 from bcc_desk import cli
 from bcc_desk.images import discover_images
 
-from bundles import CLASSES, make_bundle
+from bundles import LABELS, make_bundle
 from corpus import build_corpus
 
 runner = CliRunner()
 IMAGE_HEADER = ["file", "slide", "label", "confidence", "margin", "needs_review", "error",
-                *(f"p: {c}" for c in CLASSES), "model", "model_sha256", "classified_at"]
+                *(f"p: {c}" for c in LABELS), "model", "model_sha256", "classified_at"]
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,14 @@ def test_classify_writes_a_complete_workbook(model: Path, lab_folder: Path, tmp_
     bad = [r for r in rows if r["error"]]
     assert len(good) >= 20 and len(bad) >= 5
     for r in good:
-        assert r["label"] in CLASSES
+        assert r["label"] in LABELS
         assert r["slide"] == r["file"].rsplit("/", 1)[0]
-        assert sum(r[f"p: {c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
+        assert sum(r[f"p: {c}"] for c in LABELS) == pytest.approx(1.0, abs=1e-4)
         assert r["needs_review"] == (r["confidence"] < 0.6)
         assert r["model"] == "test-convnext_atto-0" and len(r["model_sha256"]) == 64
     for r in bad:
         assert r["label"] is None and "\n" not in r["error"]
+        assert r["needs_review"] is True  # a person must look at what could not be read
     formula_names = [r for r in rows if r["file"].split("/")[-1].startswith(("=", "+", "-", "@"))]
     assert formula_names, "the corpus has formula-like names"
     slides = _rows(wb["Slides"])
@@ -155,3 +156,41 @@ def test_python_m_entry_point_runs_for_real(model: Path, lab_folder: Path, tmp_p
     proc = subprocess.run([sys.executable, "-m", "bcc_desk", "classify", "--batch-size", "0", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
+
+
+def test_the_console_summary_fits_80_columns_in_natural_slide_order(model: Path, tmp_path: Path, real_images) -> None:
+    root = tmp_path / "lab"
+    files = [f for fs in real_images.values() for f in fs]
+    for n in (10, 2, 1):
+        (root / f"slide-{n}").mkdir(parents=True)
+        for f in files[n : n + 3]:
+            shutil.copy(f, root / f"slide-{n}" / f.name)
+    result = CliRunner().invoke(cli.app, ["classify", str(root), "--model", str(model)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "Report:" not in line]  # a path is never cut
+    assert max(len(line) for line in lines) <= 80
+    header = next(line for line in lines if "flagged" in line)
+    for name in ["slide", "images", *LABELS, "flagged", "unreadable"]:
+        assert name in header, header  # every class name whole, none cut with an ellipsis
+    order = [line.split()[0] for line in lines if line.strip().startswith("slide-")]
+    assert order == ["slide-1", "slide-2", "slide-10"]
+
+
+def test_quiet_prints_nothing_but_errors(model: Path, lab_folder: Path, tmp_path: Path) -> None:
+    result = runner.invoke(cli.app, ["classify", str(lab_folder), "--model", str(model), "-q",
+                                     "--out", str(tmp_path / "r.xlsx")])
+    assert result.exit_code == 0 and result.output == "" and (tmp_path / "r.xlsx").is_file()
+    missing = runner.invoke(cli.app, ["classify", str(tmp_path / "nowhere"), "--model", str(model), "-q"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_help_shows_choices_and_bare_flags() -> None:
+    from trainer import cli as train_cli
+
+    for app, command in [(cli.app, "classify"), (cli.app, "watch"), (cli.app, "info"), (train_cli.app, "fit"),
+                         (train_cli.app, "evaluate"), (train_cli.app, "int8"), (train_cli.app, "samples")]:
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "Usage:" in text and "<bool>" not in text and "{" not in text and "list[" not in text, text
+    text = runner.invoke(cli.app, ["classify", "--help"], env={"COLUMNS": "200"}).output
+    assert "Usage: bcc classify [OPTIONS] ROOT" in " ".join(text.split())
+    assert "auto|cpu|cuda|cuda:N|mps" in text and "auto|fp32|bf16|fp16|int8" in text and "BUNDLE" in text

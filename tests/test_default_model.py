@@ -13,9 +13,7 @@ from bcc_desk.classifier import Classifier
 from bcc_desk.images import discover_images
 from bcc_desk.paths import DEFAULT_MODEL_DIR, SAMPLES_DIR
 
-from conftest import CLASSES, OOD_DEV, REPO
-
-SAMPLE_CLASS = {"Benign": CLASSES[0], "early-Pre-B": CLASSES[1], "Pre-B": CLASSES[2], "Pro-B": CLASSES[3]}
+from conftest import CLASSES, LABELS, OOD_DEV, REPO
 
 
 def test_the_default_bundle_verifies_and_is_calibrated() -> None:
@@ -25,6 +23,19 @@ def test_the_default_bundle_verifies_and_is_calibrated() -> None:
     assert meta.ood is not None and bundle.model.has_ood
     assert meta.metrics["val_ece_after"] <= meta.metrics["val_ece_before"]
     assert meta.metrics["val_flagged_ood"] <= 0.05 and meta.metrics["ood_dev_flagged"] >= 0.95
+
+
+def test_bcc_info_shows_the_test_figures_the_readme_quotes() -> None:
+    from typer.testing import CliRunner
+
+    from bcc_desk.cli import app
+
+    meta = load_bundle(DEFAULT_MODEL_DIR).meta
+    assert meta.labels == LABELS and meta.metrics["test_images"] >= 400
+    out = CliRunner().invoke(app, ["info", str(DEFAULT_MODEL_DIR)], env={"COLUMNS": "200"}).output
+    assert f"{meta.metrics['test_accuracy']:.4g}" in out and "test_recall" in out
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"{meta.metrics['test_accuracy']:.1%}" in readme  # the README quotes what the bundle carries
 
 
 def test_readme_main_job_classifies_the_samples(tmp_path: Path) -> None:
@@ -37,7 +48,8 @@ def test_readme_main_job_classifies_the_samples(tmp_path: Path) -> None:
     header = [c.value for c in ws[1]]
     rows = [dict(zip(header, r)) for r in ws.iter_rows(min_row=2, values_only=True)]
     assert len(rows) == 12 and not any(r["error"] for r in rows)
-    wrong = [r["file"] for r in rows if r["label"] != SAMPLE_CLASS[r["slide"]]]
+    assert {r["slide"] for r in rows} == set(LABELS)  # one name per class: folders and labels alike
+    wrong = [r["file"] for r in rows if r["label"] != r["slide"]]
     assert not wrong, f"samples labelled wrongly: {wrong}"
 
 

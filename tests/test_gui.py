@@ -15,18 +15,21 @@ from pathlib import Path
 import openpyxl
 import pytest
 from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QTimer, QUrl
-from PySide6.QtGui import QDropEvent
+from PySide6.QtGui import QAction, QDropEvent, QKeySequence, QTextDocument
+from PySide6.QtWidgets import QTableWidget
 from watchdog.utils import BaseThread
 
 from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice
-from bcc_desk.gui.table_model import CONFIDENCE, FILE, REVIEW, review_sort_key
+from bcc_desk.gui.palette import ERROR_TEXT
+from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIEW, REVIEWER_LABEL, review_sort_key
 from bcc_desk.images import discover_images
 from bcc_desk.ledger import DONE, Ledger
+from bcc_desk.paths import RESOURCES
 from bcc_desk.watch import ReportWriter, default_state, lock_state
 
-from bundles import CLASSES, make_bundle
+from bundles import CLASSES, LABELS, make_bundle
 from folders import spread_images
 
 RUN_TIMEOUT_MS = 60_000
@@ -64,7 +67,7 @@ def _many(folder: Path, images: list[Path], n: int) -> Path:
 
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory, all4) -> Path:
-    images = sorted(all4.glob("*/*.jpg"))[::7]
+    images = sorted(all4.glob("*/*.jpg"))
     return _many(tmp_path_factory.mktemp("gui-big") / "big", images, 400)
 
 
@@ -123,7 +126,7 @@ def test_open_folder_classifies_every_image(qtbot, done: MainWindow, slides: Pat
     rows = window.predictions()
     assert {p.file for p in rows} == expected and window.model.rowCount() == len(expected)
     good = [p for p in rows if p.error is None]
-    assert len(good) == len(expected) - 2 and {p.label for p in good} <= set(CLASSES)
+    assert len(good) == len(expected) - 2 and {p.label for p in good} <= set(LABELS)
     bad = {p.file: p.error for p in rows if p.error is not None}
     assert "empty" in bad["slide-2/empty.jpg"] and "truncated" in bad["slide-10/=cut short.jpg"]
     assert {p.slide for p in rows} == {"slide-1", "slide-2", "slide-10"}
@@ -150,10 +153,10 @@ def test_sort_by_columns_and_flagged_first(done: MainWindow) -> None:
     window.flagged_first()
     shown = window.visible_predictions()
     assert [review_sort_key(p) for p in shown] == sorted(review_sort_key(p) for p in shown)
-    assert window.table.horizontalHeader().sortIndicatorSection() == REVIEW
-    flagged = [p.needs_review for p in shown]
-    assert flagged == sorted(flagged, reverse=True)  # every flagged row before the others
-    assert shown[-1].error is not None  # unreadable last
+    assert window.table.horizontalHeader().sortIndicatorSection() == NEEDS_REVIEW
+    flagged = [p.needs_review for p in shown if p.error is None]
+    assert flagged == sorted(flagged, reverse=True)  # every flagged image before the others
+    assert all(p.error is not None for p in shown[-2:])  # unreadable (flagged too, but not labellable) last
     assert window.table.currentIndex().row() == 0
 
 
@@ -192,37 +195,37 @@ def test_review_by_keys_and_by_api(qtbot, done: MainWindow) -> None:
     first, second = window.visible_predictions()[:2]
     qtbot.keyClick(window.table, Qt.Key.Key_2)
     review = window.reviews()[first.path]
-    assert review.label == CLASSES[1] and review.by == window.settings.reviewer and review.at is not None
+    assert review.label == LABELS[1] and review.by == window.settings.reviewer and review.at is not None
     assert window.table.currentIndex().row() == 1  # moved on to the next image
     qtbot.keyClick(window.table, Qt.Key.Key_4)
-    assert window.reviews()[second.path].label == CLASSES[3]
+    assert window.reviews()[second.path].label == LABELS[3]
     qtbot.keyClick(window.table, Qt.Key.Key_Up)  # arrows move, as everywhere
     qtbot.keyClick(window.table, Qt.Key.Key_0)  # 0 clears
     assert second.path not in window.reviews()
     # The image pane shows the review, and the slide summary counts the reviewed label.
     window.table.selectRow(0)
-    assert CLASSES[1] in window.image_pane.info.text()
+    assert LABELS[1] in window.image_pane.info.text()
     qtbot.waitUntil(lambda: sum(s.reviewed for s in window.summary.slides.values()) == 1, timeout=5_000)
     # By API: a file as the table shows it, or an absolute path.
-    window.set_review("slide-1/" + next(p.path.name for p in window.predictions() if p.slide == "slide-1"), CLASSES[0])
-    window.set_review(second.path, CLASSES[2])
-    assert window.reviews()[second.path].label == CLASSES[2]
+    window.set_review("slide-1/" + next(p.path.name for p in window.predictions() if p.slide == "slide-1"), LABELS[0])
+    window.set_review(second.path, LABELS[2])
+    assert window.reviews()[second.path].label == LABELS[2]
     with pytest.raises(ValueError):
         window.set_review(second.path, "Leukaemia")
     with pytest.raises(KeyError):
-        window.set_review("no/such.jpg", CLASSES[0])
+        window.set_review("no/such.jpg", LABELS[0])
     # The review buttons of the image pane do the same as the keys.
     window.table.selectRow(3)
     target = window.visible_predictions()[3]
     window.image_pane._review_buttons[2].click()
-    assert window.reviews()[target.path].label == CLASSES[2]
+    assert window.reviews()[target.path].label == LABELS[2]
 
 
 def test_export_holds_model_and_reviewer_labels(done: MainWindow, tmp_path: Path) -> None:
     window = done
     rows = window.predictions()
     reviewed = [p for p in rows if p.error is None][:3]
-    for p, label in zip(reviewed, (CLASSES[0], CLASSES[3], CLASSES[2])):
+    for p, label in zip(reviewed, (LABELS[0], LABELS[3], LABELS[2])):
         window.set_review(p.file, label)
     written = window.export_report(tmp_path / "review.xlsx")
     assert written == tmp_path / "review.xlsx"
@@ -234,7 +237,7 @@ def test_export_holds_model_and_reviewer_labels(done: MainWindow, tmp_path: Path
         assert column in header
     table = {r[header.index("file")]: dict(zip(header, r)) for r in ws.iter_rows(min_row=2, values_only=True)}
     assert set(table) == {p.file for p in rows}
-    for p, label in zip(reviewed, (CLASSES[0], CLASSES[3], CLASSES[2])):
+    for p, label in zip(reviewed, (LABELS[0], LABELS[3], LABELS[2])):
         row = table[p.file]
         assert row["label"] == p.label and row["reviewer label"] == label
         assert row["reviewed by"] == window.settings.reviewer and row["reviewed at"] is not None
@@ -450,15 +453,116 @@ def test_grad_cam_overlay_toggles(qtbot, done: MainWindow) -> None:
     pane.view.zoom(2.0)
     assert pane.view.zoom_factor() == pytest.approx(before * 2)
     # Probabilities of every class are shown for the image.
-    assert pane.bars._probs.keys() == set(CLASSES)
+    assert pane.bars._probs.keys() == set(LABELS)
 
 
-def test_unreadable_image_shows_its_reason(qtbot, done: MainWindow) -> None:
+def _pane_text(window: MainWindow) -> str:
+    """The image pane's text as the user reads it (its rich text rendered to plain)."""
+    doc = QTextDocument()
+    doc.setHtml(window.image_pane.info.text())
+    return doc.toPlainText()
+
+
+def _select_file(window: MainWindow, file: str) -> int:
+    """Select the row of `file` as a click does; its row in the view."""
+    row = [p.file for p in window.visible_predictions()].index(file)
+    window.table.selectRow(row)
+    window.table.setFocus()
+    return row
+
+
+def test_headers_say_whose_word_each_column_is(window: MainWindow) -> None:
+    header = {c: window.proxy.headerData(c, Qt.Orientation.Horizontal) for c in range(window.proxy.columnCount())}
+    assert header[LABEL] == "Model label" and header[NEEDS_REVIEW] == "Needs review"
+    assert header[REVIEWER_LABEL] == "Reviewer's label" and header[ERROR] == "Error"
+    assert "model's flag" in window.proxy.headerData(NEEDS_REVIEW, Qt.Orientation.Horizontal, Qt.ItemDataRole.ToolTipRole)
+
+
+def test_unreadable_image_shows_its_reason_and_cannot_be_labelled(qtbot, done: MainWindow) -> None:
     window = done
-    window.set_filters(errors_only=True)
-    window.table.selectRow(0)
-    assert "Unreadable" in window.image_pane.info.text()
-    qtbot.waitUntil(lambda: "cannot show" in window.image_pane.view._message.toPlainText(), timeout=10_000)
+    pane = window.image_pane
+    window.table.sortByColumn(FILE, Qt.SortOrder.AscendingOrder)
+    bad = next(p for p in window.predictions() if p.file == "slide-2/empty.jpg")
+    row = _select_file(window, bad.file)
+    # The model-label column (on screen, unlike the Error column far right) says why, in red.
+    cell = window.proxy.index(row, LABEL)
+    assert cell.data() == f"Unreadable: {bad.error}" and "empty" in cell.data()
+    assert cell.data(Qt.ItemDataRole.ForegroundRole) == ERROR_TEXT
+    assert bad.error in cell.data(Qt.ItemDataRole.ToolTipRole)
+    assert window.table.visualRect(cell).right() < window.table.viewport().width()
+    assert cell.data() in _pane_text(window)
+    qtbot.waitUntil(lambda: "cannot show" in pane.view._message.toPlainText(), timeout=10_000)
+    # It cannot be given a class: the actions, their keys and the pane's buttons are off.
+    assert window.review_actions and not any(a.isEnabled() for a in window.review_actions)
+    assert pane.class_buttons and not any(b.isEnabled() for b in pane.class_buttons)
+    qtbot.keyClick(window.table, Qt.Key.Key_2)
+    assert bad.path not in window.reviews()
+    with pytest.raises(ValueError, match="unreadable"):
+        window.set_review(bad.path, window.classes[0])
+    # A readable image again: everything back on, and the keys work.
+    good = next(p for p in window.visible_predictions() if p.error is None)
+    _select_file(window, good.file)
+    assert all(a.isEnabled() for a in window.review_actions) and all(b.isEnabled() for b in pane.class_buttons)
+    qtbot.keyClick(window.table, Qt.Key.Key_2)
+    assert window.reviews()[good.path].label == window.classes[1]
+    # A selection that takes in unreadable images labels only the readable ones.
+    window.table.selectAll()
+    window.review_selected(window.classes[3])
+    labelled = window.reviews()
+    assert all(labelled[p.path].label == window.classes[3] for p in window.predictions() if p.error is None)
+    assert not any(p.path in labelled for p in window.predictions() if p.error is not None)
+
+
+def test_class_names_are_written_one_way_everywhere(done: MainWindow) -> None:
+    """The classifier's class names, unchanged, in the table, the image pane, the review
+    actions and buttons, the class filter and the slide summary."""
+    window = done
+    classes = window.classes
+    assert classes == LABELS  # the classifier's names: what every front end calls the classes
+    for view_row, p in enumerate(window.visible_predictions()):
+        window.table.selectRow(view_row)
+        in_table = window.proxy.index(view_row, LABEL).data()
+        in_pane = _pane_text(window).splitlines()[0]
+        if p.error is None:
+            assert in_table == p.label and in_pane.startswith(f"Model: {in_table} (")
+        else:
+            assert in_pane == in_table
+    assert [a.text() for a in window.review_actions] == [f"Reviewed as {c}" for c in classes]
+    assert [b.text() for b in window.image_pane.class_buttons] == [f"{i + 1} {c}" for i, c in enumerate(classes)]
+    assert [window.class_filter.itemText(i) for i in range(1, window.class_filter.count())] == classes
+    summary = window.summary.table
+    headers = [summary.horizontalHeaderItem(c).text() for c in range(summary.columnCount())]
+    assert all(c in headers for c in classes)
+    reviewed = next(p for p in window.predictions() if p.error is None)
+    window.set_review(reviewed.path, classes[2])
+    row = window.visible_predictions().index(reviewed)
+    assert window.proxy.index(row, REVIEWER_LABEL).data() == classes[2]
+
+
+def test_help_lists_every_shortcut_and_links_the_documentation(qtbot, window: MainWindow) -> None:
+    window.shortcuts_action.trigger()
+    dialog = window.shortcuts_dialog
+    assert dialog is not None and dialog.isVisible()
+    table = dialog.findChild(QTableWidget, "shortcuts")
+    listed = {(table.item(r, 0).text(), table.item(r, 1).text()) for r in range(table.rowCount())}
+    native = QKeySequence.SequenceFormat.NativeText
+    for i, c in enumerate(window.classes):
+        assert (str(i + 1), f"Reviewed as {c}") in listed
+    assert ("0", "Clear the reviewed label") in listed
+    assert (QKeySequence(QKeySequence.StandardKey.Open).toString(native), "Open folder") in listed
+    assert ("F5", "Classify again") in listed and any(keys == "G" for keys, _ in listed)  # Grad-CAM
+    # Built from the window's own actions: every key any of them has is in the list.
+    keys = {k.toString(native) for a in window.findChildren(QAction) for k in a.shortcuts()}
+    assert keys and keys <= {k for k, _ in listed}
+    dialog.close()
+    # About: where the documentation is, as a link to the README shipped with the app.
+    window.about_action.trigger()
+    box = window.about_box
+    assert box is not None and box.isVisible()
+    assert "Documentation: README.md in the installation folder" in box.text()
+    readme = RESOURCES.parent / "README.md"
+    assert readme.is_file() and f'href="{QUrl.fromLocalFile(str(readme)).toString()}"' in box.text()
+    box.close()
 
 
 def test_model_dialog_shows_metadata_and_builds_an_ensemble(qtbot, bundle: Path, tmp_path: Path) -> None:

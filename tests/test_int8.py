@@ -20,7 +20,7 @@ from bcc_desk.bundle import (
     load_int8_calibration,
     save_int8_calibration,
 )
-from bcc_desk.classifier import Classifier, make_transform
+from bcc_desk.classifier import COMPILE_MIN_IMAGES, Classifier, make_transform
 from bcc_desk.images import open_image
 
 from bundles import CLASSES, make_bundle
@@ -227,3 +227,48 @@ def test_bcc_classify_on_a_kept_package_ends_with_its_report_summary_and_exit_co
     proc = classify(junk, tmp_path / "j.xlsx")
     assert proc.returncode == 1 and "no image could be classified" in proc.stderr
     assert "0 of 1 images classified" in proc.stdout and (tmp_path / "j.xlsx").is_file()
+
+
+def test_a_small_run_never_builds_int8_but_takes_a_kept_package(
+    int8_bundle: Path, images: list[Path], kept_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first run on 12 images must take seconds: building int8 (half a minute) is for large runs."""
+    root, empty = images[0].parents[1], tmp_path / "empty"
+    with caplog.at_level(logging.INFO, logger="bcc_desk"):
+        small = Classifier(load_bundle(int8_bundle), int8_cache=empty)  # precision and compile: auto
+        assert small.preparation(len(images)) is None
+        assert all(p.ok for p in small.predict_paths(images, root))
+    assert not small.compiled and not small.int8_active and "int8" not in small.device_label
+    assert "preparing int8" not in caplog.text and not (empty.exists() and any(empty.iterdir()))
+    # A large run says what it prepares before its first batch.
+    assert "preparing int8" in Classifier(load_bundle(int8_bundle), int8_cache=empty).preparation(COMPILE_MIN_IMAGES)
+    # Once a package is kept on this computer, even a small run loads it.
+    kept = shutil.copytree(kept_cache, tmp_path / "kept")
+    fast = Classifier(load_bundle(int8_bundle, build=False), int8_cache=kept)
+    assert fast.preparation(3) is None
+    assert all(p.ok for p in fast.predict_paths(images[:3], root)) and fast.int8_active
+
+
+def test_without_a_compiler_runs_go_eager_at_once_with_one_complete_warning(
+    int8_bundle: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """A lab PC without a C++ compiler (here: hidden from PATH): `bcc classify --compile` runs
+    eager at once, says why and how to get the faster path in one warning, and never tries."""
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    for p in images[:4]:
+        shutil.copy(p, folder / p.name)
+    (tmp_path / "bin").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    # A computer of its own: no int8 package kept from other tests (one would run without a compiler).
+    env.update(PATH=str(tmp_path / "bin"), COLUMNS="300", XDG_DATA_HOME=str(tmp_path / "home"))
+    for _ in range(2):  # the second run is the same: nothing tried, nothing built
+        proc = subprocess.run([sys.executable, "-m", "bcc_desk", "classify", str(folder), "-m", str(int8_bundle),
+                               "--compile", "--precision", "auto"], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        warnings = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln]
+        assert len(warnings) == 1, proc.stderr
+        assert "running uncompiled and without int8: no C++ compiler was found (g++)" in warnings[0]
+        assert "apt install g++" in warnings[0] and "Visual Studio Build Tools" in warnings[0], warnings[0]
+        assert "Traceback" not in proc.stderr and "preparing int8" not in proc.stderr
+        assert "4 of 4 images classified" in proc.stdout

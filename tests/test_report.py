@@ -157,7 +157,7 @@ def test_images_sheet_every_column(tmp_path, preds, run):
     err = rows[1 + ORDER.index("P10/broken.jpg")]
     assert err[2:5] == [None, None, None] and err[6] == "cannot identify image file"
     assert err[7:11] == [None] * 4
-    assert err[5] is False
+    assert err[5] is True  # flagged: a person must look at what could not be read
     assert rows[1][1] == "#REF!" and rows[-1][1] == "smears"
 
 
@@ -219,7 +219,7 @@ def test_slides_sheet_counts_and_shares(tmp_path, preds, run):
     table = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
     assert [r[0] for r in rows[1:]] == ["#REF!", "P2", "P10", "smears", "All slides"]
     p10 = table["P10"]
-    assert (p10["images"], p10["classified"], p10["flagged"], p10["unreadable"]) == (3, 2, 0, 1)
+    assert (p10["images"], p10["classified"], p10["flagged"], p10["unreadable"]) == (3, 2, 1, 1)
     assert p10["n: [Malignant] Pre-B"] == 1 and p10["n: [Malignant] Pro-B"] == 1
     assert p10["%: [Malignant] Pre-B"] == pytest.approx(0.5)  # share of classified, not of images
     p2 = table["P2"]
@@ -229,7 +229,7 @@ def test_slides_sheet_counts_and_shares(tmp_path, preds, run):
         assert sum(row[f"%: {c}"] for c in CLASSES) == pytest.approx(1.0), slide
         assert sum(row[f"n: {c}"] for c in CLASSES) == row["classified"], slide
     total = table["All slides"]
-    assert (total["images"], total["classified"], total["flagged"], total["unreadable"]) == (8, 7, 2, 1)
+    assert (total["images"], total["classified"], total["flagged"], total["unreadable"]) == (8, 7, 3, 1)
     assert total["n: Benign"] == 3
     assert total["%: Benign"] == pytest.approx(3 / 7)
     for cell in ws[2]:
@@ -256,7 +256,7 @@ def test_run_sheet_fields(tmp_path, preds, run):
     assert f["duration"] == "0:01:23"
     assert f["root"] == run.root and f["host"] == "lab-pc-3" and f["user"] == "=tech"
     assert f["command"] == run.command
-    assert (f["images"], f["classified"], f["flagged"], f["unreadable"]) == (8, 7, 2, 1)
+    assert (f["images"], f["classified"], f["flagged"], f["unreadable"]) == (8, 7, 3, 1)
     assert isinstance(f["report written"], datetime)
     assert f["watch settle seconds"] == "2"
 

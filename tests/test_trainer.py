@@ -21,7 +21,7 @@ from bcc_desk.bundle import load_bundle
 from trainer import cli as train_cli
 from trainer.fit import FitConfig, FitError, build_meta, create_model
 
-from bundles import CLASSES
+from bundles import CLASSES, LABELS
 
 runner = CliRunner()
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
@@ -34,7 +34,7 @@ def small_data(tmp_path_factory, all4: Path) -> Path:
     root = tmp_path_factory.mktemp("data") / "all4-small"
     for c in CLASSES:
         (root / c).mkdir(parents=True)
-        for f in sorted((all4 / c).glob("*.jpg"))[::30][:12]:
+        for f in sorted((all4 / c).glob("*.jpg"))[::6][:12]:
             shutil.copy(f, root / c / f.name)
     return root
 
@@ -78,7 +78,7 @@ def test_bcc_classify_reads_the_trained_bundle(tiny_run: Path, small_data: Path,
     r = runner.invoke(bcc_cli.app, ["classify", str(small_data), "-m", str(tiny_run / "bundle"), "-o", str(out)])
     assert r.exit_code == 0, r.output
     rows = list(openpyxl.load_workbook(out)["Images"].iter_rows(min_row=2, values_only=True))
-    assert len(rows) == 4 * 12 and all(row[2] in CLASSES for row in rows)
+    assert len(rows) == 4 * 12 and all(row[2] in LABELS for row in rows)
 
 
 def test_evaluate_writes_metrics_table_and_plots(tiny_run: Path, small_data: Path, tmp_path: Path) -> None:
@@ -88,10 +88,21 @@ def test_evaluate_writes_metrics_table_and_plots(tiny_run: Path, small_data: Pat
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     n_test = sum(1 for row in csv.DictReader(open(tiny_run / "split.csv")) if row["split"] == "test")
     assert metrics["n"] == n_test and metrics["part"] == "test"
-    assert set(metrics["per_class"]) == set(CLASSES) and 0 <= metrics["ece"] <= 1
+    assert set(metrics["per_class"]) == set(LABELS) and 0 <= metrics["ece"] <= 1
     assert "98.36" in (tmp_path / "metrics.md").read_text()
     for png in ("confusion.png", "reliability.png"):
         assert (tmp_path / png).stat().st_size > 5000
+    # --record keeps the headline figures in the bundle, where `bcc info` shows them.
+    bundle = shutil.copytree(tiny_run / "bundle", tmp_path / "bundle")
+    before = load_bundle(bundle).sha256
+    r = runner.invoke(train_cli.app, ["evaluate", str(bundle), str(small_data), "--split", str(tiny_run / "split.csv"),
+                                      "--out", str(tmp_path / "again"), "--record"])
+    assert r.exit_code == 0, r.output
+    recorded = load_bundle(bundle).meta
+    assert recorded.metrics["test_accuracy"] == metrics["accuracy"] and recorded.weights_sha256 == before
+    assert set(recorded.metrics["test_recall"]) == set(LABELS) and recorded.metrics["test_images"] == n_test
+    info = runner.invoke(bcc_cli.app, ["info", str(bundle)], env={"COLUMNS": "200"}).output
+    assert f"{metrics['accuracy']:.4g}" in info and "test_macro_f1" in info and "early Pre-B" in info
 
 
 def test_resume_continues_after_the_last_epoch(tiny_run: Path, small_data: Path, tmp_path: Path) -> None:

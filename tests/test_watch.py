@@ -30,7 +30,7 @@ from bcc_desk.report import RunInfo
 from bcc_desk.settle import READ_RETRIES
 from bcc_desk.watch import Watcher, default_state, lock_state, log_file
 
-from bundles import CLASSES, make_bundle
+from bundles import CLASSES, LABELS, make_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SETTLE = 0.3
@@ -208,7 +208,7 @@ def test_copies_moves_and_renamed_temp_files_each_count_once(tmp_path: Path, cla
     got = report_rows(w.out)
     assert sorted(r["file"] for r in got) == sorted(expected)
     assert {r["slide"] for r in got} == {"slide-1", "slide-2", "slide-3"}
-    assert all(r["label"] in CLASSES and r["error"] is None for r in got)
+    assert all(r["label"] in LABELS and r["error"] is None for r in got)
 
 
 def test_new_content_is_classified_again_in_the_same_row(tmp_path: Path, classifier: Classifier, jpgs) -> None:
@@ -253,7 +253,10 @@ def test_a_burst_of_hundreds_is_classified_in_batches(tmp_path: Path, classifier
         wait_for("the burst", lambda: all_done(w.state, expected), timeout=90)
         writes = w.report.writes
     calls = [int(n) for n in re.findall(r"classifying (\d+) images", caplog.text)]
-    assert sum(calls) >= len(expected) and max(calls) >= len(dragged), calls  # batched, not one by one
+    # The data set holds byte-identical fields: one that lands after its twin is answered from the
+    # ledger ("same image as"), not classified again, so it counts as handled without a network call.
+    reused = caplog.text.count("same image as ")
+    assert sum(calls) + reused >= len(expected) and max(calls) >= len(dragged), (calls, reused)  # batched
     assert writes < 20, writes  # debounced: not one workbook per image
     assert report_files(w.out) == sorted(expected)
 
@@ -281,7 +284,7 @@ def test_an_unreadable_image_becomes_an_error_row_after_spaced_retries(tmp_path,
     got = {r["file"]: r for r in report_rows(w.out)}
     assert set(got) == {"bad.jpg", "half.jpg"}
     assert "not an image" in got["bad.jpg"]["error"] and got["bad.jpg"]["label"] is None
-    assert got["half.jpg"]["label"] in CLASSES and got["half.jpg"]["error"] is None
+    assert got["half.jpg"]["label"] in LABELS and got["half.jpg"]["error"] is None
 
 
 def test_the_watch_restarts_when_its_folder_is_deleted_and_recreated(tmp_path, classifier, jpgs, caplog) -> None:
@@ -408,6 +411,7 @@ def test_the_daemon_killed_mid_stream_and_restarted_reports_every_image_once(
         feeder.join()
     finally:
         proc.kill()
+    assert state.with_suffix(".lock").exists()  # a crash leaves the (unlocked) file; the restart takes it
     committed = {k: r for k, r in rows(state).items() if r.state == DONE}
     assert 10 <= len(committed) < len(images)
     ledger = Ledger(state)
@@ -429,13 +433,14 @@ def test_the_daemon_killed_mid_stream_and_restarted_reports_every_image_once(
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
         assert time.monotonic() - stopping < 5
+        assert not state.with_suffix(".lock").exists()  # a clean stop leaves nothing behind
     finally:
         proc.kill()
 
     got = report_rows(out)
     files = [r["file"] for r in got]
     assert len(files) == len(set(files)) and set(files) == expected  # exactly once
-    assert all(r["label"] in CLASSES for r in got)
+    assert all(r["label"] in LABELS for r in got)
     final = rows(state)
     assert final[deleted].state == VANISHED
     assert final[overwritten].sha256 == sha256(jpgs[-1].read_bytes())

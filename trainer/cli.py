@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from bcc_desk.cli_help import DEVICE_CHOICES, Command
 from trainer.recipes import RECIPES
 
 app = typer.Typer(
@@ -37,7 +38,7 @@ def _root() -> None:
         logger.addHandler(RichHandler(console=console, show_path=False))
 
 
-@app.command()
+@app.command(cls=Command)
 def fit(
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: split, history, checkpoints, bundle/.")],
@@ -53,8 +54,8 @@ def fit(
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="[default: 1]")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="[default: 224]")] = None,
     seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 where native), fp32, bf16, fp16.")] = "auto",
+    device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu.")] = "auto",
+    precision: Annotated[str, typer.Option(metavar="auto|fp32|bf16|fp16", help="auto: bf16 where the hardware has it.")] = "auto",
     workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = 4,
     pretrained: Annotated[
         bool, typer.Option("--pretrained/--no-pretrained", help="Start from timm's ImageNet weights (downloads).")
@@ -148,7 +149,7 @@ def fit(
         typer.echo(f"bundle: {bundle}")
 
 
-@app.command()
+@app.command(cls=Command)
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Model bundle folder.", show_default=False)],
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class.", show_default=False)],
@@ -157,22 +158,30 @@ def evaluate(
     ] = None,
     part: Annotated[str, typer.Option(help="Which part of the split: test, val or train.")] = "test",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json, tables and plots.")] = None,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES)] = "auto",
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the 8 right-angle rotations and mirror images.")] = False,
+    record: Annotated[
+        bool, typer.Option("--record", help="Also store the headline figures in the bundle (shown by `bcc info`).")
+    ] = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 next to the study's, calibration, plots."""
-    from bcc_desk.bundle import BundleError
+    from bcc_desk.bundle import BundleError, record_metrics
     from trainer.evaluate import evaluate as run_evaluate
+    from trainer.evaluate import summary_metrics
 
     try:
         result = run_evaluate(bundle, data, split=split, part=part, out=out, device=device, tta=tta)
+        if record:
+            record_metrics(bundle, summary_metrics(result.metrics))
     except (BundleError, ValueError) as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot record the figures in {bundle} ({exc.strerror or exc})")
     typer.echo(result.markdown)
-    typer.echo(f"written: {result.folder}")
+    typer.echo(f"written: {result.folder}" + (f"; figures recorded in {bundle}" if record else ""))
 
 
-@app.command()
+@app.command(cls=Command)
 def int8(
     bundle: Annotated[Path, typer.Argument(help="Model bundle folder (changed in place).", show_default=False)],
     data: Annotated[Path, typer.Argument(help="The data folder the bundle was trained on.", show_default=False)],
@@ -202,7 +211,7 @@ def int8(
     )
 
 
-@app.command()
+@app.command(cls=Command)
 def samples(
     data: Annotated[Path, typer.Argument(help="The data folder the split was made from.", show_default=False)],
     split: Annotated[Path, typer.Option(help="RUN/split.csv: the samples come from its test part.")],

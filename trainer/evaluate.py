@@ -60,9 +60,9 @@ def evaluate(
     if errors:
         raise ValueError(f"{len(errors)} images could not be read (first: {errors[0].file}: {errors[0].error})")
     y = np.array([classes.index(c) for _, c in items])
-    probs = np.array([[p.probabilities[c] for c in classes] for p in preds])
+    probs = np.array([[p.probabilities[c] for c in clf.classes] for p in preds])  # keyed by display name
     y_pred = probs.argmax(1)
-    report = classification_report(y, y_pred, classes)
+    report = classification_report(y, y_pred, clf.classes)
     flagged = np.array([p.needs_review for p in preds])
     correct = y_pred == y
     report.update(
@@ -81,7 +81,7 @@ def evaluate(
     )
     folder = Path(out) if out else Path(bundle_dir).resolve().parent / f"eval-{part}"
     folder.mkdir(parents=True, exist_ok=True)
-    plot_confusion(np.array(report["confusion_matrix"]), classes, folder / "confusion.png")
+    plot_confusion(np.array(report["confusion_matrix"]), clf.classes, folder / "confusion.png")
     plot_reliability(probs, y, folder / "reliability.png")
     markdown = "\n".join(
         [
@@ -98,6 +98,22 @@ def evaluate(
     (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (folder / "metrics.md").write_text(markdown + "\n", encoding="utf-8")
     return EvalResult(report, markdown, folder)
+
+
+def summary_metrics(report: dict) -> dict[str, object]:
+    """The figures a lab looks for first, as `bcc info` shows them: '<part>_accuracy', ...,
+    '<part>_recall' and '<part>_f1' per class."""
+    part = report["part"]
+    per_class = report["per_class"]
+    return {
+        f"{part}_images": report["n"],
+        f"{part}_accuracy": report["accuracy"],
+        f"{part}_macro_f1": report["macro_f1"],
+        f"{part}_recall": {c: m["recall"] for c, m in per_class.items()},
+        f"{part}_f1": {c: m["f1"] for c, m in per_class.items()},
+        f"{part}_ece": report["ece"],
+        f"{part}_flagged": report["flagged"],
+    }
 
 
 def _pct(value: float | None) -> str:

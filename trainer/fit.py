@@ -141,6 +141,8 @@ def build_meta(cfg: FitConfig, classes: list[str]) -> BundleMeta:
         # The fields are whole 224-px images: resize to the input size, no centre crop.
         input=InputSpec(size=cfg.image_size, crop_pct=1.0, interpolation="bicubic", mean=mean, std=std),
         head=HeadSpec(hidden=list(cfg.hidden), dropout=cfg.dropout),
+        # Written out, so that a lab can rename a class in bundle.json without retraining.
+        display_names=BundleMeta(name="", arch=cfg.arch, classes=classes).labels,
     )
 
 

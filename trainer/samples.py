@@ -10,18 +10,15 @@ import random
 import shutil
 from pathlib import Path
 
+from bcc_desk.bundle import display_name
 from bcc_desk.images import discover_images
 from trainer.split import Split
 
 
-def short_name(cls: str) -> str:
-    """'[Malignant] early Pre-B' -> 'early-Pre-B': a folder name without brackets or spaces."""
-    return cls.split("]", 1)[-1].strip().replace(" ", "-")
-
-
 def draw_samples(data: Path, split_csv: Path, out: Path, per_class: int = 3, seed: int = 0) -> list[Path]:
-    """Copy `per_class` test images of every class into out/<short class name>/, replacing the
-    images there (other files, such as a README, stay); returns the copies."""
+    """Copy `per_class` test images of every class into out/<class display name>/ (the name the
+    model's reports use), replacing the images there (other files, such as a README, stay);
+    returns the copies."""
     split = Split.load(split_csv, data)
     rng = random.Random(seed)
     test = list(zip(split.paths("test"), split.labels("test")))
@@ -30,7 +27,7 @@ def draw_samples(data: Path, split_csv: Path, out: Path, per_class: int = 3, see
         pool = sorted(p for p, y in test if y == i)
         if len(pool) < per_class:
             raise ValueError(f"the test split has only {len(pool)} images of {cls}")
-        folder = out / short_name(cls)
+        folder = out / display_name(cls)
         folder.mkdir(parents=True, exist_ok=True)
         for old in discover_images(folder):
             old.unlink()

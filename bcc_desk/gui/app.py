@@ -12,6 +12,7 @@ from PySide6.QtCore import QSettings, QTimer
 from PySide6.QtWidgets import QApplication
 
 from bcc_desk import __version__
+from bcc_desk.gui.syslibs import EXIT_MISSING_LIBRARIES, check_xcb
 from bcc_desk.paths import APP_NAME
 
 
@@ -35,7 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bcc-desk: error: {args.folder} does not exist", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else APP_NAME])
+    app = QApplication.instance()
+    if app is None:
+        # Qt's xcb plugin aborts the process (no traceback, a misleading hint) when a system
+        # library is missing: say which, and how to install them, instead.
+        problem = check_xcb()
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return EXIT_MISSING_LIBRARIES
+        app = QApplication([sys.argv[0] if sys.argv else APP_NAME])
     app.setApplicationName(APP_NAME)
     app.setOrganizationName(APP_NAME)
     app.setApplicationVersion(__version__)

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from bcc_desk.gui.jobs import submit
-from bcc_desk.gui.palette import class_colour, short_name
+from bcc_desk.gui.palette import class_colour, class_name, label_text
 from bcc_desk.gui.table_model import Review
 from bcc_desk.gui.thumbnails import pil_to_qimage
 from bcc_desk.prediction import Prediction
@@ -154,7 +154,7 @@ class ProbabilityBars(QWidget):
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         metrics = painter.fontMetrics()
-        name_w = max([metrics.horizontalAdvance(short_name(c)) for c in self._classes] + [40]) + 28
+        name_w = max([metrics.horizontalAdvance(class_name(c)) for c in self._classes] + [40]) + 28
         pct_w = metrics.horizontalAdvance("100.0%") + 8
         bar_w = max(10, self.width() - name_w - pct_w)
         for i, c in enumerate(self._classes):
@@ -165,7 +165,7 @@ class ProbabilityBars(QWidget):
             painter.setFont(font)
             painter.setPen(self.palette().color(self.foregroundRole()))
             painter.drawText(QRectF(0, y, name_w - 4, self.ROW), Qt.AlignmentFlag.AlignVCenter | Qt.AlignmentFlag.AlignRight,
-                             f"{i + 1}  {marks}{short_name(c)}")
+                             f"{i + 1}  {marks}{class_name(c)}")
             value = self._probs.get(c)
             painter.setPen(Qt.PenStyle.NoPen)
             painter.setBrush(QColor(0, 0, 0, 25))
@@ -257,14 +257,26 @@ class ImagePane(QWidget):
             self.review_row.removeWidget(button)
             button.deleteLater()
         self._review_buttons = []
-        labels = [(f"{i + 1} {short_name(c)}", c) for i, c in enumerate(classes[:9])] + [("0 clear", None)]
+        labels = [(f"{i + 1} {class_name(c)}", c) for i, c in enumerate(classes[:9])] + [("0 clear", None)]
         for text, label in labels:
             button = QPushButton(text)
             button.setFocusPolicy(Qt.FocusPolicy.NoFocus)  # keys stay with the table
-            button.setToolTip(f"Set the reviewed label to {label}" if label else "Remove the reviewer's label")
+            button.setToolTip(f"Set the reviewer's label to {class_name(label)}" if label else "Remove the reviewer's label")
             button.clicked.connect(lambda _=False, lab=label: self.review_requested.emit(lab))
             self.review_row.insertWidget(self.review_row.count() - 1, button)
             self._review_buttons.append(button)
+        self._update_review_buttons()
+
+    @property
+    def class_buttons(self) -> list[QPushButton]:
+        """The "set the reviewer's label" buttons, one per class (without "0 clear")."""
+        return self._review_buttons[:-1]
+
+    def _update_review_buttons(self) -> None:
+        """A class can be given only to an image a person can see (clearing stays possible)."""
+        p = self._prediction
+        for button in self.class_buttons:
+            button.setEnabled(p is not None and p.error is None)
 
     def set_cam_source(self, source: CamSource | None) -> None:
         """Where Grad-CAM gets its network; changing the model clears the cached maps."""
@@ -287,6 +299,7 @@ class ImagePane(QWidget):
         same_image = prediction is not None and self._prediction is not None and prediction.path == self._prediction.path
         self._prediction = prediction
         self.update_review(review)
+        self._update_review_buttons()
         if prediction is None:
             self.title.setText("No image selected")
             self.view.set_image(None)
@@ -316,9 +329,10 @@ class ImagePane(QWidget):
         self.bars.set_values(p.probabilities, p.label, review.label if review else None)
         lines = []
         if p.error:
-            lines.append(f"<b style='color:#b00'>Unreadable:</b> {_html(p.error)}")
+            lines.append(f"<b style='color:#9C0006'>{_html(label_text(p))}</b>")
+            lines.append("A person cannot label an image that cannot be shown.")
         else:
-            lines.append(f"Model: <b>{_html(p.label or '')}</b> ({(p.confidence or 0):.1%}, "
+            lines.append(f"Model: <b>{_html(label_text(p))}</b> ({(p.confidence or 0):.1%}, "
                          f"margin {(p.margin or 0):.1%})")
             if p.needs_review:
                 lines.append(f"<span style='color:#a60'>\u2691 flagged: {_html(p.review_reason)}</span>")
@@ -326,7 +340,7 @@ class ImagePane(QWidget):
                 lines.append(f"Unfamiliarity {p.ood_score:.2f} (above 1: unlike the training data)")
         if review is not None:
             when = review.at.astimezone().strftime("%Y-%m-%d %H:%M")
-            lines.append(f"Reviewed as <b>{_html(review.label)}</b> by {_html(review.by)} at {when}")
+            lines.append(f"Reviewed as <b>{_html(class_name(review.label))}</b> by {_html(review.by)} at {when}")
         self.info.setText("<br>".join(lines))
 
     def _image_loaded(self, path: Path, image: QImage) -> None:
@@ -395,7 +409,7 @@ class ImagePane(QWidget):
     def _show_cam(self, key: tuple) -> None:
         overlay, box, label = self._cam_cache[key]
         self.view.set_overlay(overlay, box)
-        self.cam_status.setText(f"where it looked for {short_name(label)}")
+        self.cam_status.setText(f"where it looked for {class_name(label)}")
         self.cam_shown.emit()
 
 

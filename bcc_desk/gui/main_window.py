@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, Signal
+from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, QUrl, Signal
 from PySide6.QtGui import (
     QAction,
     QCloseEvent,
@@ -27,9 +27,12 @@ from PySide6.QtGui import (
     QKeySequence,
 )
 from PySide6.QtWidgets import (
+    QAbstractButton,
     QAbstractItemView,
     QCheckBox,
     QComboBox,
+    QDialog,
+    QDialogButtonBox,
     QDockWidget,
     QFileDialog,
     QHBoxLayout,
@@ -44,6 +47,9 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSplitter,
     QTableView,
+    QTableWidget,
+    QTableWidgetItem,
+    QToolBar,
     QVBoxLayout,
     QWidget,
 )
@@ -55,6 +61,7 @@ from bcc_desk.gui.image_pane import ImagePane
 from bcc_desk.gui.jobs import one_line, submit
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice, ModelStore
+from bcc_desk.gui.palette import class_name
 from bcc_desk.gui.settings import AppSettings
 from bcc_desk.gui.slide_summary import SlideSummary
 from bcc_desk.gui.table_model import (
@@ -62,8 +69,8 @@ from bcc_desk.gui.table_model import (
     ERROR,
     FILE,
     LABEL,
-    REVIEW,
-    REVIEWED,
+    NEEDS_REVIEW,
+    REVIEWER_LABEL,
     SLIDE,
     THUMB,
     PredictionFilter,
@@ -72,6 +79,7 @@ from bcc_desk.gui.table_model import (
 )
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
+from bcc_desk.paths import RESOURCES
 from bcc_desk.prediction import Prediction
 
 REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
@@ -190,6 +198,11 @@ class MainWindow(QMainWindow):
         self.quit_action = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit)
         self.clear_review_action = self._action("Clear the reviewed label", lambda: self.review_selected(None), "0")
         self.review_actions: list[QAction] = []
+        self.shortcuts_action = self._action("&Keyboard shortcuts", self.show_shortcuts, QKeySequence.StandardKey.HelpContents,
+                                             "Every key the window answers to")
+        self.about_action = self._action("&About bcc-desk", self._about)
+        self.shortcuts_dialog: QDialog | None = None
+        self.about_box: QMessageBox | None = None
 
     def _build_menus(self) -> None:
         bar = self.menuBar()
@@ -213,7 +226,8 @@ class MainWindow(QMainWindow):
         model_menu = bar.addMenu("&Model")
         model_menu.addAction(self.model_action)
         help_menu = bar.addMenu("&Help")
-        help_menu.addAction(self._action("&About bcc-desk", self._about))
+        help_menu.addAction(self.shortcuts_action)
+        help_menu.addAction(self.about_action)
 
     def _build_toolbar(self) -> None:
         tools = self.addToolBar("Main")
@@ -275,7 +289,7 @@ class MainWindow(QMainWindow):
         header.setSectionsMovable(True)
         header.setStretchLastSection(True)
         for col, width in ((THUMB, self.thumbnails.size + 8), (FILE, 220), (SLIDE, 110), (LABEL, 150),
-                           (CONFIDENCE, 110), (REVIEW, 130), (REVIEWED, 150), (ERROR, 160)):
+                           (CONFIDENCE, 110), (NEEDS_REVIEW, 130), (REVIEWER_LABEL, 150), (ERROR, 160)):
             self.table.setColumnWidth(col, width)
         self.confidence_delegate = ConfidenceDelegate(self.table)
         self.table.setItemDelegateForColumn(CONFIDENCE, self.confidence_delegate)
@@ -350,7 +364,7 @@ class MainWindow(QMainWindow):
             self._notify(f"model: {exc}")
             metas = []
         if metas:
-            self.classes = list(metas[0].classes)
+            self.classes = list(metas[0].labels)  # the names the classifier will report
             names = " + ".join(m.name for m in metas)
             extras = [x for x, on in (("TTA", choice.tta), ("ensemble", len(metas) > 1)) if on]
             self.model_label.setText(f"model: {names}" + (f" ({', '.join(extras)})" if extras else ""))
@@ -429,6 +443,7 @@ class MainWindow(QMainWindow):
         self.root = root
         self.model.clear(keep_reviews=keep)
         self.image_pane.show_prediction(None, None)
+        self._update_review_enabled()
         self.slide_filter.blockSignals(True)
         self.slide_filter.clear()
         self.slide_filter.addItem("All slides", ALL)
@@ -670,7 +685,7 @@ class MainWindow(QMainWindow):
         self.class_filter.clear()
         self.class_filter.addItem("All classes", ALL)
         for c in self.classes:
-            self.class_filter.addItem(c, c)
+            self.class_filter.addItem(class_name(c), c)
         index = self.class_filter.findData(current) if current else 0
         self.class_filter.setCurrentIndex(max(0, index))
         self.class_filter.blockSignals(False)
@@ -683,7 +698,8 @@ class MainWindow(QMainWindow):
         self.review_menu.clear()
         self.review_actions = []
         for i, c in enumerate(self.classes[:9]):
-            action = self._action(f"Reviewed as {c}", lambda _=False, label=c: self.review_selected(label), str(i + 1))
+            action = self._action(f"Reviewed as {class_name(c)}", lambda _=False, label=c: self.review_selected(label),
+                                  str(i + 1))
             self.review_actions.append(action)
             self.addAction(action)  # the shortcut works wherever the focus is in the window
             self.review_menu.addAction(action)
@@ -691,6 +707,15 @@ class MainWindow(QMainWindow):
         self.addAction(self.clear_review_action)
         self.review_menu.addSeparator()
         self.review_menu.addAction(self.reviewer_action)
+        self._update_review_enabled()
+
+    def _update_review_enabled(self) -> None:
+        """The class actions only for an image a person can see: an unreadable one cannot be
+        labelled (clearing stays possible)."""
+        shown = self.image_pane.prediction
+        enabled = shown is not None and shown.error is None
+        for action in self.review_actions:
+            action.setEnabled(enabled)
 
     def set_filters(
         self,
@@ -712,7 +737,7 @@ class MainWindow(QMainWindow):
 
     def flagged_first(self) -> None:
         """One click to the images that need a person: flagged first, least confident on top."""
-        self.table.sortByColumn(REVIEW, Qt.SortOrder.AscendingOrder)
+        self.table.sortByColumn(NEEDS_REVIEW, Qt.SortOrder.AscendingOrder)
         if self.proxy.rowCount():
             self.table.selectRow(0)
             self.table.scrollToTop()
@@ -740,6 +765,8 @@ class MainWindow(QMainWindow):
         """Give the selected image(s) a reviewed label (None clears it); with one image
         selected, move on to the next row so a reviewer can go key, key, key."""
         rows = self._selected_source_rows()
+        if label is not None:  # unreadable images in a wider selection keep no label
+            rows = [r for r in rows if self.model.prediction(r).error is None]
         if not rows:
             return
         for row in rows:
@@ -766,6 +793,8 @@ class MainWindow(QMainWindow):
     def _set_review_row(self, row: int, label: str | None) -> None:
         if label is not None and label not in self.classes:
             raise ValueError(f"{label!r} is not one of the model's classes {self.classes}")
+        if label is not None and self.model.prediction(row).error is not None:
+            raise ValueError(f"{self.model.prediction(row).file} is unreadable: a person cannot label it")
         self.model.set_review(row, label, self.settings.reviewer)
         self._unexported_reviews = True
         if not self._summary_timer.isActive():
@@ -784,9 +813,10 @@ class MainWindow(QMainWindow):
         current = self.table.currentIndex()
         if not current.isValid():
             self.image_pane.show_prediction(None, None)
-            return
-        row = self.proxy.mapToSource(current).row()
-        self.image_pane.show_prediction(self.model.prediction(row), self.model.review(row))
+        else:
+            row = self.proxy.mapToSource(current).row()
+            self.image_pane.show_prediction(self.model.prediction(row), self.model.review(row))
+        self._update_review_enabled()
 
     def _refresh_summary(self) -> None:
         self.summary.refresh(self.classes, self.model.iter_rows())
@@ -798,7 +828,8 @@ class MainWindow(QMainWindow):
         flagged = sum(s.flagged for s in slides.values())
         errors = sum(s.unreadable for s in slides.values())
         reviewed = sum(s.reviewed for s in slides.values())
-        self.counts_label.setText(f"{total} images \u00b7 {flagged} flagged \u00b7 {errors} unreadable \u00b7 {reviewed} reviewed")
+        # Unreadable images are flagged too (a person must look), as the CLI counts them.
+        self.counts_label.setText(f"{total} images \u00b7 {flagged} flagged ({errors} unreadable) \u00b7 {reviewed} reviewed")
         self.shown_label.setText(f"{self.proxy.rowCount()} of {total} shown")
 
     def _ask_reviewer(self) -> None:
@@ -920,9 +951,78 @@ class MainWindow(QMainWindow):
             box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
             box.open()
 
+    def keyboard_shortcuts(self) -> list[tuple[str, str]]:
+        """(keys, what they do) for every shortcut the window has now, read from its actions and
+        buttons themselves so the list cannot go stale."""
+        actions: list[QAction] = []
+
+        def walk(menu_actions: list[QAction]) -> None:  # in menu order, into sub-menus
+            for action in menu_actions:
+                actions.append(action)
+                if action.menu() is not None:
+                    walk(action.menu().actions())
+
+        walk(self.menuBar().actions())
+        actions.extend(self.actions())  # window-wide keys that no menu shows
+        for tools in self.findChildren(QToolBar):
+            actions.extend(tools.actions())
+        found: list[tuple[str, str]] = []
+        for action in actions:
+            for keys in action.shortcuts():
+                found.append((keys.toString(QKeySequence.SequenceFormat.NativeText), _plain(action.text())))
+        for button in self.findChildren(QAbstractButton):  # e.g. the image pane's Grad-CAM toggle
+            if not button.shortcut().isEmpty():
+                what = _plain(button.text()) + (f": {button.toolTip()}" if button.toolTip() else "")
+                found.append((button.shortcut().toString(QKeySequence.SequenceFormat.NativeText), what))
+        return list(dict.fromkeys(found))  # an action in a menu and a toolbar once
+
+    def show_shortcuts(self) -> None:
+        """Help > Keyboard shortcuts: a small non-modal table of `keyboard_shortcuts()`."""
+        if self.shortcuts_dialog is not None:
+            self.shortcuts_dialog.close()
+        shortcuts = self.keyboard_shortcuts()
+        dialog = QDialog(self)
+        dialog.setWindowTitle("Keyboard shortcuts \u2014 bcc-desk")
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        table = QTableWidget(len(shortcuts), 2, dialog)
+        table.setObjectName("shortcuts")
+        table.setHorizontalHeaderLabels(["Keys", "Action"])
+        table.verticalHeader().setVisible(False)
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        table.horizontalHeader().setStretchLastSection(True)
+        for r, (keys, what) in enumerate(shortcuts):
+            table.setItem(r, 0, QTableWidgetItem(keys))
+            table.setItem(r, 1, QTableWidgetItem(what))
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close, dialog)
+        buttons.rejected.connect(dialog.close)
+        layout = QVBoxLayout(dialog)
+        layout.addWidget(table)
+        layout.addWidget(buttons)
+        dialog.resize(480, 420)
+        dialog.destroyed.connect(lambda _=None: setattr(self, "shortcuts_dialog", None))
+        self.shortcuts_dialog = dialog
+        dialog.show()
+
+    def about_text(self) -> str:
+        """The About box's text (rich text), with a link to the documentation shipped with it."""
+        readme = RESOURCES.parent / "README.md"
+        doc = "Documentation: README.md in the installation folder"
+        if readme.is_file():
+            doc += f": <a href=\"{QUrl.fromLocalFile(str(readme)).toString()}\">{_html(str(readme))}</a>"
+        return (f"<p><b>bcc-desk {__version__}</b><br>B-ALL blood smear image classifier.</p>"
+                "<p>Research software: a decision aid for trained staff, not a diagnostic device.</p>"
+                f"<p>{doc}</p><p>Keyboard shortcuts: Help \u203a Keyboard shortcuts.</p>")
+
     def _about(self) -> None:
-        QMessageBox.about(self, "bcc-desk", f"bcc-desk {__version__}\nB-ALL blood smear image classifier.\n"
-                          "Research software: a decision aid for trained staff, not a diagnostic device.")
+        box = QMessageBox(QMessageBox.Icon.Information, "About bcc-desk", self.about_text(),
+                          QMessageBox.StandardButton.Ok, self)
+        box.setTextFormat(Qt.TextFormat.RichText)
+        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)  # the link opens
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.destroyed.connect(lambda _=None: setattr(self, "about_box", None))
+        self.about_box = box
+        box.open()
 
     def closeEvent(self, event: QCloseEvent) -> None:
         if self.ask_before_close and self._unexported_reviews:
@@ -985,6 +1085,15 @@ def _write_report(out: Path, predictions: list[Prediction], reviews: dict[Path, 
     )
     writer = write_csv if out.suffix.lower() == ".csv" else write_report
     return writer(predictions, out, info, extra_columns=extra)
+
+
+def _plain(text: str) -> str:
+    """A menu text as a sentence: no '&' mnemonics, no trailing ellipsis."""
+    return text.replace("&&", "\0").replace("&", "").replace("\0", "&").rstrip("\u2026").strip()
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _dropped_folder(event: QDragEnterEvent | QDropEvent) -> Path | None:

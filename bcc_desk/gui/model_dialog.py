@@ -35,11 +35,11 @@ _PATH_ROLE = Qt.ItemDataRole.UserRole + 1
 
 
 def describe(meta: BundleMeta, folder: Path) -> str:
-    """A bundle's metadata and validation metrics as HTML (the dialog's details pane)."""
+    """A bundle's metadata and recorded metrics as HTML (the dialog's details pane)."""
     rows = [
         ("folder", str(folder)),
         ("architecture", meta.arch),
-        ("classes", ", ".join(meta.classes)),
+        ("classes", ", ".join(meta.labels)),
         ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"),
         ("temperature", f"{meta.temperature:.4g}"),
         ("review threshold", f"{meta.review_threshold:.1%}"),
@@ -50,7 +50,7 @@ def describe(meta: BundleMeta, folder: Path) -> str:
     metrics = [(k, _fmt(v, percent=True)) for k, v in meta.metrics.items()]
     html = [f"<h3>{_esc(meta.name)}</h3><table cellspacing='2'>"]
     html += [f"<tr><td><b>{_esc(k)}</b></td><td>{_esc(v)}</td></tr>" for k, v in rows]
-    html.append("</table><h4>Validation metrics</h4><table cellspacing='2'>")
+    html.append("</table><h4>Metrics (val_: the validation split, test_: the test split)</h4><table cellspacing='2'>")
     html += [f"<tr><td><b>{_esc(k)}</b></td><td align='right'>{_esc(v)}</td></tr>" for k, v in metrics]
     if not metrics:
         html.append("<tr><td>none recorded</td></tr>")
@@ -62,7 +62,7 @@ def _fmt(value: object, percent: bool = False) -> str:
     if isinstance(value, float):
         return f"{value:.1%}" if percent and 0.0 <= value <= 1.0 else f"{value:.4g}"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+        return ", ".join(f"{k}={_fmt(v, percent)}" for k, v in value.items())
     return str(value)
 
 

@@ -103,4 +103,4 @@ class ModelStore:
                 for p in net.parameters():
                     p.requires_grad_(True)
                 self._cam[folder] = (stamp, net)
-            return self._cam[folder][1], bundle.meta.input, list(bundle.classes)
+            return self._cam[folder][1], bundle.meta.input, list(bundle.labels)

@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from bcc_desk.gui.palette import class_colour, short_name
+from bcc_desk.gui.palette import class_colour, class_name
 from bcc_desk.gui.table_model import Review
 from bcc_desk.prediction import Prediction
 
@@ -98,7 +98,7 @@ class SlideChart(QWidget):
             painter.setBrush(class_colour(i))
             painter.drawRect(QRectF(x, 6, 10, 10))
             painter.setPen(text)
-            name = short_name(c)
+            name = class_name(c)
             painter.drawText(QRectF(x + 14, 0, fm.horizontalAdvance(name) + 4, 22), Qt.AlignmentFlag.AlignVCenter, name)
             x += 24 + fm.horizontalAdvance(name)
         if not self._slides:
@@ -153,7 +153,7 @@ class SlideSummary(QWidget):
 
     def refresh(self, classes: list[str], rows: Iterable[tuple[Prediction, Review | None]]) -> None:
         self.slides = count_slides(rows)
-        headers = ["Slide", "Images", *(short_name(c) for c in classes), "Flagged", "Unreadable", "Reviewed"]
+        headers = ["Slide", "Images", *(class_name(c) for c in classes), "Flagged", "Unreadable", "Reviewed"]
         self.table.setUpdatesEnabled(False)
         self.table.setColumnCount(len(headers))
         self.table.setHorizontalHeaderLabels(headers)

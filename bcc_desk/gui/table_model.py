@@ -23,12 +23,14 @@ from PySide6.QtCore import (
 )
 from PySide6.QtGui import QFont
 
-from bcc_desk.gui.palette import ERROR_BACKGROUND, FLAGGED_BACKGROUND
+from bcc_desk.gui.palette import ERROR_BACKGROUND, ERROR_TEXT, FLAGGED_BACKGROUND, class_name, label_text
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.prediction import Prediction
 
-THUMB, FILE, SLIDE, LABEL, CONFIDENCE, REVIEW, REVIEWED, ERROR = range(8)
-HEADERS = ("", "File", "Slide", "Label", "Confidence", "Review", "Reviewed as", "Error")
+THUMB, FILE, SLIDE, LABEL, CONFIDENCE, NEEDS_REVIEW, REVIEWER_LABEL, ERROR = range(8)
+# "Model ..." vs "Reviewer's ...": whose word each column is, so the model's flag is never read
+# as a person's review.
+HEADERS = ("", "File", "Slide", "Model label", "Confidence", "Needs review", "Reviewer's label", "Error")
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 FLAG_MARK = "\u2691"  # ⚑
 
@@ -171,7 +173,9 @@ class PredictionTableModel(QAbstractTableModel):
             return None
         if role == Qt.ItemDataRole.ToolTipRole:
             return self._tooltip(p, row, col)
-        if role == Qt.ItemDataRole.FontRole and col == REVIEWED:
+        if role == Qt.ItemDataRole.ForegroundRole and col in (LABEL, ERROR) and p.error is not None:
+            return ERROR_TEXT
+        if role == Qt.ItemDataRole.FontRole and col == REVIEWER_LABEL:
             review = self._reviews.get(p.path)
             if review is not None and review.label != p.label:
                 return self._bold  # a correction stands out
@@ -183,14 +187,14 @@ class PredictionTableModel(QAbstractTableModel):
         if col == SLIDE:
             return p.slide
         if col == LABEL:
-            return p.label or ""
+            return label_text(p)
         if col == CONFIDENCE:
             return "" if p.confidence is None else f"{p.confidence:.1%}"
-        if col == REVIEW:
+        if col == NEEDS_REVIEW:
             return f"{FLAG_MARK} {p.review_reason}" if p.needs_review else ""
-        if col == REVIEWED:
+        if col == REVIEWER_LABEL:
             review = self._reviews.get(p.path)
-            return review.label if review is not None else ""
+            return class_name(review.label) if review is not None else ""
         if col == ERROR:
             return p.error or ""
         return None
@@ -198,27 +202,30 @@ class PredictionTableModel(QAbstractTableModel):
     def _sort_value(self, p: Prediction, row: int, col: int):
         if col == CONFIDENCE:
             return -1.0 if p.confidence is None else p.confidence
-        if col == REVIEW:
+        if col == NEEDS_REVIEW:
             return review_sort_key(p)
         if col == THUMB:
             return row
+        if col == LABEL and p.error is not None:
+            return "\uffff" + p.error.casefold()  # unreadable after every class
         value = self._display(p, row, col)
         return value.casefold() if isinstance(value, str) else value
 
     def _tooltip(self, p: Prediction, row: int, col: int) -> str | None:
         if col in (THUMB, FILE):
             return str(p.path)
-        if col == REVIEW and p.needs_review:
+        if col == NEEDS_REVIEW and p.needs_review:
             return f"flagged for review: {p.review_reason}"
         if col == CONFIDENCE and p.probabilities:
-            return "\n".join(f"{c}: {v:.1%}" for c, v in p.probabilities.items())
-        if col == REVIEWED:
+            return "\n".join(f"{class_name(c)}: {v:.1%}" for c, v in p.probabilities.items())
+        if col == REVIEWER_LABEL:
             review = self._reviews.get(p.path)
             if review is not None:
                 when = review.at.astimezone().strftime("%Y-%m-%d %H:%M")
-                return f"{review.label}, by {review.by} at {when} (model: {p.label or 'unreadable'})"
-        if col == ERROR and p.error:
-            return p.error
+                model = class_name(p.label) if p.error is None else "unreadable"
+                return f"{class_name(review.label)}, by {review.by} at {when} (model: {model})"
+        if col in (LABEL, ERROR) and p.error:
+            return f"This image could not be read, so it was not classified:\n{p.error}"
         return None
 
     def _thumbnail_ready(self, path: Path) -> None:
@@ -229,10 +236,12 @@ class PredictionTableModel(QAbstractTableModel):
 
 
 _HEADER_TIPS = {
-    LABEL: "The model's label",
+    LABEL: "The class the model gave the image (or why the image could not be read)",
     CONFIDENCE: "Calibrated probability of the model's label",
-    REVIEW: f"{FLAG_MARK}: a person should look (low confidence, or unlike the training data)",
-    REVIEWED: "The reviewer's label (keys 1-9 set it, 0 clears it)",
+    NEEDS_REVIEW: f"The model's flag, not a review: {FLAG_MARK} means a person should look "
+                  "(low confidence, or unlike the training data)",
+    REVIEWER_LABEL: "The label a person gave the image (keys 1-9 set it, 0 clears it)",
+    ERROR: "Why the image could not be read",
 }
 
 
