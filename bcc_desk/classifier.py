@@ -15,14 +15,14 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from bcc_desk.bundle import Bundle, BundleError, InputSpec, ood_distance
+from bcc_desk.devices import autocast, default_batch_size, device_label, pick_device, pick_precision
 from bcc_desk.heap import keep_freed_memory
 from bcc_desk.images import ImageReadError, open_image
 from bcc_desk.prediction import (
@@ -32,6 +32,7 @@ from bcc_desk.prediction import (
     error_prediction,
     relative_location,
 )
+from bcc_desk.preprocess import make_transform, normalise, pad_batch
 from bcc_desk.quantize import Int8Unavailable, int8_forward, int8_package_ready
 from bcc_desk.toolchain import compile_blocker, failure_reason, remember_compile_failure
 
@@ -48,117 +49,9 @@ COMPILE_MIN_IMAGES = 256
 compilation (seconds when inductor's cache is warm, ~20 s cold on 2 cores) is repaid by ~25%
 faster batches.  Smaller calls (a daemon's trickle, a GUI's single image) stay eager."""
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """cuda > mps > cpu for 'auto'; a named device must exist (one-line ValueError otherwise)."""
-    name = name.lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for, but Apple MPS is not available here")
-    return device
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 / AMX), where it is ~2x faster
-    than fp32; elsewhere bf16 is emulated and slower, so fp32 is the fast choice."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def pick_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for `device` (None = plain fp32); for 'int8', that of the layers
-    left in floating point."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
-    if precision == "int8":
-        if device.type != "cpu":
-            raise ValueError(f"int8 runs on x86 CPUs, not on {device.type}: use auto, bf16 or fp16 there")
-        precision = "auto"
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """Mixed precision in `dtype` on `device`, or a no-op for plain fp32 (dtype None)."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Small batches are fastest on a CPU (they stay in cache: 8 measured ~25% faster than 32 on
-    the 2-core bench machine); a GPU wants large ones."""
-    return 8 if device.type == "cpu" else 64
-
-
-def device_label(device: torch.device, dtype: torch.dtype | None, int8: bool = False) -> str:
-    """'cuda:0 NVIDIA H100 (bf16)' / 'cpu (int8+bf16)': what the report and status bar show."""
-    name = str(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return f"{name} ({'int8+' if int8 else ''}{precision})"
-
-
-def make_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> uint8 CHW tensor of the bundle's input size (resize shorter side,
-    centre crop).  Normalisation happens later, on the whole batch.
-
-    These are the Pillow calls torchvision's Resize/CenterCrop/PILToTensor make on a PIL image
-    (a test checks that the pixels are identical); torchvision itself is not imported because
-    its import pulls in torch._dynamo, seconds of every run's start-up."""
-    short = int(round(spec.size / spec.crop_pct))
-    resample = Image.Resampling[spec.interpolation.upper()]
-    size = spec.size
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        w, h = image.size
-        scaled = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-        if scaled != (w, h):
-            image = image.resize(scaled, resample)
-            w, h = scaled
-        if (w, h) != (size, size):
-            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-            image = image.crop((left, top, left + size, top + size))
-        # A CHW view, as torchvision's PILToTensor gives; the batch's stack makes it planar.  (A
-        # torch op here, in a decoding thread, would start a second OpenMP team on the cores the
-        # network is using: end to end fell from ~35 to 23-32 images/s.)
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-    return transform
-
-
-def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """uint8 (or 0..255 float) batch -> the network's normalised float input.  Shared with the
-    trainer, so training and inference can never normalise differently."""
-    shape = (1, 3, 1, 1)
-    mean = torch.tensor(spec.mean, device=batch.device).view(shape) * 255
-    std = torch.tensor(spec.std, device=batch.device).view(shape) * 255
-    return (batch.float() - mean) / std
+def int8_checked(bundle: Bundle) -> bool:
+    """The bundle carries an int8 calibration whose check against fp32 passed."""
+    return bundle.meta.int8 is not None and bundle.meta.int8.check.get("passed") is True
 
 
 def _spec_key(spec: InputSpec) -> tuple:
@@ -184,6 +77,30 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
     (the out-of-distribution score is taken on it)."""
     views = [x.rot90(k, dims=(-2, -1)) for k in range(4)]
     return [v.contiguous() for r in views for v in (r, r.flip(-1))]
+
+
+@dataclass(frozen=True)
+class ClassifierOptions:
+    """How to run the bundles, as every front end states it (`bcc classify`'s and `bcc watch`'s
+    options, the app's model choice): one set of names, one `build`."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    tta: bool = False
+    review_threshold: float | None = None
+    workers: int = 2
+    compile: bool | None = None
+    """None: by the size of each call (COMPILE_MIN_IMAGES)."""
+    auto_int8: bool = True
+
+    def build(self, bundles: Bundle | Sequence[Bundle]) -> Classifier:
+        return Classifier(bundles, **asdict(self))
+
+    def for_single_images(self) -> ClassifierOptions:
+        """The same numerics uncompiled, for calls of one or two images (a daemon's trickle):
+        a compiled network costs a whole batch per call, and int8 runs compiled only."""
+        return replace(self, compile=False, precision="auto" if self.precision == "int8" else self.precision)
 
 
 class Classifier:
@@ -238,11 +155,11 @@ class Classifier:
                 )
         # Static int8 runs twice as fast as compiled bf16 on x86 CPUs (bench/RESULTS.md) and its
         # labels were checked against fp32 by the trainer: 'auto' takes it wherever the network
-        # is compiled and every member carries that check.  Settled at the first compile, where
-        # it may fall back to bf16.
+        # is compiled and every member's check passed (a check killed midway leaves a calibration
+        # marked not passed).  Settled at the first compile, where it may fall back to bf16.
         self.int8 = precision == "int8" or (
             precision == "auto" and auto_int8 and compile is not False and self.device.type == "cpu"
-            and all(b.meta.int8 is not None for b in members)
+            and all(int8_checked(b) for b in members)
         )
         self._int8_requested = precision == "int8"
         self._int8_active = False
@@ -302,10 +219,6 @@ class Classifier:
     def compiled(self) -> bool:
         """True once the network runs compiled (torch.compile or an int8 package)."""
         return any(m.forward is not None for m in self._members)
-
-    @property
-    def has_ood(self) -> bool:
-        return any(m.ood is not None for m in self._members)
 
     # -- decoding -----------------------------------------------------------------------------
     def _decode(self, path: Path) -> _Decoded:
@@ -515,10 +428,3 @@ class Classifier:
             model_sha256=self.sha256,
             ood_score=ood_ratio,
         )
-
-
-def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
-    """Repeat the last image up to `size`: a compiled network has one static batch size."""
-    if len(batch) >= size:
-        return batch
-    return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])

@@ -34,7 +34,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 
-EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # and 0: the run completed
 
 _report_written = False
 """Set once `classify` has its report on disk: what is left of the process is only teardown."""
@@ -83,6 +83,7 @@ def _load_models(models: list[Path]):
 
 @app.command(cls=Command)
 def classify(
+    ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="Folder of slide folders (or one image).", show_default=False)],
     model: Annotated[
         Optional[list[Path]],
@@ -115,9 +116,9 @@ def classify(
 ) -> None:
     """Classify every image under ROOT (one folder per slide) and write the report."""
     from bcc_desk.bundle import BundleError
-    from bcc_desk.classifier import Classifier
+    from bcc_desk.classifier import ClassifierOptions
     from bcc_desk.images import discover_images
-    from bcc_desk.report import ReportError, RunInfo, ood_check, write_csv, write_report
+    from bcc_desk.report import ReportError, run_info, write_csv, write_report
 
     started = datetime.now(timezone.utc)
     if not root.exists():
@@ -134,19 +135,13 @@ def classify(
     except OSError as exc:
         fail(f"cannot write the report in {out.parent} ({exc.strerror or exc}); choose another place with --out")
     bundles = _load_models(model or [])
-    if quiet:  # nothing but errors
-        logging.getLogger("bcc_desk").setLevel(logging.ERROR)
+    if quiet:  # nothing but errors, for this command only (a caller's logging is left as it was)
+        logger = logging.getLogger("bcc_desk")
+        ctx.call_on_close(lambda level=logger.level: logger.setLevel(level))
+        logger.setLevel(logging.ERROR)
     try:
-        classifier = Classifier(
-            bundles,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            tta=tta,
-            review_threshold=review_threshold,
-            workers=workers,
-            compile=compile,
-        )
+        classifier = ClassifierOptions(device=device, precision=precision, batch_size=batch_size, tta=tta,
+                                       review_threshold=review_threshold, workers=workers, compile=compile).build(bundles)
     except (ValueError, BundleError) as exc:
         fail(str(exc))
 
@@ -161,18 +156,8 @@ def classify(
         interrupted = True
         console.print(f"[yellow]interrupted[/]: writing the report for the {len(predictions)} images done")
 
-    run = RunInfo.collect(
-        models=[(b.name, b.sha256) for b in bundles],
-        classes=classifier.classes,
-        review_threshold=classifier.review_threshold,
-        ood_check=ood_check(bundles),
-        tta=tta,
-        device=classifier.device_label,
-        started=started,
-        finished=None if interrupted else datetime.now(timezone.utc),
-        root=str(folder),
-        command=shlex.join(["bcc", *sys.argv[1:]]),
-    )
+    run = run_info(classifier, root=folder, command=shlex.join(["bcc", *sys.argv[1:]]), started=started,
+                   finished=None if interrupted else datetime.now(timezone.utc))
     try:
         written = (write_csv if csv else write_report)(predictions, out, run)
     except ReportError as exc:
@@ -331,7 +316,7 @@ def watch(
     import signal
 
     from bcc_desk.bundle import BundleError
-    from bcc_desk.classifier import Classifier
+    from bcc_desk.classifier import ClassifierOptions
     from bcc_desk.ledger import LedgerError
     from bcc_desk.watch import (
         ReportFolderError,
@@ -350,15 +335,13 @@ def watch(
         fail(str(exc))
     log_to_file(log_file(site.state))
     bundles = _load_models(model or [])
-    settings = {"device": device, "precision": precision, "batch_size": batch_size, "tta": tta,
-                "review_threshold": review_threshold, "workers": workers}
+    # Compiled once at start (the watcher does it before it says ready), not by call size: a
+    # burst arrives file by file, so its calls rarely reach classify's threshold.
+    options = ClassifierOptions(device=device, precision=precision, batch_size=batch_size, tta=tta,
+                                review_threshold=review_threshold, workers=workers, compile=compile)
     try:
-        # Compiled once at start (the watcher does it before it says ready), not by call size:
-        # a burst arrives file by file, so its calls rarely reach classify's threshold.  Single
-        # images go through the same bundles uncompiled (a compiled call costs a whole batch).
-        classifier = Classifier(bundles, compile=compile, **settings)  # type: ignore[arg-type]
-        eager = {**settings, "precision": "auto" if precision == "int8" else precision}  # int8 is compiled only
-        single = Classifier(bundles, compile=False, **eager) if compile else None  # type: ignore[arg-type]
+        classifier = options.build(bundles)
+        single = options.for_single_images().build(bundles) if compile else None
     except (ValueError, BundleError) as exc:
         fail(str(exc))
     try:

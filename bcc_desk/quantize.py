@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from bcc_desk.bundle import Bundle, BundleError, InputSpec, file_sha256
+from bcc_desk.preprocess import normalise, pad_batch  # the same numerics as every other path
 from bcc_desk.toolchain import failed_before, remember_failure
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,6 @@ class _Package(nn.Module):
         self.net, self.spec, self.dtype = net, spec, dtype
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from bcc_desk.classifier import normalise
 
         x = normalise(x, self.spec)
         with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
@@ -251,7 +251,6 @@ def _quantized_program(
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from bcc_desk.classifier import normalise, pad_batch  # the same numerics as every other path
 
     raw = [pad_batch(calibration[i : i + batch_size], batch_size) for i in range(0, len(calibration), batch_size)]
     batches = [normalise(b, spec) for b in raw]

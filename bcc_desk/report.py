@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
@@ -43,6 +44,9 @@ from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
 from bcc_desk.prediction import Prediction
+
+if TYPE_CHECKING:
+    from bcc_desk.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,26 @@ class RunInfo:
         )
 
 
+def run_info(
+    classifier: Classifier,
+    *,
+    root: str | Path,
+    command: str,
+    started: datetime | None = None,
+    finished: datetime | None = None,
+    extra: dict[str, str] | None = None,
+) -> RunInfo:
+    """The Run sheet's record, taken from the classifier that made the predictions: its models
+    (names, sha256s), classes in output order, review threshold, out-of-distribution check, TTA
+    and numerics.  The one place every front end (classify, watch, the app's export) gets it."""
+    return RunInfo.collect(
+        models=[(b.name, b.sha256) for b in classifier.bundles], classes=list(classifier.classes),
+        review_threshold=classifier.review_threshold, ood_check=ood_check(classifier.bundles),
+        tta=classifier.tta, device=classifier.device_label, root=root, command=command,
+        started=started, finished=finished, extra=extra,
+    )
+
+
 def ood_check(bundles: Sequence) -> str:
     """The Run sheet's "out-of-distribution check" for these bundles: "on" when every one
     carries the check, "off" when none does, "partly" in between."""
@@ -136,11 +160,11 @@ def _safe(get: Callable[[], str]) -> str:
     # getpass.getuser raises in containers without a passwd entry: a report is still wanted.
     try:
         return get() or "unknown"
-    except Exception:
+    except (OSError, KeyError, ImportError):  # getpass's failures: no passwd entry, no pwd module
         return "unknown"
 
 
-def IMAGE_COLUMNS(classes: Sequence[str]) -> list[str]:  # noqa: N802 (a table layout, named like a constant)
+def IMAGE_COLUMNS(classes: Sequence[str]) -> list[str]:
     """The Images sheet / CSV header: the same names wherever a row is shown."""
     return [
         "file", "slide", "label", "confidence", "margin", "needs_review", "error",
@@ -150,7 +174,7 @@ def IMAGE_COLUMNS(classes: Sequence[str]) -> list[str]:  # noqa: N802 (a table l
     ]
 
 
-def SLIDE_COLUMNS(classes: Sequence[str]) -> list[str]:  # noqa: N802
+def SLIDE_COLUMNS(classes: Sequence[str]) -> list[str]:
     """The Slides sheet header: count and share of each class sit side by side."""
     per_class = [h for c in classes for h in (f"n: {c}", f"%: {c}")]
     return ["slide", "images", "classified", *per_class, "flagged", "unreadable"]

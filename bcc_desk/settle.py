@@ -53,9 +53,6 @@ class Settler:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._pending
-
     def waiting(self) -> list[Hashable]:
         return list(self._pending)
 

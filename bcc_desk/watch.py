@@ -47,11 +47,12 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver
 
+from bcc_desk.bundle import file_sha256
 from bcc_desk.images import discover_images, is_candidate
 from bcc_desk.ledger import DONE, VANISHED, Ledger, Row
 from bcc_desk.paths import SAMPLES_DIR, user_data_dir
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import ReportError, RunInfo, locked_target, ood_check, write_csv, write_report
+from bcc_desk.report import ReportError, RunInfo, locked_target, run_info, write_csv, write_report
 from bcc_desk.settle import COMPLETE, READ_RETRIES, SEEN, WRITING, Settler
 
 if TYPE_CHECKING:
@@ -152,12 +153,8 @@ def make_watcher(
     (`mode`, `command`), how it watches and where its ledger is.  Raises LedgerError when the
     state file cannot be used."""
     observer = f"polling every {interval:g} s" if polling else "native (system events)"
-    run = RunInfo.collect(
-        models=[(b.name, b.sha256) for b in classifier.bundles], classes=classifier.classes,
-        review_threshold=classifier.review_threshold, ood_check=ood_check(classifier.bundles),
-        tta=classifier.tta, device=classifier.device_label, root=site.root, command=command,
-        extra={"mode": mode, "observer": observer, "settle time": f"{settle:g} s", "ledger": str(site.state)},
-    )
+    run = run_info(classifier, root=site.root, command=command,
+                   extra={"mode": mode, "observer": observer, "settle time": f"{settle:g} s", "ledger": str(site.state)})
     return Watcher(site.root, site.out, classifier, site.state, run, single=single, polling=polling,
                    interval=interval, settle=settle, quiet=quiet, on_predictions=on_predictions)
 
@@ -184,14 +181,6 @@ def log_to_file(path: Path) -> logging.Handler:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     return handler
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def lock_state(state: Path) -> TextIO:
@@ -539,7 +528,7 @@ class Watcher:
         copies: list[Prediction] = []
         for rel, st in ready[:MAX_CALL]:
             try:
-                digest = sha256_file(self.root / rel)
+                digest = file_sha256(self.root / rel)
             except FileNotFoundError:
                 self._gone(rel)
                 continue

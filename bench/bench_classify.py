@@ -32,22 +32,16 @@ from pathlib import Path
 
 import torch
 
-from common import ALL4, REPO, cpu_name, publish  # noqa: E402 - bench/ is the script's own folder
+from common import ALL4, REPO, cpu_name, publish
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from bcc_desk.bundle import load_bundle, load_int8_calibration  # noqa: E402
-from bcc_desk.classifier import (  # noqa: E402
-    autocast,
-    default_batch_size,
-    make_transform,
-    normalise,
-    pad_batch,
-    pick_precision,
-)
-from bcc_desk.heap import keep_freed_memory  # noqa: E402
-from bcc_desk.images import discover_images, open_image  # noqa: E402
-from bcc_desk.quantize import package_identity, quantize_int8  # noqa: E402
+from bcc_desk.bundle import load_bundle, load_int8_calibration
+from bcc_desk.devices import autocast, default_batch_size, pick_precision
+from bcc_desk.heap import keep_freed_memory
+from bcc_desk.images import discover_images, open_image
+from bcc_desk.preprocess import make_transform, normalise, pad_batch
+from bcc_desk.quantize import package_identity, quantize_int8
 
 
 def make_folder(dest: Path, n: int) -> Path:

@@ -28,10 +28,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-from common import ALL4, REPO, cpu_name, publish  # noqa: E402 - bench/ is the script's own folder
+from common import ALL4, REPO, cpu_name, publish
 
 sys.path.insert(0, str(REPO / "tests"))
-from folders import spread_images  # noqa: E402 - the tests' helper
+from folders import spread_images
 
 DEFAULT_MODEL = REPO / "resources" / "models" / "default"
 TICK_MS = 50

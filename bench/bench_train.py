@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bcc_desk.classifier import autocast, normalise
+from bcc_desk.devices import autocast
+from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import decode_images
 from trainer.fit import FitConfig, build_meta, create_model, fit

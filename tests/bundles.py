@@ -8,7 +8,7 @@ import torch
 
 from bcc_desk.bundle import BundleMeta, HeadSpec, InputSpec, OODSpec, build_model, save_bundle
 
-from conftest import CLASSES, LABELS  # noqa: E402, F401 - the four class folders and their names
+from conftest import CLASSES, LABELS  # noqa: F401 - the four class folders and their names
 
 
 def make_bundle(

@@ -145,7 +145,7 @@ def test_ood_features_are_the_pooled_ones_or_the_last_stage_mean_as_the_bundle_s
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    from bcc_desk.classifier import normalise
+    from bcc_desk.preprocess import normalise
 
     files = [f for fs in real_images.values() for f in fs[:1]]
     pooled = load_bundle(make_bundle(tmp_path / "p", ood_threshold=10.0))

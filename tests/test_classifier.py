@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from bcc_desk.bundle import BundleError, load_bundle
-from bcc_desk.classifier import Classifier, make_transform, pick_device, pick_precision
+from bcc_desk.classifier import Classifier
+from bcc_desk.devices import pick_device, pick_precision
 from bcc_desk.images import discover_images, open_image
 from bcc_desk.prediction import REVIEW_LOW_CONFIDENCE, REVIEW_UNFAMILIAR, REVIEW_UNREADABLE
+from bcc_desk.preprocess import make_transform
 
 from bundles import CLASSES, LABELS, make_bundle
 from corpus import VANISH_NAME, build_corpus

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -177,9 +178,11 @@ def test_the_console_summary_fits_80_columns_in_natural_slide_order(model: Path,
 
 
 def test_quiet_prints_nothing_but_errors(model: Path, lab_folder: Path, tmp_path: Path) -> None:
+    level = logging.getLogger("bcc_desk").level
     result = runner.invoke(cli.app, ["classify", str(lab_folder), "--model", str(model), "-q",
                                      "--out", str(tmp_path / "r.xlsx")])
     assert result.exit_code == 0 and result.output == "" and (tmp_path / "r.xlsx").is_file()
+    assert logging.getLogger("bcc_desk").level == level  # quiet for that command only
     missing = runner.invoke(cli.app, ["classify", str(tmp_path / "nowhere"), "--model", str(model), "-q"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
 

@@ -19,6 +19,7 @@ from PySide6.QtGui import QAction, QDropEvent, QKeySequence, QTextDocument
 from PySide6.QtWidgets import QTableWidget
 from watchdog.utils import BaseThread
 
+from bcc_desk.bundle import load_bundle
 from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice
@@ -385,6 +386,54 @@ def test_watching_shows_arriving_images_live_and_records_them(qtbot, window: Mai
     assert window.default_report_path() == watched / "bcc-review.xlsx"
     with pytest.raises(ValueError, match="watch's report"):
         window.export_report(watched / "bcc-report.xlsx")
+
+
+def run_sheet(workbook: Path) -> dict:
+    return dict(openpyxl.load_workbook(workbook, read_only=True)["Run"].iter_rows(min_row=2, values_only=True))
+
+
+def test_an_empty_folder_watched_and_exported_records_the_model_that_classified(
+    qtbot, window: MainWindow, bundle: Path, tmp_path: Path, real_images
+) -> None:
+    """Nothing to classify at first, then images arrive under the watch: the export's Run sheet
+    names the watch's model, its classes in output order, its threshold and OOD check."""
+    empty = tmp_path / "empty export"
+    empty.mkdir()
+    assert run(qtbot, window, empty) is False  # "no images found"
+    window.watch_settle, window.watch_quiet = 0.3, 0.2
+    window.watch_action.trigger()
+    assert window.is_watching()
+    (empty / "slide-1").mkdir()
+    shutil.copy(real_images[CLASSES[2]][0], empty / "slide-1" / "arrived.jpg")
+    qtbot.waitUntil(lambda: window.model.rowCount() == 1 and window.predictions()[0].label is not None,
+                    timeout=WATCH_TIMEOUT_MS)
+    sheet = run_sheet(window.export_report(tmp_path / "review.xlsx"))
+    meta = load_bundle(bundle).meta
+    assert sheet["model"] == meta.name and sheet["model sha256"] == meta.weights_sha256
+    assert sheet["classes"] == "; ".join(meta.labels)
+    assert sheet["review threshold"] == pytest.approx(meta.review_threshold) and meta.review_threshold > 0
+    assert sheet["out-of-distribution check"] == ("on" if meta.ood is not None else "off")
+    assert sheet["device"].startswith("cpu")
+
+
+def test_switching_the_model_while_watching_records_the_new_one(
+    qtbot, window: MainWindow, watched: Path, tmp_path: Path, real_images
+) -> None:
+    start_watching(qtbot, window, watched)
+    second = make_bundle(tmp_path / "second", seed=1, review_threshold=0.8)
+    with qtbot.waitSignal(window.watch_stopped, timeout=30_000):
+        window.set_choice(ModelChoice((second,), device="cpu", tta=True, compile=False))  # the watch goes on
+    qtbot.waitUntil(lambda: window.is_watching() and "Watching" in window.watch_label.text(),
+                    timeout=WATCH_TIMEOUT_MS)
+    new = watched / "slide-1" / "after the switch.jpg"
+    shutil.copy(real_images[CLASSES[3]][1], new)
+    qtbot.waitUntil(lambda: (row := window.model.row_of(new)) is not None
+                    and window.model.prediction(row).label is not None, timeout=WATCH_TIMEOUT_MS)
+    meta = load_bundle(second).meta
+    assert window.model.prediction(window.model.row_of(new)).model == meta.name
+    sheet = run_sheet(window.export_report(tmp_path / "review.xlsx"))
+    assert sheet["model"] == meta.name and sheet["model sha256"] == meta.weights_sha256
+    assert sheet["review threshold"] == pytest.approx(0.8) and sheet["test-time augmentation"] == "on"
 
 
 def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, make_window, settings: QSettings,

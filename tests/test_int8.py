@@ -20,8 +20,9 @@ from bcc_desk.bundle import (
     load_int8_calibration,
     save_int8_calibration,
 )
-from bcc_desk.classifier import COMPILE_MIN_IMAGES, Classifier, make_transform
+from bcc_desk.classifier import COMPILE_MIN_IMAGES, Classifier
 from bcc_desk.images import open_image
+from bcc_desk.preprocess import make_transform
 
 from bundles import CLASSES, make_bundle
 
@@ -98,6 +99,19 @@ def test_auto_takes_int8_only_when_compiling_a_calibrated_bundle(int8_bundle: Pa
     assert all(p.ok for p in plain.predict_paths(images[:4], root)) and not plain.int8_active
     with pytest.raises(ValueError, match="no-compile"):
         Classifier(load_bundle(int8_bundle), precision="int8", compile=False)
+
+
+def test_auto_never_takes_int8_whose_check_did_not_pass(int8_bundle: Path, images: list[Path], tmp_path: Path) -> None:
+    """A check killed midway (or one that failed) leaves `passed: false`: 'auto' must not use it;
+    `--precision int8` still may (the trainer's own check runs that way)."""
+    unchecked = shutil.copytree(int8_bundle, tmp_path / "unchecked")
+    calibration = load_int8_calibration(load_bundle(unchecked))
+    save_int8_calibration(unchecked, calibration, {"passed": False})
+    root = images[0].parents[1]
+    auto = Classifier(load_bundle(unchecked), compile=True, int8_cache=tmp_path / "cache")
+    assert all(p.ok for p in auto.predict_paths(images[:4], root))
+    assert not auto.int8_active and "int8" not in auto.device_label
+    assert Classifier(load_bundle(unchecked), precision="int8", int8_cache=tmp_path / "cache").int8
 
 
 def test_the_compiled_package_is_kept_verified_and_rebuilt_when_damaged(

@@ -86,7 +86,8 @@ def test_evaluate_writes_metrics_table_and_plots(tiny_run: Path, small_data: Pat
                                       "--split", str(tiny_run / "split.csv"), "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    n_test = sum(1 for row in csv.DictReader(open(tiny_run / "split.csv")) if row["split"] == "test")
+    with open(tiny_run / "split.csv", newline="") as fh:
+        n_test = sum(1 for row in csv.DictReader(fh) if row["split"] == "test")
     assert metrics["n"] == n_test and metrics["part"] == "test"
     assert set(metrics["per_class"]) == set(LABELS) and 0 <= metrics["ece"] <= 1
     assert "98.36" in (tmp_path / "metrics.md").read_text()
@@ -246,7 +247,10 @@ def test_an_interrupted_run_says_how_to_resume_and_then_repeats_an_uninterrupted
 
     cmd = [sys.executable, "-m", "trainer", *args, "--out", str(cut)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # A terminal's Ctrl+C: SIGINT at its default, even when these tests run in a background job
+    # (whose children start with SIGINT ignored, and then Python never raises KeyboardInterrupt).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not ((cut / "history.csv").is_file() and len(_history(cut)) >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first epoch was seen"

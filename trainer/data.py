@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from bcc_desk.bundle import InputSpec
-from bcc_desk.classifier import make_transform
 from bcc_desk.images import ImageReadError, open_image
+from bcc_desk.preprocess import make_transform
 
 
 @dataclass

@@ -26,7 +26,8 @@ from sklearn.metrics import f1_score
 
 from bcc_desk import __version__
 from bcc_desk.bundle import BundleError, BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, publish, save_bundle
-from bcc_desk.classifier import autocast, normalise, pick_device, pick_precision
+from bcc_desk.devices import autocast, pick_device, pick_precision
+from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
 from trainer.schedule import class_weights, epoch_order, lr_factor, train_size

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from bcc_desk.bundle import BundleError, clear_int8_calibration, load_bundle, read_meta, save_int8_calibration
-from bcc_desk.classifier import Classifier, make_transform
+from bcc_desk.classifier import Classifier
 from bcc_desk.images import open_image
+from bcc_desk.preprocess import make_transform
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")

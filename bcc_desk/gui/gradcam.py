@@ -54,7 +54,7 @@ def gradcam(model: BundleNet, spec: InputSpec, image: Image.Image, target: int |
     except ImportError:
         raise RuntimeError("Grad-CAM needs the grad-cam package (pip install grad-cam)") from None
 
-    from bcc_desk.classifier import make_transform, normalise
+    from bcc_desk.preprocess import make_transform, normalise
 
     x = normalise(make_transform(spec)(image).unsqueeze(0), spec)
     x = x.to(next(model.parameters()).device)

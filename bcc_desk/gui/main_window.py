@@ -15,8 +15,10 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, QUrl, Signal
 from PySide6.QtGui import (
@@ -82,6 +84,9 @@ from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
 from bcc_desk.paths import RESOURCES
 from bcc_desk.prediction import Prediction
 
+if TYPE_CHECKING:
+    from bcc_desk.report import RunInfo
+
 REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
 """The columns the export adds to the Images sheet (beside the CLI's own)."""
 
@@ -130,7 +135,8 @@ class MainWindow(QMainWindow):
         self._thread: ClassifyThread | None = None
         self._pending_root: Path | None = None
         self._completed = False
-        self._run: dict = {}
+        self._run: dict = {}  # when the rows' run started and ended, and how
+        self._run_info: RunInfo | None = None  # the Run sheet's record of the classifier that made them
         self._total = 0
         self._started_at = 0.0
         self._unexported_reviews = False
@@ -455,6 +461,7 @@ class MainWindow(QMainWindow):
         self._completed = False
         self._total = 0
         self._run = {"started": datetime.now(UTC)}
+        self._run_info = None
         self._started_at = time.monotonic()
         self.progress.setRange(0, 0)  # busy until the images are counted
         self.statusBar().showMessage(f"Loading the model and looking for images in {root}\u2026")
@@ -477,8 +484,7 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, total)
         self.progress.setValue(0)
         self.device_label.setText(f"device: {device}")
-        self._run.update(device=device, classes=thread.classes, threshold=thread.review_threshold,
-                         tta=self.choice.tta, models=thread.models, ood=thread.ood_check)
+        self._run_info = thread.run_info  # what made these rows: the Run sheet says so
         if thread.classes != self.classes:
             self.classes = thread.classes
             self._fill_class_filter()
@@ -490,7 +496,8 @@ class MainWindow(QMainWindow):
 
     def _device_changed(self, device: str) -> None:
         self.device_label.setText(f"device: {device}")
-        self._run["device"] = device
+        if self._thread is not None:
+            self._run_info = self._thread.run_info
 
     def _batch(self, predictions: list[Prediction]) -> None:
         self._add_rows(predictions)
@@ -641,6 +648,8 @@ class MainWindow(QMainWindow):
         thread = self._watch
         if thread is None or thread.stopping:
             return
+        # From now on rows come from the watch's classifier (after a model switch: the new one).
+        self._run_info = thread.run_info
         self.watch_label.setText("\u25c9 Watching")
         self.statusBar().showMessage(
             f"Watching {thread.root} on {device}: new images are classified as they arrive; report {thread.site.out}",
@@ -867,8 +876,9 @@ class MainWindow(QMainWindow):
     def _export_snapshot(self) -> tuple:
         if not self.model.rowCount():
             raise ValueError("nothing to export: no image has been classified yet")
-        run = dict(self._run)
-        return self.model.predictions(), self.model.reviews(), run, self.root, self.choice
+        if self._run_info is None:
+            raise ValueError("nothing to export: no run has started yet")
+        return self.model.predictions(), self.model.reviews(), self._run_info, dict(self._run), self.root
 
     def _choose_export(self) -> None:
         try:
@@ -1060,27 +1070,20 @@ class MainWindow(QMainWindow):
         self.image_pane.shutdown()
 
 
-def _write_report(out: Path, predictions: list[Prediction], reviews: dict[Path, Review], run: dict,
-                  root: Path | None, choice: ModelChoice) -> Path:
-    """The CLI's writer, with the reviewer's label, name and time as extra Images columns."""
-    from bcc_desk.report import RunInfo, write_csv, write_report
+def _write_report(out: Path, predictions: list[Prediction], reviews: dict[Path, Review], info: RunInfo, run: dict,
+                  root: Path | None) -> Path:
+    """The CLI's writer, with the reviewer's label, name and time as extra Images columns; the
+    Run sheet is the record of the classifier that made the rows (`report.run_info`)."""
+    from bcc_desk.report import write_csv, write_report
 
     def get(field: str):
         return lambda p: getattr(reviews[p.path], field) if p.path in reviews else None
 
     extra = dict(zip(REVIEW_COLUMNS, (get("label"), get("by"), get("at"))))
-    info = RunInfo.collect(
-        models=run.get("models") or [(predictions[0].model, predictions[0].model_sha256)],
-        classes=run.get("classes") or sorted(set(predictions[0].probabilities)),
-        review_threshold=run.get("threshold", 0.0),
-        ood_check=run.get("ood", "off"),
-        tta=run.get("tta", choice.tta),
-        device=run.get("device", ""),
-        root=str(root or ""),
-        command=shlex.join(["bcc-desk", str(root or "")]),
-        started=run.get("started"),
-        finished=run.get("finished"),
-        extra={"front end": f"bcc-desk {__version__} desktop app", "run": run.get("outcome", ""),
+    info = replace(
+        info, root=str(root or info.root), command=shlex.join(["bcc-desk", str(root or "")]),
+        started=run.get("started", info.started), finished=run.get("finished"),
+        extra={"front end": f"bcc-desk {__version__} desktop app", "run": run.get("outcome", "watching"),
                "reviewed images": str(len(reviews))},
     )
     writer = write_csv if out.suffix.lower() == ".csv" else write_report
@@ -1111,7 +1114,7 @@ def _dropped_folder(event: QDragEnterEvent | QDropEvent) -> Path | None:
 def _device_preview(device: str) -> str:
     """What `device` will be, before any model is loaded (e.g. 'cpu (bf16)')."""
     try:
-        from bcc_desk.classifier import device_label, pick_device, pick_precision
+        from bcc_desk.devices import device_label, pick_device, pick_precision
 
         d = pick_device(device)
         return device_label(d, pick_precision(d))

@@ -11,8 +11,12 @@ import copy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bcc_desk.bundle import Bundle, BundleNet, InputSpec, load_bundle
+
+if TYPE_CHECKING:
+    from bcc_desk.classifier import ClassifierOptions
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,16 @@ class ModelChoice:
     """None: the classifier decides by the size of the folder."""
     batch_size: int | None = None
     workers: int = 2
+
+    def options(self) -> ClassifierOptions:
+        """The engine's options for this choice (the same names `bcc classify` uses)."""
+        from bcc_desk.classifier import ClassifierOptions  # torch-heavy; only worker threads get here
+
+        # The int8 package holds Python's GIL for a whole batch (~170 ms, seconds on its first
+        # call): the window would freeze.  Compiled bf16 does not.
+        return ClassifierOptions(device=self.device, tta=self.tta, review_threshold=self.review_threshold,
+                                 batch_size=self.batch_size, workers=self.workers, compile=self.compile,
+                                 auto_int8=False)
 
 
 def _fingerprint(folder: Path) -> tuple:
@@ -67,24 +81,11 @@ class ModelStore:
     def classifier(self, choice: ModelChoice):
         """A `Classifier` for `choice`, reused while the choice (and the bundles) stay the same."""
         # torch-heavy; only worker threads get here
-        from bcc_desk.classifier import Classifier
-
         with self._lock:
             bundles = [self.bundle(d) for d in choice.model_dirs]
             key = (choice, tuple(id(b) for b in bundles))
             if self._classifier is None or self._classifier_key != key:
-                self._classifier = Classifier(
-                    bundles,
-                    device=choice.device,
-                    tta=choice.tta,
-                    review_threshold=choice.review_threshold,
-                    batch_size=choice.batch_size,
-                    workers=choice.workers,
-                    compile=choice.compile,
-                    # The int8 package holds Python's GIL for a whole batch (~170 ms, seconds
-                    # on its first call): the window would freeze.  Compiled bf16 does not.
-                    auto_int8=False,
-                )
+                self._classifier = choice.options().build(bundles)
                 self._classifier_key = key
             return self._classifier
 

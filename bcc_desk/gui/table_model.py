@@ -120,11 +120,6 @@ class PredictionTableModel(QAbstractTableModel):
         """Reviews of the rows present (reviews carried over from an earlier run included)."""
         return {p.path: self._reviews[p.path] for p in self._rows if p.path in self._reviews}
 
-    def effective_label(self, row: int) -> str | None:
-        """The reviewer's label where there is one, else the model's."""
-        review = self.review(row)
-        return review.label if review is not None else self._rows[row].label
-
     def set_review(self, row: int, label: str | None, by: str) -> None:
         """Set (or with None, clear) the reviewer's label of a row."""
         path = self._rows[row].path

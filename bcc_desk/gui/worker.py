@@ -27,6 +27,7 @@ from bcc_desk.gui.jobs import one_line
 from bcc_desk.gui.models import ModelChoice, ModelStore
 
 if TYPE_CHECKING:
+    from bcc_desk.report import RunInfo
     from bcc_desk.watch import Watcher, WatchSite
 
 
@@ -61,15 +62,11 @@ class ClassifyThread(QThread):
         self.device_label = ""
         self.classes: list[str] = []
         self.review_threshold = 0.0
-        self.models: list[tuple[str, str]] = []
-        self.ood_check = "off"
+        self.run_info: RunInfo | None = None
+        """The Run sheet's record of this run, from the classifier that makes it (set before `prepared`)."""
 
     def cancel(self) -> None:
         self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
 
     def run(self) -> None:  # the thread's body
         completed = False
@@ -80,9 +77,8 @@ class ClassifyThread(QThread):
         self.ended.emit(completed)
 
     def _classify(self) -> bool:
-        from bcc_desk.classifier import COMPILE_MIN_IMAGES
         from bcc_desk.images import discover_images
-        from bcc_desk.report import ood_check
+        from bcc_desk.report import run_info
 
         root = self.root.resolve()
         folder = root if root.is_dir() else root.parent  # the CLI's rule: slides relative to it
@@ -93,8 +89,9 @@ class ClassifyThread(QThread):
             self.failed.emit(f"no images found under {root} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
             return False
         classifier = self.store.classifier(self.choice)
-        # The first batch of a large run waits for torch.compile (seconds to ~20 s on 2 cores).
-        compiling = bool(classifier.compile or (classifier.compile is None and len(paths) >= COMPILE_MIN_IMAGES))
+        # The first batch of a large run waits for torch.compile (seconds to ~20 s on 2 cores);
+        # the classifier's own rule says whether it will.
+        compiling = classifier.preparation(len(paths)) is not None
         if compiling:
             _import_compiler(int8=bool(getattr(classifier, "int8", False)))
         freeze_heap()
@@ -102,8 +99,7 @@ class ClassifyThread(QThread):
         self.classes = list(classifier.classes)
         self.review_threshold = classifier.review_threshold
         # What the report's Run sheet records, read here so the UI thread never touches the store.
-        self.models = [(b.name, b.sha256) for b in classifier.bundles]
-        self.ood_check = ood_check(classifier.bundles)
+        self.run_info = run_info(classifier, root=folder, command=shlex.join(["bcc-desk", str(self.root)]))
         self.prepared.emit(len(paths), self.device_label, compiling)
         if self._cancel.is_set():
             return False
@@ -118,6 +114,7 @@ class ClassifyThread(QThread):
                     freeze_heap()
                     if classifier.device_label != self.device_label:  # e.g. int8 was switched on
                         self.device_label = classifier.device_label
+                        self.run_info = replace(self.run_info, device=self.device_label)
                         self.device_changed.emit(self.device_label)
                 pending.append(prediction)
                 if self._cancel.is_set():
@@ -167,6 +164,8 @@ class WatchThread(QThread):
         self.stopping = False
         self._lock = threading.Lock()
         self._watcher: Watcher | None = None
+        self.run_info: RunInfo | None = None
+        """The watch's Run sheet record (its classifier's), set before `started_watching`."""
 
     def stop(self) -> None:
         """Ask the watch to end: it finishes the batch in hand and writes the report."""
@@ -193,6 +192,7 @@ class WatchThread(QThread):
                     self.site, classifier, command=shlex.join(["bcc-desk", str(self.root)]), mode="bcc-desk",
                     settle=self.settle, quiet=self.quiet, on_predictions=self._recorded,
                 )
+            self.run_info = self._watcher.report.run
             self.started_watching.emit(classifier.device_label)
             self._watcher.run()
         except Exception as exc:  # noqa: BLE001 - a bad bundle, a folder that cannot be watched: a message

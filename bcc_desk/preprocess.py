@@ -1,0 +1,56 @@
+"""From a decoded image to the network's input, the one way training, inference, int8 and
+Grad-CAM all do it (as torchvision's references keep one `presets.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bcc_desk.bundle import InputSpec
+
+
+def make_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> uint8 CHW tensor of the bundle's input size (resize shorter side,
+    centre crop).  Normalisation happens later, on the whole batch.
+
+    These are the Pillow calls torchvision's Resize/CenterCrop/PILToTensor make on a PIL image
+    (a test checks that the pixels are identical); torchvision itself is not imported because
+    its import pulls in torch._dynamo, seconds of every run's start-up."""
+    short = int(round(spec.size / spec.crop_pct))
+    resample = Image.Resampling[spec.interpolation.upper()]
+    size = spec.size
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        w, h = image.size
+        scaled = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        if scaled != (w, h):
+            image = image.resize(scaled, resample)
+            w, h = scaled
+        if (w, h) != (size, size):
+            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+        # A CHW view, as torchvision's PILToTensor gives; the batch's stack makes it planar.  (A
+        # torch op here, in a decoding thread, would start a second OpenMP team on the cores the
+        # network is using: end to end fell from ~35 to 23-32 images/s.)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+    return transform
+
+
+def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (or 0..255 float) batch -> the network's normalised float input.  Shared with the
+    trainer, so training and inference can never normalise differently."""
+    shape = (1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, device=batch.device).view(shape) * 255
+    std = torch.tensor(spec.std, device=batch.device).view(shape) * 255
+    return (batch.float() - mean) / std
+
+
+def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Repeat the last image up to `size`: a compiled network has one static batch size."""
+    if len(batch) >= size:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])
