@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 from torch import nn
+
+from bcc_desk.files import atomic_write, file_sha256, write_text_atomic
 
 FORMAT_VERSION = 1
 META_FILE = "bundle.json"
@@ -290,14 +290,6 @@ def display_name(cls: str) -> str:
     return re.sub(r"^\[[^\]]*\]\s*", "", cls).strip() or cls
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_model(meta: BundleMeta, pretrained: bool = False, **timm_kwargs: Any) -> BundleNet:
     """The network a bundle describes, with fresh (or ImageNet, when `pretrained`) weights."""
     import timm
@@ -317,11 +309,8 @@ def save_bundle(model: BundleNet, meta: BundleMeta, folder: Path, dtype: torch.d
         k: (v.detach().to(_stored_dtype(k, dtype)) if v.is_floating_point() else v.detach()).contiguous().cpu()
         for k, v in model.state_dict().items()
     }
-    weights = folder / WEIGHTS_FILE
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "arch": meta.arch})
-    publish(tmp)
-    os.replace(tmp, weights)
+    weights = atomic_write(folder / WEIGHTS_FILE,
+                           lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "arch": meta.arch}))
     meta.weights_sha256 = file_sha256(weights)
     meta.weights_dtype = str(dtype).removeprefix("torch.")
     _write_json_atomic(folder / META_FILE, meta.to_json())
@@ -341,11 +330,7 @@ def save_int8_calibration(folder: Path, images: torch.Tensor, check: dict[str, A
     meta = read_meta(folder)
     if problem := _calibration_problem(images, meta.input.size):
         raise BundleError(f"int8 calibration: {problem}")
-    target = folder / CALIBRATION_FILE
-    tmp = target.with_name(target.name + ".tmp")
-    save_file({"images": images.contiguous().cpu()}, str(tmp))
-    publish(tmp)
-    os.replace(tmp, target)
+    target = atomic_write(folder / CALIBRATION_FILE, lambda tmp: save_file({"images": images.contiguous().cpu()}, str(tmp)))
     meta.int8 = Int8Spec(calibration_sha256=file_sha256(target), images=len(images), check=dict(check))
     _write_json_atomic(folder / META_FILE, meta.to_json())
     return meta
@@ -399,20 +384,7 @@ def _calibration_problem(images: torch.Tensor, size: int) -> str | None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bundle-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-    publish(Path(tmp))
-    os.replace(tmp, path)
-
-
-def publish(path: Path) -> None:
-    """Give a file written through a private temp file (mode 0600) the permissions of an
-    ordinary new file, so colleagues on a shared drive can read a bundle or a split."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_meta(folder: Path) -> BundleMeta:

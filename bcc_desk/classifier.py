@@ -327,9 +327,6 @@ class Classifier:
         """Compile each member once (static shapes: partial batches are padded).  Compilation
         needs a C++ compiler (CPU) or Triton (GPU); where it cannot work the network stays eager,
         said in one warning, and a failure is remembered so that no later run pays for it."""
-        # Inductor's C++ toolchain probe warns about a missing CUDA runtime on CPU-only machines:
-        # noise for a technician, not a problem.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         if not self._int8_active and not self.compiled and not self._int8_kept():
             blocker = compile_blocker(self.device)
             if blocker is not None:

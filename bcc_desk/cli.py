@@ -22,6 +22,7 @@ from rich.table import Table
 
 from bcc_desk import __version__
 from bcc_desk.cli_help import DEVICE_CHOICES, PRECISION_CHOICES, Command
+from bcc_desk.logs import quiet_developer_noise
 from bcc_desk.paths import DEFAULT_MODEL_DIR
 
 app = typer.Typer(
@@ -59,6 +60,7 @@ def _root(
     ] = False,
 ) -> None:
     # Warnings of the core (a locked report, ...) reach the user on stderr, one line each.
+    quiet_developer_noise()
     logger = logging.getLogger("bcc_desk")
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))

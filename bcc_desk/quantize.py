@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bcc_desk.bundle import Bundle, BundleError, InputSpec, file_sha256
+from bcc_desk.bundle import Bundle, BundleError, InputSpec
+from bcc_desk.files import file_sha256
+from bcc_desk.logs import quiet_developer_noise
 from bcc_desk.preprocess import normalise, pad_batch  # the same numerics as every other path
 from bcc_desk.toolchain import failed_before, remember_failure
 
@@ -56,8 +58,6 @@ def int8_unavailable_reason(device: torch.device) -> str | None:
         return f"int8 runs on x86 CPUs only, not on {device.type}"
     if platform.machine().lower() not in X86:
         return f"int8 needs an x86 CPU, this one is {platform.machine()}"
-    # torch logs a deprecation note about one of torchao's enums at import: not for a lab user.
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - missing or incompatible torchao: fall back
@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), required=True)
     ap.add_argument("--cache", type=Path, required=True)
     args = ap.parse_args(argv)
+    quiet_developer_noise()
     try:
         bundle = load_bundle(args.bundle)
         if bundle.meta.int8 is None:

@@ -28,7 +28,6 @@ import os
 import re
 import shlex
 import socket
-import stat
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,7 @@ from openpyxl.styles import Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
+from bcc_desk.files import new_file_mode
 from bcc_desk.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -522,30 +522,6 @@ def _diversion(out: Path, fallback: Path | None) -> Path:
     return _sibling(out)
 
 
-def _new_file_mode(target: Path) -> int | None:
-    """Mode for the finished report: the old report's, else what the umask allows.
-
-    NamedTemporaryFile creates files readable only by their owner; a report on a shared lab
-    folder must stay readable by colleagues.
-    """
-    if os.name == "nt":
-        return None
-    try:
-        st = target.stat()
-        if stat.S_ISREG(st.st_mode):
-            return st.st_mode & 0o777
-    except OSError:
-        pass
-    umask = 0o022
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o666 & ~umask
-
-
 def _atomic_write(out: Path, write: Callable[[Path], None], fallback: Path | None) -> Path:
     """Run `write` on a temp file beside `out`, then move it into place (or beside, if locked)."""
     folder = out.parent
@@ -564,7 +540,7 @@ def _atomic_write(out: Path, write: Callable[[Path], None], fallback: Path | Non
         raise ReportError(f"cannot write the report in folder {folder}: {e.strerror or e}") from e
     try:
         write(tmp)
-        mode = _new_file_mode(dest)
+        mode = new_file_mode(dest)
         if mode is not None:
             os.chmod(tmp, mode)
         try:

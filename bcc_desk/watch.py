@@ -47,7 +47,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver
 
-from bcc_desk.bundle import file_sha256
+from bcc_desk.files import file_sha256
 from bcc_desk.images import discover_images, is_candidate
 from bcc_desk.ledger import DONE, VANISHED, Ledger, Row
 from bcc_desk.paths import SAMPLES_DIR, user_data_dir

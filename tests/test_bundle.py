@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bcc_desk.bundle import BundleError, file_sha256, load_bundle, read_meta
+from bcc_desk.bundle import BundleError, load_bundle, read_meta
+from bcc_desk.files import file_sha256
 
 from bundles import CLASSES, make_bundle
 

@@ -17,7 +17,7 @@ QT = ("PySide6", "shiboken6", "pytestqt")
 # numerics and image reading.  Its checks (evaluate, int8) run the application's own engine on
 # purpose: a figure must come from the path a lab runs.
 TRAINER_MAY_IMPORT = {"bcc_desk", "bcc_desk.bundle", "bcc_desk.preprocess", "bcc_desk.devices", "bcc_desk.images",
-                      "bcc_desk.cli_help"}
+                      "bcc_desk.cli_help", "bcc_desk.logs", "bcc_desk.files"}
 TRAINER_ENGINE_USERS = {"trainer.evaluate", "trainer.int8", "trainer.fit", "trainer.cli"}
 
 
@@ -84,3 +84,19 @@ def test_the_trainer_uses_the_application_only_through_the_bundle_and_its_prepro
         used = {i for i in used if i in TRAINER_MAY_IMPORT or (REPO / Path(*i.split("."))).with_suffix(".py").exists()}
         allowed = TRAINER_MAY_IMPORT | ({"bcc_desk.classifier", "bcc_desk.quantize"} if name in TRAINER_ENGINE_USERS else set())
         assert used <= allowed, f"{name} imports {sorted(used - allowed)}"
+
+
+# Where logging may be configured: the entry points, the one set-up module, and the daemon's log
+# file (started by `bcc watch` and the app's watch, restored by the app's watch thread).
+LOGGING_SET_UP = {"bcc_desk/logs.py", "bcc_desk/cli.py", "trainer/cli.py", "bcc_desk/gui/app.py", "bcc_desk/watch.py",
+                  "bcc_desk/gui/worker.py"}
+
+
+def test_logging_is_configured_only_where_a_program_starts() -> None:
+    for package in ("bcc_desk", "trainer"):
+        for path in (REPO / package).rglob("*.py"):
+            rel = path.relative_to(REPO).as_posix()
+            calls = [node.func.attr for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                     and node.func.attr in ("setLevel", "basicConfig", "addHandler")]
+            assert not calls or rel in LOGGING_SET_UP, f"{rel} configures logging ({', '.join(calls)})"

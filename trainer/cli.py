@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from bcc_desk.cli_help import DEVICE_CHOICES, Command
+from bcc_desk.logs import quiet_developer_noise
 from trainer.recipes import RECIPES
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 @app.callback()
 def _root() -> None:
+    quiet_developer_noise()
     rank = int(os.environ.get("RANK", "0"))
     logger = logging.getLogger("bcc-train")
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)

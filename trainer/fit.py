@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 
 from bcc_desk import __version__
-from bcc_desk.bundle import BundleError, BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, publish, save_bundle
+from bcc_desk.bundle import BundleError, BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, save_bundle
 from bcc_desk.devices import autocast, pick_device, pick_precision
+from bcc_desk.files import atomic_write
 from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
@@ -618,26 +619,23 @@ def _read_history(path: Path, epochs: int) -> list[dict[str, Any]]:
 
 
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    atomic_write(path, write)
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    publish(tmp)
-    os.replace(tmp, path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _timm_version() -> str:

@@ -41,7 +41,6 @@ import io
 import os
 import random
 import re
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +50,7 @@ from pathlib import Path, PurePosixPath
 import imagehash
 import numpy as np
 
-from bcc_desk.bundle import publish
+from bcc_desk.files import write_text_atomic
 from bcc_desk.images import ImageReadError, discover_images, is_candidate, open_image
 
 __all__ = [
@@ -324,18 +323,7 @@ class Split:
         if path.is_dir():
             path = path / "split.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".csv.tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                fh.write(self.to_csv())
-                fh.flush()
-                os.fsync(fh.fileno())
-            publish(Path(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, self.to_csv())
 
     @classmethod
     def load(cls, path: Path, data: Path) -> Split:

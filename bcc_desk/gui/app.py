@@ -13,6 +13,7 @@ from PySide6.QtWidgets import QApplication
 
 from bcc_desk import __version__
 from bcc_desk.gui.syslibs import EXIT_MISSING_LIBRARIES, check_xcb
+from bcc_desk.logs import quiet_developer_noise
 from bcc_desk.paths import APP_NAME
 
 
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bcc-desk: error: {args.folder} does not exist", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_developer_noise()
     app = QApplication.instance()
     if app is None:
         # Qt's xcb plugin aborts the process (no traceback, a misleading hint) when a system
