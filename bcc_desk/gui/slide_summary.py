@@ -6,7 +6,6 @@ The chart is painted with QPainter (QtCharts is not part of PySide6-Essentials).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from PySide6.QtWidgets import (
 from bcc_desk.gui.palette import class_colour, class_name
 from bcc_desk.gui.table_model import Review
 from bcc_desk.prediction import Prediction
+from bcc_desk.report import natural_key
 
 
 @dataclass
@@ -56,11 +56,7 @@ def count_slides(rows: Iterable[tuple[Prediction, Review | None]]) -> dict[str, 
         label = review.label if review is not None else p.label
         if label is not None:
             s.per_class[label] = s.per_class.get(label, 0) + 1
-    return {k: slides[k] for k in sorted(slides, key=_natural)}
-
-
-def _natural(s: str) -> list:
-    return [int(t) if t.isdigit() else t.casefold() for t in re.split(r"(\d+)", s)]
+    return {k: slides[k] for k in sorted(slides, key=lambda name: (natural_key(name), name))}  # as the report
 
 
 class SlideChart(QWidget):
