@@ -222,7 +222,7 @@ def summary_table(predictions, classes: list[str]) -> Table:
     slides: dict[str, list] = {}
     for p in predictions:
         slides.setdefault(p.slide, []).append(p)
-    for slide in sorted(slides, key=lambda s: (natural_key(s), s)):  # slide-2 before slide-10
+    for slide in sorted(slides, key=natural_key):  # slide-2 before slide-10
         rows = slides[slide]
         counts = [sum(p.label == c for p in rows) for c in classes]
         table.add_row(

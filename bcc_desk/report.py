@@ -253,7 +253,7 @@ def _image_rows(
     clash = set(extra or {}) & set(IMAGE_COLUMNS(classes))
     if clash:
         raise ValueError(f"extra columns clash with the report's own: {sorted(clash)}")
-    ordered = sorted(predictions, key=lambda p: (natural_key(p.slide), natural_key(p.file), p.slide, p.file))
+    ordered = sorted(predictions, key=lambda p: (natural_key(p.slide), natural_key(p.file)))
     rows = []
     for p in ordered:
         values: list[object] = [
@@ -268,10 +268,11 @@ def _image_rows(
     return rows
 
 
-def natural_key(s: str) -> list[object]:
-    """Sort key so that img2 comes before img10, as a person expects."""
+def natural_key(s: str) -> tuple[list[object], str]:
+    """Sort key so that img2 comes before img10, as a person expects; names equal but for case
+    or leading zeros keep a fixed order.  The one slide order of the report, console and app."""
     parts = re.split(r"(\d+)", s)
-    return [int(t) if i % 2 else t.casefold() for i, t in enumerate(parts)]
+    return [int(t) if i % 2 else t.casefold() for i, t in enumerate(parts)], s
 
 
 def _number(x: object) -> float | None:
@@ -414,7 +415,7 @@ def _slides_sheet(ws: Worksheet, predictions: Sequence[Prediction], classes: Seq
         slides.setdefault(p.slide, _SlideCount()).add(p)
         total.add(p)
     _header(ws, names)
-    rows = [slides[s].row(s, classes) for s in sorted(slides, key=lambda s: (natural_key(s), s))]
+    rows = [slides[s].row(s, classes) for s in sorted(slides, key=natural_key)]
     rows.append(total.row(TOTAL_ROW, classes))
     for r, values in enumerate(rows, start=2):
         for c, (name, value) in enumerate(zip(names, values), start=1):

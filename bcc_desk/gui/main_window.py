@@ -484,13 +484,14 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, total)
         self.progress.setValue(0)
         self.device_label.setText(f"device: {device}")
-        self._run_info = thread.run_info  # what made these rows: the Run sheet says so
-        if thread.classes != self.classes:
-            self.classes = thread.classes
+        info = self._run_info = thread.run_info  # what made these rows: the Run sheet says so
+        assert info is not None  # set before `prepared`
+        if info.classes != self.classes:
+            self.classes = list(info.classes)
             self._fill_class_filter()
             self._build_review_actions()
             self.image_pane.set_classes(self.classes)
-        self.confidence_delegate.threshold = thread.review_threshold
+        self.confidence_delegate.threshold = info.review_threshold
         note = " (preparing the model for a large folder first: up to ~20 s)" if compiling else ""
         self.statusBar().showMessage(f"Classifying {total} images on {device}{note}\u2026")
 

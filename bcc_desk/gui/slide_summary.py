@@ -56,7 +56,7 @@ def count_slides(rows: Iterable[tuple[Prediction, Review | None]]) -> dict[str, 
         label = review.label if review is not None else p.label
         if label is not None:
             s.per_class[label] = s.per_class.get(label, 0) + 1
-    return {k: slides[k] for k in sorted(slides, key=lambda name: (natural_key(name), name))}  # as the report
+    return {k: slides[k] for k in sorted(slides, key=natural_key)}  # as the report
 
 
 class SlideChart(QWidget):

@@ -60,8 +60,6 @@ class ClassifyThread(QThread):
         self.emit_interval = emit_interval
         self._cancel = threading.Event()
         self.device_label = ""
-        self.classes: list[str] = []
-        self.review_threshold = 0.0
         self.run_info: RunInfo | None = None
         """The Run sheet's record of this run, from the classifier that makes it (set before `prepared`)."""
 
@@ -96,8 +94,6 @@ class ClassifyThread(QThread):
             _import_compiler(int8=bool(getattr(classifier, "int8", False)))
         freeze_heap()
         self.device_label = classifier.device_label
-        self.classes = list(classifier.classes)
-        self.review_threshold = classifier.review_threshold
         # What the report's Run sheet records, read here so the UI thread never touches the store.
         self.run_info = run_info(classifier, root=folder, command=shlex.join(["bcc-desk", str(self.root)]))
         self.prepared.emit(len(paths), self.device_label, compiling)
