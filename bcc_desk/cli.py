@@ -212,25 +212,17 @@ def summary_table(predictions, classes: list[str]) -> Table:
     """Per slide: images, counts per class, flagged, unreadable (the closing screen)."""
     from rich import box
 
-    from bcc_desk.report import natural_key
+    from bcc_desk.slides import count_slides
 
     # Fits an 80-column console with the four class names whole (no borders between columns).
     table = Table(title="Slides", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("slide", overflow="fold", ratio=1)
     for name in ["images", *classes, "flagged", "unreadable"]:
         table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
-    slides: dict[str, list] = {}
-    for p in predictions:
-        slides.setdefault(p.slide, []).append(p)
-    for slide in sorted(slides, key=natural_key):  # slide-2 before slide-10
-        rows = slides[slide]
-        counts = [sum(p.label == c for p in rows) for c in classes]
+    for slide, count in count_slides(predictions).items():  # slide-2 before slide-10, as the report
         table.add_row(
-            slide,
-            str(len(rows)),
-            *(str(n) for n in counts),
-            str(sum(p.needs_review for p in rows)),
-            str(sum(not p.ok for p in rows)),
+            slide, str(count.images), *(str(count.per_class.get(c, 0)) for c in classes),
+            str(count.flagged), str(count.unreadable),
         )
     return table
 

@@ -25,7 +25,6 @@ import getpass
 import logging
 import math
 import os
-import re
 import shlex
 import socket
 import sys
@@ -44,6 +43,7 @@ from openpyxl.worksheet.worksheet import Worksheet
 
 from bcc_desk.files import new_file_mode
 from bcc_desk.prediction import Prediction
+from bcc_desk.slides import SlideCount, all_slides, count_slides, natural_key
 
 if TYPE_CHECKING:
     from bcc_desk.classifier import Classifier
@@ -268,13 +268,6 @@ def _image_rows(
     return rows
 
 
-def natural_key(s: str) -> tuple[list[object], str]:
-    """Sort key so that img2 comes before img10, as a person expects; names equal but for case
-    or leading zeros keep a fixed order.  The one slide order of the report, console and app."""
-    parts = re.split(r"(\d+)", s)
-    return [int(t) if i % 2 else t.casefold() for i, t in enumerate(parts)], s
-
-
 def _number(x: object) -> float | None:
     # NaN/inf would make Excel call the whole file corrupt: an empty cell says "no value".
     if x is None:
@@ -379,44 +372,20 @@ def _images_sheet(
     _widths(ws, names, [row.values for row in rows])
 
 
-@dataclass
-class _SlideCount:
-    images: int = 0
-    classified: int = 0
-    flagged: int = 0
-    unreadable: int = 0
-    per_class: dict[str, int] = field(default_factory=dict)
-
-    def add(self, p: Prediction) -> None:
-        self.images += 1
-        if p.error is not None:
-            self.unreadable += 1
-        else:
-            self.classified += 1
-            if p.label is not None:
-                self.per_class[p.label] = self.per_class.get(p.label, 0) + 1
-        if p.needs_review:
-            self.flagged += 1
-
-    def row(self, name: str, classes: Sequence[str]) -> list[object]:
-        per_class: list[object] = []
-        for c in classes:
-            n = self.per_class.get(c, 0)
-            per_class += [n, n / self.classified if self.classified else None]
-        return [name, self.images, self.classified, *per_class, self.flagged, self.unreadable]
+def _slide_row(name: str, count: SlideCount, classes: Sequence[str]) -> list[object]:
+    per_class: list[object] = []
+    for c in classes:
+        per_class += [count.per_class.get(c, 0), count.share(c)]
+    return [name, count.images, count.classified, *per_class, count.flagged, count.unreadable]
 
 
 def _slides_sheet(ws: Worksheet, predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
     names = SLIDE_COLUMNS(classes)
     formats = {n: PERCENT for n in names if n.startswith("%: ")}
-    slides: dict[str, _SlideCount] = {}
-    total = _SlideCount()
-    for p in predictions:
-        slides.setdefault(p.slide, _SlideCount()).add(p)
-        total.add(p)
+    slides = count_slides(predictions)  # the model's labels: the app adds reviews as columns
     _header(ws, names)
-    rows = [slides[s].row(s, classes) for s in sorted(slides, key=natural_key)]
-    rows.append(total.row(TOTAL_ROW, classes))
+    rows = [_slide_row(name, count, classes) for name, count in slides.items()]
+    rows.append(_slide_row(TOTAL_ROW, all_slides(slides), classes))
     for r, values in enumerate(rows, start=2):
         for c, (name, value) in enumerate(zip(names, values), start=1):
             _put(ws.cell(row=r, column=c), value, formats.get(name))

@@ -705,22 +705,3 @@ def test_qt_calls_cannot_free_none() -> None:
         obj.blockSignals(False)
     if sys.version_info < (3, 12):
         assert min(sys.getrefcount(x) for x in (None, True, False)) > 2**39
-
-
-def test_slides_are_in_the_reports_natural_order_whatever_their_names(tmp_path: Path) -> None:
-    """The app's slide summary and the workbook's Slides sheet list slides in one order, and a
-    name with a superscript digit (which `str.isdigit` calls a digit) is no crash."""
-    from bcc_desk.gui.slide_summary import count_slides
-    from bcc_desk.prediction import error_prediction
-    from bcc_desk.report import RunInfo, write_report
-
-    root = tmp_path / "lab"
-    names = ["slide-10", "slide 1\u00b2", "Slide-2", "slide-2", "x"]
-    preds = [error_prediction(root / n / "a.jpg", root, "unreadable", "m", "0" * 64) for n in names]
-    shown = list(count_slides((p, None) for p in preds))
-    run = RunInfo.collect(models=[("m", "0" * 64)], classes=LABELS, review_threshold=0.5, ood_check="off", tta=False,
-                          device="cpu (fp32)", root=root)
-    out = write_report(preds, tmp_path / "r.xlsx", run)
-    sheet = [r[0] for r in openpyxl.load_workbook(out)["Slides"].iter_rows(min_row=2, values_only=True)]
-    assert shown == sheet[: len(names)] and sorted(shown) == sorted(names)
-    assert shown.index("slide-2") < shown.index("slide-10")

@@ -12,13 +12,9 @@ Automation API (used by the tests and usable from a script):
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections.abc import Sequence
-from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, QUrl, Signal
 from PySide6.QtGui import (
@@ -77,18 +73,13 @@ from bcc_desk.gui.table_model import (
     THUMB,
     PredictionFilter,
     PredictionTableModel,
-    Review,
 )
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
 from bcc_desk.paths import RESOURCES
 from bcc_desk.prediction import Prediction
-
-if TYPE_CHECKING:
-    from bcc_desk.report import RunInfo
-
-REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
-"""The columns the export adds to the Images sheet (beside the CLI's own)."""
+from bcc_desk.review import Export, Review, ReviewSession
+from bcc_desk.slides import all_slides
 
 ALL = "__all__"
 
@@ -102,7 +93,6 @@ class MainWindow(QMainWindow):
     """A batch of rows arrived (its size)."""
     error_shown = Signal(str)
     """A message the user was shown (bad folder, bad model, failed export...)."""
-    review_changed = Signal()
     watch_stopped = Signal()
     """A watch of the folder ended (turned off, another folder opened, or it failed)."""
 
@@ -130,16 +120,13 @@ class MainWindow(QMainWindow):
                 review_threshold=self.settings.review_threshold,
             )
         self.choice = choice
-        self.classes: list[str] = []
-        self.root: Path | None = None
+        self.session = ReviewSession()
+        """The rows, reviews and run record the window shows (and the export writes)."""
         self._thread: ClassifyThread | None = None
         self._pending_root: Path | None = None
         self._completed = False
-        self._run: dict = {}  # when the rows' run started and ended, and how
-        self._run_info: RunInfo | None = None  # the Run sheet's record of the classifier that made them
         self._total = 0
         self._started_at = 0.0
-        self._unexported_reviews = False
         self._slides_seen: set[str] = set()
         self._export_pool = QThreadPool(self)
         self._export_pool.setMaxThreadCount(1)
@@ -154,7 +141,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle("bcc-desk")
         self.setAcceptDrops(True)
         self.thumbnails = ThumbnailCache(parent=self)
-        self.model = PredictionTableModel(self.thumbnails, self)
+        self.model = PredictionTableModel(self.session, self.thumbnails, self)
         self.proxy = PredictionFilter(self)
         self.proxy.setSourceModel(self.model)
         self._summary_timer = QTimer(self)
@@ -171,6 +158,20 @@ class MainWindow(QMainWindow):
         self._apply_choice(self.choice)
         self._restore_layout()
         self._set_running(False)
+
+    @property
+    def root(self) -> Path | None:
+        """The folder open now (None before the first)."""
+        return self.session.root
+
+    @property
+    def classes(self) -> list[str]:
+        """The model's class names, as the filters, review keys and report show them."""
+        return self.session.classes
+
+    @classes.setter
+    def classes(self, classes: list[str]) -> None:
+        self.session.classes = list(classes)
 
     # =========================================================================================
     # Construction
@@ -445,9 +446,7 @@ class MainWindow(QMainWindow):
         return self._thread is not None
 
     def _start(self, root: Path) -> None:
-        keep = root == self.root  # same folder again: keep the reviews made so far
-        self.root = root
-        self.model.clear(keep_reviews=keep)
+        self.session.start(root)  # the same folder again keeps the reviews made so far
         self.image_pane.show_prediction(None, None)
         self._update_review_enabled()
         self.slide_filter.blockSignals(True)
@@ -460,8 +459,6 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"bcc-desk \u2014 {root}")
         self._completed = False
         self._total = 0
-        self._run = {"started": datetime.now(UTC)}
-        self._run_info = None
         self._started_at = time.monotonic()
         self.progress.setRange(0, 0)  # busy until the images are counted
         self.statusBar().showMessage(f"Loading the model and looking for images in {root}\u2026")
@@ -484,7 +481,7 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, total)
         self.progress.setValue(0)
         self.device_label.setText(f"device: {device}")
-        info = self._run_info = thread.run_info  # what made these rows: the Run sheet says so
+        info = self.session.run_info = thread.run_info  # what made these rows: the Run sheet says so
         assert info is not None  # set before `prepared`
         if info.classes != self.classes:
             self.classes = list(info.classes)
@@ -498,7 +495,7 @@ class MainWindow(QMainWindow):
     def _device_changed(self, device: str) -> None:
         self.device_label.setText(f"device: {device}")
         if self._thread is not None:
-            self._run_info = self._thread.run_info
+            self.session.run_info = self._thread.run_info
 
     def _batch(self, predictions: list[Prediction]) -> None:
         self._add_rows(predictions)
@@ -507,7 +504,7 @@ class MainWindow(QMainWindow):
     def _add_rows(self, predictions: list[Prediction]) -> None:
         """New rows, or new predictions for images already in the table (one row per image)."""
         had_rows = self.model.rowCount() > 0
-        replaced = self.model.append(predictions)
+        replaced = self.session.add(predictions)
         if replaced:
             self._refresh_replaced(replaced)
         new_slides = {p.slide for p in predictions} - self._slides_seen
@@ -548,8 +545,7 @@ class MainWindow(QMainWindow):
             thread.wait()
             thread.deleteLater()
         done = self.model.rowCount()
-        self._run["finished"] = datetime.now(UTC)
-        self._run["outcome"] = "complete" if self._completed else f"stopped after {done} of {self._total} images"
+        self.session.finish("complete" if self._completed else f"stopped after {done} of {self._total} images")
         self._set_running(False)
         self._refresh_summary()
         seconds = time.monotonic() - self._started_at
@@ -650,7 +646,7 @@ class MainWindow(QMainWindow):
         if thread is None or thread.stopping:
             return
         # From now on rows come from the watch's classifier (after a model switch: the new one).
-        self._run_info = thread.run_info
+        self.session.run_info = thread.run_info
         self.watch_label.setText("\u25c9 Watching")
         self.statusBar().showMessage(
             f"Watching {thread.root} on {device}: new images are classified as they arrive; report {thread.site.out}",
@@ -758,10 +754,10 @@ class MainWindow(QMainWindow):
         return [self.model.prediction(self.proxy.source_row(r)) for r in range(self.proxy.rowCount())]
 
     def predictions(self) -> list[Prediction]:
-        return self.model.predictions()
+        return self.session.predictions()
 
     def reviews(self) -> dict[Path, Review]:
-        return self.model.reviews()
+        return self.session.reviews()
 
     def _selected_source_rows(self) -> list[int]:
         rows = sorted({self.proxy.mapToSource(i).row() for i in self.table.selectionModel().selectedRows()})
@@ -790,26 +786,12 @@ class MainWindow(QMainWindow):
     def set_review(self, target: int | str | Path, label: str | None) -> None:
         """Set the reviewed label of one image: `target` is a row of the (unsorted) model, the
         file as the table shows it (relative to the folder), or the image's path."""
-        if isinstance(target, int):
-            row = target
-        else:
-            row = self.model.row_of(Path(target)) if Path(target).is_absolute() else None
-            if row is None:
-                row = next((i for i, p in enumerate(self.model.predictions()) if p.file == str(target)), None)
-        if row is None or not 0 <= row < self.model.rowCount():
-            raise KeyError(f"no such image in the table: {target}")
-        self._set_review_row(row, label)
+        self._set_review_row(self.session.find(target), label)
 
     def _set_review_row(self, row: int, label: str | None) -> None:
-        if label is not None and label not in self.classes:
-            raise ValueError(f"{label!r} is not one of the model's classes {self.classes}")
-        if label is not None and self.model.prediction(row).error is not None:
-            raise ValueError(f"{self.model.prediction(row).file} is unreadable: a person cannot label it")
-        self.model.set_review(row, label, self.settings.reviewer)
-        self._unexported_reviews = True
+        self.session.set_review(row, label, self.settings.reviewer)
         if not self._summary_timer.isActive():
             self._summary_timer.start()
-        self.review_changed.emit()
 
     def _source_changed(self, top_left, bottom_right, roles=()) -> None:
         pane_prediction = self.image_pane.prediction
@@ -829,17 +811,15 @@ class MainWindow(QMainWindow):
         self._update_review_enabled()
 
     def _refresh_summary(self) -> None:
-        self.summary.refresh(self.classes, self.model.iter_rows())
+        self.summary.refresh(self.classes, self.session.slide_counts())
         self._update_counts()
 
     def _update_counts(self) -> None:
-        slides = self.summary.slides
+        counts = all_slides(self.summary.slides)
         total = self.model.rowCount()
-        flagged = sum(s.flagged for s in slides.values())
-        errors = sum(s.unreadable for s in slides.values())
-        reviewed = sum(s.reviewed for s in slides.values())
         # Unreadable images are flagged too (a person must look), as the CLI counts them.
-        self.counts_label.setText(f"{total} images \u00b7 {flagged} flagged ({errors} unreadable) \u00b7 {reviewed} reviewed")
+        self.counts_label.setText(f"{total} images \u00b7 {counts.flagged} flagged ({counts.unreadable} unreadable) "
+                                  f"\u00b7 {counts.reviewed} reviewed")
         self.shown_label.setText(f"{self.proxy.rowCount()} of {total} shown")
 
     def _ask_reviewer(self) -> None:
@@ -870,20 +850,11 @@ class MainWindow(QMainWindow):
         if out is None:
             raise ValueError("nothing to export: open a folder first")
         self._check_export_target(out)
-        written = _write_report(out, *self._export_snapshot())
-        self._unexported_reviews = False
-        return written
-
-    def _export_snapshot(self) -> tuple:
-        if not self.model.rowCount():
-            raise ValueError("nothing to export: no image has been classified yet")
-        if self._run_info is None:
-            raise ValueError("nothing to export: no run has started yet")
-        return self.model.predictions(), self.model.reviews(), self._run_info, dict(self._run), self.root
+        return self.session.export(out)
 
     def _choose_export(self) -> None:
         try:
-            snapshot = self._export_snapshot()
+            snapshot = self.session.snapshot()
         except ValueError as exc:
             self._notify(str(exc))
             return
@@ -901,11 +872,11 @@ class MainWindow(QMainWindow):
             self._notify(str(exc))
             return
         self.statusBar().showMessage(f"Writing {out}\u2026")
-        submit(self._export_pool, lambda: _write_report(out, *snapshot), lambda written: self._exported(out, written),
+        submit(self._export_pool, lambda: snapshot.write(out), lambda written: self._exported(snapshot, out, written),
                self._notify)
 
-    def _exported(self, asked: Path, written: Path) -> None:
-        self._unexported_reviews = False
+    def _exported(self, snapshot: Export, asked: Path, written: Path) -> None:
+        self.session.exported(snapshot)
         if written != asked:  # the writer never overwrites a workbook someone has open
             self._notify(f"{asked.name} is open in another program; the report was written to {written}")
         else:
@@ -1036,7 +1007,7 @@ class MainWindow(QMainWindow):
         box.open()
 
     def closeEvent(self, event: QCloseEvent) -> None:
-        if self.ask_before_close and self._unexported_reviews:
+        if self.ask_before_close and self.session.unexported_reviews:
             answer = QMessageBox.question(
                 self, "bcc-desk", "Some reviews have not been exported. Export the report before closing?",
                 QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
@@ -1069,26 +1040,6 @@ class MainWindow(QMainWindow):
         self.thumbnails.wait()
         self._export_pool.waitForDone()
         self.image_pane.shutdown()
-
-
-def _write_report(out: Path, predictions: list[Prediction], reviews: dict[Path, Review], info: RunInfo, run: dict,
-                  root: Path | None) -> Path:
-    """The CLI's writer, with the reviewer's label, name and time as extra Images columns; the
-    Run sheet is the record of the classifier that made the rows (`report.run_info`)."""
-    from bcc_desk.report import write_csv, write_report
-
-    def get(field: str):
-        return lambda p: getattr(reviews[p.path], field) if p.path in reviews else None
-
-    extra = dict(zip(REVIEW_COLUMNS, (get("label"), get("by"), get("at"))))
-    info = replace(
-        info, root=str(root or info.root), command=shlex.join(["bcc-desk", str(root or "")]),
-        started=run.get("started", info.started), finished=run.get("finished"),
-        extra={"front end": f"bcc-desk {__version__} desktop app", "run": run.get("outcome", "watching"),
-               "reviewed images": str(len(reviews))},
-    )
-    writer = write_csv if out.suffix.lower() == ".csv" else write_report
-    return writer(predictions, out, info, extra_columns=extra)
 
 
 def _plain(text: str) -> str:

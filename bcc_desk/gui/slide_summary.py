@@ -1,13 +1,11 @@
 """Per slide: how many images of each class, in numbers and as a small stacked bar chart.
 
-Counts use the reviewer's label where there is one (the lab's answer), the model's elsewhere.
+Counts (`bcc_desk.slides`, as the report's) use the reviewer's label where there is one (the
+lab's answer), the model's elsewhere.
 The chart is painted with QPainter (QtCharts is not part of PySide6-Essentials).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtGui import QPainter
@@ -23,40 +21,7 @@ from PySide6.QtWidgets import (
 )
 
 from bcc_desk.gui.palette import class_colour, class_name
-from bcc_desk.gui.table_model import Review
-from bcc_desk.prediction import Prediction
-from bcc_desk.report import natural_key
-
-
-@dataclass
-class SlideCount:
-    images: int = 0
-    flagged: int = 0
-    unreadable: int = 0
-    reviewed: int = 0
-    per_class: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def classified(self) -> int:
-        return self.images - self.unreadable
-
-
-def count_slides(rows: Iterable[tuple[Prediction, Review | None]]) -> dict[str, SlideCount]:
-    """Slide name -> counts, slides in natural order (slide2 before slide10)."""
-    slides: dict[str, SlideCount] = {}
-    for p, review in rows:
-        s = slides.setdefault(p.slide, SlideCount())
-        s.images += 1
-        if p.error is not None:
-            s.unreadable += 1
-        if p.needs_review:
-            s.flagged += 1
-        if review is not None:
-            s.reviewed += 1
-        label = review.label if review is not None else p.label
-        if label is not None:
-            s.per_class[label] = s.per_class.get(label, 0) + 1
-    return {k: slides[k] for k in sorted(slides, key=natural_key)}  # as the report
+from bcc_desk.slides import SlideCount
 
 
 class SlideChart(QWidget):
@@ -147,8 +112,9 @@ class SlideSummary(QWidget):
         layout.addWidget(splitter)
         self.slides: dict[str, SlideCount] = {}
 
-    def refresh(self, classes: list[str], rows: Iterable[tuple[Prediction, Review | None]]) -> None:
-        self.slides = count_slides(rows)
+    def refresh(self, classes: list[str], slides: dict[str, SlideCount]) -> None:
+        """Show `slides` (`ReviewSession.slide_counts`: natural order, reviews counted)."""
+        self.slides = slides
         headers = ["Slide", "Images", *(class_name(c) for c in classes), "Flagged", "Unreadable", "Reviewed"]
         self.table.setUpdatesEnabled(False)
         self.table.setColumnCount(len(headers))
@@ -157,9 +123,7 @@ class SlideSummary(QWidget):
         for r, (slide, count) in enumerate(self.slides.items()):
             cells: list[str] = [slide, str(count.images)]
             for c in classes:
-                n = count.per_class.get(c, 0)
-                share = n / count.classified if count.classified else 0.0
-                cells.append(f"{n} ({share:.0%})")
+                cells.append(f"{count.per_class.get(c, 0)} ({count.share(c) or 0.0:.0%})")
             cells += [str(count.flagged), str(count.unreadable), str(count.reviewed)]
             for col, text in enumerate(cells):
                 item = self.table.item(r, col)

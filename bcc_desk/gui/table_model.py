@@ -1,16 +1,13 @@
 """The image table: one row per Prediction, plus the reviewer's label beside the model's.
 
 A Qt model/view rather than a widget per cell, so a folder of 5,000 images costs only the rows
-on screen.  Rows arrive in batches while the classifier runs (`append`); reviews are kept by
-image path, so re-running the same folder keeps them.  `PredictionFilter` does the sorting and
-the filters (class, slide, flagged only, errors only, file-name search).
+on screen.  The rows and reviews themselves live in a Qt-free `bcc_desk.review.ReviewSession`
+that this model observes.  `PredictionFilter` does the sorting and the filters (class, slide,
+flagged only, errors only, file-name search).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from PySide6.QtCore import (
@@ -26,6 +23,7 @@ from PySide6.QtGui import QFont
 from bcc_desk.gui.palette import ERROR_BACKGROUND, ERROR_TEXT, FLAGGED_BACKGROUND, class_name, label_text
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.prediction import Prediction
+from bcc_desk.review import Review, ReviewSession
 
 THUMB, FILE, SLIDE, LABEL, CONFIDENCE, NEEDS_REVIEW, REVIEWER_LABEL, ERROR = range(8)
 # "Model ..." vs "Reviewer's ...": whose word each column is, so the model's flag is never read
@@ -38,15 +36,6 @@ _Index = QModelIndex | QPersistentModelIndex
 _ROOT = QModelIndex()
 
 
-@dataclass(frozen=True, slots=True)
-class Review:
-    """A person's label for one image, and who gave it when."""
-
-    label: str
-    by: str
-    at: datetime
-
-
 def review_sort_key(p: Prediction) -> float:
     """Flagged first (least confident first), then the rest by confidence, unreadable last:
     the order in which a reviewer should look."""
@@ -56,86 +45,53 @@ def review_sort_key(p: Prediction) -> float:
 
 
 class PredictionTableModel(QAbstractTableModel):
-    """Predictions as rows; columns as in `HEADERS`."""
+    """The rows of a `ReviewSession` as a Qt model; columns as in `HEADERS`.  It only observes:
+    rows and reviews change in the session, which says so through its signals."""
 
-    def __init__(self, thumbnails: ThumbnailCache | None = None, parent=None) -> None:
+    def __init__(self, session: ReviewSession, thumbnails: ThumbnailCache | None = None, parent=None) -> None:
         super().__init__(parent)
-        self._rows: list[Prediction] = []
-        self._row_of: dict[Path, int] = {}
-        self._reviews: dict[Path, Review] = {}
+        self.session = session
         self._bold = QFont()
         self._bold.setBold(True)
         self.thumbnails = thumbnails
+        # Python methods (not Qt's own): psygnal holds them weakly and can read their signature.
+        session.resetting.connect(self._resetting)
+        session.reset.connect(self._reset)
+        session.inserting.connect(self._inserting)
+        session.inserted.connect(self._inserted)
+        session.changed.connect(self._changed)
         if thumbnails is not None:
             thumbnails.ready.connect(self._thumbnail_ready)
 
-    # -- content ------------------------------------------------------------------------------
-    def clear(self, keep_reviews: bool = False) -> None:
+    def _resetting(self) -> None:
         self.beginResetModel()
-        self._rows = []
-        self._row_of = {}
-        if not keep_reviews:
-            self._reviews = {}
+
+    def _inserting(self, first: int, last: int) -> None:
+        self.beginInsertRows(QModelIndex(), first, last)
+
+    def _inserted(self, first: int, last: int) -> None:
+        self.endInsertRows()
+
+    def _changed(self, first: int, last: int) -> None:
+        self.dataChanged.emit(self.index(first, 0), self.index(last, len(HEADERS) - 1))
+
+    def _reset(self) -> None:
         self.endResetModel()
         if self.thumbnails is not None:
             self.thumbnails.clear()
 
-    def append(self, predictions: Sequence[Prediction]) -> list[Prediction]:
-        """Add a batch of rows (one model signal per batch, not per row).  An image already in
-        the table keeps its one row, which takes the new prediction (a watched file classified
-        again); returns the predictions so replaced."""
-        fresh: dict[Path, Prediction] = {}
-        replaced: dict[int, Prediction] = {}
-        for p in predictions:
-            row = self._row_of.get(p.path)
-            if row is None:
-                fresh[p.path] = p
-            else:
-                replaced.setdefault(row, self._rows[row])
-                self._rows[row] = p
-        if replaced:
-            self.dataChanged.emit(self.index(min(replaced), 0), self.index(max(replaced), len(HEADERS) - 1))
-        if fresh:
-            first = len(self._rows)
-            self.beginInsertRows(QModelIndex(), first, first + len(fresh) - 1)
-            for i, p in enumerate(fresh.values(), start=first):
-                self._rows.append(p)
-                self._row_of[p.path] = i
-            self.endInsertRows()
-        return list(replaced.values())
-
     def prediction(self, row: int) -> Prediction:
-        return self._rows[row]
-
-    def predictions(self) -> list[Prediction]:
-        return list(self._rows)
-
-    def row_of(self, path: Path) -> int | None:
-        return self._row_of.get(Path(path))
+        return self.session.prediction(row)
 
     def review(self, row: int) -> Review | None:
-        return self._reviews.get(self._rows[row].path)
+        return self.session.review(row)
 
-    def reviews(self) -> dict[Path, Review]:
-        """Reviews of the rows present (reviews carried over from an earlier run included)."""
-        return {p.path: self._reviews[p.path] for p in self._rows if p.path in self._reviews}
-
-    def set_review(self, row: int, label: str | None, by: str) -> None:
-        """Set (or with None, clear) the reviewer's label of a row."""
-        path = self._rows[row].path
-        if label is None:
-            self._reviews.pop(path, None)
-        else:
-            self._reviews[path] = Review(label, by, datetime.now(UTC))
-        self.dataChanged.emit(self.index(row, 0), self.index(row, len(HEADERS) - 1))
-
-    def iter_rows(self) -> Iterable[tuple[Prediction, Review | None]]:
-        for p in self._rows:
-            yield p, self._reviews.get(p.path)
+    def row_of(self, path: Path) -> int | None:
+        return self.session.row_of(path)
 
     # -- Qt model -----------------------------------------------------------------------------
     def rowCount(self, parent: _Index = _ROOT) -> int:
-        return 0 if parent.isValid() else len(self._rows)
+        return 0 if parent.isValid() else len(self.session)
 
     def columnCount(self, parent: _Index = _ROOT) -> int:
         return 0 if parent.isValid() else len(HEADERS)
@@ -151,7 +107,7 @@ class PredictionTableModel(QAbstractTableModel):
         if not index.isValid():
             return None
         row, col = index.row(), index.column()
-        p = self._rows[row]
+        p = self.session.prediction(row)
         if role == Qt.ItemDataRole.DisplayRole:
             return self._display(p, row, col)
         if role == SORT_ROLE:
@@ -171,7 +127,7 @@ class PredictionTableModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.ForegroundRole and col in (LABEL, ERROR) and p.error is not None:
             return ERROR_TEXT
         if role == Qt.ItemDataRole.FontRole and col == REVIEWER_LABEL:
-            review = self._reviews.get(p.path)
+            review = self.session.review(row)
             if review is not None and review.label != p.label:
                 return self._bold  # a correction stands out
         return None
@@ -188,7 +144,7 @@ class PredictionTableModel(QAbstractTableModel):
         if col == NEEDS_REVIEW:
             return f"{FLAG_MARK} {p.review_reason}" if p.needs_review else ""
         if col == REVIEWER_LABEL:
-            review = self._reviews.get(p.path)
+            review = self.session.review(row)
             return class_name(review.label) if review is not None else ""
         if col == ERROR:
             return p.error or ""
@@ -214,7 +170,7 @@ class PredictionTableModel(QAbstractTableModel):
         if col == CONFIDENCE and p.probabilities:
             return "\n".join(f"{class_name(c)}: {v:.1%}" for c, v in p.probabilities.items())
         if col == REVIEWER_LABEL:
-            review = self._reviews.get(p.path)
+            review = self.session.review(row)
             if review is not None:
                 when = review.at.astimezone().strftime("%Y-%m-%d %H:%M")
                 model = class_name(p.label) if p.error is None else "unreadable"
@@ -224,7 +180,7 @@ class PredictionTableModel(QAbstractTableModel):
         return None
 
     def _thumbnail_ready(self, path: Path) -> None:
-        row = self._row_of.get(path)
+        row = self.session.row_of(path)
         if row is not None:
             index = self.index(row, THUMB)
             self.dataChanged.emit(index, index, [Qt.ItemDataRole.DecorationRole])
