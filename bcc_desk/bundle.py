@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,161 +19,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 from torch import nn
 
+from bcc_desk.bundle_meta import (  # the torch-free half of the contract, re-exported here
+    CALIBRATION_FILE as CALIBRATION_FILE,
+    FORMAT_VERSION as FORMAT_VERSION,
+    IMAGENET_MEAN as IMAGENET_MEAN,
+    IMAGENET_STD as IMAGENET_STD,
+    INTERPOLATIONS as INTERPOLATIONS,
+    META_FILE as META_FILE,
+    OOD_FEATURES as OOD_FEATURES,
+    WEIGHTS_FILE as WEIGHTS_FILE,
+    BundleError as BundleError,
+    BundleMeta as BundleMeta,
+    HeadSpec as HeadSpec,
+    InputSpec as InputSpec,
+    Int8Spec as Int8Spec,
+    OODSpec as OODSpec,
+    bundle_fingerprint as bundle_fingerprint,
+    display_name as display_name,
+    read_meta as read_meta,
+)
 from bcc_desk.files import atomic_write, file_sha256, write_text_atomic
-
-FORMAT_VERSION = 1
-META_FILE = "bundle.json"
-WEIGHTS_FILE = "model.safetensors"
-CALIBRATION_FILE = "int8-calibration.safetensors"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # Pillow's resampling filters
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used; the message is one line a user can act on."""
-
-
-@dataclass
-class InputSpec:
-    """How an image becomes the network's input: resize the shorter side to size/crop_pct,
-    centre-crop `size`, scale to [0, 1], normalise."""
-
-    size: int = 224
-    crop_pct: float = 1.0
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-
-@dataclass
-class HeadSpec:
-    """The classifier head over the pooled trunk features: hidden Linear+GELU+Dropout layers,
-    then the output Linear (no hidden layers = timm's plain linear head)."""
-
-    hidden: list[int] = field(default_factory=list)
-    dropout: float = 0.0
-
-
-@dataclass
-class OODSpec:
-    """Out-of-distribution check: Mahalanobis distance of trunk features to the nearest class
-    mean (shared covariance).  Its statistics live in the weights file (`ood.means`,
-    `ood.precision`) so the sha256 covers them; a score above `threshold` flags the image.
-
-    `features` says which: 'pooled', the pooled and normalised features the head reads (bundles
-    before v2), or 'stage', the spatial mean of the trunk's last feature map before its final
-    norm.  The final LayerNorm removes the scale of the activations, which is much of what tells
-    another lab's stain and optics apart: on the v2 model 'pooled' flagged none of ood-dev,
-    'stage' all of it, both at 5% of validation."""
-
-    threshold: float
-    method: str = "mahalanobis"
-    features: str = "pooled"
-
-    def __post_init__(self) -> None:
-        if self.features not in OOD_FEATURES:
-            raise ValueError(f"ood.features must be one of {', '.join(OOD_FEATURES)}, not {self.features!r}")
-
-
-OOD_FEATURES = ("pooled", "stage")
-
-
-@dataclass
-class Int8Spec:
-    """Static int8 inference on x86 CPUs.  `images` validation images at the input size (uint8,
-    in CALIBRATION_FILE, hashed here) set the activation ranges, so a run never depends on the
-    images it classifies; `check` is how int8 compared with fp32 on the validation split."""
-
-    calibration_sha256: str
-    images: int
-    check: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BundleMeta:
-    """Everything in bundle.json."""
-
-    name: str
-    arch: str
-    classes: list[str]
-    """The training data's class folder names, in output order."""
-    input: InputSpec = field(default_factory=InputSpec)
-    head: HeadSpec = field(default_factory=HeadSpec)
-    temperature: float = 1.0
-    review_threshold: float = 0.0
-    ood: OODSpec | None = None
-    int8: Int8Spec | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    weights_sha256: str = ""
-    weights_dtype: str = "float32"
-    format_version: int = FORMAT_VERSION
-    display_names: list[str] = field(default_factory=list)
-    """What every front end calls each class (empty: derived from `classes` by `display_name`)."""
-
-    @property
-    def labels(self) -> list[str]:
-        """The class names a user reads, in output order: the table, the image pane, the report,
-        the console and the sample folders all use these."""
-        if self.display_names:
-            return list(self.display_names)
-        derived = [display_name(c) for c in self.classes]
-        return derived if len(set(derived)) == len(derived) else list(self.classes)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> BundleMeta:
-        if not isinstance(data, dict) or "arch" not in data or "classes" not in data:
-            raise ValueError("it has no 'arch' and 'classes': not a bcc model bundle")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"format version {version!r} is not supported (this software reads {FORMAT_VERSION})")
-        try:
-            inp = data.get("input") or {}
-            ood = data.get("ood")
-            int8 = data.get("int8")
-            return cls(
-                name=str(data.get("name") or data["arch"]),
-                arch=str(data["arch"]),
-                classes=[str(c) for c in data["classes"]],
-                input=InputSpec(
-                    size=int(inp.get("size", 224)),
-                    crop_pct=float(inp.get("crop_pct", 1.0)),
-                    interpolation=str(inp.get("interpolation", "bicubic")),
-                    mean=tuple(float(v) for v in inp.get("mean", IMAGENET_MEAN)),
-                    std=tuple(float(v) for v in inp.get("std", IMAGENET_STD)),
-                ),
-                head=HeadSpec(**(data.get("head") or {})),
-                temperature=float(data.get("temperature", 1.0)),
-                review_threshold=float(data.get("review_threshold", 0.0)),
-                ood=OODSpec(**ood) if ood else None,
-                int8=Int8Spec(**int8) if int8 else None,
-                provenance=dict(data.get("provenance") or {}),
-                metrics=dict(data.get("metrics") or {}),
-                weights_sha256=str(data.get("weights_sha256", "")),
-                weights_dtype=str(data.get("weights_dtype", "float32")),
-                display_names=[str(c) for c in data.get("display_names") or []],
-            )
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"malformed field ({exc})") from None
-
-    def validate(self) -> None:
-        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes must be two or more distinct names, got {self.classes}")
-        if self.display_names and (len(self.display_names) != len(self.classes)
-                                   or len(set(self.display_names)) != len(self.display_names)):
-            raise ValueError(f"display_names must be one distinct name per class, got {self.display_names}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.review_threshold <= 1.0:
-            raise ValueError(f"review_threshold must be within 0..1, got {self.review_threshold}")
-        if self.input.size < 16 or not 0 < self.input.crop_pct <= 1:
-            raise ValueError(f"bad input spec {self.input}")
-        if self.input.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {self.input.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+from bcc_desk.messages import one_line
 
 
 class BundleNet(nn.Module):
@@ -284,12 +149,6 @@ class Bundle:
         return self.meta.labels
 
 
-def display_name(cls: str) -> str:
-    """'[Malignant] early Pre-B' -> 'early Pre-B': the public data set's folder names carry a
-    bracketed group tag that only adds noise where a class is read."""
-    return re.sub(r"^\[[^\]]*\]\s*", "", cls).strip() or cls
-
-
 def build_model(meta: BundleMeta, pretrained: bool = False, **timm_kwargs: Any) -> BundleNet:
     """The network a bundle describes, with fresh (or ImageNet, when `pretrained`) weights."""
     import timm
@@ -371,7 +230,7 @@ def load_int8_calibration(bundle: Bundle) -> torch.Tensor:
     try:
         images = load_file(str(path))["images"]
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise BundleError(f"{path} is not a readable calibration file ({_one_line(exc)})") from None
+        raise BundleError(f"{path} is not a readable calibration file ({one_line(exc, limit=200)})") from None
     if problem := _calibration_problem(images, bundle.meta.input.size):
         raise BundleError(f"{path}: {problem}")
     return images
@@ -385,28 +244,6 @@ def _calibration_problem(images: torch.Tensor, size: int) -> str | None:
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_meta(folder: Path) -> BundleMeta:
-    """bundle.json alone (fast: no weights read), validated."""
-    folder = Path(folder)
-    if folder.is_file() and folder.name in (META_FILE, WEIGHTS_FILE):
-        folder = folder.parent
-    if not folder.exists():
-        raise BundleError(f"model bundle not found: {folder}")
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise BundleError(f"{folder} is not a model bundle: it has no {META_FILE}")
-    try:
-        meta = BundleMeta.from_json(json.loads(meta_path.read_text(encoding="utf-8")))
-        meta.validate()
-    except UnicodeDecodeError:
-        raise BundleError(f"{meta_path} is not a text file") from None
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{meta_path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except ValueError as exc:
-        raise BundleError(f"{meta_path}: {exc}") from None
-    return meta
 
 
 def load_bundle(folder: Path | str, build: bool = True) -> Bundle:
@@ -425,7 +262,7 @@ def load_bundle(folder: Path | str, build: bool = True) -> Bundle:
     try:
         data = weights.read_bytes()  # read once: the bytes hashed are the bytes used
     except OSError as exc:
-        raise BundleError(f"{weights} cannot be read ({_one_line(exc)})") from None
+        raise BundleError(f"{weights} cannot be read ({one_line(exc, limit=200)})") from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != meta.weights_sha256:
         raise BundleError(
@@ -435,7 +272,7 @@ def load_bundle(folder: Path | str, build: bool = True) -> Bundle:
     try:
         state = load(data)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"{weights} is not a readable safetensors file ({_one_line(exc)})") from None
+        raise BundleError(f"{weights} is not a readable safetensors file ({one_line(exc, limit=200)})") from None
     del data
     bundle = Bundle(path=folder, meta=meta, state=state)
     if build:
@@ -465,7 +302,3 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
         raise BundleError(f"{weights} does not fit the declared {arch}: " + "; ".join(parts))
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__

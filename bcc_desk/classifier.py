@@ -15,7 +15,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,30 +79,6 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
     return [v.contiguous() for r in views for v in (r, r.flip(-1))]
 
 
-@dataclass(frozen=True)
-class ClassifierOptions:
-    """How to run the bundles, as every front end states it (`bcc classify`'s and `bcc watch`'s
-    options, the app's model choice): one set of names, one `build`."""
-
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int | None = None
-    tta: bool = False
-    review_threshold: float | None = None
-    workers: int = 2
-    compile: bool | None = None
-    """None: by the size of each call (COMPILE_MIN_IMAGES)."""
-    auto_int8: bool = True
-
-    def build(self, bundles: Bundle | Sequence[Bundle]) -> Classifier:
-        return Classifier(bundles, **asdict(self))
-
-    def for_single_images(self) -> ClassifierOptions:
-        """The same numerics uncompiled, for calls of one or two images (a daemon's trickle):
-        a compiled network costs a whole batch per call, and int8 runs compiled only."""
-        return replace(self, compile=False, precision="auto" if self.precision == "int8" else self.precision)
-
-
 class Classifier:
     """One or several bundles (an ensemble, probabilities averaged) ready to classify images.
 
@@ -120,14 +96,12 @@ class Classifier:
         channels_last: bool | None = None,
         compile: bool | None = None,
         int8_cache: Path | None = None,
-        auto_int8: bool = True,
     ) -> None:
         """`batch_size` None picks the device's fastest; `compile` None (auto) compiles the
         network (torch.compile) before a call of `COMPILE_MIN_IMAGES` images or more.
         precision 'int8' runs static int8 (always compiled) from the bundles' checked calibration;
         'auto' does too on x86 CPUs whenever it compiles a bundle that carries one.  Compiled int8
-        packages are kept in `int8_cache` (default: the per-user data directory).  `auto_int8`
-        False keeps 'auto' off int8 (a GUI: the int8 package holds the GIL through each batch)."""
+        packages are kept in `int8_cache` (default: the per-user data directory)."""
         members = [bundles] if isinstance(bundles, Bundle) else list(bundles)
         if not members:
             raise BundleError("no model bundle given")
@@ -158,7 +132,7 @@ class Classifier:
         # is compiled and every member's check passed (a check killed midway leaves a calibration
         # marked not passed).  Settled at the first compile, where it may fall back to bf16.
         self.int8 = precision == "int8" or (
-            precision == "auto" and auto_int8 and compile is not False and self.device.type == "cpu"
+            precision == "auto" and compile is not False and self.device.type == "cpu"
             and all(int8_checked(b) for b in members)
         )
         self._int8_requested = precision == "int8"

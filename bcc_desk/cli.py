@@ -118,8 +118,8 @@ def classify(
 ) -> None:
     """Classify every image under ROOT (one folder per slide) and write the report."""
     from bcc_desk.bundle import BundleError
-    from bcc_desk.classifier import ClassifierOptions
     from bcc_desk.images import discover_images
+    from bcc_desk.options import ClassifierOptions
     from bcc_desk.report import ReportError, run_info, write_csv, write_report
 
     started = datetime.now(timezone.utc)
@@ -310,8 +310,8 @@ def watch(
     import signal
 
     from bcc_desk.bundle import BundleError
-    from bcc_desk.classifier import ClassifierOptions
     from bcc_desk.ledger import LedgerError
+    from bcc_desk.options import ClassifierOptions
     from bcc_desk.watch import (
         ReportFolderError,
         WatchError,

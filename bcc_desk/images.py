@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bcc_desk.messages import one_line
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
@@ -54,7 +56,7 @@ class ImageReadError(Exception):
     """An image that cannot be used; `str()` is a one-line reason fit for a report cell."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(_one_line(reason))
+        super().__init__(one_line(reason, limit=None))
 
 
 def is_candidate(path: Path) -> bool:
@@ -300,10 +302,5 @@ def _megapixels(pixels: int) -> str:
 
 
 def _detail(exc: BaseException) -> str:
-    text = _one_line(str(exc)) or type(exc).__name__
+    text = one_line(exc, limit=None)
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-

@@ -222,8 +222,7 @@ def test_the_input_transform_gives_torchvisions_pixels(real_images, crop_pct: fl
     """make_transform uses Pillow directly (torchvision's import costs seconds of start-up);
     its pixels must be exactly those of torchvision's Resize + CenterCrop + PILToTensor, the
     transform the shipped model was trained and validated with."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2 as T
+    from torchvision.transforms import InterpolationMode, v2 as T
 
     from bcc_desk.bundle import InputSpec
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -297,6 +300,38 @@ def test_opening_another_folder_while_running_switches_to_it(qtbot, window: Main
     qtbot.waitUntil(lambda: len(finished) == 2, timeout=RUN_TIMEOUT_MS)
     assert finished == [False, True] and window.root == slides.resolve()
     assert window.model.rowCount() == len(discover_images(slides))
+
+
+def test_a_crash_of_the_classifier_process_is_one_message_and_keeps_the_rows(qtbot, window: MainWindow,
+                                                                            big_folder: Path, slides: Path) -> None:
+    """The network runs in a process of its own: killed mid-run (as the system does when memory
+    runs out), it costs one message, the rows done stay, and the next run starts a new one."""
+    messages: list[str] = []
+    window.error_shown.connect(messages.append)
+
+    def kill_once(_n: int) -> None:
+        if window.engine.pid is not None and not messages:
+            os.kill(window.engine.pid, signal.SIGKILL)
+
+    window.rows_added.connect(kill_once)
+    with qtbot.waitSignal(window.classification_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        window.open_folder(big_folder)
+    window.rows_added.disconnect(kill_once)
+    kept = window.model.rowCount()
+    assert blocker.args == [False] and 0 < kept < 400
+    assert len(messages) == 1 and "stopped unexpectedly" in messages[0] and f"the {kept} images" in messages[0]
+    assert window.export_report(big_folder.parent / "after-crash.xlsx").exists()
+    assert run(qtbot, window, slides) is True
+    assert window.model.rowCount() == len(discover_images(slides)) and len(messages) == 1
+
+
+def test_the_classifier_process_ends_with_the_window(qtbot, window: MainWindow, slides: Path) -> None:
+    assert run(qtbot, window, slides) is True
+    pid = window.engine.pid
+    assert pid is not None
+    window.close()
+    qtbot.waitUntil(lambda: not Path(f"/proc/{pid}").exists()
+                    or "State:\tZ" in Path(f"/proc/{pid}/status").read_text(), timeout=30_000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +727,38 @@ def test_command_line_and_light_import(tmp_path: Path) -> None:
     code = ("import sys, bcc_desk.cli, bcc_desk.classifier, bcc_desk.report, bcc_desk.gui; "
             "sys.exit(any(m.startswith('PySide6') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_apps_own_process_never_loads_torch_to_classify(bundle: Path, slides: Path, tmp_path: Path) -> None:
+    """The network runs in the classifier process: the window's process stays small (torch alone
+    is ~500 MB) through opening a folder, classifying it, reviewing and exporting."""
+    script = tmp_path / "app.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from PySide6.QtCore import QEventLoop, QSettings
+        from PySide6.QtWidgets import QApplication
+        from bcc_desk.gui import MainWindow
+        from bcc_desk.gui.models import ModelChoice
+
+        if __name__ == "__main__":
+            app = QApplication([])
+            window = MainWindow(choice=ModelChoice((Path({str(bundle)!r}),), device="cpu"), ask_before_close=False,
+                                settings=QSettings({str(tmp_path / "s.ini")!r}, QSettings.Format.IniFormat))
+            window.show()
+            loop = QEventLoop()
+            finished = []
+            window.classification_finished.connect(lambda ok: finished.append(ok) or loop.quit())
+            window.open_folder({str(slides)!r})
+            loop.exec()
+            window.set_review(0, window.classes[1])
+            window.export_report({str(tmp_path / "r.xlsx")!r})
+            window.close()
+            print(finished, len(window.predictions()), [m for m in ("torch", "timm") if m in sys.modules])
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=True)
+    assert out.stdout.split("\n")[-2] == f"[True] {len(discover_images(slides))} []"
+    assert (tmp_path / "r.xlsx").exists()
 
 
 def test_qt_calls_cannot_free_none() -> None:

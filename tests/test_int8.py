@@ -22,6 +22,7 @@ from bcc_desk.bundle import (
 )
 from bcc_desk.classifier import COMPILE_MIN_IMAGES, Classifier
 from bcc_desk.images import open_image
+from bcc_desk.options import ClassifierOptions
 from bcc_desk.preprocess import make_transform
 
 from bundles import CLASSES, make_bundle
@@ -175,13 +176,15 @@ def test_a_failed_int8_build_falls_back_to_bf16_with_its_reason(
     assert not list((tmp_path / "cache").glob("*.pt2"))
 
 
-def test_the_desktop_app_never_picks_int8_by_itself(int8_bundle: Path) -> None:
-    """The int8 package holds the GIL through a batch: the window would freeze (bench/RESULTS.md)."""
-    from bcc_desk.gui.models import ModelChoice, ModelStore
+def test_the_desktop_app_takes_int8_where_bcc_classify_does(int8_bundle: Path) -> None:
+    """The app classifies in its own process (bcc_desk.classify_process), where the int8
+    package's hold on the GIL cannot freeze the window: its model choice asks for what
+    `bcc classify` would run."""
+    from bcc_desk.gui.models import ModelChoice
 
-    clf = ModelStore().classifier(ModelChoice((int8_bundle,), compile=True))
-    assert not clf.int8 and clf.autocast_dtype == Classifier(load_bundle(int8_bundle), compile=True).autocast_dtype
-    assert Classifier(load_bundle(int8_bundle), compile=True).int8  # where `bcc classify` would
+    app = ModelChoice((int8_bundle,), compile=True).options().build(load_bundle(int8_bundle))
+    cli = ClassifierOptions(compile=True).build(load_bundle(int8_bundle))
+    assert app.int8 and cli.int8 and app.autocast_dtype == cli.autocast_dtype
 
 
 def test_a_kept_package_that_fails_and_cannot_be_rebuilt_still_classifies(

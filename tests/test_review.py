@@ -11,8 +11,8 @@ import pytest
 from rich.console import Console
 
 from bcc_desk.bundle import load_bundle
-from bcc_desk.classifier import ClassifierOptions
 from bcc_desk.images import discover_images
+from bcc_desk.options import ClassifierOptions
 from bcc_desk.prediction import error_prediction
 from bcc_desk.report import RunInfo, run_info, write_report
 from bcc_desk.review import REVIEW_COLUMNS, ReviewSession

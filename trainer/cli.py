@@ -102,8 +102,7 @@ def fit(
     """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle.
 
     Interrupted (Ctrl+C, a restart), the same command resumes from OUT/last.pt."""
-    from trainer.fit import FitConfig, FitError
-    from trainer.fit import fit as run_fit
+    from trainer.fit import FitConfig, FitError, fit as run_fit
     from trainer.recipes import recipe_settings
     from trainer.schedule import parse_size_schedule
 
@@ -168,8 +167,7 @@ def evaluate(
 ) -> None:
     """Accuracy, per-class precision/recall/F1 next to the study's, calibration, plots."""
     from bcc_desk.bundle import BundleError, record_metrics
-    from trainer.evaluate import evaluate as run_evaluate
-    from trainer.evaluate import summary_metrics
+    from trainer.evaluate import evaluate as run_evaluate, summary_metrics
 
     try:
         result = run_evaluate(bundle, data, split=split, part=part, out=out, device=device, tta=tta)

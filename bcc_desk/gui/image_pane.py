@@ -29,9 +29,9 @@ from PySide6.QtWidgets import (
 
 from bcc_desk.gui.jobs import submit
 from bcc_desk.gui.palette import class_colour, class_name, label_text
-from bcc_desk.gui.table_model import Review
 from bcc_desk.gui.thumbnails import pil_to_qimage
 from bcc_desk.prediction import Prediction
+from bcc_desk.review import Review
 
 CamSource = Callable[[], tuple]
 """Called on a pool thread: (network, InputSpec, classes) of the model to explain."""

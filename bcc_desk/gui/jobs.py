@@ -13,6 +13,8 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThreadPool, Signal
 
+from bcc_desk.messages import one_line
+
 _live: set[QObject] = set()  # relays wait here until their result is delivered
 
 
@@ -54,8 +56,3 @@ def submit(
         relay.done.emit(result)
 
     pool.start(run)
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] or type(exc).__name__

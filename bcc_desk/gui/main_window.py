@@ -53,10 +53,11 @@ from PySide6.QtWidgets import (
 )
 
 from bcc_desk import __version__
-from bcc_desk.bundle import BundleError, read_meta
+from bcc_desk.bundle_meta import BundleError, read_meta
+from bcc_desk.classify_process import ClassifierProcess
 from bcc_desk.gui.delegates import ConfidenceDelegate
 from bcc_desk.gui.image_pane import ImagePane
-from bcc_desk.gui.jobs import one_line, submit
+from bcc_desk.gui.jobs import submit
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice, ModelStore
 from bcc_desk.gui.palette import class_name
@@ -110,7 +111,9 @@ class MainWindow(QMainWindow):
         super().__init__(parent)
         self.settings = AppSettings(settings)
         self.ask_before_close = ask_before_close
-        self.store = ModelStore()
+        self.store = ModelStore()  # the watch's and Grad-CAM's models, in this process
+        self.engine = ClassifierProcess()
+        """Where folders are classified: a process of its own, started by the first run."""
         if choice is None:
             dirs = [Path(d) for d in model_dirs] if model_dirs else self.settings.model_dirs
             choice = ModelChoice(
@@ -378,7 +381,9 @@ class MainWindow(QMainWindow):
             threshold = choice.review_threshold if choice.review_threshold is not None else max(
                 m.review_threshold for m in metas)
             self.confidence_delegate.threshold = threshold
-        self.device_label.setText(f"device: {_device_preview(choice.device)}")
+        # The setting until a run says what it became (e.g. 'cpu (int8+fp32)'): finding out here
+        # would load torch into this process, which never runs a network to classify.
+        self.device_label.setText(f"device: {choice.device}")
         self._fill_class_filter()
         self._build_review_actions()
         self.image_pane.set_classes(self.classes)
@@ -463,7 +468,7 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, 0)  # busy until the images are counted
         self.statusBar().showMessage(f"Loading the model and looking for images in {root}\u2026")
         freeze_heap()  # torch, Qt and the window: long-lived, never worth a full GC pass again
-        thread = ClassifyThread(root, self.choice, self.store, parent=self)
+        thread = ClassifyThread(root, self.choice, self.engine, parent=self)
         thread.prepared.connect(self._prepared)
         thread.batch.connect(self._batch)
         thread.failed.connect(self._failed)
@@ -474,7 +479,7 @@ class MainWindow(QMainWindow):
         self._set_running(True)
         thread.start()
 
-    def _prepared(self, total: int, device: str, compiling: bool) -> None:
+    def _prepared(self, total: int, device: str, preparing: str) -> None:
         thread = self._thread
         assert thread is not None
         self._total = total
@@ -489,7 +494,7 @@ class MainWindow(QMainWindow):
             self._build_review_actions()
             self.image_pane.set_classes(self.classes)
         self.confidence_delegate.threshold = info.review_threshold
-        note = " (preparing the model for a large folder first: up to ~20 s)" if compiling else ""
+        note = f"; {preparing} first" if preparing else ""
         self.statusBar().showMessage(f"Classifying {total} images on {device}{note}\u2026")
 
     def _device_changed(self, device: str) -> None:
@@ -1037,6 +1042,7 @@ class MainWindow(QMainWindow):
             watch.wait()  # the report is finalised by the watcher before its thread ends
             self.watch_label.setVisible(False)
             self._update_watch_action()
+        self.engine.close()
         self.thumbnails.wait()
         self._export_pool.waitForDone()
         self.image_pane.shutdown()
@@ -1061,15 +1067,3 @@ def _dropped_folder(event: QDragEnterEvent | QDropEvent) -> Path | None:
             if path.is_dir() or path.is_file():
                 return path
     return None
-
-
-def _device_preview(device: str) -> str:
-    """What `device` will be, before any model is loaded (e.g. 'cpu (bf16)')."""
-    try:
-        from bcc_desk.devices import device_label, pick_device, pick_precision
-
-        d = pick_device(device)
-        return device_label(d, pick_precision(d))
-    except ValueError as exc:
-        return f"{device} ({one_line(exc)})"
-

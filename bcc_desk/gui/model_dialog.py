@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from bcc_desk.bundle import BundleError, BundleMeta, read_meta
+from bcc_desk.bundle_meta import BundleError, BundleMeta, read_meta
 from bcc_desk.gui.models import ModelChoice
 from bcc_desk.paths import DEFAULT_MODEL_DIR
 

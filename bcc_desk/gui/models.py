@@ -1,4 +1,4 @@
-"""Loaded model bundles and the classifier built from them, shared by the app's worker threads.
+"""Loaded model bundles and the classifier built from them, for the app's watch and Grad-CAM.
 
 Loading a bundle (hashing ~60 MB of weights, building the timm network) takes a second or two,
 so it happens off the UI thread and only once per bundle: a second folder, or a Grad-CAM request,
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bcc_desk.bundle import Bundle, BundleNet, InputSpec, load_bundle
+from bcc_desk.bundle_meta import InputSpec, bundle_fingerprint
+from bcc_desk.options import ClassifierOptions
 
 if TYPE_CHECKING:
-    from bcc_desk.classifier import ClassifierOptions
+    from bcc_desk.bundle import Bundle, BundleNet
 
 
 @dataclass(frozen=True)
@@ -35,25 +36,10 @@ class ModelChoice:
 
     def options(self) -> ClassifierOptions:
         """The engine's options for this choice (the same names `bcc classify` uses)."""
-        from bcc_desk.classifier import ClassifierOptions  # torch-heavy; only worker threads get here
-
-        # The int8 package holds Python's GIL for a whole batch (~170 ms, seconds on its first
-        # call): the window would freeze.  Compiled bf16 does not.
+        # Static int8 where `bcc classify` takes it: the network runs in the classifier process,
+        # whose hold on its own GIL cannot freeze the window.
         return ClassifierOptions(device=self.device, tta=self.tta, review_threshold=self.review_threshold,
-                                 batch_size=self.batch_size, workers=self.workers, compile=self.compile,
-                                 auto_int8=False)
-
-
-def _fingerprint(folder: Path) -> tuple:
-    """Changes when the bundle on disk is replaced (a retrained model saved to the same folder)."""
-    stats = []
-    for name in ("bundle.json", "model.safetensors"):
-        try:
-            st = (folder / name).stat()
-            stats.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            stats.append(None)
-    return tuple(stats)
+                                 batch_size=self.batch_size, workers=self.workers, compile=self.compile)
 
 
 class ModelStore:
@@ -70,10 +56,12 @@ class ModelStore:
         """The loaded bundle in `folder` (raises BundleError with a one-line reason)."""
         folder = Path(folder).resolve()
         with self._lock:
-            stamp = _fingerprint(folder)
+            stamp = bundle_fingerprint(folder)
             cached = self._bundles.get(folder)
             if cached is not None and cached[0] == stamp:
                 return cached[1]
+            from bcc_desk.bundle import load_bundle  # torch: only the watch and Grad-CAM get here
+
             bundle = load_bundle(folder)
             self._bundles[folder] = (stamp, bundle)
             return bundle
@@ -97,7 +85,7 @@ class ModelStore:
         folder = Path(folder).resolve()
         with self._lock:
             bundle = self.bundle(folder)
-            stamp = _fingerprint(folder)
+            stamp = bundle_fingerprint(folder)
             cached = self._cam.get(folder)
             if cached is None or cached[0] != stamp:
                 net = copy.deepcopy(bundle.model).float().eval()

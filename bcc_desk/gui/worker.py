@@ -1,10 +1,10 @@
 """Classification off the UI thread.
 
-`ClassifyThread` finds the images, loads the model (through the shared `ModelStore`) and runs
-the core `Classifier`.  Predictions are handed to the UI in batches at most every
-`emit_interval` seconds, so a fast GPU classifying thousands of images a minute cannot flood the
-event loop with one signal per image.  Cancelling closes the classifier's generator, which also
-stops its image decoders; the images done so far stay in the table.
+`ClassifyThread` finds the images and hands them to the window's `ClassifierProcess`: the
+network runs in a process of its own (int8 included, as `bcc classify`), so it can never hold
+this process's GIL and freeze the window.  Predictions come back in batches at most every 0.1 s,
+so a fast GPU cannot flood the event loop with one signal per image.  Cancelling ends the thread
+at once; the images done so far stay in the table, and a crash of the process is one message.
 
 `WatchThread` runs `bcc watch`'s own `Watcher` (ledger, settle rules, report) on the open folder
 and hands each batch it records to the UI.
@@ -16,26 +16,28 @@ import gc
 import logging
 import shlex
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, QThread, Signal
 
-from bcc_desk.gui.jobs import one_line
 from bcc_desk.gui.models import ModelChoice, ModelStore
+from bcc_desk.messages import one_line
 
 if TYPE_CHECKING:
+    from bcc_desk.classify_process import ClassifierProcess
     from bcc_desk.report import RunInfo
     from bcc_desk.watch import Watcher, WatchSite
 
 
 class ClassifyThread(QThread):
-    """One run over one folder.  Signals are queued to the UI thread (this object lives there)."""
+    """One run over one folder: it finds the images and waits on the classifier process (which
+    holds the network) for their predictions.  Signals are queued to the UI thread (this object
+    lives there)."""
 
-    prepared = Signal(int, str, bool)
-    """(images found, device label, whether the network is being compiled first)"""
+    prepared = Signal(int, str, str)
+    """(images found, device label, what happens before the first batch or '')"""
     batch = Signal(object)
     """list[Prediction], in discovery order"""
     failed = Signal(str)
@@ -49,21 +51,20 @@ class ClassifyThread(QThread):
         self,
         root: Path,
         choice: ModelChoice,
-        store: ModelStore,
-        emit_interval: float = 0.1,
+        engine: ClassifierProcess,
         parent: QObject | None = None,
     ) -> None:
         super().__init__(parent)
         self.root = Path(root)
         self.choice = choice
-        self.store = store
-        self.emit_interval = emit_interval
+        self.engine = engine
         self._cancel = threading.Event()
         self.device_label = ""
         self.run_info: RunInfo | None = None
         """The Run sheet's record of this run, from the classifier that makes it (set before `prepared`)."""
 
     def cancel(self) -> None:
+        """Stop now: the thread ends within a moment, the process drops the rest of the run."""
         self._cancel.set()
 
     def run(self) -> None:  # the thread's body
@@ -75,8 +76,8 @@ class ClassifyThread(QThread):
         self.ended.emit(completed)
 
     def _classify(self) -> bool:
+        from bcc_desk.classify_process import ClassifierCrashed, Prepared
         from bcc_desk.images import discover_images
-        from bcc_desk.report import run_info
 
         root = self.root.resolve()
         folder = root if root.is_dir() else root.parent  # the CLI's rule: slides relative to it
@@ -86,44 +87,25 @@ class ClassifyThread(QThread):
         if not paths:
             self.failed.emit(f"no images found under {root} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
             return False
-        classifier = self.store.classifier(self.choice)
-        # The first batch of a large run waits for torch.compile (seconds to ~20 s on 2 cores);
-        # the classifier's own rule says whether it will.
-        compiling = classifier.preparation(len(paths)) is not None
-        if compiling:
-            _import_compiler(int8=bool(getattr(classifier, "int8", False)))
-        freeze_heap()
-        self.device_label = classifier.device_label
-        # What the report's Run sheet records, read here so the UI thread never touches the store.
-        self.run_info = run_info(classifier, root=folder, command=shlex.join(["bcc-desk", str(self.root)]))
-        self.prepared.emit(len(paths), self.device_label, compiling)
-        if self._cancel.is_set():
-            return False
-        pending: list = []
-        last = time.monotonic()
-        first = True
-        predictions = classifier.predict_paths(paths, folder)
+        done = 0
         try:
-            for prediction in predictions:
-                if first:  # the network is compiled (or quantised) by now
-                    first = False
-                    freeze_heap()
-                    if classifier.device_label != self.device_label:  # e.g. int8 was switched on
-                        self.device_label = classifier.device_label
-                        self.run_info = replace(self.run_info, device=self.device_label)
-                        self.device_changed.emit(self.device_label)
-                pending.append(prediction)
-                if self._cancel.is_set():
-                    break
-                now = time.monotonic()
-                if now - last >= self.emit_interval:
-                    self.batch.emit(pending)
-                    pending = []
-                    last = now
-        finally:
-            predictions.close()  # stops the decoding threads when cancelled
-        if pending:
-            self.batch.emit(pending)
+            for message in self.engine.classify(self.choice.model_dirs, self.choice.options(), paths, folder,
+                                                command=shlex.join(["bcc-desk", str(self.root)]),
+                                                stop=self._cancel.is_set):
+                if isinstance(message, Prepared):
+                    self.device_label = message.device
+                    self.run_info = message.run_info
+                    self.prepared.emit(message.total, message.device, message.preparing or "")
+                    continue
+                if message.device != self.device_label:  # e.g. int8 took over once compiled
+                    self.device_label = message.device
+                    assert self.run_info is not None
+                    self.run_info = replace(self.run_info, device=message.device)
+                    self.device_changed.emit(message.device)
+                done += len(message.predictions)
+                self.batch.emit(message.predictions)
+        except ClassifierCrashed as exc:
+            raise ClassifierCrashed(f"{exc}; the {done} images classified before it are kept") from None
         return not self._cancel.is_set()
 
 
@@ -213,19 +195,3 @@ def freeze_heap() -> None:
     (measured with gc.callbacks on the 2-core machine).  Frozen, they are skipped: the pauses
     while classifying fell under 160 ms.  Objects freed by reference counting are unaffected."""
     gc.freeze()
-
-
-def _import_compiler(int8: bool) -> None:
-    """Load torch.compile's machinery (dynamo, inductor, export, sympy) before `freeze_heap`, so
-    its several hundred thousand long-lived objects are frozen too rather than walked by every
-    full collection while the network compiles."""
-    import importlib
-
-    names = ["sympy", "torch._dynamo", "torch._inductor.compile_fx", "torch.export"]
-    if int8:  # the core's static int8 path quantises with torchao's PT2E flow first
-        names.append("torchao.quantization.pt2e.quantize_pt2e")
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # an older or trimmed torch: compiling will say so itself
-            pass

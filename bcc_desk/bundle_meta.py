@@ -1,0 +1,207 @@
+"""What a model bundle's `bundle.json` says, read without torch: the class names, the input a
+network wants, its thresholds.  The desktop app lists, compares and shows bundles with this alone
+(its own process never loads a network to classify); `bcc_desk.bundle` loads the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+META_FILE = "bundle.json"
+WEIGHTS_FILE = "model.safetensors"
+CALIBRATION_FILE = "int8-calibration.safetensors"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # Pillow's resampling filters
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message is one line a user can act on."""
+
+
+@dataclass
+class InputSpec:
+    """How an image becomes the network's input: resize the shorter side to size/crop_pct,
+    centre-crop `size`, scale to [0, 1], normalise."""
+
+    size: int = 224
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class HeadSpec:
+    """The classifier head over the pooled trunk features: hidden Linear+GELU+Dropout layers,
+    then the output Linear (no hidden layers = timm's plain linear head)."""
+
+    hidden: list[int] = field(default_factory=list)
+    dropout: float = 0.0
+
+
+@dataclass
+class OODSpec:
+    """Out-of-distribution check: Mahalanobis distance of trunk features to the nearest class
+    mean (shared covariance).  Its statistics live in the weights file (`ood.means`,
+    `ood.precision`) so the sha256 covers them; a score above `threshold` flags the image.
+
+    `features` says which: 'pooled', the pooled and normalised features the head reads (bundles
+    before v2), or 'stage', the spatial mean of the trunk's last feature map before its final
+    norm.  The final LayerNorm removes the scale of the activations, which is much of what tells
+    another lab's stain and optics apart: on the v2 model 'pooled' flagged none of ood-dev,
+    'stage' all of it, both at 5% of validation."""
+
+    threshold: float
+    method: str = "mahalanobis"
+    features: str = "pooled"
+
+    def __post_init__(self) -> None:
+        if self.features not in OOD_FEATURES:
+            raise ValueError(f"ood.features must be one of {', '.join(OOD_FEATURES)}, not {self.features!r}")
+
+
+OOD_FEATURES = ("pooled", "stage")
+
+
+@dataclass
+class Int8Spec:
+    """Static int8 inference on x86 CPUs.  `images` validation images at the input size (uint8,
+    in CALIBRATION_FILE, hashed here) set the activation ranges, so a run never depends on the
+    images it classifies; `check` is how int8 compared with fp32 on the validation split."""
+
+    calibration_sha256: str
+    images: int
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BundleMeta:
+    """Everything in bundle.json."""
+
+    name: str
+    arch: str
+    classes: list[str]
+    """The training data's class folder names, in output order."""
+    input: InputSpec = field(default_factory=InputSpec)
+    head: HeadSpec = field(default_factory=HeadSpec)
+    temperature: float = 1.0
+    review_threshold: float = 0.0
+    ood: OODSpec | None = None
+    int8: Int8Spec | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+    display_names: list[str] = field(default_factory=list)
+    """What every front end calls each class (empty: derived from `classes` by `display_name`)."""
+
+    @property
+    def labels(self) -> list[str]:
+        """The class names a user reads, in output order: the table, the image pane, the report,
+        the console and the sample folders all use these."""
+        if self.display_names:
+            return list(self.display_names)
+        derived = [display_name(c) for c in self.classes]
+        return derived if len(set(derived)) == len(derived) else list(self.classes)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> BundleMeta:
+        if not isinstance(data, dict) or "arch" not in data or "classes" not in data:
+            raise ValueError("it has no 'arch' and 'classes': not a bcc model bundle")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format version {version!r} is not supported (this software reads {FORMAT_VERSION})")
+        try:
+            inp = data.get("input") or {}
+            ood = data.get("ood")
+            int8 = data.get("int8")
+            return cls(
+                name=str(data.get("name") or data["arch"]),
+                arch=str(data["arch"]),
+                classes=[str(c) for c in data["classes"]],
+                input=InputSpec(
+                    size=int(inp.get("size", 224)),
+                    crop_pct=float(inp.get("crop_pct", 1.0)),
+                    interpolation=str(inp.get("interpolation", "bicubic")),
+                    mean=tuple(float(v) for v in inp.get("mean", IMAGENET_MEAN)),
+                    std=tuple(float(v) for v in inp.get("std", IMAGENET_STD)),
+                ),
+                head=HeadSpec(**(data.get("head") or {})),
+                temperature=float(data.get("temperature", 1.0)),
+                review_threshold=float(data.get("review_threshold", 0.0)),
+                ood=OODSpec(**ood) if ood else None,
+                int8=Int8Spec(**int8) if int8 else None,
+                provenance=dict(data.get("provenance") or {}),
+                metrics=dict(data.get("metrics") or {}),
+                weights_sha256=str(data.get("weights_sha256", "")),
+                weights_dtype=str(data.get("weights_dtype", "float32")),
+                display_names=[str(c) for c in data.get("display_names") or []],
+            )
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"malformed field ({exc})") from None
+
+    def validate(self) -> None:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be two or more distinct names, got {self.classes}")
+        if self.display_names and (len(self.display_names) != len(self.classes)
+                                   or len(set(self.display_names)) != len(self.display_names)):
+            raise ValueError(f"display_names must be one distinct name per class, got {self.display_names}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.review_threshold <= 1.0:
+            raise ValueError(f"review_threshold must be within 0..1, got {self.review_threshold}")
+        if self.input.size < 16 or not 0 < self.input.crop_pct <= 1:
+            raise ValueError(f"bad input spec {self.input}")
+        if self.input.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.input.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+
+
+def display_name(cls: str) -> str:
+    """'[Malignant] early Pre-B' -> 'early Pre-B': the public data set's folder names carry a
+    bracketed group tag that only adds noise where a class is read."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", cls).strip() or cls
+
+
+def read_meta(folder: Path) -> BundleMeta:
+    """bundle.json alone (fast: no weights read), validated."""
+    folder = Path(folder)
+    if folder.is_file() and folder.name in (META_FILE, WEIGHTS_FILE):
+        folder = folder.parent
+    if not folder.exists():
+        raise BundleError(f"model bundle not found: {folder}")
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"{folder} is not a model bundle: it has no {META_FILE}")
+    try:
+        meta = BundleMeta.from_json(json.loads(meta_path.read_text(encoding="utf-8")))
+        meta.validate()
+    except UnicodeDecodeError:
+        raise BundleError(f"{meta_path} is not a text file") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except ValueError as exc:
+        raise BundleError(f"{meta_path}: {exc}") from None
+    return meta
+
+
+def bundle_fingerprint(folder: Path) -> tuple:
+    """Changes when the bundle on disk is replaced (a retrained model saved to the same folder):
+    what a cache of loaded bundles compares, without hashing the weights again."""
+    stats = []
+    for name in ("bundle.json", "model.safetensors"):
+        try:
+            st = (Path(folder) / name).stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append(None)
+    return tuple(stats)

@@ -1,0 +1,282 @@
+"""The classifier in a child process, for a front end whose own threads must never wait on the
+network: the desktop app.
+
+The int8 package (and, less so, every compiled forward) holds Python's GIL through a whole batch,
+so a classifier on a thread of the app's process froze its window for ~170 ms a batch and for
+seconds on the first.  In a process of its own it runs as fast as `bcc classify` (int8 included)
+while the window only unpickles finished predictions.
+
+* One child, started on the first request (spawn: no Qt or thread state is forked) and kept, with
+  its model loaded, between requests; a changed model choice or a bundle replaced on disk is
+  loaded afresh.
+* Cancelling is immediate for the caller: `classify` returns at once and the child drops the rest
+  of that request at its next image; anything it still sends for it is ignored.
+* A child that dies (killed, out of memory, a crash in native code) raises `ClassifierCrashed`
+  with the reason; the predictions already delivered stand and the next request starts a new child.
+* The child ends with its parent: on `close`, and by itself when the parent process is gone.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bcc_desk.messages import one_line
+from bcc_desk.prediction import Prediction
+
+if TYPE_CHECKING:
+    from bcc_desk.options import ClassifierOptions
+    from bcc_desk.report import RunInfo
+
+POLL_S = 0.05
+"""How often a waiting caller looks at its stop flag: the latency of a cancel."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The model is loaded and the request is starting."""
+
+    total: int
+    device: str
+    """The numerics the run starts with (e.g. 'cpu (fp32)'); int8 may take over after compiling."""
+    preparing: str | None
+    """What happens before the first batch, worth showing (compiling, building int8), or None."""
+    run_info: RunInfo
+    """The Run sheet's record of the classifier that makes the predictions."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Predictions just made, in the order of the request's paths."""
+
+    predictions: list[Prediction]
+    device: str
+
+
+class ClassifyFailed(RuntimeError):
+    """The child could not serve the request (a bad bundle, an unusable device): one line."""
+
+
+class ClassifierCrashed(RuntimeError):
+    """The child process died during a request."""
+
+
+class ClassifierProcess:
+    """A `Classifier` in a child process, fed paths, sending predictions back."""
+
+    def __init__(self, emit_interval: float = 0.1) -> None:
+        """`emit_interval`: the child sends what it has at most this often (one message per
+        image would cost the receiving process more than the images are worth)."""
+        self.emit_interval = emit_interval
+        self._context = multiprocessing.get_context("spawn")
+        self._process: Any = None
+        self._conn: Connection | None = None
+        self._cancelled: Any = None  # shared: the highest request number to drop
+        self._request = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs (None before the first request, after close)."""
+        return self._process.pid if self._process is not None and self._process.is_alive() else None
+
+    def classify(
+        self,
+        model_dirs: Sequence[Path],
+        options: ClassifierOptions,
+        paths: Sequence[Path],
+        root: Path,
+        *,
+        command: str,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[Prepared | Rows]:
+        """Classify `paths` (reported relative to `root`) with the bundles in `model_dirs`: first
+        a `Prepared`, then `Rows` until every path has its prediction.  Returns early, at once,
+        when `stop()` turns true or the caller stops iterating.  Raises ClassifyFailed or
+        ClassifierCrashed; one request at a time."""
+        with self._lock:
+            conn = self._ensure_started()
+            self._request += 1
+            request = self._request
+            conn.send(("classify", request, [str(d) for d in model_dirs], options,
+                       [str(p) for p in paths], str(root), command))
+        process = self._process
+        finished = False
+        try:
+            while not stop():
+                message = self._receive(process, conn, request)
+                if message is None:
+                    continue
+                kind, payload = message
+                if kind == "prepared":
+                    yield payload
+                elif kind == "rows":
+                    yield payload
+                elif kind == "failed":
+                    finished = True
+                    raise ClassifyFailed(payload)
+                else:  # "done"
+                    finished = True
+                    return
+        finally:
+            if not finished and self._cancelled is not None:
+                self._cancelled.value = request  # the child drops it at its next image
+
+    def _receive(self, process: Any, conn: Connection, request: int) -> tuple[str, Any] | None:
+        """The next message of `request` (None: nothing within POLL_S, or another request's)."""
+        ready = wait([conn, process.sentinel], timeout=POLL_S)
+        if not ready:
+            return None
+        if conn in ready or conn.poll():
+            try:
+                kind, number, payload = conn.recv()
+            except (EOFError, OSError):
+                raise self._crashed(process) from None
+            return (kind, payload) if number == request else None
+        raise self._crashed(process)
+
+    def _crashed(self, process: Any) -> ClassifierCrashed:
+        process.join(5)
+        code = process.exitcode
+        self._forget()
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        hint = " (the computer may have run out of memory)" if code == -getattr(signal, "SIGKILL", 9) else ""
+        return ClassifierCrashed(f"the classifying process stopped unexpectedly ({how}){hint}")
+
+    def _ensure_started(self) -> Connection:
+        if self._process is not None and self._process.is_alive() and self._conn is not None:
+            return self._conn
+        self._forget()
+        mine, theirs = self._context.Pipe(duplex=True)
+        self._cancelled = self._context.RawValue("q", 0)
+        self._request = 0
+        self._process = self._context.Process(
+            target=_serve, args=(theirs, self._cancelled, self.emit_interval), name="bcc-classifier", daemon=True)
+        self._process.start()
+        theirs.close()  # the child's end: ours only in the child, so its death closes the pipe
+        self._conn = mine
+        return mine
+
+    def _forget(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._process = self._cancelled = None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End the child (it finishes the image in hand); the next request would start another."""
+        with self._lock:
+            process, conn = self._process, self._conn
+            if process is None:
+                return
+            if self._cancelled is not None:
+                self._cancelled.value = self._request
+            try:
+                if conn is not None:
+                    conn.send(("stop",))
+            except OSError:
+                pass  # already gone
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout)
+            self._forget()
+
+
+# ---------------------------------------------------------------------------------------------
+# The child
+
+
+def _serve(conn: Connection, cancelled: Any, emit_interval: float) -> None:
+    """The child's loop: one request at a time, until told to stop or the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in the app's terminal is the app's to handle
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), name="bcc-parent-watch", daemon=True).start()
+    key: tuple | None = None
+    classifier: Any = None
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] != "classify":
+            return
+        _, request, model_dirs, options, paths, root, command = message
+
+        def stopped(request: int = request) -> bool:
+            return cancelled.value >= request
+
+        try:
+            if stopped():  # cancelled before it got here: not even the model is loaded for it
+                conn.send(("done", request, None))
+                continue
+            wanted = _model_key(model_dirs, options)
+            if wanted != key:
+                key = classifier = None  # the old network goes before the new one is built
+                classifier = _build(model_dirs, options)
+                key = wanted
+            _run(conn, request, classifier, [Path(p) for p in paths], Path(root), command, stopped, emit_interval)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the parent has gone
+        except Exception as exc:  # noqa: BLE001 - every failure is the app's one-line message
+            try:
+                conn.send(("failed", request, one_line(exc)))
+            except OSError:
+                return
+
+
+def _exit_with(sentinel: int) -> None:
+    """End this process the moment the parent's ends, even in the middle of a batch."""
+    wait([sentinel])
+    os._exit(0)
+
+
+def _model_key(model_dirs: list[str], options: ClassifierOptions) -> tuple:
+    """Equal while neither the choice nor a bundle on disk has changed."""
+    from bcc_desk.bundle import bundle_fingerprint
+
+    return tuple(model_dirs), options, tuple(bundle_fingerprint(Path(d)) for d in model_dirs)
+
+
+def _build(model_dirs: list[str], options: ClassifierOptions) -> Any:
+    from bcc_desk.bundle import load_bundle
+
+    return options.build([load_bundle(d) for d in model_dirs])
+
+
+def _run(conn: Connection, request: int, classifier: Any, paths: list[Path], root: Path, command: str,
+         stopped: Callable[[], bool], emit_interval: float) -> None:
+    from bcc_desk.report import run_info
+
+    info = run_info(classifier, root=root, command=command)
+    conn.send(("prepared", request, Prepared(len(paths), classifier.device_label, classifier.preparation(len(paths)), info)))
+    pending: list[Prediction] = []
+    last = time.monotonic()
+    predictions = classifier.predict_paths(paths, root)
+    try:
+        for prediction in predictions:
+            pending.append(prediction)
+            if stopped():
+                break
+            if time.monotonic() - last >= emit_interval:
+                conn.send(("rows", request, Rows(pending, classifier.device_label)))
+                pending, last = [], time.monotonic()
+    finally:
+        predictions.close()  # stops the decoding threads when cancelled
+    if pending:
+        conn.send(("rows", request, Rows(pending, classifier.device_label)))
+    conn.send(("done", request, None))
