@@ -18,6 +18,7 @@ while the window only unpickles finished predictions.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -72,9 +73,10 @@ class ClassifierCrashed(RuntimeError):
 class ClassifierProcess:
     """A `Classifier` in a child process, fed paths, sending predictions back."""
 
-    def __init__(self, emit_interval: float = 0.1) -> None:
+    def __init__(self, emit_interval: float = 0.25) -> None:
         """`emit_interval`: the child sends what it has at most this often (one message per
-        image would cost the receiving process more than the images are worth)."""
+        image would cost the receiving process more than the images are worth: on 2 cores the
+        window's repaints took CPU from the network; 0.25 s measured as fast as `bcc classify`)."""
         self.emit_interval = emit_interval
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
@@ -87,6 +89,15 @@ class ClassifierProcess:
     def pid(self) -> int | None:
         """The child's process id while it runs (None before the first request, after close)."""
         return self._process.pid if self._process is not None and self._process.is_alive() else None
+
+    def prepare(self, model_dirs: Sequence[Path], options: ClassifierOptions) -> None:
+        """Start the child now (if it is not running) and have it load this model in the
+        background, so that the first folder does not wait for torch's import and the weights.
+        Returns at once; a model that cannot be loaded is reported by the request that uses it."""
+        with self._lock:
+            conn = self._ensure_started()
+            with contextlib.suppress(OSError):  # a child that died is noticed by the next request
+                conn.send(("prepare", [str(d) for d in model_dirs], options))
 
     def classify(
         self,
@@ -206,13 +217,20 @@ def _serve(conn: Connection, cancelled: Any, emit_interval: float) -> None:
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), name="bcc-parent-watch", daemon=True).start()
-    key: tuple | None = None
-    classifier: Any = None
+    model = _Model()
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return
+        if message[0] == "prepare":
+            _, model_dirs, options = message
+            try:
+                for _ in model.get(model_dirs, options).predict_paths([], Path.cwd()):  # loads a kept int8 package
+                    pass
+            except Exception:  # noqa: BLE001 - the request that needs this model will say what is wrong
+                model.forget()
+            continue
         if message[0] != "classify":
             return
         _, request, model_dirs, options, paths, root, command = message
@@ -224,12 +242,8 @@ def _serve(conn: Connection, cancelled: Any, emit_interval: float) -> None:
             if stopped():  # cancelled before it got here: not even the model is loaded for it
                 conn.send(("done", request, None))
                 continue
-            wanted = _model_key(model_dirs, options)
-            if wanted != key:
-                key = classifier = None  # the old network goes before the new one is built
-                classifier = _build(model_dirs, options)
-                key = wanted
-            _run(conn, request, classifier, [Path(p) for p in paths], Path(root), command, stopped, emit_interval)
+            _run(conn, request, model.get(model_dirs, options), [Path(p) for p in paths], Path(root), command,
+                 stopped, emit_interval)
         except (BrokenPipeError, ConnectionResetError):
             return  # the parent has gone
         except Exception as exc:  # noqa: BLE001 - every failure is the app's one-line message
@@ -245,17 +259,26 @@ def _exit_with(sentinel: int) -> None:
     os._exit(0)
 
 
-def _model_key(model_dirs: list[str], options: ClassifierOptions) -> tuple:
-    """Equal while neither the choice nor a bundle on disk has changed."""
-    from bcc_desk.bundle import bundle_fingerprint
+class _Model:
+    """The child's one classifier, kept while neither the choice nor a bundle on disk changes."""
 
-    return tuple(model_dirs), options, tuple(bundle_fingerprint(Path(d)) for d in model_dirs)
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.classifier: Any = None
 
+    def get(self, model_dirs: list[str], options: ClassifierOptions) -> Any:
+        from bcc_desk.bundle import bundle_fingerprint, load_bundle
 
-def _build(model_dirs: list[str], options: ClassifierOptions) -> Any:
-    from bcc_desk.bundle import load_bundle
+        wanted = (tuple(model_dirs), options, tuple(bundle_fingerprint(Path(d)) for d in model_dirs))
+        if wanted != self.key:
+            self.forget()  # the old network goes before the new one is built
+            # As `bcc classify`: the classifier builds the network only if it runs one (not a kept int8 package).
+            self.classifier = options.build([load_bundle(d, build=False) for d in model_dirs])
+            self.key = wanted
+        return self.classifier
 
-    return options.build([load_bundle(d) for d in model_dirs])
+    def forget(self) -> None:
+        self.key = self.classifier = None
 
 
 def _run(conn: Connection, request: int, classifier: Any, paths: list[Path], root: Path, command: str,

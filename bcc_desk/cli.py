@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sqlite3
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ console = Console(stderr=True)
 out_console = Console()
 
 EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # and 0: the run completed
+EXIT_ELSEWHERE = 3  # the run completed, but its report is in a fallback folder, not where asked
 
 _report_written = False
 """Set once `classify` has its report on disk: what is left of the process is only teardown."""
@@ -120,7 +122,7 @@ def classify(
     from bcc_desk.bundle import BundleError
     from bcc_desk.images import discover_images
     from bcc_desk.options import ClassifierOptions
-    from bcc_desk.report import ReportError, run_info, write_csv, write_report
+    from bcc_desk.report import ReportError, run_info, write_somewhere
 
     started = datetime.now(timezone.utc)
     if not root.exists():
@@ -160,8 +162,8 @@ def classify(
 
     run = run_info(classifier, root=folder, command=shlex.join(["bcc", *sys.argv[1:]]), started=started,
                    finished=None if interrupted else datetime.now(timezone.utc))
-    try:
-        written = (write_csv if csv else write_report)(predictions, out, run)
+    try:  # a full disk or a folder gone meanwhile sends the report to a fallback folder
+        written, diverted = write_somewhere(predictions, out, run, csv=csv)
     except ReportError as exc:
         fail(f"{exc}; choose another place with --out", EXIT_NOTHING)
     global _report_written
@@ -177,10 +179,15 @@ def classify(
             highlight=False,
             soft_wrap=True,
         )
+    if diverted:  # said even with --quiet: the report is not where a script will look for it
+        console.print(f"[bold yellow]warning:[/] {diverted}; the report is in {written}", highlight=False,
+                      soft_wrap=True)
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if classified == 0:
         fail("no image could be classified (see the error column of the report)", EXIT_NOTHING)
+    if diverted:
+        raise typer.Exit(EXIT_ELSEWHERE)
 
 
 def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: list) -> None:
@@ -310,7 +317,7 @@ def watch(
     import signal
 
     from bcc_desk.bundle import BundleError
-    from bcc_desk.ledger import LedgerError
+    from bcc_desk.ledger import LedgerError, storage_fault
     from bcc_desk.options import ClassifierOptions
     from bcc_desk.watch import (
         ReportFolderError,
@@ -343,6 +350,10 @@ def watch(
                                polling=polling, interval=interval, settle=settle)
     except LedgerError as exc:
         fail(str(exc))
+    except sqlite3.OperationalError as exc:  # a running watch waits this out; at start there is nothing to wait for
+        if (reason := storage_fault(exc)) is None:
+            raise
+        fail(f"the ledger {site.state} cannot be written ({reason})", EXIT_NOTHING)
 
     def stop(signum: int, frame: object) -> None:
         watcher.stop()

@@ -73,6 +73,31 @@ class LedgerError(Exception):
     """The state file cannot be used (another ROOT's, newer schema, not a database)."""
 
 
+_STORAGE_FAULTS = {  # SQLite's primary result codes that say the storage, not the data, failed
+    "SQLITE_FULL": "no space left on its disk",
+    "SQLITE_READONLY": "its disk or file is read-only",
+    "SQLITE_IOERR": "a disk I/O error",
+    "SQLITE_CANTOPEN": "its folder cannot be written",
+}
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """Why the ledger cannot be written, in words, when `exc` is the storage's fault (a full or
+    read-only disk, an I/O error: it may pass); None for anything else."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    for code, reason in _STORAGE_FAULTS.items():
+        if name == code or name.startswith(code + "_"):
+            return reason
+    text = str(exc).lower()  # an SQLite too old to name its errors
+    for needle, code in (("disk is full", "SQLITE_FULL"), ("readonly", "SQLITE_READONLY"),
+                         ("disk i/o", "SQLITE_IOERR"), ("unable to open", "SQLITE_CANTOPEN")):
+        if needle in text:
+            return _STORAGE_FAULTS[code]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     path: str

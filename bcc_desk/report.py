@@ -31,7 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,7 +205,7 @@ def write_report(
         _images_sheet(wb.active, rows, run.classes, extra_columns)
         _slides_sheet(wb.create_sheet("Slides"), predictions, run.classes)
         _run_sheet(wb.create_sheet("Run"), predictions, run)
-        wb.save(tmp)
+        _save(wb, tmp)
 
     return _atomic_write(Path(out), write, fallback)
 
@@ -229,6 +229,45 @@ def write_csv(
                 w.writerow([_csv_value(v) for v in row.values])
 
     return _atomic_write(Path(out), write, fallback)
+
+
+def write_somewhere(
+    predictions: Sequence[Prediction],
+    out: Path,
+    run: RunInfo,
+    *,
+    extra_columns: ExtraColumns | None = None,
+    csv: bool | None = None,
+) -> tuple[Path, str | None]:
+    """Write the report (xlsx, or CSV for a .csv `out`) where asked or, when that place cannot
+    take it (no space left, read-only, the folder gone, permissions changed during the run), in
+    the first fallback folder that can: the per-user data directory's `reports/`, then the temp
+    folder.  Results are never lost to a storage fault.  Returns the path written and, when it is
+    not `out`'s folder, why (one line); raises ReportError only when no place could take it.
+    `csv` None: CSV for a .csv `out`."""
+    writer = write_csv if (Path(out).suffix.lower() == ".csv" if csv is None else csv) else write_report
+    try:
+        return writer(predictions, out, run, extra_columns=extra_columns), None
+    except ReportError as exc:
+        reason = str(exc)
+    stamp = datetime.now().strftime("%Y-%m-%d %H%M%S")
+    name = f"{out.stem} ({Path(run.root).name or 'run'}, {stamp}){out.suffix}"
+    for folder in fallback_folders():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            written = writer(predictions, folder / name, run, extra_columns=extra_columns)
+        except (ReportError, OSError) as exc:
+            log.debug("fallback %s did not work either: %s", folder, exc)
+            continue
+        return written, reason
+    raise ReportError(f"{reason}; no fallback folder ({', '.join(map(str, fallback_folders()))}) could take it either")
+
+
+def fallback_folders() -> list[Path]:
+    """Where a report goes when its own folder cannot take it, in order."""
+    from bcc_desk.paths import user_data_dir
+
+    return [user_data_dir() / "reports", Path(tempfile.gettempdir()) / "bcc-reports"]
 
 
 def locked_target(out: Path) -> bool:
@@ -463,6 +502,18 @@ def _csv_text(s: str) -> str:
 # Atomic save, lock files
 
 
+def _save(wb: Workbook, path: Path) -> None:
+    """`wb.save`, with the zip file closed on every path: openpyxl leaves it open when a write
+    fails (a full disk), and its finaliser then prints a traceback from the garbage collector."""
+    from zipfile import ZIP_DEFLATED, ZipFile
+
+    from openpyxl.writer.excel import ExcelWriter
+
+    wb.properties.modified = datetime.now(UTC).replace(tzinfo=None)  # as openpyxl's own save
+    with ZipFile(path, "w", ZIP_DEFLATED, allowZip64=True) as archive:
+        ExcelWriter(wb, archive).write_data()
+
+
 def _lock_file(out: Path) -> Path | None:
     """The Office owner file (`~$...`) or LibreOffice lock (`.~lock.<name>#`) beside `out`."""
     name = out.name
@@ -509,7 +560,10 @@ def _atomic_write(out: Path, write: Callable[[Path], None], fallback: Path | Non
     except OSError as e:
         raise ReportError(f"cannot write the report in folder {folder}: {e.strerror or e}") from e
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:  # no space left, the folder removed or made read-only meanwhile
+            raise ReportError(f"cannot write the report {out}: {e.strerror or e}") from e
         mode = new_file_mode(dest)
         if mode is not None:
             os.chmod(tmp, mode)

@@ -19,7 +19,7 @@ from psygnal import Signal
 
 from bcc_desk import __version__
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import RunInfo, write_csv, write_report
+from bcc_desk.report import RunInfo, write_somewhere
 from bcc_desk.slides import SlideCount, count_slides
 
 REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
@@ -46,18 +46,18 @@ class Export:
     """The Run sheet's record of the classifier that made the rows, and how the run went."""
     generation: int
 
-    def write(self, out: Path) -> Path:
+    def write(self, out: Path) -> tuple[Path, str | None]:
         """The CLI's writer (xlsx, or CSV for a .csv path), with the reviewer's label, name and
-        time as extra Images columns; returns the path written (a sibling when `out` is open in
-        Excel).  Raises ReportError."""
+        time as extra Images columns.  Returns the path written (a sibling when `out` is open in
+        Excel) and, when `out`'s folder could not take it (no space, read-only, gone) and it went
+        to a fallback folder, why.  Raises ReportError when no place could take it."""
         reviews = self.reviews
 
         def get(name: str):
             return lambda p: getattr(reviews[p.path], name) if p.path in reviews else None
 
         extra = dict(zip(REVIEW_COLUMNS, (get("label"), get("by"), get("at")), strict=True))
-        writer = write_csv if Path(out).suffix.lower() == ".csv" else write_report
-        return writer(self.predictions, Path(out), self.run_info, extra_columns=extra)
+        return write_somewhere(self.predictions, Path(out), self.run_info, extra_columns=extra)
 
 
 class ReviewSession:
@@ -210,8 +210,9 @@ class ReviewSession:
         """`export` has been written: its reviews no longer count as unexported."""
         self._exported = max(self._exported, export.generation)
 
-    def export(self, out: Path) -> Path:
-        """Write the report now (see `Export.write`); returns the path written."""
+    def export(self, out: Path) -> tuple[Path, str | None]:
+        """Write the report now (see `Export.write`).  The reviews count as exported once a
+        file holds them, wherever it had to go; a failure keeps them unexported."""
         export = self.snapshot()
         written = export.write(out)
         self.exported(export)

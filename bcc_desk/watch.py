@@ -23,6 +23,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import sqlite3
 import stat
 import sys
 import tempfile
@@ -49,7 +50,7 @@ from watchdog.observers.api import BaseObserver
 
 from bcc_desk.files import file_sha256
 from bcc_desk.images import discover_images, is_candidate
-from bcc_desk.ledger import DONE, VANISHED, Ledger, Row
+from bcc_desk.ledger import DONE, VANISHED, Ledger, Row, storage_fault
 from bcc_desk.paths import SAMPLES_DIR, user_data_dir
 from bcc_desk.prediction import Prediction
 from bcc_desk.report import ReportError, RunInfo, locked_target, run_info, write_csv, write_report
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEALTH_EVERY = 1.0
+PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0
+"""Back-off of a watch whose ledger cannot be written (a full disk): the first retry, the longest wait."""
 """Seconds between checks that the observer is alive and ROOT is still the same folder."""
 RESCAN_EVERY = 600.0
 """Seconds between full reconciliations: a safety net for events the kernel or share dropped."""
@@ -175,12 +178,22 @@ def log_file(state: Path) -> Path:
 def log_to_file(path: Path) -> logging.Handler:
     """Also log to `path` (rotated at 5 MB, 3 kept: the daemon runs for weeks)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8")
+    handler = _LogFile(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("bcc_desk")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     return handler
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """The daemon's log file.  A line its disk cannot take (full: often the ledger's disk too)
+    is dropped, not answered with a traceback on the console per line: the console has it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
 
 
 def lock_state(state: Path) -> TextIO:
@@ -292,17 +305,11 @@ class Watcher:
             log.info("watching %s (%s observer, settle %g s); report %s; ledger %s (log beside it)",
                      self.root, kind, self.settle, self.out, self.state)
             self._prepare()
-            self._rescan()
+            self._guarded(self._rescan)
             self.report.start()
             log.info("ready (%s)", self.classifier.device_label)
             while not self._stopping:
-                self._take_events(self._timeout())
-                self._check_health()
-                ready, gone = self.settler.ready(self._stat)
-                for rel in gone:
-                    self._gone(rel)
-                if ready and not self._stopping:
-                    self._classify(ready)
+                self._guarded(self._step)
             log.info("stopping: the batch in hand is done, writing the report")
         finally:
             self._stop_observer()
@@ -310,6 +317,49 @@ class Watcher:
             counts = self.ledger.counts()
             self.ledger.close()
             log.info("stopped; ledger: %s", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty")
+
+    def _step(self) -> None:
+        self._take_events(self._timeout())
+        self._check_health()
+        ready, gone = self.settler.ready(self._stat)
+        for rel in gone:
+            self._gone(rel)
+        if ready and not self._stopping:
+            self._classify(ready)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run `step`; a ledger its storage will not let us write pauses the watch until it does."""
+        try:
+            step()
+        except sqlite3.OperationalError as exc:
+            reason = storage_fault(exc)
+            if reason is None:
+                raise
+            self._pause(reason)
+
+    def _pause(self, reason: str) -> None:
+        """Hold intake while the ledger cannot be written, trying again with back-off, and resume
+        on our own once it can.  Nothing is lost meanwhile: an image whose outcome was not
+        committed is still pending, and the reconcile that resumes finds whatever arrived."""
+        paused, delay = time.monotonic(), PAUSE_FIRST
+        log.warning("the ledger %s cannot be written (%s): intake paused until it can, trying again "
+                    "every %g-%g s; images that arrive meanwhile wait in the folder", self.state, reason,
+                    PAUSE_FIRST, PAUSE_MAX)
+        while not self._stopping:
+            until = time.monotonic() + delay
+            while not self._stopping and time.monotonic() < until:
+                time.sleep(0.2)  # not an Event: stop() runs in signal handlers, where a lock could deadlock
+            if self._stopping:
+                return
+            try:
+                self._rescan()
+            except sqlite3.OperationalError as exc:
+                if storage_fault(exc) is None:
+                    raise
+                delay = min(2 * delay, PAUSE_MAX)
+                continue
+            log.info("the ledger can be written again after %.0f s: intake resumed", time.monotonic() - paused)
+            return
 
     def _prepare(self) -> None:
         """Compile the network now (when the classifier compiles: int8 where the model allows,

@@ -36,7 +36,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-from bench_classify import e2e_rate
 from common import ALL4, REPO, cpu_name, publish
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -56,6 +55,14 @@ def proc_status(key: str, pid: int | str = "self") -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) a process has used so far."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def real_images() -> list[Path]:
@@ -148,10 +155,13 @@ def part_stall(model: Path, folder: Path, tmp: Path) -> dict:
     ticks.clear()
     cpu.clear()
     started = time.perf_counter()
+    process_cpu = time.process_time()
     window.open_folder(folder)
     reviewer.start()
     loop.exec()
     finished = time.perf_counter()
+    process_cpu = time.process_time() - process_cpu
+    child_cpu = cpu_seconds(window.engine.pid)
     timer.stop()
     reviewer.stop()
     gc.callbacks.remove(on_gc)
@@ -169,6 +179,8 @@ def part_stall(model: Path, folder: Path, tmp: Path) -> dict:
         "images": rows,
         "seconds": finished - started,
         "rate_e2e": rows / (finished - started),
+        "app_cpu_s": process_cpu,
+        "classifier_cpu_s": child_cpu,
         "images_per_s": rows / (finished - first_row[0]) if first_row else 0.0,
         "first_row_s": (first_row[0] - started) if first_row else None,
         "idle_max_gap_ms": 1000 * max(gaps(idle)),
@@ -260,6 +272,7 @@ def run_part(part: str, model: Path, arg: str, data_home: Path) -> dict:
 
 def rate_and_stalls(model: Path, n: int, rounds: int) -> dict:
     """The app and `bcc classify` alternated on one folder, the int8 package kept (see above)."""
+    from bench_classify import e2e_rate  # torch: kept out of the app's measured process
     with tempfile.TemporaryDirectory(prefix="bench-gui-rate-") as tmp:
         work = Path(tmp)
         folder = make_folder(work / "folder", n, slides=8)

@@ -162,3 +162,19 @@ def test_the_child_never_outlives_its_parent(bundle: Path, folder: Path, tmp_pat
         assert wait_gone(child)
     finally:
         app.kill()
+
+
+def test_a_prepared_model_is_the_one_used_and_a_bad_one_is_said_by_the_request(engine, bundle: Path, folder: Path,
+                                                                               tmp_path: Path) -> None:
+    """The app asks for its model as the window opens; the first folder then finds it loaded."""
+    (tmp_path / "bad").mkdir()
+    engine.prepare([tmp_path / "bad"], OPTIONS)  # not a bundle: nothing to say until it is used
+    engine.prepare([bundle], OPTIONS)
+    pid = engine.pid
+    assert pid is not None
+    paths = discover_images(folder)[:4]
+    rows = [p for m in engine.classify([bundle], OPTIONS, paths, folder, command="x") if isinstance(m, Rows)
+            for p in m.predictions]
+    assert [p.path for p in rows] == paths and engine.pid == pid
+    with pytest.raises(ClassifyFailed, match="bundle"):
+        list(engine.classify([tmp_path / "bad"], OPTIONS, paths, folder, command="x"))

@@ -157,12 +157,12 @@ def test_export_writes_reviews_and_the_run_and_only_the_latest_clears_the_flag(c
     session.set_review(good[0], LABELS[3], "=ada")
     snapshot = session.snapshot()
     session.set_review(good[1], LABELS[0], "bob")  # made while the export is being written
-    written = snapshot.write(tmp_path / "review.xlsx")
+    written, diverted = snapshot.write(tmp_path / "review.xlsx")
     session.exported(snapshot)
-    assert written == tmp_path / "review.xlsx"
+    assert written == tmp_path / "review.xlsx" and diverted is None
     assert session.unexported_reviews  # bob's review is not in that file
     session.finish("complete")
-    written = session.export(tmp_path / "review2.xlsx")
+    written, _ = session.export(tmp_path / "review2.xlsx")
     assert not session.unexported_reviews
     wb = openpyxl.load_workbook(written)
     images = wb["Images"]

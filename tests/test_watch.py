@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,12 +25,13 @@ from typer.testing import CliRunner
 from bcc_desk import cli
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classifier import Classifier
-from bcc_desk.ledger import DONE, ERROR, PENDING, VANISHED, Ledger, Row
+from bcc_desk.ledger import DONE, ERROR, PENDING, VANISHED, Ledger
 from bcc_desk.report import RunInfo
 from bcc_desk.settle import READ_RETRIES
 from bcc_desk.watch import Watcher, default_state, lock_state, log_file
 
 from bundles import CLASSES, LABELS, make_bundle
+from waits import all_done, report_files, report_rows, rows, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SETTLE = 0.3
@@ -52,44 +53,6 @@ def jpgs(all4: Path) -> list[Path]:
     """Real images, 60 per class, interleaved so that any prefix mixes the classes."""
     per_class = [sorted((all4 / c).glob("*.jpg"))[:60] for c in CLASSES]
     return [f for group in zip(*per_class) for f in group]
-
-
-def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-    return value
-
-
-def rows(state: Path) -> dict[str, Row]:
-    if not state.exists():
-        return {}
-    ledger = Ledger(state)
-    try:
-        return ledger.rows()
-    finally:
-        ledger.close()
-
-
-def all_done(state: Path, names: set[str]) -> bool:
-    r = rows(state)
-    return all(n in r and r[n].state == DONE for n in names)
-
-
-def report_rows(path: Path) -> list[dict]:
-    wb = openpyxl.load_workbook(path, read_only=True)
-    try:
-        values = wb["Images"].iter_rows(values_only=True)
-        header = next(values)
-        return [dict(zip(header, v)) for v in values]
-    finally:
-        wb.close()
-
-
-def report_files(path: Path) -> list[str]:
-    return sorted(r["file"] for r in report_rows(path)) if path.exists() else []
 
 
 def sha256(data: bytes) -> str:

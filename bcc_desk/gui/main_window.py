@@ -389,6 +389,8 @@ class MainWindow(QMainWindow):
         self.image_pane.set_classes(self.classes)
         first = choice.model_dirs[0] if choice.model_dirs else None
         self.image_pane.set_cam_source((lambda: self.store.cam_model(first)) if first and metas else None)
+        if metas:  # torch's import and the weights load now, while the user picks a folder
+            self.engine.prepare(choice.model_dirs, choice.options())
 
     def choose_model(self) -> None:
         dialog = ModelDialog(self.choice, self.settings.known_models, self)
@@ -855,7 +857,10 @@ class MainWindow(QMainWindow):
         if out is None:
             raise ValueError("nothing to export: open a folder first")
         self._check_export_target(out)
-        return self.session.export(out)
+        written, diverted = self.session.export(out)
+        if diverted:
+            self._notify(f"{diverted}; the report was written to {written} instead")
+        return written
 
     def _choose_export(self) -> None:
         try:
@@ -877,12 +882,14 @@ class MainWindow(QMainWindow):
             self._notify(str(exc))
             return
         self.statusBar().showMessage(f"Writing {out}\u2026")
-        submit(self._export_pool, lambda: snapshot.write(out), lambda written: self._exported(snapshot, out, written),
-               self._notify)
+        submit(self._export_pool, lambda: snapshot.write(out), lambda result: self._exported(snapshot, out, *result),
+               lambda reason: self._notify(f"{reason}; the reviews are kept: export again elsewhere"))
 
-    def _exported(self, snapshot: Export, asked: Path, written: Path) -> None:
+    def _exported(self, snapshot: Export, asked: Path, written: Path, diverted: str | None) -> None:
         self.session.exported(snapshot)
-        if written != asked:  # the writer never overwrites a workbook someone has open
+        if diverted:  # no space, read-only, the folder gone: a fallback folder took it
+            self._notify(f"{diverted}; the report was written to {written} instead")
+        elif written != asked:  # the writer never overwrites a workbook someone has open
             self._notify(f"{asked.name} is open in another program; the report was written to {written}")
         else:
             self.statusBar().showMessage(f"Report written: {written}", 15000)

@@ -2,9 +2,11 @@
 
 `ClassifyThread` finds the images and hands them to the window's `ClassifierProcess`: the
 network runs in a process of its own (int8 included, as `bcc classify`), so it can never hold
-this process's GIL and freeze the window.  Predictions come back in batches at most every 0.1 s,
-so a fast GPU cannot flood the event loop with one signal per image.  Cancelling ends the thread
-at once; the images done so far stay in the table, and a crash of the process is one message.
+this process's GIL and freeze the window.  Predictions come back in batches at most every 0.25 s:
+a fast GPU cannot flood the event loop with one signal per image, and each batch's repaint costs
+this process's CPU, which on a small machine the classifier process would otherwise have had.
+Cancelling ends the thread at once; the images done so far stay in the table, and a crash of the
+process is one message.
 
 `WatchThread` runs `bcc watch`'s own `Watcher` (ledger, settle rules, report) on the open folder
 and hands each batch it records to the UI.
