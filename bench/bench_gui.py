@@ -65,6 +65,22 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the classifier process, and the int8 build it starts once)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def real_images() -> list[Path]:
     """All real images, interleaved by class so any prefix has every class."""
     per_class = [sorted(d.glob("*.jpg")) for d in sorted(ALL4.iterdir()) if d.is_dir()]
@@ -215,6 +231,8 @@ def part_memory(model: Path, n: int, tmp: Path) -> dict:
             child["pid"] = pid
             child["hwm"] = max(child.get("hwm", 0), proc_status("VmHWM", pid))
             child["rss_sum"] = max(child.get("rss_sum", 0), samples[-1] + proc_status("VmRSS", pid))
+        tree = samples[-1] + sum(proc_status("VmRSS", p) for p in descendants(os.getpid()))
+        child["tree"] = max(child.get("tree", 0), tree)
 
     sampler = QTimer()
     sampler.setInterval(500)
@@ -254,6 +272,7 @@ def part_memory(model: Path, n: int, tmp: Path) -> dict:
         "vmhwm_mb": proc_status("VmHWM") / 2**20,
         "child_vmhwm_mb": child.get("hwm", 0) / 2**20,
         "sum_rss_peak_mb": child.get("rss_sum", 0) / 2**20,
+        "tree_rss_peak_mb": child.get("tree", 0) / 2**20,
         "report_bytes": out.stat().st_size,
         "thumbnails_cached": len(window.thumbnails),
         "device": window.device_label.text(),
@@ -358,9 +377,12 @@ def markdown(stall: dict | None, memory: dict | None, model: Path) -> str:
             f"| app: peak (VmHWM) | {memory['vmhwm_mb']:.0f} MB |",
             f"| classifier process: peak (VmHWM) | {memory['child_vmhwm_mb']:.0f} MB |",
             f"| both at once, highest sampled sum | {memory['sum_rss_peak_mb']:.0f} MB |",
+            (f"| every process of the app at once (with the one-off int8 build's), highest sampled sum "
+             f"| {memory['tree_rss_peak_mb']:.0f} MB |"),
             f"| **both peaks added (an upper bound)** | **{both:.0f} MB** |",
             "",
-            f"Target under 1.5 GB (1536 MB) for both together: {'**met**' if both < 1536 else '**not met**'}.",
+            (f"Target under 1.5 GB (1536 MB) for both together: {'**met**' if both < 1536 else '**not met**'}; "
+             f"every process at once: {'**met**' if memory['tree_rss_peak_mb'] < 1536 else '**not met**'}."),
             "",
         ]
     return "\n".join(lines)

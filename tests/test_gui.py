@@ -34,7 +34,7 @@ from bcc_desk.paths import RESOURCES
 from bcc_desk.watch import ReportWriter, default_state, lock_state
 
 from bundles import CLASSES, LABELS, make_bundle
-from folders import spread_images
+from folders import slide_folders, spread_images
 
 RUN_TIMEOUT_MS = 60_000
 WATCH_TIMEOUT_MS = 60_000
@@ -52,13 +52,7 @@ def bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory, real_images) -> Path:
     """Three slide folders of real images (slide-10 checks natural order) and two bad files."""
-    root = tmp_path_factory.mktemp("gui-slides") / "case 1"
-    for i, files in enumerate(real_images.values()):
-        for j, f in enumerate(files[:4]):
-            slide = root / ("slide-1", "slide-2", "slide-10")[(i + j) % 3]
-            slide.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, slide / f.name)
-    (root / "slide-2" / "empty.jpg").write_bytes(b"")
+    root = slide_folders(tmp_path_factory.mktemp("gui-slides") / "case 1", real_images, 4, ("slide-1", "slide-2", "slide-10"))
     good = next(iter(real_images.values()))[0].read_bytes()
     (root / "slide-10" / "=cut short.jpg").write_bytes(good[: len(good) // 3])
     return root

@@ -3,7 +3,6 @@ counts shared with the report and the console, and the export read back."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import openpyxl
@@ -19,19 +18,14 @@ from bcc_desk.review import REVIEW_COLUMNS, ReviewSession
 from bcc_desk.slides import count_slides
 
 from bundles import LABELS, make_bundle
+from folders import slide_folders
 
 
 @pytest.fixture(scope="module")
 def classified(tmp_path_factory, real_images) -> tuple[Path, list, RunInfo]:
     """Real images in three slide folders and an unreadable file, classified by a small real
     model: (folder, predictions in discovery order, the run's record)."""
-    root = tmp_path_factory.mktemp("review") / "case"
-    for i, files in enumerate(real_images.values()):
-        for j, f in enumerate(files[:3]):
-            slide = root / ("slide-10", "slide-2", "slide-1")[(i + j) % 3]
-            slide.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, slide / f.name)
-    (root / "slide-2" / "empty.jpg").write_bytes(b"")
+    root = slide_folders(tmp_path_factory.mktemp("review") / "case", real_images, 3, ("slide-10", "slide-2", "slide-1"))
     bundle = load_bundle(make_bundle(tmp_path_factory.mktemp("review-model") / "atto", review_threshold=0.6))
     classifier = ClassifierOptions(device="cpu").build(bundle)
     predictions = list(classifier.predict_paths(discover_images(root), root))
