@@ -1,7 +1,8 @@
 """`bcc`: the command line.  It parses, reports progress and prints; the work is in the core.
 
 Exit codes: 0 the run completed (unreadable images are listed in the report), 1 nothing could be
-classified, 2 a usage error (bad option, missing folder, unusable model bundle), 130 interrupted.
+classified, 2 a usage error (bad option, missing folder, unusable model bundle), 3 the run
+completed but its report went to a fallback folder (its own could not take it), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -85,7 +86,12 @@ def _load_models(models: list[Path]):
         fail(str(exc))
 
 
-@app.command(cls=Command)
+@app.command(
+    cls=Command,
+    epilog=("Exit codes: 0 done; 1 nothing could be classified; 2 a usage error; 3 done, but the report's folder "
+            "could not take it (full, read-only, gone) and it is in a fallback folder, which the last line names; "
+            "130 interrupted (the report holds the images done)."),
+)
 def classify(
     ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="Folder of slide folders (or one image).", show_default=False)],
