@@ -187,8 +187,10 @@ class ClassifierProcess:
             self._conn.close()
         self._conn = self._process = self._cancelled = None
 
-    def close(self, timeout: float = 5.0) -> None:
-        """End the child (it finishes the image in hand); the next request would start another."""
+    def close(self, timeout: float = 1.0) -> None:
+        """End the child; the next request would start another.  It is asked first and killed
+        after `timeout` (still loading a model, say): it holds nothing that is not already
+        delivered, and a window closing must not wait on it."""
         with self._lock:
             process, conn = self._process, self._conn
             if process is None:
