@@ -127,9 +127,7 @@ class ClassifierProcess:
                 if message is None:
                     continue
                 kind, payload = message
-                if kind == "prepared":
-                    yield payload
-                elif kind == "rows":
+                if kind in ("prepared", "rows"):
                     yield payload
                 elif kind == "failed":
                     finished = True
@@ -269,7 +267,8 @@ class _Model:
         self.classifier: Any = None
 
     def get(self, model_dirs: list[str], options: ClassifierOptions) -> Any:
-        from bcc_desk.bundle import bundle_fingerprint, load_bundle
+        from bcc_desk.bundle import load_bundle
+        from bcc_desk.bundle_meta import bundle_fingerprint
 
         wanted = (tuple(model_dirs), options, tuple(bundle_fingerprint(Path(d)) for d in model_dirs))
         if wanted != self.key:
