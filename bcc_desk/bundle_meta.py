@@ -111,6 +111,15 @@ class BundleMeta:
         derived = [display_name(c) for c in self.classes]
         return derived if len(set(derived)) == len(derived) else list(self.classes)
 
+    def class_index(self, name: str) -> int | None:
+        """The output index of a class given by its folder name or its display name (case and
+        the data set's bracketed tag ignored): a lab's own data folder may be named either way."""
+        wanted = display_name(name).casefold()
+        for i, (cls, label) in enumerate(zip(self.classes, self.labels, strict=True)):
+            if wanted in (display_name(cls).casefold(), label.casefold()) or name == cls:
+                return i
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -170,6 +179,20 @@ def display_name(cls: str) -> str:
     """'[Malignant] early Pre-B' -> 'early Pre-B': the public data set's folder names carry a
     bracketed group tag that only adds noise where a class is read."""
     return re.sub(r"^\[[^\]]*\]\s*", "", cls).strip() or cls
+
+
+def lineage(meta: BundleMeta) -> list[tuple[str, str]]:
+    """Where a fine-tuned bundle came from, as (what, text) lines for people: its parent bundle
+    and the review workbooks whose images it learned from (none for a model trained afresh)."""
+    lines: list[tuple[str, str]] = []
+    parent = meta.provenance.get("parent")
+    if isinstance(parent, dict):
+        lines.append(("fine-tuned from", f"{parent.get('name', '?')} (weights sha256 {str(parent.get('sha256', ''))[:16]}\u2026)"))
+    for book in meta.provenance.get("reviews") or []:
+        parts = book.get("images") or {}
+        split = ", ".join(f"{n} {part}" for part, n in parts.items() if n)
+        lines.append(("learned from", f"{sum(parts.values())} reviewed images of {book.get('workbook', '?')} ({split})"))
+    return lines
 
 
 def read_meta(folder: Path) -> BundleMeta:

@@ -246,6 +246,7 @@ def info(
 ) -> None:
     """Show a model bundle's metadata and its validation (and, where recorded, test) figures."""
     from bcc_desk.bundle import BundleError, load_bundle
+    from bcc_desk.bundle_meta import lineage
 
     try:
         meta = load_bundle(bundle).meta
@@ -266,7 +267,8 @@ def info(
         ("OOD check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
         ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256}"),
     ]
-    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items()]
+    rows += lineage(meta)
+    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k not in ("parent", "reviews")]
     rows += [(f"metric: {k}", _fmt(v)) for k, v in meta.metrics.items()]
     for row in rows:
         table.add_row(*row)

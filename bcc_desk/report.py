@@ -5,7 +5,7 @@ run the classifier and often while it is still being rewritten (the folder-watch
 
 * **No formulas from data.**  File, slide and error names come from the outside world; a name
   such as ``=cmd.jpg`` or ``@SUM(A1).jpg`` must stay text.  Every text cell goes through
-  `_put_text` (xlsx: forced string type, real text kept) or `_csv_text` (CSV: OWASP apostrophe).
+  `_put_text` (xlsx: forced string type, real text kept) or `csv_text` (CSV: OWASP apostrophe).
 * **Never a half-written report.**  Everything is written to a temporary file beside the target
   and moved into place with `os.replace`; a failure removes the temporary file and leaves the
   previous report untouched.
@@ -59,6 +59,10 @@ TOTAL_ROW = "All slides"
 
 _MAX_CELL_CHARS = 32767  # Excel refuses (reports corruption for) longer cell texts
 _CSV_RISKY = ("=", "+", "-", "@", "\t", "\r")
+
+REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
+"""The columns the desktop app's export adds to the Images sheet (beside the CLI's own); what
+`bcc-train import-reviews` reads back."""
 
 ExtraColumns = Mapping[str, Callable[[Prediction], object]]
 """Extra per-image columns (e.g. the GUI's reviewer label/by/at): header -> value of a row."""
@@ -490,12 +494,17 @@ def _csv_value(v: object) -> object:
         return f"{v:.4f}"
     if isinstance(v, int):
         return v
-    return _csv_text(str(v))
+    return csv_text(str(v))
 
 
-def _csv_text(s: str) -> str:
+def csv_text(s: str) -> str:
     """OWASP CSV-injection advice: a leading apostrophe keeps spreadsheet apps from evaluating."""
     return "'" + s if s.startswith(_CSV_RISKY) else s
+
+
+def csv_plain(s: str) -> str:
+    """The text `csv_text` was given (for CSV files this package reads back)."""
+    return s[1:] if s.startswith("'") and s[1:].startswith(_CSV_RISKY) else s
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,11 +19,8 @@ from psygnal import Signal
 
 from bcc_desk import __version__
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import RunInfo, write_somewhere
+from bcc_desk.report import REVIEW_COLUMNS, RunInfo, write_somewhere
 from bcc_desk.slides import SlideCount, count_slides
-
-REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
-"""The columns the export adds to the Images sheet (beside the CLI's own)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,16 @@ def spread_images(dest: Path, images: Sequence[Path], n: int, slide: Callable[[i
     return dest
 
 
+def class_subset(dest: Path, source: Path, classes: Sequence[str], pick: slice) -> Path:
+    """A data folder laid out like the public data set: for each class folder of `source`, the
+    real images `pick` selects from its sorted listing, copied."""
+    for c in classes:
+        (dest / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((source / c).glob("*.jpg"))[pick]:
+            shutil.copy(f, dest / c / f.name)
+    return dest
+
+
 def slide_folders(root: Path, images: dict[str, list[Path]], per_class: int, slides: Sequence[str]) -> Path:
     """`per_class` real images of each class copied round-robin into the `slides` folders, and an
     empty (unreadable) file in the second slide."""

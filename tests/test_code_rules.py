@@ -13,11 +13,12 @@ from pathlib import Path
 from conftest import REPO
 
 QT = ("PySide6", "shiboken6", "pytestqt")
-# What the trainer may use of the application: the bundle contract and the shared preprocessing,
-# numerics and image reading.  Its checks (evaluate, int8) run the application's own engine on
-# purpose: a figure must come from the path a lab runs.
+# What the trainer may use of the application: the bundle and report contracts (import-reviews
+# reads the exported workbooks) and the shared preprocessing, numerics and image reading.
+# Its checks (evaluate, int8) run the application's own engine on purpose: a figure must come
+# from the path a lab runs.
 TRAINER_MAY_IMPORT = {"bcc_desk", "bcc_desk.bundle", "bcc_desk.preprocess", "bcc_desk.devices", "bcc_desk.images",
-                      "bcc_desk.cli_help", "bcc_desk.logs", "bcc_desk.files"}
+                      "bcc_desk.cli_help", "bcc_desk.logs", "bcc_desk.files", "bcc_desk.report"}
 TRAINER_ENGINE_USERS = {"trainer.evaluate", "trainer.int8", "trainer.fit", "trainer.cli"}
 
 

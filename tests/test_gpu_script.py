@@ -19,6 +19,7 @@ import pytest
 from bcc_desk.bundle import load_bundle
 
 from conftest import CLASSES, OOD_DEV, REPO
+from folders import class_subset
 
 GPU = REPO / "bench" / "gpu.py"
 MiB = 1 << 20
@@ -41,11 +42,7 @@ def split_rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def session(tmp_path_factory, all4: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gpu")
-    data = root / "all4-small"
-    for c in CLASSES:
-        (data / c).mkdir(parents=True)
-        for f in sorted((all4 / c).glob("*.jpg"))[::6][:12]:
-            shutil.copy(f, data / c / f.name)
+    data = class_subset(root / "all4-small", all4, CLASSES, slice(0, 72, 6))
     pack, out, joined = root / "pack", root / "out", root / "joined"
     r = script("pack", "--data", data, "--ood", OOD_DEV, "--dest", pack)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

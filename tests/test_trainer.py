@@ -22,6 +22,7 @@ from trainer import cli as train_cli
 from trainer.fit import FitConfig, FitError, build_meta, create_model
 
 from bundles import CLASSES, LABELS
+from folders import class_subset
 
 runner = CliRunner()
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
@@ -31,12 +32,7 @@ TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--bat
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, all4: Path) -> Path:
     """A few dozen real images, laid out exactly like the public data set (brackets, spaces)."""
-    root = tmp_path_factory.mktemp("data") / "all4-small"
-    for c in CLASSES:
-        (root / c).mkdir(parents=True)
-        for f in sorted((all4 / c).glob("*.jpg"))[::6][:12]:
-            shutil.copy(f, root / c / f.name)
-    return root
+    return class_subset(tmp_path_factory.mktemp("data") / "all4-small", all4, CLASSES, slice(0, 72, 6))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,15 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+# The options of the commands that judge bundles on labelled images (evaluate, compare).
+SplitToJudge = Annotated[
+    Optional[Path], typer.Option(help="RUN/split.csv: use its --part (default: every image in DATA).")
+]
+PartToJudge = Annotated[str, typer.Option(help="Which part of the split: test, val or train.")]
+Device = Annotated[str, typer.Option(metavar=DEVICE_CHOICES)]
+TTA = Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the 8 right-angle rotations and mirror images.")]
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -65,7 +74,12 @@ def fit(
     init_weights: Annotated[
         Optional[Path], typer.Option("--init-weights", help="A local timm weights file to start from (offline labs).")
     ] = None,
-    split: Annotated[Optional[Path], typer.Option(help="Reuse a split.csv from an earlier run.")] = None,
+    init_bundle: Annotated[
+        Optional[Path], typer.Option("--init-bundle", help="Fine-tune this bundle (its classes, size and head; recipe finetune).")
+    ] = None,
+    split: Annotated[
+        Optional[Path], typer.Option(help="Reuse a split.csv from an earlier run (images added since become new groups).")
+    ] = None,
     ood_dir: Annotated[
         Optional[Path], typer.Option("--ood-dir", help="Images unlike the training data, to report the OOD flag rate.")
     ] = None,
@@ -108,10 +122,12 @@ def fit(
 
     if not data.is_dir():
         fail(f"{data} is not a folder")
-    if pretrained and init_weights:
-        fail("--pretrained and --init-weights exclude each other")
+    if sum(map(bool, (pretrained, init_weights, init_bundle))) > 1:
+        fail("--pretrained, --init-weights and --init-bundle exclude each other")
     try:
-        settings = recipe_settings(recipe)
+        settings = recipe_settings(recipe or ("finetune" if init_bundle else None))
+        if init_bundle:
+            settings.update(_parent_settings(init_bundle))
     except ValueError as exc:
         fail(str(exc))
     given = {
@@ -137,7 +153,8 @@ def fit(
         data=data.resolve(), out=out.resolve(), seed=seed, device=device, precision=precision, workers=workers,
         init="pretrained" if pretrained else (str(init_weights) if init_weights else "none"),
         split=split, ood_dir=ood_dir.resolve() if ood_dir else None,
-        weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class, int8=int8, recipe=recipe,
+        weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class, int8=int8,
+        recipe=recipe or ("finetune" if init_bundle else None), init_bundle=init_bundle.resolve() if init_bundle else None,
         **settings,
     )
     try:
@@ -150,27 +167,71 @@ def fit(
         typer.echo(f"bundle: {bundle}")
 
 
+def _parent_settings(bundle: Path) -> dict[str, object]:
+    """What a fine-tuned model takes from its parent bundle (options given still override)."""
+    from bcc_desk.bundle import BundleError, read_meta
+
+    try:
+        meta = read_meta(bundle)
+    except BundleError as exc:
+        raise ValueError(f"--init-bundle: {exc}") from None
+    return {"arch": meta.arch, "image_size": meta.input.size, "hidden": list(meta.head.hidden),
+            "dropout": meta.head.dropout}
+
+
+@app.command("import-reviews", cls=Command)
+def import_reviews(
+    workbooks: Annotated[
+        list[Path],
+        typer.Argument(help="Review workbooks (.xlsx): bcc-desk's export, or a bcc classify report edited.", show_default=False),
+    ],
+    into: Annotated[Path, typer.Option("--into", help="The data folder (one sub-folder per class) to add the images to.")],
+    images: Annotated[
+        Optional[Path], typer.Option(help="Where the reviewed images are now (default: the root on the workbook's Run sheet).")
+    ] = None,
+) -> None:
+    """Add every image a person labelled to DATA/<class>/ and to DATA/reviews.csv.
+
+    Rows without a reviewer label are skipped; an image already imported is not added again; the
+    originals are only read.  Any bad row stops the import before anything is copied."""
+    from trainer.manifest import MANIFEST, ReviewImportError
+    from trainer.reviews import import_reviews as run_import
+
+    try:
+        summary = run_import(list(workbooks), into, images=images)
+    except ReviewImportError as exc:
+        fail(str(exc))
+    for cls in sorted(set(summary.added) | set(summary.already)):
+        typer.echo(
+            f"{cls}: {summary.added[cls]} added ({summary.corrections[cls]} corrected the model, "
+            f"{summary.added[cls] - summary.corrections[cls]} confirmed it)"
+            + (f", {summary.already[cls]} already there" if summary.already[cls] else "")
+        )
+    typer.echo(
+        f"{summary.total_added} images added to {into} from {summary.workbooks} workbook(s); "
+        f"{summary.unreviewed} rows without a reviewer label skipped; manifest: {into / MANIFEST}"
+    )
+
+
 @app.command(cls=Command)
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Model bundle folder.", show_default=False)],
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class.", show_default=False)],
-    split: Annotated[
-        Optional[Path], typer.Option(help="RUN/split.csv: evaluate its test part (default: every image in DATA).")
-    ] = None,
-    part: Annotated[str, typer.Option(help="Which part of the split: test, val or train.")] = "test",
+    split: SplitToJudge = None,
+    part: PartToJudge = "test",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json, tables and plots.")] = None,
-    device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES)] = "auto",
-    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the 8 right-angle rotations and mirror images.")] = False,
+    device: Device = "auto",
+    tta: TTA = False,
     record: Annotated[
         bool, typer.Option("--record", help="Also store the headline figures in the bundle (shown by `bcc info`).")
     ] = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 next to the study's, calibration, plots."""
     from bcc_desk.bundle import BundleError, record_metrics
-    from trainer.evaluate import evaluate as run_evaluate, summary_metrics
+    from trainer.evaluate import Judged, evaluate as run_evaluate, summary_metrics
 
     try:
-        result = run_evaluate(bundle, data, split=split, part=part, out=out, device=device, tta=tta)
+        result = run_evaluate(bundle, Judged(data, split, part, device, tta), out=out)
         if record:
             record_metrics(bundle, summary_metrics(result.metrics))
     except (BundleError, ValueError) as exc:
@@ -227,6 +288,35 @@ def samples(
     except ValueError as exc:
         fail(str(exc))
     typer.echo(f"{len(copies)} sample images in {out}")
+
+
+@app.command(cls=Command)
+def compare(
+    bundle_a: Annotated[Path, typer.Argument(help="The model in use now (A).", show_default=False)],
+    bundle_b: Annotated[Path, typer.Argument(help="The model you may switch to (B).", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class.", show_default=False)],
+    split: SplitToJudge = None,
+    part: PartToJudge = "test",
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Folder for compare.md and compare.json (default: ./compare-A-vs-B, by model name)."),
+    ] = None,
+    device: Device = "auto",
+    tta: TTA = False,
+) -> None:
+    """Both models on the same images, as bcc-desk runs them: per-class figures side by side, the
+    images they label differently, McNemar's exact test of the accuracy difference, calibration
+    and review-rate changes."""
+    from bcc_desk.bundle import BundleError
+    from trainer.compare import compare as run_compare
+    from trainer.evaluate import Judged
+
+    try:
+        result = run_compare(bundle_a, bundle_b, Judged(data, split, part, device, tta), out=out)
+    except (BundleError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(result.markdown)
+    typer.echo(f"written: {result.folder}")
 
 
 def main() -> None:

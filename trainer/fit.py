@@ -64,6 +64,8 @@ class FitConfig:
     workers: int = 4
     init: str = "none"
     """'pretrained' (timm's ImageNet weights, downloaded), 'none', or a local weights file."""
+    init_bundle: Path | None = None
+    """Fine-tune: start from this bundle's weights (trunk and head), its classes and input size."""
     split: Path | None = None
     hidden: list[int] = field(default_factory=lambda: [256])
     dropout: float = 0.3
@@ -148,8 +150,57 @@ def build_meta(cfg: FitConfig, classes: list[str]) -> BundleMeta:
     )
 
 
-def create_model(cfg: FitConfig, meta: BundleMeta) -> BundleNet:
-    """The network with its initial trunk weights; offline `pretrained` fails in one line."""
+def child_meta(cfg: FitConfig, parent: BundleMeta) -> BundleMeta:
+    """A fine-tuned model's description: the parent's network, classes (and their display names)
+    and input, under a new name; calibration and the OOD check are fitted again at export."""
+    return BundleMeta(
+        name=cfg.name or f"{parent.name}-ft-{datetime.now(timezone.utc):%Y%m%d-%H%M}",
+        arch=parent.arch, classes=list(parent.classes), input=parent.input, head=parent.head,
+        display_names=list(parent.labels),
+    )
+
+
+def _parent_bundle(cfg: FitConfig):
+    from bcc_desk.bundle import load_bundle
+
+    try:
+        parent = load_bundle(cfg.init_bundle, build=False)
+    except BundleError as exc:
+        raise FitError(f"--init-bundle: {exc}") from None
+    if parent.meta.arch != cfg.arch or parent.meta.input.size != cfg.image_size or parent.meta.head.hidden != list(cfg.hidden):
+        raise FitError(
+            f"--init-bundle: {parent.name} is {parent.meta.arch} at {parent.meta.input.size} px with a head of "
+            f"{parent.meta.head.hidden}; leave out --arch, --image-size and --hidden (or give those)"
+        )
+    return parent
+
+
+def _classes_as_parent(data_classes: list[str], parent: BundleMeta, where: Path | None) -> list[str]:
+    """DATA's class folders in the parent's output order; the classes must be the same."""
+    order: dict[int, str] = {}
+    for c in data_classes:
+        i = parent.class_index(c)
+        if i is None or i in order:
+            raise FitError(
+                f"--init-bundle: the data's class {c!r} is not one of {Path(where or '').name}'s classes "
+                f"({', '.join(parent.labels)}); fine-tuning keeps the classes, train from scratch to change them"
+            )
+        order[i] = c
+    missing = [parent.labels[i] for i in range(len(parent.classes)) if i not in order]
+    if missing:
+        raise FitError(f"--init-bundle: the data has no images of {', '.join(missing)}; fine-tuning keeps every class")
+    return [order[i] for i in range(len(parent.classes))]
+
+
+def create_model(cfg: FitConfig, meta: BundleMeta, parent=None) -> BundleNet:
+    """The network with its initial weights: a parent bundle's, timm's ImageNet trunk (offline:
+    one line), a local trunk file, or none."""
+    if parent is not None:
+        model = build_model(meta, drop_path_rate=cfg.drop_path)
+        # Weights only: the OOD statistics belong to the parent's training data and are refitted.
+        state = {k: v.float() for k, v in parent.state.items() if not k.startswith("ood_")}
+        model.load_state_dict(state, strict=True)
+        return model
     if cfg.init == "pretrained":
         return _pretrained_model(cfg, meta)
     model = build_model(meta, drop_path_rate=cfg.drop_path)
@@ -259,10 +310,13 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     split = _split(cfg, env, out)
+    parent = _parent_bundle(cfg) if cfg.init_bundle else None
+    if parent is not None:
+        split.classes = _classes_as_parent(split.classes, parent.meta, cfg.init_bundle)
     classes = split.classes
     dtype = pick_precision(device, cfg.precision)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    meta = build_meta(cfg, classes)
+    meta = build_meta(cfg, classes) if parent is None else child_meta(cfg, parent.meta)
 
     train_paths, train_labels = split.paths("train"), split.labels("train")
     if cfg.limit_per_class:
@@ -284,7 +338,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     if env.main:
         log.info("decoded %d train and %d val images in %.1f s", len(train), len(val), time.perf_counter() - t0)
 
-    model = create_model(cfg, meta).to(device)
+    model = create_model(cfg, meta, parent).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [
@@ -429,7 +483,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     best = out / "best.safetensors"
     if best.is_file():
         model.load_state_dict(load_file(str(best)))
-    bundle = export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, best_f1)
+    bundle = export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, best_f1, parent)
     if cfg.int8:
         _add_int8(bundle, cfg, out / "split.csv")
     return bundle
@@ -467,7 +521,7 @@ def _progress(enabled: bool):
 
 def export_bundle(
     cfg: FitConfig, meta: BundleMeta, model: BundleNet, train: ImageSet, val: ImageSet, split: Split,
-    device: torch.device, dtype: torch.dtype | None, channels_last: bool, best_f1: float,
+    device: torch.device, dtype: torch.dtype | None, channels_last: bool, best_f1: float, parent=None,
 ) -> Path:
     """Calibrate on validation, fit the OOD check, and write RUN/bundle."""
     from trainer.metrics import (
@@ -515,7 +569,7 @@ def export_bundle(
         "split_counts": {s: sum(c.values()) for s, c in split.counts().items()},
         "epochs": cfg.epochs,
         "seed": cfg.seed,
-        "init": "imagenet" if cfg.init == "pretrained" else ("from scratch" if cfg.init in ("none", "") else f"file:{Path(cfg.init).name}"),
+        "init": _init_text(cfg, parent),
         "recipe": {k: v for k, v in asdict(cfg).items() if k in (
             "recipe", "arch", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "image_size",
             "hidden", "dropout", "drop_path", "label_smoothing", "ema_decay", "balance", "stain", "mixup", "cutmix",
@@ -524,6 +578,10 @@ def export_bundle(
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"bcc-desk": __version__, "torch": torch.__version__, "timm": _timm_version()},
     }
+    if parent is not None:
+        meta.provenance["parent"] = {"name": parent.name, "sha256": parent.sha256}
+    if reviews := _reviews_learned(cfg.data, split):
+        meta.provenance["reviews"] = reviews
     final = build_model(meta)
     state = {k: v.float().cpu() for k, v in model.state_dict().items()}
     state["ood_means"] = torch.as_tensor(means, dtype=torch.float32)
@@ -534,6 +592,30 @@ def export_bundle(
     (out / "metrics_val.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("bundle written to %s (T=%.3f, review < %.3f, OOD > %.1f)", bundle, temperature, review, ood_threshold)
     return bundle
+
+
+def _init_text(cfg: FitConfig, parent) -> str:
+    if parent is not None:
+        return f"bundle:{parent.name}"
+    if cfg.init == "pretrained":
+        return "imagenet"
+    return "from scratch" if cfg.init in ("none", "") else f"file:{Path(cfg.init).name}"
+
+
+def _reviews_learned(data: Path, split: Split) -> list[dict[str, Any]]:
+    """The review workbooks (DATA/reviews.csv) whose images this model trained on: name, sha256
+    and how many of their images fell in each part."""
+    from trainer.manifest import read_manifest
+
+    part = {r.path: r.split for r in split.rows}
+    books: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in read_manifest(data):
+        if row["path"] in part:
+            book = books.setdefault((row["source"], row["source_sha256"]), {
+                "workbook": row["source"], "sha256": row["source_sha256"], "model": row["model"],
+                "images": {"train": 0, "val": 0, "test": 0}})
+            book["images"][part[row["path"]]] += 1
+    return list(books.values())
 
 
 def _ood_flag_rate(folder: Path, model, meta, means, precision, threshold, device, dtype, bs, channels_last) -> float:
@@ -571,15 +653,22 @@ def _make_mixup(cfg: FitConfig, n_classes: int):
 def _split(cfg: FitConfig, env: Dist, out: Path) -> Split:
     """A given split, the run's own from an earlier (interrupted) run, or a new one."""
     target = out / "split.csv"
-    source = cfg.split or (target if target.is_file() else None)
+    # A resumed run keeps the split it started with, even if DATA has gained images since.
+    source = target if target.is_file() else cfg.split
     if source is not None:
         try:
             split = Split.load(source, cfg.data)
+            # A split given from an earlier run (the parent's, when fine-tuning) takes the images
+            # added since (reviews) as new groups; every image it lists keeps its part.
+            added = split.extend(cfg.data, seed=cfg.seed) if source != target else 0
         except ValueError as exc:
             raise FitError(str(exc)) from None
+        if env.main and added:
+            log.info("%d images of %s are not in %s: added to the split as new groups", added, cfg.data, source)
         if env.main and Path(source).resolve() != target.resolve():
             split.save(target)
-        return split
+        env.barrier()
+        return split if env.main or source == target else Split.load(target, cfg.data)
     if env.main:
         try:
             split = make_split(cfg.data, seed=cfg.seed)

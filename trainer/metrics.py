@@ -283,7 +283,7 @@ def choose_ood_threshold(val_scores: ArrayLike, max_flagged: float = 0.05) -> fl
 
 
 # -- comparison with the reference study ------------------------------------------------------------
-def _pct(v: float | None) -> str:
+def pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * float(v):.2f}%"
 
 
@@ -303,9 +303,9 @@ def study_table(report: dict[str, Any], study: dict[str, Any] | None = None) -> 
         theirs = per_study.get(name) or {}
         label, support = name.replace("|", "\\|"), str(ours["support"])
         for metric, key in (("Precision", "precision"), ("Recall", "recall"), ("F1", "f1")):
-            rows.append(f"| {label} | {support} | {metric} | {_pct(ours[key])} | {_pct(theirs.get(key))} |")
+            rows.append(f"| {label} | {support} | {metric} | {pct(ours[key])} | {pct(theirs.get(key))} |")
             label, support = "", ""
     n = str(report["n"])
-    rows.append(f"| **All classes** | {n} | Accuracy | {_pct(report['accuracy'])} | {_pct(study.get('accuracy'))} |")
-    rows.append(f"| **All classes** | {n} | Macro-F1 | {_pct(report['macro_f1'])} | {_pct(study.get('macro_f1'))} |")
+    rows.append(f"| **All classes** | {n} | Accuracy | {pct(report['accuracy'])} | {pct(study.get('accuracy'))} |")
+    rows.append(f"| **All classes** | {n} | Macro-F1 | {pct(report['macro_f1'])} | {pct(study.get('macro_f1'))} |")
     return "\n".join(rows) + "\n"

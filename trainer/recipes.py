@@ -31,6 +31,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "weight_decay": 0.05, "warmup_epochs": 10.0, "label_smoothing": 0.1, "drop_path": 0.1,
         "ema_decay": 0.999, "balance": "sampler", "stain": 0.05,
     },
+    # Fine-tuning a bundle (`--init-bundle`) on a lab's reviewed images added to its data: a short
+    # schedule at a tenth of the learning rate, so the model adapts without forgetting; no EMA
+    # (too few steps for it to settle).  The network, input size and head come from the parent.
+    "finetune": {
+        "epochs": 5, "batch_size": 32, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05,
+        "warmup_epochs": 0.5, "label_smoothing": 0.1, "drop_path": 0.1, "ema_decay": 0.0,
+        "balance": "sampler", "stain": 0.05,
+    },
 }
 
 

@@ -14,6 +14,8 @@ are first joined into *groups* that must stay together, and whole groups are dea
 
 Groups are then dealt to train/val/test so that every class gets its share (stratified).  The file
 names carry no patient id, so this is the honest stand-in for a patient-wise split, not one.
+Images a lab imported from its own reviews (`trainer/reviews.py`) do carry their slide, and the
+images of one slide (one patient) are one group: for those the split is patient-wise.
 
 How the defaults were chosen, on `all4` (2,722 images; 64-bit phash; the distances come out even):
 
@@ -52,6 +54,7 @@ import numpy as np
 
 from bcc_desk.files import write_text_atomic
 from bcc_desk.images import ImageReadError, discover_images, is_candidate, open_image
+from trainer.manifest import slide_keys  # images imported from a lab's reviews know their slide
 
 __all__ = [
     "COLUMNS",
@@ -205,8 +208,10 @@ def group_images(
     hashes: Sequence[str],
     threshold: int = PHASH_THRESHOLD,
     neighbour_window: int = NEIGHBOUR_WINDOW,
+    slides: Sequence[str | None] | None = None,
 ) -> list[int]:
-    """Group id per image: union-find over near-duplicate hashes and blocks of file numbers.
+    """Group id per image: union-find over near-duplicate hashes, blocks of file numbers and,
+    where `slides` gives one (an image imported from a lab's review), the slide it came from.
 
     Group ids are numbered 0, 1, ... in the order of each group's first image in `rel_paths`,
     so they depend only on the data, never on set or dict iteration order.
@@ -243,6 +248,12 @@ def group_images(
             union(first_in_block[key], i)
         else:
             first_in_block[key] = i
+
+    # One slide is one patient: every image of it stays on one side of the split.
+    first_of_slide: dict[str, int] = {}
+    for i, slide in enumerate(slides or ()):
+        if slide is not None:
+            union(first_of_slide.setdefault(slide, i), i)
 
     ids: dict[int, int] = {}
     return [ids.setdefault(find(i), len(ids)) for i in range(n)]
@@ -375,6 +386,54 @@ class Split:
         return cls(rows=rows, classes=_sorted_classes(r.cls for r in rows), seed=None)
 
 
+    def extend(self, data: Path, seed: int = 0, workers: int | None = None) -> int:
+        """Add the images of `data` this split does not list yet (e.g. imported from reviews),
+        keeping every listed image in its part; returns how many were added.
+
+        The new images are grouped with the whole data set as `make_split` groups: one that
+        joins a group holding listed images goes to their part (a near-duplicate of a test
+        image stays in test), the other groups are dealt as `make_split` deals them, towards
+        the parts' targets given what they already hold."""
+        listed = {r.path: r for r in self.rows}
+        items = list_dataset(data)
+        new = [(p, c) for p, c in items if p not in listed]
+        if not new:
+            return 0
+        paths = [r.path for r in self.rows] + [p for p, _ in new]
+        hashes = [r.phash for r in self.rows] + phash_images(data, [p for p, _ in new], workers)
+        groups = group_images(paths, hashes, slides=slide_keys(data, paths))
+        classes = _sorted_classes([*self.classes, *(c for _, c in new)])
+        old = len(self.rows)
+        part_of_group = {groups[i]: SPLITS.index(r.split) for i, r in enumerate(self.rows)}
+        fresh = sorted({groups[i] for i in range(old, len(paths))} - set(part_of_group))
+        index = {g: k for k, g in enumerate(fresh)}
+        held = np.zeros((len(SPLITS), len(classes)))
+        for r in self.rows:
+            held[SPLITS.index(r.split), classes.index(r.cls)] += 1
+        labels = [classes.index(c) for _, c in new]
+        members = [i for i in range(len(new)) if groups[old + i] in index]
+        dealt = _assign_groups(
+            [labels[i] for i in members], [index[groups[old + i]] for i in members], len(classes),
+            _fractions(self), seed, held=held,
+        ) if members else []
+        for k, g in enumerate(fresh):
+            part_of_group[g] = dealt[k]
+        self.rows += [
+            SplitRow(p, c, groups[old + i], SPLITS[part_of_group[groups[old + i]]], hashes[old + i])
+            for i, (p, c) in enumerate(new)
+        ]
+        self.rows.sort(key=lambda r: r.path)
+        self.classes = classes
+        return len(new)
+
+
+def _fractions(split: Split) -> tuple[float, float, float]:
+    """The parts' shares of a split as it stands (70/15/15 when made by `make_split`)."""
+    counts = [sum(1 for r in split.rows if r.split == part) for part in SPLITS]
+    total = max(1, sum(counts))
+    return tuple(c / total for c in counts)  # type: ignore[return-value]
+
+
 def _row_problem(rec: list[str], seen: set[str]) -> str | None:
     if len(rec) != len(COLUMNS):
         return f"expected {len(COLUMNS)} fields, found {len(rec)}"
@@ -407,7 +466,8 @@ def make_split(
 ) -> Split:
     """A grouped, stratified train/val/test split of the images under `data`.
 
-    Near-duplicates (see the module docstring) share a group and groups never straddle parts.
+    Near-duplicates (see the module docstring) share a group, so do the images of one slide
+    imported from a lab's reviews (`DATA/reviews.csv`), and groups never straddle parts.
     Groups are dealt largest first (ties in a seeded random order) to the part whose per-class
     counts most fall short of their targets: scikit-learn's `StratifiedGroupKFold` can only make
     parts of 1/k of the data, this reaches any `val`/`test` fraction, on all4 within a point per
@@ -419,7 +479,7 @@ def make_split(
     items = list_dataset(data)
     paths = [p for p, _ in items]
     hashes = phash_images(data, paths, workers)
-    groups = group_images(paths, hashes, threshold, neighbour_window)
+    groups = group_images(paths, hashes, threshold, neighbour_window, slide_keys(data, paths))
     classes = _sorted_classes(c for _, c in items)
     labels = [classes.index(c) for _, c in items]
     parts = _assign_groups(labels, groups, len(classes), (1 - val - test, val, test), seed)
@@ -431,18 +491,21 @@ def make_split(
 
 
 def _assign_groups(
-    labels: list[int], groups: list[int], n_classes: int, fractions: tuple[float, float, float], seed: int
+    labels: list[int], groups: list[int], n_classes: int, fractions: tuple[float, float, float], seed: int,
+    held: np.ndarray | None = None,
 ) -> list[int]:
     """Part index per group id: greedy, largest group first, to the part it helps most.
 
     The score of putting a group in a part is the squared error of every part's per-class count
     against its target, relative to the class size (so a small class counts as much as a large
     one); the part with the lowest score after the move wins, ties to the earlier part.
+    `held` (part, class) counts what the parts hold already (a split being extended).
     """
     n_groups = max(groups) + 1
     counts = np.zeros((n_groups, n_classes), dtype=np.int64)
     np.add.at(counts, (np.asarray(groups), np.asarray(labels)), 1)
-    totals = counts.sum(0).astype(float)
+    start = np.zeros((len(fractions), n_classes)) if held is None else np.asarray(held, dtype=float)
+    totals = counts.sum(0).astype(float) + start.sum(0)
     target = np.outer(np.asarray(fractions, dtype=float), totals)  # (part, class)
     scale = np.maximum(totals, 1.0)
 
@@ -450,7 +513,7 @@ def _assign_groups(
     random.Random(seed).shuffle(order)
     order.sort(key=lambda g: -int(counts[g].sum()))  # stable: equal sizes keep the seeded order
 
-    current = np.zeros_like(target)
+    current = start.copy()
     assigned = [0] * n_groups
     for g in order:
         best, best_score = 0, float("inf")

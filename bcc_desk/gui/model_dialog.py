@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from bcc_desk.bundle_meta import BundleError, BundleMeta, read_meta
+from bcc_desk.bundle_meta import BundleError, BundleMeta, lineage, read_meta
 from bcc_desk.gui.models import ModelChoice
 from bcc_desk.paths import DEFAULT_MODEL_DIR
 
@@ -46,7 +46,8 @@ def describe(meta: BundleMeta, folder: Path) -> str:
         ("unfamiliar-image check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
         ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256[:16]}\u2026"),
     ]
-    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k != "recipe"]
+    rows += lineage(meta)
+    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k not in ("recipe", "parent", "reviews")]
     metrics = [(k, _fmt(v, percent=True)) for k, v in meta.metrics.items()]
     html = [f"<h3>{_esc(meta.name)}</h3><table cellspacing='2'>"]
     html += [f"<tr><td><b>{_esc(k)}</b></td><td>{_esc(v)}</td></tr>" for k, v in rows]
