@@ -174,3 +174,15 @@ def test_fine_tuning_refuses_other_classes_and_another_size(model: Path, data: P
     one_line_error(r, "the data has no images of Pre-B")
     one_line_error(runner.invoke(train_cli.app, [*base[:2], "--init-bundle", str(tmp_path / "none"), "--out", str(tmp_path / "d")]),
                    "--init-bundle", "not found")
+
+
+def test_one_image_under_two_labels_in_one_import_is_refused(case: Path, model: Path, data: Path, tmp_path: Path) -> None:
+    first = sorted(case.rglob("*.jpg"))[0]
+    shutil.copy(first, case / "slide-1" / "copy.jpg")  # the same field saved twice, labelled twice
+    session = classified_session(model, case)
+    session.set_review(session.find(first), LABELS[0], "dr. Ada")
+    session.set_review(session.find(case / "slide-1" / "copy.jpg"), LABELS[1], "dr. Bo")
+    workbook, _ = session.export(tmp_path / "twice.xlsx")
+    before = snapshot(data)
+    one_line_error(import_(workbook, "--into", data), "slide-1/copy.jpg is the same image as", "labelled")
+    assert snapshot(data) == before

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 
 from bcc_desk import __version__
-from bcc_desk.bundle import BundleError, BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, save_bundle
+from bcc_desk.bundle import Bundle, BundleError, BundleMeta, BundleNet, HeadSpec, InputSpec, OODSpec, build_model, save_bundle
 from bcc_desk.devices import autocast, pick_device, pick_precision
 from bcc_desk.files import atomic_write
 from bcc_desk.preprocess import normalise
@@ -160,7 +160,7 @@ def child_meta(cfg: FitConfig, parent: BundleMeta) -> BundleMeta:
     )
 
 
-def _parent_bundle(cfg: FitConfig):
+def _parent_bundle(cfg: FitConfig) -> Bundle:
     from bcc_desk.bundle import load_bundle
 
     try:
@@ -180,7 +180,9 @@ def _classes_as_parent(data_classes: list[str], parent: BundleMeta, where: Path 
     order: dict[int, str] = {}
     for c in data_classes:
         i = parent.class_index(c)
-        if i is None or i in order:
+        if i is not None and i in order:
+            raise FitError(f"--init-bundle: the data's folders {order[i]!r} and {c!r} are both the class {parent.labels[i]}")
+        if i is None:
             raise FitError(
                 f"--init-bundle: the data's class {c!r} is not one of {Path(where or '').name}'s classes "
                 f"({', '.join(parent.labels)}); fine-tuning keeps the classes, train from scratch to change them"
@@ -192,7 +194,7 @@ def _classes_as_parent(data_classes: list[str], parent: BundleMeta, where: Path 
     return [order[i] for i in range(len(parent.classes))]
 
 
-def create_model(cfg: FitConfig, meta: BundleMeta, parent=None) -> BundleNet:
+def create_model(cfg: FitConfig, meta: BundleMeta, parent: Bundle | None = None) -> BundleNet:
     """The network with its initial weights: a parent bundle's, timm's ImageNet trunk (offline:
     one line), a local trunk file, or none."""
     if parent is not None:
@@ -309,8 +311,8 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    parent = _parent_bundle(cfg) if cfg.init_bundle else None  # a bad bundle fails before the split's minutes
     split = _split(cfg, env, out)
-    parent = _parent_bundle(cfg) if cfg.init_bundle else None
     if parent is not None:
         split.classes = _classes_as_parent(split.classes, parent.meta, cfg.init_bundle)
     classes = split.classes
@@ -521,7 +523,7 @@ def _progress(enabled: bool):
 
 def export_bundle(
     cfg: FitConfig, meta: BundleMeta, model: BundleNet, train: ImageSet, val: ImageSet, split: Split,
-    device: torch.device, dtype: torch.dtype | None, channels_last: bool, best_f1: float, parent=None,
+    device: torch.device, dtype: torch.dtype | None, channels_last: bool, best_f1: float, parent: Bundle | None = None,
 ) -> Path:
     """Calibrate on validation, fit the OOD check, and write RUN/bundle."""
     from trainer.metrics import (
@@ -594,7 +596,7 @@ def export_bundle(
     return bundle
 
 
-def _init_text(cfg: FitConfig, parent) -> str:
+def _init_text(cfg: FitConfig, parent: Bundle | None) -> str:
     if parent is not None:
         return f"bundle:{parent.name}"
     if cfg.init == "pretrained":

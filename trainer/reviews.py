@@ -225,6 +225,11 @@ def import_reviews(workbooks: list[Path], data: Path, images: Path | None = None
             sha = file_sha256(item.image)
             earlier = known.get(sha)
             if earlier is not None:
+                if earlier["class"] != folder and "row" in earlier:  # two rows of this import, one image
+                    raise ReviewImportError(
+                        f"{book.path.name}, row {item.row}: {item.file} is the same image as {earlier['file']} "
+                        f"({earlier['source']}, row {earlier['row']}), which is labelled {earlier['class']!r}"
+                    )
                 if earlier["class"] != folder:
                     raise ReviewImportError(
                         f"{book.path.name}, row {item.row}: {item.file} was imported before as {earlier['class']!r} "
@@ -232,7 +237,7 @@ def import_reviews(workbooks: list[Path], data: Path, images: Path | None = None
                     )
                 summary.already[folder] += 1
                 continue
-            known[sha] = {"class": folder, "source": book.path.name, "path": "(this import)"}
+            known[sha] = {"class": folder, "source": book.path.name, "file": item.file, "row": str(item.row)}
             plan.append((book, item, folder, sha))
 
     copied: list[Path] = []
@@ -264,8 +269,12 @@ def import_reviews(workbooks: list[Path], data: Path, images: Path | None = None
 def _name(sha: str, slide: str, image: Path) -> str:
     """A name no other image can take: the content hash first (so file-number neighbours of other
     series never join its group), then the slide and the original name to stay recognisable."""
-    safe = lambda s: re.sub(r"[^\w.-]+", "_", s).strip("._")[:60]  # noqa: E731
-    return f"r{sha[:16]}-{safe(slide) or 'slide'}-{safe(image.stem) or 'image'}{image.suffix.lower()}"
+    return f"r{sha[:16]}-{_safe(slide) or 'slide'}-{_safe(image.stem) or 'image'}{image.suffix.lower()}"
+
+
+def _safe(text: str) -> str:
+    """`text` as a short portable file-name part (letters, digits, . - _)."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("._")[:60]
 
 
 def _copy_in(image: Path, folder: Path, sha: str, slide: str) -> tuple[Path, bool]:
