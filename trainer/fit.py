@@ -180,13 +180,13 @@ def _classes_as_parent(data_classes: list[str], parent: BundleMeta, where: Path 
     order: dict[int, str] = {}
     for c in data_classes:
         i = parent.class_index(c)
-        if i is not None and i in order:
-            raise FitError(f"--init-bundle: the data's folders {order[i]!r} and {c!r} are both the class {parent.labels[i]}")
         if i is None:
             raise FitError(
                 f"--init-bundle: the data's class {c!r} is not one of {Path(where or '').name}'s classes "
                 f"({', '.join(parent.labels)}); fine-tuning keeps the classes, train from scratch to change them"
             )
+        if i in order:
+            raise FitError(f"--init-bundle: the data's folders {order[i]!r} and {c!r} are both the class {parent.labels[i]}")
         order[i] = c
     missing = [parent.labels[i] for i in range(len(parent.classes)) if i not in order]
     if missing:

@@ -230,7 +230,7 @@ def import_reviews(workbooks: list[Path], data: Path, images: Path | None = None
                         f"{book.path.name}, row {item.row}: {item.file} is the same image as {earlier['file']} "
                         f"({earlier['source']}, row {earlier['row']}), which is labelled {earlier['class']!r}"
                     )
-                if earlier["class"] != folder:
+                if earlier["class"] != folder:  # imported by an earlier run
                     raise ReviewImportError(
                         f"{book.path.name}, row {item.row}: {item.file} was imported before as {earlier['class']!r} "
                         f"(from {earlier['source']}); to relabel it, delete its row in {MANIFEST} and {earlier['path']}"
