@@ -205,6 +205,18 @@ def record_metrics(folder: Path, metrics: dict[str, Any]) -> BundleMeta:
     return meta
 
 
+def record_review_threshold(folder: Path, threshold: float, metrics: dict[str, Any]) -> BundleMeta:
+    """Set the review threshold of the bundle at `folder` (the trainer settles it on the
+    application's own predictions) and record how it was chosen; the weights are untouched."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta.review_threshold = float(threshold)
+    meta.metrics.update(metrics)
+    meta.validate()
+    _write_json_atomic(folder / META_FILE, meta.to_json())
+    return meta
+
+
 def clear_int8_calibration(folder: Path) -> None:
     """Take int8 out of the bundle at `folder` (the weights are untouched)."""
     folder = Path(folder)

@@ -19,7 +19,7 @@ QT = ("PySide6", "shiboken6", "pytestqt")
 # from the path a lab runs.
 TRAINER_MAY_IMPORT = {"bcc_desk", "bcc_desk.bundle", "bcc_desk.preprocess", "bcc_desk.devices", "bcc_desk.images",
                       "bcc_desk.cli_help", "bcc_desk.logs", "bcc_desk.files", "bcc_desk.report"}
-TRAINER_ENGINE_USERS = {"trainer.evaluate", "trainer.int8", "trainer.fit", "trainer.cli"}
+TRAINER_ENGINE_USERS = {"trainer.evaluate", "trainer.int8", "trainer.review_threshold", "trainer.fit", "trainer.cli"}
 
 
 def _module(path: Path) -> str:

@@ -69,6 +69,31 @@ def test_fit_writes_split_history_and_a_calibrated_bundle(tiny_run: Path, small_
     assert meta.weights_dtype == "float16"
 
 
+def _val_predictions(run: Path, data: Path, precision: str = "fp32") -> tuple[list, list[str]]:
+    """The application's own predictions on the run's validation images, and their true labels."""
+    from bcc_desk.classifier import Classifier
+    from trainer.split import Split
+
+    split, bundle = Split.load(run / "split.csv", data), load_bundle(run / "bundle")
+    clf = Classifier(bundle, device="cpu", precision=precision, compile=None if precision == "int8" else False)
+    preds = list(clf.predict_paths([data / p for p in split.paths("val")], data))
+    truth = [bundle.meta.labels[bundle.meta.class_index(split.classes[i])] for i in split.labels("val")]
+    return preds, truth
+
+
+def test_the_review_promise_is_kept_on_the_applications_own_predictions(tiny_run: Path, small_data: Path) -> None:
+    """What the bundle says it flags on validation is what `bcc classify` flags there: the
+    threshold is settled on the application's reader, not on the trainer's own pass."""
+    meta = load_bundle(tiny_run / "bundle").meta
+    preds, truth = _val_predictions(tiny_run, small_data)
+    flagged = [p.confidence < meta.review_threshold for p in preds]
+    kept_right = [p.label == t for p, t, f in zip(preds, truth, flagged) if not f]
+    assert meta.metrics["review_threshold_by_precision"] == {"fp32": meta.review_threshold}
+    assert sum(flagged) / len(preds) == pytest.approx(meta.metrics["val_flagged_low_confidence"])
+    # The rule: unflagged images 99% right, or else the least confident quarter flagged.
+    assert sum(kept_right) >= 0.99 * len(kept_right) or sum(flagged) == len(preds) // 4
+
+
 def test_bcc_classify_reads_the_trained_bundle(tiny_run: Path, small_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.xlsx"
     r = runner.invoke(bcc_cli.app, ["classify", str(small_data), "-m", str(tiny_run / "bundle"), "-o", str(out)])
@@ -178,6 +203,11 @@ def test_int8_is_kept_only_when_it_passes_the_check(tiny_run: Path, small_data: 
     with open(tiny_run / "split.csv", newline="") as fh:
         n_val = sum(row["split"] == "val" for row in csv.DictReader(fh))
     assert check["passed"] and check["images"] == n_val and check["calibration_images"] == 8
+    # int8 labs get the promise too: the threshold is the stricter of both numerics' choices.
+    meta = read_meta(bundle)
+    chosen = meta.metrics["review_threshold_by_precision"]
+    assert set(chosen) == {"fp32", "int8"} and meta.review_threshold == max(chosen.values())
+    assert f"review threshold now {meta.review_threshold:.3f}" in r.output
     paths = sorted(small_data.rglob("*.jpg"))[:8]
     clf = Classifier(load_bundle(bundle), precision="int8")
     assert all(p.ok for p in clf.predict_paths(paths, small_data)) and clf.int8_active

@@ -250,10 +250,11 @@ def int8(
     images: Annotated[int, typer.Option(min=8, help="Validation images stored for calibration.")] = 64,
     seed: int = 0,
 ) -> None:
-    """Add static int8 (about 2x bf16 on x86 CPUs) to BUNDLE, checked against fp32 on validation."""
+    """Add static int8 (about 2x bf16 on x86 CPUs) to BUNDLE, checked against fp32 on validation;
+    the review threshold is chosen again so that its promise holds for both."""
     import torch
 
-    from bcc_desk.bundle import BundleError
+    from bcc_desk.bundle import BundleError, read_meta
     from bcc_desk.quantize import int8_unavailable_reason
     from trainer.int8 import add_int8
 
@@ -268,7 +269,8 @@ def int8(
         f"{check['label_agreement']:.1%} of labels (changed ones all flagged for review: "
         f"{'yes' if check['changed_labels_all_flagged'] else 'no'}), {check['review_agreement']:.1%} of review "
         f"flags and {check['ood_agreement']:.1%} of out-of-distribution flags; confidence moved by at most "
-        f"{check['max_confidence_change']:.3f}"
+        f"{check['max_confidence_change']:.3f}; review threshold now {read_meta(bundle).review_threshold:.3f} "
+        "(the stricter of fp32's and int8's on validation)"
     )
 
 

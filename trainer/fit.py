@@ -486,25 +486,30 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     if best.is_file():
         model.load_state_dict(load_file(str(best)))
     bundle = export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, best_f1, parent)
-    if cfg.int8:
-        _add_int8(bundle, cfg, out / "split.csv")
+    # The review threshold is settled on the application's own predictions (both numerics
+    # when int8 is added): see trainer/review_threshold.py.
+    if not (cfg.int8 and _add_int8(bundle, cfg, out / "split.csv")):
+        from trainer.review_threshold import settle_on_fp32
+
+        settle_on_fp32(bundle, cfg.data, split, workers=min(cfg.workers, 4))
     return bundle
 
 
-def _add_int8(bundle: Path, cfg: FitConfig, split_csv: Path) -> None:
+def _add_int8(bundle: Path, cfg: FitConfig, split_csv: Path) -> bool:
     """Int8 is a speed-up for CPU users of the bundle: a fit that cannot add it still succeeds."""
     from bcc_desk.quantize import int8_unavailable_reason
     from trainer.int8 import add_int8
 
     if reason := int8_unavailable_reason(torch.device("cpu")):
         log.info("no int8 added (%s)", reason)
-        return
+        return False
     try:
         check = add_int8(bundle, cfg.data, split_csv, workers=min(cfg.workers, 4))
     except (ValueError, BundleError) as exc:
         log.warning("no int8 added: %s", exc)
-        return
+        return False
     log.info("int8 added: %.1f%% of validation labels as fp32", 100 * check["label_agreement"])
+    return True
 
 
 def _progress(enabled: bool):

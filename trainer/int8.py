@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from bcc_desk.bundle import BundleError, clear_int8_calibration, load_bundle, read_meta, save_int8_calibration
-from bcc_desk.classifier import Classifier
+from bcc_desk.bundle import clear_int8_calibration, read_meta, save_int8_calibration
+from bcc_desk.classifier import Prediction
 from bcc_desk.images import open_image
 from bcc_desk.preprocess import make_transform
+from trainer.review_threshold import predict_paths, settle_review_threshold, validation_truth
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -33,8 +34,9 @@ class Int8CheckFailed(ValueError):
 def add_int8(
     bundle_dir: Path, data: Path, split_csv: Path, images: int = CALIBRATION_IMAGES, seed: int = 0, workers: int = 2
 ) -> dict[str, Any]:
-    """Store calibration images in the bundle and check int8 on the validation split; return
-    the check (also recorded in bundle.json).  Raises Int8CheckFailed, BundleError, ValueError."""
+    """Store calibration images in the bundle, check int8 on the validation split and settle the
+    review threshold on both numerics (`review_threshold`); return the check (also recorded in
+    bundle.json).  Raises Int8CheckFailed, BundleError, ValueError."""
     bundle_dir, data = Path(bundle_dir), Path(data)
     split = Split.load(Path(split_csv), data)
     meta = read_meta(bundle_dir)
@@ -55,10 +57,12 @@ def add_int8(
     # bundle); 'auto' ignores a calibration whose check has not passed.
     save_int8_calibration(bundle_dir, calibration, {"passed": False})
     try:
-        check = compare_int8(bundle_dir, val, data, workers)
+        reference = predict_paths(bundle_dir, val, data, "fp32", workers)
+        quantized = predict_paths(bundle_dir, val, data, "int8", workers)
     except BaseException:
         clear_int8_calibration(bundle_dir)
         raise
+    check = compare_int8(reference, quantized)
     check["calibration_images"] = len(chosen)
     check["passed"] = check["label_agreement"] >= MIN_LABEL_AGREEMENT and check["ood_agreement"] >= MIN_OOD_AGREEMENT
     if not check["passed"]:
@@ -69,14 +73,14 @@ def add_int8(
             f"{MIN_OOD_AGREEMENT:.0%}): the bundle stays without int8"
         )
     save_int8_calibration(bundle_dir, calibration, check)
+    # Labs on x86 CPUs now get int8: the review promise must hold for its numerics too.
+    settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": reference, "int8": quantized})
     return check
 
 
-def compare_int8(bundle_dir: Path, paths: list[Path], root: Path, workers: int = 2) -> dict[str, Any]:
-    """How int8 predictions differ from fp32 ones on `paths`."""
-    reference = _predict(bundle_dir, paths, root, "fp32", workers)
-    quantized = _predict(bundle_dir, paths, root, "int8", workers)
-    n = len(paths)
+def compare_int8(reference: list[Prediction], quantized: list[Prediction]) -> dict[str, Any]:
+    """How int8 predictions differ from fp32 ones of the same images."""
+    n = len(reference)
     flips = [i for i in range(n) if reference[i].label != quantized[i].label]
     confidence = [abs(reference[i].confidence - quantized[i].confidence) for i in range(n)]
     return {
@@ -90,20 +94,5 @@ def compare_int8(bundle_dir: Path, paths: list[Path], root: Path, workers: int =
     }
 
 
-def _predict(bundle_dir: Path, paths: list[Path], root: Path, precision: str, workers: int) -> list:
-    try:
-        clf = Classifier(load_bundle(bundle_dir), device="cpu", precision=precision, workers=workers,
-                         compile=None if precision == "int8" else False)
-    except BundleError as exc:
-        raise ValueError(str(exc)) from None
-    predictions = list(clf.predict_paths(paths, root))
-    if precision == "int8" and not clf.int8_active:
-        raise ValueError("int8 could not run on this machine (see the warning above)")
-    bad = [p for p in predictions if not p.ok]
-    if bad:
-        raise ValueError(f"{bad[0].path}: {bad[0].error}")
-    return predictions
-
-
-def _unfamiliar(p) -> bool:
+def _unfamiliar(p: Prediction) -> bool:
     return p.ood_score is not None and p.ood_score > 1.0

@@ -1,0 +1,46 @@
+"""The review threshold is settled on every numerics a lab may run, the strictest kept."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bcc_desk.bundle import load_bundle, read_meta
+from bcc_desk.prediction import Prediction
+from trainer.review_threshold import settle_review_threshold
+
+from bundles import make_bundle
+
+
+def _prediction(label: str, confidence: float) -> Prediction:
+    return Prediction(path=Path("/x.jpg"), file="x.jpg", slide="s", label=label, confidence=confidence, margin=0.0,
+                      probabilities={}, needs_review=False, review_reason="", error=None, model="m", model_sha256="0")
+
+
+def test_the_stricter_numerics_sets_the_threshold_and_the_weights_stay(tmp_path: Path) -> None:
+    """100 validation images, 2 wrong.  In fp32 both errors are the least confident; in int8 one
+    error's confidence rose to 0.92 (rounding moves it): only a cut-off above 0.92 keeps int8's
+    unflagged images 99% right, and that is the one the bundle must carry."""
+    bundle = shutil.copytree(make_bundle(tmp_path / "src"), tmp_path / "b")
+    sha = load_bundle(bundle).sha256
+    truth = ["Benign"] * 100
+    conf = [0.90 + 0.0009 * i for i in range(100)]  # 0.90 .. 0.989
+    fp32 = [_prediction("Pro-B" if i < 2 else "Benign", c) for i, c in enumerate(conf)]
+    int8 = [_prediction("Pro-B" if i < 2 else "Benign", 0.92 if i == 1 else c) for i, c in enumerate(conf)]
+    threshold = settle_review_threshold(bundle, truth, {"fp32": fp32, "int8": int8})
+    meta = read_meta(bundle)
+    chosen = meta.metrics["review_threshold_by_precision"]
+    assert chosen["fp32"] < 0.905 and chosen["int8"] > 0.92 and threshold == meta.review_threshold == chosen["int8"]
+    for preds in (fp32, int8):
+        kept = [p.label == "Benign" for p in preds if p.confidence >= threshold]
+        assert sum(kept) >= 0.99 * len(kept)
+    assert meta.metrics["val_flagged_low_confidence"] == pytest.approx(sum(c < threshold for c in conf) / 100)
+    assert load_bundle(bundle).sha256 == sha  # only bundle.json changed
+
+
+def test_predictions_that_do_not_match_the_images_are_refused(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    with pytest.raises(ValueError, match="3 fp32 predictions for 2 validation images"):
+        settle_review_threshold(bundle, ["Benign", "Pro-B"], {"fp32": [_prediction("Benign", 0.9)] * 3})

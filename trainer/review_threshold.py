@@ -1,0 +1,96 @@
+"""The review threshold, settled on the numerics a lab runs.
+
+`fit` first chooses the threshold on its own validation pass (the training reader, fp32 or bf16).
+The application decodes images with its own reader and, on x86 CPUs, runs static int8: small
+differences move images across the cut-off, and the shipped model's promise ("on validation,
+the images it does not flag are at least 99% right") then held for the trainer's numbers, not
+for what `bcc classify` gives (98.9% for the default model).  So once the bundle is written the
+threshold is chosen again from the application's own predictions on validation, once per
+precision the bundle ships for (fp32; int8 when it carries a checked calibration), and the
+strictest of them is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bcc_desk.bundle import BundleError, BundleMeta, load_bundle, read_meta, record_review_threshold
+from bcc_desk.classifier import Classifier, Prediction  # the trainer reaches the app through the engine
+from trainer.metrics import choose_review_threshold
+from trainer.split import Split
+
+log = logging.getLogger("bcc-train")
+
+
+def predict_paths(bundle_dir: Path, paths: list[Path], root: Path, precision: str, workers: int) -> list[Prediction]:
+    """The application's predictions for `paths` on this CPU in `precision` (fp32 uncompiled, the
+    reference; int8 compiled, as `bcc classify` runs it).  A problem is a one-line ValueError."""
+    try:
+        clf = Classifier(load_bundle(bundle_dir), device="cpu", precision=precision, workers=workers,
+                         compile=None if precision == "int8" else False)
+    except BundleError as exc:
+        raise ValueError(str(exc)) from None
+    predictions = list(clf.predict_paths(paths, root))
+    if precision == "int8" and not clf.int8_active:
+        raise ValueError("int8 could not run on this machine (see the warning above)")
+    bad = [p for p in predictions if not p.ok]
+    if bad:
+        raise ValueError(f"{bad[0].path}: {bad[0].error}")
+    return predictions
+
+
+def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2) -> float:
+    """`settle_review_threshold` for a bundle without int8: on fp32 predictions alone."""
+    meta = read_meta(bundle_dir)
+    predictions = predict_paths(bundle_dir, [Path(data) / p for p in split.paths("val")], Path(data), "fp32", workers)
+    return settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": predictions})
+
+
+def validation_truth(split: Split, meta: BundleMeta) -> list[str]:
+    """The true class of each validation image of `split`, as the model names it
+    (`Prediction.label`), in `split.paths('val')` order."""
+    labels = meta.labels
+    truth = []
+    for i in split.labels("val"):
+        index = meta.class_index(split.classes[i])
+        if index is None:
+            raise ValueError(f"the split has a class the model does not know: {split.classes[i]}")
+        truth.append(labels[index])
+    return truth
+
+
+def settle_review_threshold(
+    bundle_dir: Path, truth: Sequence[str], by_precision: Mapping[str, Sequence[Prediction]]
+) -> float:
+    """Write into the bundle the strictest review threshold chosen (`choose_review_threshold`)
+    on each precision's validation predictions; record each choice and the share flagged.
+    Returns the threshold now in the bundle."""
+    if not by_precision:
+        raise ValueError("no validation predictions to settle the review threshold on")
+    chosen: dict[str, float] = {}
+    scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for precision, predictions in by_precision.items():
+        if len(predictions) != len(truth):
+            raise ValueError(f"{len(predictions)} {precision} predictions for {len(truth)} validation images")
+        conf = np.array([p.confidence for p in predictions], dtype=np.float64)
+        right = np.array([p.label == t for p, t in zip(predictions, truth)])
+        scored[precision] = conf, right
+        chosen[precision] = choose_review_threshold(conf, right)
+    threshold = max(chosen.values())
+    flagged = {k: float((conf < threshold).mean()) for k, (conf, _) in scored.items()}
+    unflagged_right = {k: float(right[conf >= threshold].mean()) if (conf >= threshold).any() else None
+                       for k, (conf, right) in scored.items()}
+
+    before = read_meta(bundle_dir).review_threshold
+    record_review_threshold(bundle_dir, threshold, {
+        "review_threshold_by_precision": chosen,  # what each numerics alone would have chosen
+        "val_flagged_low_confidence": max(flagged.values()),
+        "val_accuracy_unflagged": unflagged_right,
+    })
+    log.info("review threshold %.4f (was %.4f): the strictest chosen on the application's %s predictions on validation",
+             threshold, before, " and ".join(chosen))
+    return threshold
