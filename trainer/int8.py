@@ -16,7 +16,7 @@ from bcc_desk.bundle import clear_int8_calibration, read_meta, save_int8_calibra
 from bcc_desk.classifier import Prediction
 from bcc_desk.images import open_image
 from bcc_desk.preprocess import make_transform
-from trainer.review_threshold import predict_paths, settle_review_threshold, validation_truth
+from trainer.review_threshold import app_predictions, settle_review_threshold, validation_truth
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -57,8 +57,8 @@ def add_int8(
     # bundle); 'auto' ignores a calibration whose check has not passed.
     save_int8_calibration(bundle_dir, calibration, {"passed": False})
     try:
-        reference = predict_paths(bundle_dir, val, data, "fp32", workers)
-        quantized = predict_paths(bundle_dir, val, data, "int8", workers)
+        reference = app_predictions(bundle_dir, val, data, "fp32", workers)
+        quantized = app_predictions(bundle_dir, val, data, "int8", workers)
     except BaseException:
         clear_int8_calibration(bundle_dir)
         raise

@@ -26,7 +26,7 @@ from trainer.split import Split
 log = logging.getLogger("bcc-train")
 
 
-def predict_paths(bundle_dir: Path, paths: list[Path], root: Path, precision: str, workers: int) -> list[Prediction]:
+def app_predictions(bundle_dir: Path, paths: list[Path], root: Path, precision: str, workers: int) -> list[Prediction]:
     """The application's predictions for `paths` on this CPU in `precision` (fp32 uncompiled, the
     reference; int8 compiled, as `bcc classify` runs it).  A problem is a one-line ValueError."""
     try:
@@ -46,7 +46,7 @@ def predict_paths(bundle_dir: Path, paths: list[Path], root: Path, precision: st
 def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2) -> float:
     """`settle_review_threshold` for a bundle without int8: on fp32 predictions alone."""
     meta = read_meta(bundle_dir)
-    predictions = predict_paths(bundle_dir, [Path(data) / p for p in split.paths("val")], Path(data), "fp32", workers)
+    predictions = app_predictions(bundle_dir, [Path(data) / p for p in split.paths("val")], Path(data), "fp32", workers)
     return settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": predictions})
 
 
