@@ -160,10 +160,10 @@ def test_images_of_one_slide_share_a_group() -> None:
     assert groups[0] == groups[2] and len(set(groups)) == 3
 
 
-def test_fine_tuning_refuses_other_classes_and_another_size(model: Path, data: Path, tmp_path: Path) -> None:
+def test_fine_tuning_refuses_other_classes_and_another_head(model: Path, data: Path, tmp_path: Path) -> None:
     base = ["fit", str(data), "--init-bundle", str(model), "--epochs", "1", "--no-int8", "--device", "cpu"]
-    r = runner.invoke(train_cli.app, [*base, "--out", str(tmp_path / "a"), "--image-size", "96"])
-    one_line_error(r, "--init-bundle", "at 64 px", "leave out --arch, --image-size")
+    r = runner.invoke(train_cli.app, [*base, "--out", str(tmp_path / "a"), "--hidden", "32"])
+    one_line_error(r, "--init-bundle", "with a head of []", "leave out --arch and --hidden")
     (data / "Blasts").mkdir()
     shutil.copy(next((data / CLASSES[0]).iterdir()), data / "Blasts" / "b.jpg")
     r = runner.invoke(train_cli.app, [*base, "--out", str(tmp_path / "b")])

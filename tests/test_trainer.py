@@ -140,6 +140,30 @@ def test_resume_continues_after_the_last_epoch(tiny_run: Path, small_data: Path,
         assert [row["epoch"] for row in csv.DictReader(fh)] == ["1", "2"]
 
 
+def test_fine_tuning_can_step_up_the_input_size_keeping_the_parents_weights(tiny_run: Path, small_data: Path,
+                                                                          tmp_path: Path) -> None:
+    """A resolution step (recipe.md, run 9): the parent's trunk and head, trained on at a larger
+    size, make a bundle that classifies at that size."""
+    parent_dir = tiny_run / "bundle"
+    r = runner.invoke(train_cli.app, [
+        "fit", str(small_data), "--init-bundle", str(parent_dir), "--image-size", "96", "--epochs", "1",
+        "--batch-size", "8", "--workers", "2", "--no-int8", "--out", str(tmp_path / "run"),
+    ])
+    assert r.exit_code == 0, r.output
+    child, parent = load_bundle(tmp_path / "run" / "bundle"), load_bundle(parent_dir)
+    assert child.meta.input.size == 96 and parent.meta.input.size == 64
+    assert child.meta.classes == parent.meta.classes and child.meta.head == parent.meta.head
+    # One epoch at the fine-tuning learning rate moves each weight a little; a fresh network
+    # would differ from the parent by the whole spread of its random initialisation.
+    before, after = load_file(parent_dir / "model.safetensors"), load_file(tmp_path / "run" / "bundle" / "model.safetensors")
+    weights = [k for k, v in before.items() if not k.startswith("ood_") and v.ndim > 1]
+    moved = max((after[k].float() - before[k].float()).abs().max().item() for k in weights)
+    spread = max(before[k].float().abs().max().item() for k in weights)
+    assert moved < 0.1 * spread, (moved, spread)
+    report = tmp_path / "r.xlsx"
+    r = runner.invoke(bcc_cli.app, ["classify", str(small_data), "-m", str(tmp_path / "run" / "bundle"), "-o", str(report)])
+    assert r.exit_code == 0 and report.is_file(), r.output
+
 def test_offline_pretrained_fails_in_one_line(small_data: Path, tmp_path: Path) -> None:
     """These machines cannot reach the model hub: --pretrained must say so at once, in one line."""
     r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(tmp_path / "p"), *TINY, "--pretrained"])

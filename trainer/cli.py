@@ -75,7 +75,8 @@ def fit(
         Optional[Path], typer.Option("--init-weights", help="A local timm weights file to start from (offline labs).")
     ] = None,
     init_bundle: Annotated[
-        Optional[Path], typer.Option("--init-bundle", help="Fine-tune this bundle (its classes, size and head; recipe finetune).")
+        Optional[Path],
+        typer.Option("--init-bundle", help="Fine-tune this bundle (its classes and head, its size unless --image-size; recipe finetune)."),
     ] = None,
     split: Annotated[
         Optional[Path], typer.Option(help="Reuse a split.csv from an earlier run (images added since become new groups).")

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -152,10 +152,12 @@ def build_meta(cfg: FitConfig, classes: list[str]) -> BundleMeta:
 
 def child_meta(cfg: FitConfig, parent: BundleMeta) -> BundleMeta:
     """A fine-tuned model's description: the parent's network, classes (and their display names)
-    and input, under a new name; calibration and the OOD check are fitted again at export."""
+    and input (at `cfg.image_size`, which may step up from the parent's), under a new name;
+    calibration and the OOD check are fitted again at export."""
     return BundleMeta(
         name=cfg.name or f"{parent.name}-ft-{datetime.now(timezone.utc):%Y%m%d-%H%M}",
-        arch=parent.arch, classes=list(parent.classes), input=parent.input, head=parent.head,
+        arch=parent.arch, classes=list(parent.classes), input=replace(parent.input, size=cfg.image_size),
+        head=parent.head,
         display_names=list(parent.labels),
     )
 
@@ -167,10 +169,12 @@ def _parent_bundle(cfg: FitConfig) -> Bundle:
         parent = load_bundle(cfg.init_bundle, build=False)
     except BundleError as exc:
         raise FitError(f"--init-bundle: {exc}") from None
-    if parent.meta.arch != cfg.arch or parent.meta.input.size != cfg.image_size or parent.meta.head.hidden != list(cfg.hidden):
+    # The input size may change (a resolution step: ConvNeXt's trunk and head do not depend on it);
+    # the network and the head's shape must not, or the parent's weights would not fit.
+    if parent.meta.arch != cfg.arch or parent.meta.head.hidden != list(cfg.hidden):
         raise FitError(
-            f"--init-bundle: {parent.name} is {parent.meta.arch} at {parent.meta.input.size} px with a head of "
-            f"{parent.meta.head.hidden}; leave out --arch, --image-size and --hidden (or give those)"
+            f"--init-bundle: {parent.name} is {parent.meta.arch} with a head of "
+            f"{parent.meta.head.hidden}; leave out --arch and --hidden (or give those)"
         )
     return parent
 
