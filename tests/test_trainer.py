@@ -164,6 +164,7 @@ def test_fine_tuning_can_step_up_the_input_size_keeping_the_parents_weights(tiny
     r = runner.invoke(bcc_cli.app, ["classify", str(small_data), "-m", str(tmp_path / "run" / "bundle"), "-o", str(report)])
     assert r.exit_code == 0 and report.is_file(), r.output
 
+
 def test_offline_pretrained_fails_in_one_line(small_data: Path, tmp_path: Path) -> None:
     """These machines cannot reach the model hub: --pretrained must say so at once, in one line."""
     r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(tmp_path / "p"), *TINY, "--pretrained"])
