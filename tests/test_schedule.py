@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.recipes import RECIPES, recipe_settings
-from trainer.schedule import class_weights, epoch_order, lr_factor, parse_size_schedule, train_size
+from trainer.schedule import class_weights, epoch_order, lr_factor, parse_size_schedule, seconds_left, train_size
 
 
 def test_lr_warms_up_then_decays_to_one_percent() -> None:
@@ -26,6 +26,16 @@ def test_size_schedule_parses_and_picks_the_size_of_each_epoch() -> None:
                      ("96@1,112@1", "one epoch twice")):
         with pytest.raises(ValueError, match=why):
             parse_size_schedule(bad)
+
+
+def test_time_left_weighs_the_epochs_still_to_come_at_a_higher_resolution() -> None:
+    # Two epochs at 112 px took 100 s; the third and fourth run at 160 px, about twice the pixels.
+    schedule = parse_size_schedule("112@1,160@3")
+    left = seconds_left(100.0, range(1, 3), range(3, 5), schedule, 160)
+    assert left == pytest.approx(2 * 50 * (160 / 112) ** 2)
+    # Without a schedule it is the plain pace, and nothing is left after the last epoch.
+    assert seconds_left(100.0, range(1, 3), range(3, 5), [], 160) == pytest.approx(100.0)
+    assert seconds_left(100.0, range(1, 3), range(3, 3), schedule, 160) == 0.0
 
 
 def test_balanced_sampler_draws_each_class_about_equally_and_repeatably() -> None:

@@ -31,7 +31,7 @@ from bcc_desk.files import atomic_write
 from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
-from trainer.schedule import class_weights, epoch_order, lr_factor, train_size
+from trainer.schedule import class_weights, epoch_order, lr_factor, seconds_left, train_size
 from trainer.split import Split, data_fingerprint, make_split
 
 log = logging.getLogger("bcc-train")
@@ -460,7 +460,8 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
                 "epoch %d/%d  loss %.4f  acc %.3f | val loss %.4f  acc %.3f  macro-F1 %.4f | %.0f s, %.1f img/s%s | %s",
                 epoch + 1, cfg.epochs, train_loss, train_acc, val_loss, val_acc, val_f1, seconds,
                 row["train_images_per_s"], f" at {size} px" if cfg.size_schedule else "",
-                _eta(t_loop, epoch + 1 - start_epoch, cfg.epochs - epoch - 1),
+                _eta(time.perf_counter() - t_loop, range(start_epoch + 1, epoch + 2), range(epoch + 2, cfg.epochs + 1),
+                     cfg.size_schedule, meta.input.size),
             )
             if val_f1 > best_f1:
                 best_f1 = val_f1
@@ -690,13 +691,12 @@ def _split(cfg: FitConfig, env: Dist, out: Path) -> Split:
     return split if env.main else Split.load(target, cfg.data)
 
 
-def _eta(t_loop: float, done: int, left: int) -> str:
+def _eta(elapsed: float, done: range, left: range, schedule: list[tuple[int, int]], size: int) -> str:
     """'12 epochs left, done about 14:05' from this session's pace (validation included)."""
     if not left:
         return "last epoch"
-    per_epoch = (time.perf_counter() - t_loop) / max(1, done)
-    finish = datetime.now() + timedelta(seconds=per_epoch * left)
-    return f"{left} epoch{'s' if left > 1 else ''} left, done about {finish:%H:%M}"
+    finish = datetime.now() + timedelta(seconds=seconds_left(elapsed, done, left, schedule, size))
+    return f"{len(left)} epoch{'s' if len(left) > 1 else ''} left, done about {finish:%H:%M}"
 
 
 def _first_per_class(labels: list[int], n: int) -> list[int]:
