@@ -67,7 +67,8 @@ def step_rate(cfg: FitConfig, meta, images, device: torch.device, dtype, steps: 
 
 def fit_rates(size: int, per_class: int) -> tuple[float, float]:
     """(training images/s of fit's second epoch, seconds to validate the 411-image split)."""
-    settings = {**recipe_settings("cpu"), "image_size": size, "epochs": 2}
+    # At `size` throughout: the recipe's own size schedule would mix sizes within the measurement.
+    settings = {**recipe_settings("cpu"), "image_size": size, "size_schedule": [], "epochs": 2}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         fit(FitConfig(data=ALL4, out=Path(tmp), limit_per_class=per_class, int8=False, recipe="cpu", **settings))
         with open(Path(tmp) / "history.csv", newline="") as fh:

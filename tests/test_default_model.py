@@ -19,7 +19,7 @@ from conftest import CLASSES, LABELS, OOD_DEV, REPO
 def test_the_default_bundle_verifies_and_is_calibrated() -> None:
     bundle = load_bundle(DEFAULT_MODEL_DIR)
     meta = bundle.meta
-    assert meta.arch == "convnext_tiny" and meta.classes == CLASSES and meta.input.size == 112
+    assert meta.arch == "convnext_tiny" and meta.classes == CLASSES and meta.input.size == 160
     assert meta.ood is not None and bundle.model.has_ood
     assert meta.metrics["val_ece_after"] <= meta.metrics["val_ece_before"]
     assert meta.metrics["val_flagged_ood"] <= 0.05 and meta.metrics["ood_dev_flagged"] >= 0.95

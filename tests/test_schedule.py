@@ -65,6 +65,9 @@ def test_recipes_name_real_settings_and_unknown_names_are_refused() -> None:
     known = {f.name for f in fields(FitConfig)}
     for name in RECIPES:
         assert set(recipe_settings(name)) <= known, name
+        # A schedule ends at the size the model is validated and shipped at.
+        if "size_schedule" in RECIPES[name]:
+            assert RECIPES[name]["size_schedule"][-1][1] == RECIPES[name]["image_size"], name
     assert recipe_settings(None) == {}
     with pytest.raises(ValueError, match="unknown recipe 'fast'; choose one of: study, cpu, gpu"):
         recipe_settings("fast")

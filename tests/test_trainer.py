@@ -295,6 +295,8 @@ def test_an_interrupted_run_says_how_to_resume_and_then_repeats_an_uninterrupted
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     r = runner.invoke(train_cli.app, [*args, "--out", str(whole)])
     assert r.exit_code == 0, r.output
+    # The recipe's size schedule leads to its own size: with another --image-size it is dropped.
+    assert {row["train_size"] for row in _history(whole)} == {"64"}
 
     cmd = [sys.executable, "-m", "trainer", *args, "--out", str(cut)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

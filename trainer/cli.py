@@ -103,7 +103,10 @@ def fit(
         Optional[bool], typer.Option("--trivial-augment/--no-trivial-augment", help="TrivialAugmentWide per image. (default off)")
     ] = None,
     size_schedule: Annotated[
-        Optional[str], typer.Option("--size-schedule", help="Training sizes by epoch, e.g. 96@1,112@31 (default: --image-size throughout).")
+        Optional[str], typer.Option(
+            "--size-schedule",
+            help="Training sizes by epoch, e.g. 96@1,112@31 (default: the recipe's with its own size, else --image-size throughout).",
+        )
     ] = None,
     weights_dtype: Annotated[str, typer.Option("--weights-dtype", help="float16 or float32 in the bundle.")] = "float16",
     limit_per_class: Annotated[
@@ -139,6 +142,10 @@ def fit(
         "hidden": None if hidden is None else ([hidden] if hidden else []),
     }
     settings.update({k: v for k, v in given.items() if v is not None})
+    if image_size is not None and size_schedule is None:
+        # A recipe's schedule leads up to the recipe's own size: another --image-size trains at
+        # that size throughout unless a schedule is given with it.
+        settings.pop("size_schedule", None)
     if size_schedule is not None:
         try:
             settings["size_schedule"] = parse_size_schedule(size_schedule)
