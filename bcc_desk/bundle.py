@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,13 +205,24 @@ def record_metrics(folder: Path, metrics: dict[str, Any]) -> BundleMeta:
     return meta
 
 
-def record_review_threshold(folder: Path, threshold: float, metrics: dict[str, Any]) -> BundleMeta:
-    """Set the review threshold of the bundle at `folder` (the trainer settles it on the
-    application's own predictions) and record how it was chosen; the weights are untouched."""
+def record_thresholds(
+    folder: Path, metrics: dict[str, Any], review: float | None = None, ood: float | None = None,
+    forget: tuple[str, ...] = (),
+) -> BundleMeta:
+    """Set the review and/or out-of-distribution threshold of the bundle at `folder` (the trainer
+    settles them on the application's own predictions), record how they were chosen and drop the
+    `forget` metrics they made stale; the weights are untouched."""
     folder = Path(folder)
     meta = read_meta(folder)
-    meta.review_threshold = float(threshold)
+    if review is not None:
+        meta.review_threshold = float(review)
+    if ood is not None:
+        if meta.ood is None:
+            raise BundleError(f"{folder} has no out-of-distribution check to set a threshold for")
+        meta.ood = replace(meta.ood, threshold=float(ood))
     meta.metrics.update(metrics)
+    for key in forget:
+        meta.metrics.pop(key, None)
     meta.validate()
     _write_json_atomic(folder / META_FILE, meta.to_json())
     return meta

@@ -14,9 +14,10 @@ from trainer.review_threshold import settle_review_threshold
 from bundles import make_bundle
 
 
-def _prediction(label: str, confidence: float) -> Prediction:
+def _prediction(label: str, confidence: float, ood_score: float | None = None) -> Prediction:
     return Prediction(path=Path("/x.jpg"), file="x.jpg", slide="s", label=label, confidence=confidence, margin=0.0,
-                      probabilities={}, needs_review=False, review_reason="", error=None, model="m", model_sha256="0")
+                      probabilities={}, needs_review=False, review_reason="", error=None, model="m", model_sha256="0",
+                      ood_score=ood_score)
 
 
 def test_the_stricter_numerics_sets_the_threshold_and_the_weights_stay(tmp_path: Path) -> None:
@@ -44,3 +45,34 @@ def test_predictions_that_do_not_match_the_images_are_refused(tmp_path: Path) ->
     bundle = make_bundle(tmp_path / "b")
     with pytest.raises(ValueError, match="3 fp32 predictions for 2 validation images"):
         settle_review_threshold(bundle, ["Benign", "Pro-B"], {"fp32": [_prediction("Benign", 0.9)] * 3})
+
+
+def test_the_unfamiliar_check_flags_at_most_5_percent_of_validation_in_every_numerics(tmp_path: Path) -> None:
+    """fit chose distance 10 (5 of 100 validation images above it in its own pass); in the
+    application's int8 two more images drift just above it (7% flagged).  The bundle must carry a
+    threshold that flags at most 5 in both, and say how many foreign images it still catches."""
+    bundle = shutil.copytree(make_bundle(tmp_path / "src", ood_threshold=10.0), tmp_path / "b")
+    sha = load_bundle(bundle).sha256
+    ratios = [0.5 + 0.004 * i for i in range(95)] + [1.2, 1.3, 1.4, 1.5, 1.6]  # score / 10
+    fp32 = [_prediction("Benign", 0.99, r) for r in ratios]
+    int8 = [_prediction("Benign", 0.99, 1.02 if i in (93, 94) else r) for i, r in enumerate(ratios)]
+    foreign = {"fp32": [_prediction("Benign", 0.5, r) for r in (1.01, 3.0, 4.0, 5.0)],
+               "int8": [_prediction("Benign", 0.5, r) for r in (1.01, 3.0, 4.0, 5.0)]}
+    settle_review_threshold(bundle, ["Benign"] * 100, {"fp32": fp32, "int8": int8}, foreign)
+    meta = read_meta(bundle)
+    assert meta.ood is not None and 10.2 <= meta.ood.threshold < 12.0
+    for preds in (fp32, int8):
+        assert sum(p.ood_score * 10.0 > meta.ood.threshold for p in preds) <= 5
+    assert meta.metrics["val_flagged_ood"] == pytest.approx(0.05)
+    assert meta.metrics["ood_dev_flagged"] == pytest.approx(0.75)  # the one just above 10 is now let through
+    assert meta.metrics["ood_threshold_by_precision"]["fp32"] < meta.metrics["ood_threshold_by_precision"]["int8"]
+    assert load_bundle(bundle).sha256 == sha  # only bundle.json changed
+
+    # Settled again with nothing foreign to measure: fit's choice is never lowered, and no stale
+    # catch rate is left behind when the threshold had to rise.
+    again = shutil.copytree(make_bundle(tmp_path / "src2", ood_threshold=10.0), tmp_path / "c")
+    settle_review_threshold(again, ["Benign"] * 100, {"int8": int8})
+    assert read_meta(again).ood.threshold > 10.0 and "ood_dev_flagged" not in read_meta(again).metrics
+    low = shutil.copytree(make_bundle(tmp_path / "src3", ood_threshold=20.0), tmp_path / "d")
+    settle_review_threshold(low, ["Benign"] * 100, {"fp32": [_prediction("Benign", 0.99, r / 2) for r in ratios]})
+    assert read_meta(low).ood.threshold == 20.0

@@ -205,7 +205,8 @@ def test_torchrun_two_cpu_processes(small_data: Path, tmp_path: Path) -> None:
         assert len(list(csv.DictReader(fh))) == 1
 
 
-def test_int8_is_kept_only_when_it_passes_the_check(tiny_run: Path, small_data: Path, tmp_path: Path, monkeypatch) -> None:
+def test_int8_is_kept_only_when_it_passes_the_check(tiny_run: Path, small_data: Path, ood_dev: Path, tmp_path: Path,
+                                                    monkeypatch) -> None:
     """`bcc-train int8`: calibration from validation, checked against fp32, refused when it strays."""
     import trainer.int8 as int8_check
     from bcc_desk.bundle import CALIBRATION_FILE, read_meta
@@ -222,7 +223,9 @@ def test_int8_is_kept_only_when_it_passes_the_check(tiny_run: Path, small_data: 
 
     monkeypatch.setattr(int8_check, "MIN_LABEL_AGREEMENT", 0.0)
     monkeypatch.setattr(int8_check, "MIN_OOD_AGREEMENT", 0.0)
-    r = runner.invoke(train_cli.app, args)
+    r = runner.invoke(train_cli.app, [*args, "--ood-dir", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "--ood-dir" in r.output and "is not a folder" in r.output
+    r = runner.invoke(train_cli.app, [*args, "--ood-dir", str(ood_dev)])
     assert r.exit_code == 0 and "int8 added" in r.output, r.output
     check = read_meta(bundle).int8.check
     with open(tiny_run / "split.csv", newline="") as fh:
@@ -233,6 +236,13 @@ def test_int8_is_kept_only_when_it_passes_the_check(tiny_run: Path, small_data: 
     chosen = meta.metrics["review_threshold_by_precision"]
     assert set(chosen) == {"fp32", "int8"} and meta.review_threshold == max(chosen.values())
     assert f"review threshold now {meta.review_threshold:.3f}" in r.output
+    # So does the unfamiliar-image check: at most 5% of validation flagged in either numerics, never
+    # below fit's own choice, and the foreign images caught measured in the application.
+    ood = meta.metrics["ood_threshold_by_precision"]
+    assert set(ood) == {"fp32", "int8"} and meta.ood.threshold >= max(ood.values())
+    assert meta.ood.threshold >= read_meta(tiny_run / "bundle").ood.threshold
+    assert meta.metrics["val_flagged_ood"] <= 0.05 and 0 <= meta.metrics["ood_dev_flagged"] <= 1
+    assert f"out-of-distribution threshold {meta.ood.threshold:.1f}" in r.output
     paths = sorted(small_data.rglob("*.jpg"))[:8]
     clf = Classifier(load_bundle(bundle), precision="int8")
     assert all(p.ok for p in clf.predict_paths(paths, small_data)) and clf.int8_active

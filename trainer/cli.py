@@ -257,9 +257,13 @@ def int8(
     split: Annotated[Path, typer.Option(help="RUN/split.csv of that training run.")],
     images: Annotated[int, typer.Option(min=8, help="Validation images stored for calibration.")] = 64,
     seed: int = 0,
+    ood_dir: Annotated[
+        Optional[Path], typer.Option("--ood-dir", help="Images from another lab: measure the settled out-of-distribution check.")
+    ] = None,
 ) -> None:
     """Add static int8 (about 2x bf16 on x86 CPUs) to BUNDLE, checked against fp32 on validation;
-    the review threshold is chosen again so that its promise holds for both."""
+    the review and out-of-distribution thresholds are chosen again so that their promises hold
+    for both."""
     import torch
 
     from bcc_desk.bundle import BundleError, read_meta
@@ -268,17 +272,21 @@ def int8(
 
     if reason := int8_unavailable_reason(torch.device("cpu")):
         fail(reason)
+    if ood_dir is not None and not ood_dir.is_dir():
+        fail(f"--ood-dir: {ood_dir} is not a folder")
     try:
-        check = add_int8(bundle, data, split, images=images, seed=seed)
+        check = add_int8(bundle, data, split, images=images, seed=seed, ood_dir=ood_dir)
     except (BundleError, ValueError) as exc:
         fail(str(exc))
+    meta = read_meta(bundle)
     typer.echo(
         f"int8 added to {bundle}: on {check['images']} validation images it agrees with fp32 on "
         f"{check['label_agreement']:.1%} of labels (changed ones all flagged for review: "
         f"{'yes' if check['changed_labels_all_flagged'] else 'no'}), {check['review_agreement']:.1%} of review "
         f"flags and {check['ood_agreement']:.1%} of out-of-distribution flags; confidence moved by at most "
-        f"{check['max_confidence_change']:.3f}; review threshold now {read_meta(bundle).review_threshold:.3f} "
-        "(the stricter of fp32's and int8's on validation)"
+        f"{check['max_confidence_change']:.3f}; review threshold now {meta.review_threshold:.3f}"
+        + (f", out-of-distribution threshold {meta.ood.threshold:.1f}" if meta.ood else "")
+        + " (the stricter of fp32's and int8's on validation)"
     )
 
 

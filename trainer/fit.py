@@ -496,7 +496,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     if not (cfg.int8 and _add_int8(bundle, cfg, out / "split.csv")):
         from trainer.review_threshold import settle_on_fp32
 
-        settle_on_fp32(bundle, cfg.data, split, workers=min(cfg.workers, 4))
+        settle_on_fp32(bundle, cfg.data, split, workers=min(cfg.workers, 4), ood_dir=cfg.ood_dir)
     return bundle
 
 
@@ -509,7 +509,7 @@ def _add_int8(bundle: Path, cfg: FitConfig, split_csv: Path) -> bool:
         log.info("no int8 added (%s)", reason)
         return False
     try:
-        check = add_int8(bundle, cfg.data, split_csv, workers=min(cfg.workers, 4))
+        check = add_int8(bundle, cfg.data, split_csv, workers=min(cfg.workers, 4), ood_dir=cfg.ood_dir)
     except (ValueError, BundleError) as exc:
         log.warning("no int8 added: %s", exc)
         return False

@@ -16,7 +16,7 @@ from bcc_desk.bundle import clear_int8_calibration, read_meta, save_int8_calibra
 from bcc_desk.classifier import Prediction
 from bcc_desk.images import open_image
 from bcc_desk.preprocess import make_transform
-from trainer.review_threshold import app_predictions, settle_review_threshold, validation_truth
+from trainer.review_threshold import app_predictions, ood_predictions, settle_review_threshold, validation_truth
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -32,10 +32,12 @@ class Int8CheckFailed(ValueError):
 
 
 def add_int8(
-    bundle_dir: Path, data: Path, split_csv: Path, images: int = CALIBRATION_IMAGES, seed: int = 0, workers: int = 2
+    bundle_dir: Path, data: Path, split_csv: Path, images: int = CALIBRATION_IMAGES, seed: int = 0, workers: int = 2,
+    ood_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Store calibration images in the bundle, check int8 on the validation split and settle the
-    review threshold on both numerics (`review_threshold`); return the check (also recorded in
+    review and out-of-distribution thresholds on both numerics (`review_threshold`; `ood_dir`:
+    foreign images to measure the settled check on); return the check (also recorded in
     bundle.json).  Raises Int8CheckFailed, BundleError, ValueError."""
     bundle_dir, data = Path(bundle_dir), Path(data)
     split = Split.load(Path(split_csv), data)
@@ -74,7 +76,8 @@ def add_int8(
         )
     save_int8_calibration(bundle_dir, calibration, check)
     # Labs on x86 CPUs now get int8: the review promise must hold for its numerics too.
-    settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": reference, "int8": quantized})
+    settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": reference, "int8": quantized},
+                            ood_predictions(bundle_dir, ood_dir, ("fp32", "int8"), workers))
     return check
 
 

@@ -1,4 +1,4 @@
-"""The review threshold, settled on the numerics a lab runs.
+"""The review and out-of-distribution thresholds, settled on the numerics a lab runs.
 
 `fit` first chooses the threshold on its own validation pass (the training reader, fp32 or bf16).
 The application decodes images with its own reader and, on x86 CPUs, runs static int8: small
@@ -7,7 +7,9 @@ the images it does not flag are at least 99% right") then held for the trainer's
 for what `bcc classify` gives (98.9% for the default model).  So once the bundle is written the
 threshold is chosen again from the application's own predictions on validation, once per
 precision the bundle ships for (fp32; int8 when it carries a checked calibration), and the
-strictest of them is kept.
+strictest of them is kept.  The out-of-distribution threshold is settled the same way: `fit`
+chose it to flag 5% of its own validation pass, and int8 moved one image of the shipped v4 model
+across it (5.1% flagged in `bcc classify`), so it is raised where any numerics would flag more.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bcc_desk.bundle import BundleError, BundleMeta, load_bundle, read_meta, record_review_threshold
+from bcc_desk.bundle import BundleError, BundleMeta, load_bundle, read_meta, record_thresholds
 from bcc_desk.classifier import Classifier, Prediction  # the trainer reaches the app through the engine
-from trainer.metrics import choose_review_threshold
+from bcc_desk.images import discover_images
+from trainer.metrics import choose_ood_threshold, choose_review_threshold
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -43,11 +46,22 @@ def app_predictions(bundle_dir: Path, paths: list[Path], root: Path, precision: 
     return predictions
 
 
-def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2) -> float:
+def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2, ood_dir: Path | None = None) -> float:
     """`settle_review_threshold` for a bundle without int8: on fp32 predictions alone."""
     meta = read_meta(bundle_dir)
     predictions = app_predictions(bundle_dir, [Path(data) / p for p in split.paths("val")], Path(data), "fp32", workers)
-    return settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": predictions})
+    return settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": predictions},
+                                   ood_predictions(bundle_dir, ood_dir, ("fp32",), workers))
+
+
+def ood_predictions(bundle_dir: Path, ood_dir: Path | None, precisions: Sequence[str], workers: int = 2
+                    ) -> dict[str, list[Prediction]]:
+    """The application's predictions on the foreign images of `ood_dir` (none without one), per
+    precision: how many the settled out-of-distribution check still catches."""
+    if ood_dir is None:
+        return {}
+    paths = discover_images(Path(ood_dir))
+    return {p: app_predictions(bundle_dir, paths, Path(ood_dir), p, workers) for p in precisions}
 
 
 def validation_truth(split: Split, meta: BundleMeta) -> list[str]:
@@ -64,11 +78,13 @@ def validation_truth(split: Split, meta: BundleMeta) -> list[str]:
 
 
 def settle_review_threshold(
-    bundle_dir: Path, truth: Sequence[str], by_precision: Mapping[str, Sequence[Prediction]]
+    bundle_dir: Path, truth: Sequence[str], by_precision: Mapping[str, Sequence[Prediction]],
+    ood_dev: Mapping[str, Sequence[Prediction]] | None = None,
 ) -> float:
     """Write into the bundle the strictest review threshold chosen (`choose_review_threshold`)
-    on each precision's validation predictions; record each choice and the share flagged.
-    Returns the threshold now in the bundle."""
+    on each precision's validation predictions; record each choice and the share flagged; then
+    settle the out-of-distribution threshold on the same predictions (`settle_ood_threshold`).
+    Returns the review threshold now in the bundle."""
     if not by_precision:
         raise ValueError("no validation predictions to settle the review threshold on")
     chosen: dict[str, float] = {}
@@ -86,11 +102,48 @@ def settle_review_threshold(
                        for k, (conf, right) in scored.items()}
 
     before = read_meta(bundle_dir).review_threshold
-    record_review_threshold(bundle_dir, threshold, {
+    record_thresholds(bundle_dir, {
         "review_threshold_by_precision": chosen,  # what each numerics alone would have chosen
         "val_flagged_low_confidence": max(flagged.values()),
         "val_accuracy_unflagged": unflagged_right,
-    })
+    }, review=threshold)
     log.info("review threshold %.4f (was %.4f): the strictest chosen on the application's %s predictions on validation",
              threshold, before, " and ".join(chosen))
+    settle_ood_threshold(bundle_dir, by_precision, ood_dev or {})
     return threshold
+
+
+def settle_ood_threshold(
+    bundle_dir: Path, by_precision: Mapping[str, Sequence[Prediction]], ood_dev: Mapping[str, Sequence[Prediction]]
+) -> float | None:
+    """Raise the bundle's out-of-distribution threshold where the application's validation
+    predictions in some precision would flag more than `choose_ood_threshold` allows (it never
+    lowers `fit`'s own choice); record each choice, the largest share of validation flagged and,
+    with `ood_dev` (predictions on foreign images), the smallest share of those caught.  Returns
+    the threshold now in the bundle (None: the bundle has no check)."""
+    meta = read_meta(bundle_dir)
+    if meta.ood is None:
+        return None
+    before = meta.ood.threshold
+    scores = {k: _ood_distances(v, before) for k, v in by_precision.items()}
+    chosen = {k: choose_ood_threshold(v) for k, v in scores.items()}
+    threshold = max(before, *chosen.values())
+    metrics: dict[str, object] = {
+        "ood_threshold_by_precision": chosen,
+        "val_flagged_ood": max(float((v > threshold).mean()) for v in scores.values()),
+    }
+    if ood_dev:
+        metrics["ood_dev_flagged"] = min(float((_ood_distances(v, before) > threshold).mean()) for v in ood_dev.values())
+    # Without foreign images to measure, a catch rate from before a raised threshold would overstate.
+    stale = ("ood_dev_flagged",) if threshold > before and not ood_dev else ()
+    record_thresholds(bundle_dir, metrics, ood=threshold, forget=stale)
+    log.info("out-of-distribution threshold %.2f (was %.2f): the strictest flagging at most 5%% of the application's "
+             "%s predictions on validation", threshold, before, " and ".join(chosen))
+    return threshold
+
+
+def _ood_distances(predictions: Sequence[Prediction], threshold: float) -> np.ndarray:
+    """The Mahalanobis distances behind the predictions' scores (distance / threshold at the time)."""
+    if any(p.ood_score is None for p in predictions):
+        raise ValueError("predictions without an out-of-distribution score: run them with the bundle's check")
+    return np.array([p.ood_score for p in predictions], dtype=np.float64) * threshold
