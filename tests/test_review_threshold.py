@@ -9,7 +9,7 @@ import pytest
 
 from bcc_desk.bundle import load_bundle, read_meta
 from bcc_desk.prediction import Prediction
-from trainer.review_threshold import settle_review_threshold
+from trainer.review_threshold import settle_thresholds
 
 from bundles import make_bundle
 
@@ -30,7 +30,7 @@ def test_the_stricter_numerics_sets_the_threshold_and_the_weights_stay(tmp_path:
     conf = [0.90 + 0.0009 * i for i in range(100)]  # 0.90 .. 0.989
     fp32 = [_prediction("Pro-B" if i < 2 else "Benign", c) for i, c in enumerate(conf)]
     int8 = [_prediction("Pro-B" if i < 2 else "Benign", 0.92 if i == 1 else c) for i, c in enumerate(conf)]
-    threshold = settle_review_threshold(bundle, truth, {"fp32": fp32, "int8": int8})
+    threshold = settle_thresholds(bundle, truth, {"fp32": fp32, "int8": int8})
     meta = read_meta(bundle)
     chosen = meta.metrics["review_threshold_by_precision"]
     assert chosen["fp32"] < 0.905 and chosen["int8"] > 0.92 and threshold == meta.review_threshold == chosen["int8"]
@@ -44,7 +44,7 @@ def test_the_stricter_numerics_sets_the_threshold_and_the_weights_stay(tmp_path:
 def test_predictions_that_do_not_match_the_images_are_refused(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "b")
     with pytest.raises(ValueError, match="3 fp32 predictions for 2 validation images"):
-        settle_review_threshold(bundle, ["Benign", "Pro-B"], {"fp32": [_prediction("Benign", 0.9)] * 3})
+        settle_thresholds(bundle, ["Benign", "Pro-B"], {"fp32": [_prediction("Benign", 0.9)] * 3})
 
 
 def test_the_unfamiliar_check_flags_at_most_5_percent_of_validation_in_every_numerics(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_the_unfamiliar_check_flags_at_most_5_percent_of_validation_in_every_num
     int8 = [_prediction("Benign", 0.99, 1.02 if i in (93, 94) else r) for i, r in enumerate(ratios)]
     foreign = {"fp32": [_prediction("Benign", 0.5, r) for r in (1.01, 3.0, 4.0, 5.0)],
                "int8": [_prediction("Benign", 0.5, r) for r in (1.01, 3.0, 4.0, 5.0)]}
-    settle_review_threshold(bundle, ["Benign"] * 100, {"fp32": fp32, "int8": int8}, foreign)
+    settle_thresholds(bundle, ["Benign"] * 100, {"fp32": fp32, "int8": int8}, foreign)
     meta = read_meta(bundle)
     assert meta.ood is not None and 10.2 <= meta.ood.threshold < 12.0
     for preds in (fp32, int8):
@@ -71,8 +71,8 @@ def test_the_unfamiliar_check_flags_at_most_5_percent_of_validation_in_every_num
     # Settled again with nothing foreign to measure: fit's choice is never lowered, and no stale
     # catch rate is left behind when the threshold had to rise.
     again = shutil.copytree(make_bundle(tmp_path / "src2", ood_threshold=10.0), tmp_path / "c")
-    settle_review_threshold(again, ["Benign"] * 100, {"int8": int8})
+    settle_thresholds(again, ["Benign"] * 100, {"int8": int8})
     assert read_meta(again).ood.threshold > 10.0 and "ood_dev_flagged" not in read_meta(again).metrics
     low = shutil.copytree(make_bundle(tmp_path / "src3", ood_threshold=20.0), tmp_path / "d")
-    settle_review_threshold(low, ["Benign"] * 100, {"fp32": [_prediction("Benign", 0.99, r / 2) for r in ratios]})
+    settle_thresholds(low, ["Benign"] * 100, {"fp32": [_prediction("Benign", 0.99, r / 2) for r in ratios]})
     assert read_meta(low).ood.threshold == 20.0

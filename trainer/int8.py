@@ -16,7 +16,7 @@ from bcc_desk.bundle import clear_int8_calibration, read_meta, save_int8_calibra
 from bcc_desk.classifier import Prediction
 from bcc_desk.images import open_image
 from bcc_desk.preprocess import make_transform
-from trainer.review_threshold import app_predictions, ood_predictions, settle_review_threshold, validation_truth
+from trainer.review_threshold import app_predictions, ood_predictions, settle_thresholds, validation_truth
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -76,7 +76,7 @@ def add_int8(
         )
     save_int8_calibration(bundle_dir, calibration, check)
     # Labs on x86 CPUs now get int8: the review promise must hold for its numerics too.
-    settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": reference, "int8": quantized},
+    settle_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": reference, "int8": quantized},
                             ood_predictions(bundle_dir, ood_dir, ("fp32", "int8"), workers))
     return check
 

@@ -47,10 +47,10 @@ def app_predictions(bundle_dir: Path, paths: list[Path], root: Path, precision: 
 
 
 def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2, ood_dir: Path | None = None) -> float:
-    """`settle_review_threshold` for a bundle without int8: on fp32 predictions alone."""
+    """`settle_thresholds` for a bundle without int8: on fp32 predictions alone."""
     meta = read_meta(bundle_dir)
     predictions = app_predictions(bundle_dir, [Path(data) / p for p in split.paths("val")], Path(data), "fp32", workers)
-    return settle_review_threshold(bundle_dir, validation_truth(split, meta), {"fp32": predictions},
+    return settle_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": predictions},
                                    ood_predictions(bundle_dir, ood_dir, ("fp32",), workers))
 
 
@@ -58,7 +58,7 @@ def ood_predictions(bundle_dir: Path, ood_dir: Path | None, precisions: Sequence
                     ) -> dict[str, list[Prediction]]:
     """The application's predictions on the foreign images of `ood_dir` (none without one), per
     precision: how many the settled out-of-distribution check still catches."""
-    if ood_dir is None:
+    if ood_dir is None or read_meta(bundle_dir).ood is None:
         return {}
     paths = discover_images(Path(ood_dir))
     return {p: app_predictions(bundle_dir, paths, Path(ood_dir), p, workers) for p in precisions}
@@ -77,7 +77,7 @@ def validation_truth(split: Split, meta: BundleMeta) -> list[str]:
     return truth
 
 
-def settle_review_threshold(
+def settle_thresholds(
     bundle_dir: Path, truth: Sequence[str], by_precision: Mapping[str, Sequence[Prediction]],
     ood_dev: Mapping[str, Sequence[Prediction]] | None = None,
 ) -> float:
