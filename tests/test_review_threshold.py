@@ -9,9 +9,10 @@ import pytest
 
 from bcc_desk.bundle import load_bundle, read_meta
 from bcc_desk.prediction import Prediction
-from trainer.review_threshold import settle_thresholds
+from trainer.review_threshold import ood_predictions, settle_thresholds
 
 from bundles import make_bundle
+from conftest import OOD_DEV
 
 
 def _prediction(label: str, confidence: float, ood_score: float | None = None) -> Prediction:
@@ -76,3 +77,15 @@ def test_the_unfamiliar_check_flags_at_most_5_percent_of_validation_in_every_num
     low = shutil.copytree(make_bundle(tmp_path / "src3", ood_threshold=20.0), tmp_path / "d")
     settle_thresholds(low, ["Benign"] * 100, {"fp32": [_prediction("Benign", 0.99, r / 2) for r in ratios]})
     assert read_meta(low).ood.threshold == 20.0
+
+
+def test_an_unreadable_foreign_image_is_left_out_not_fatal(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", ood_threshold=10.0)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for src in sorted(OOD_DEV.rglob("*.jpg"))[:3]:
+        shutil.copy(src, foreign / src.name)
+    (foreign / "broken.jpg").write_bytes(b"not a jpeg")
+    got = ood_predictions(bundle, foreign, ("fp32",))
+    assert [len(v) for v in got.values()] == [3] and all(p.ood_score is not None for p in got["fp32"])
+    assert ood_predictions(make_bundle(tmp_path / "plain"), foreign, ("fp32",)) == {}  # no check: nothing to measure

@@ -290,7 +290,10 @@ def test_unknown_recipe_and_bad_schedule_are_one_line_errors(small_data: Path, t
     assert r.exit_code == 2 and "unknown recipe 'fast'; choose one of: study, cpu, gpu" in r.output
     r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(tmp_path / "b"), "--size-schedule", "96"])
     assert r.exit_code == 2 and "SIZE@EPOCH" in r.output
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # A mistyped --ood-dir is refused before training, not after it.
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(tmp_path / "c"), "--ood-dir", str(tmp_path / "odd")])
+    assert r.exit_code == 2 and "--ood-dir" in r.output and "is not a folder" in r.output
+    assert not any((tmp_path / x).exists() for x in "abc")
 
 
 def test_an_interrupted_run_says_how_to_resume_and_then_repeats_an_uninterrupted_one(small_data: Path,

@@ -39,6 +39,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _check_ood_dir(ood_dir: Path | None) -> None:
+    """Refused before any work: a wrong --ood-dir would otherwise surface only after training."""
+    if ood_dir is not None and not ood_dir.is_dir():
+        fail(f"--ood-dir: {ood_dir} is not a folder")
+
+
 @app.callback()
 def _root() -> None:
     quiet_developer_noise()
@@ -126,6 +132,7 @@ def fit(
 
     if not data.is_dir():
         fail(f"{data} is not a folder")
+    _check_ood_dir(ood_dir)
     if sum(map(bool, (pretrained, init_weights, init_bundle))) > 1:
         fail("--pretrained, --init-weights and --init-bundle exclude each other")
     try:
@@ -272,8 +279,7 @@ def int8(
 
     if reason := int8_unavailable_reason(torch.device("cpu")):
         fail(reason)
-    if ood_dir is not None and not ood_dir.is_dir():
-        fail(f"--ood-dir: {ood_dir} is not a folder")
+    _check_ood_dir(ood_dir)
     try:
         check = add_int8(bundle, data, split, images=images, seed=seed, ood_dir=ood_dir)
     except (BundleError, ValueError) as exc:

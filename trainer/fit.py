@@ -571,9 +571,8 @@ def export_bundle(
         "val_flagged_low_confidence": float((conf < review).float().mean()),
         "val_flagged_ood": float((torch.as_tensor(val_scores) > ood_threshold).float().mean()),
     }
-    if cfg.ood_dir:
-        metrics["ood_dev_flagged"] = _ood_flag_rate(cfg.ood_dir, model, meta, means, precision, ood_threshold,
-                                                    device, dtype, bs, channels_last)
+    # ood_dev_flagged (with --ood-dir) is measured after export, in the application's own numerics
+    # (`trainer/review_threshold.py`), once the threshold is settled on them.
     meta.metrics = metrics
     meta.provenance = {
         "data_fingerprint": data_fingerprint(cfg.data),
@@ -628,17 +627,6 @@ def _reviews_learned(data: Path, split: Split) -> list[dict[str, Any]]:
                 "images": {"train": 0, "val": 0, "test": 0}})
             book["images"][part[row["path"]]] += 1
     return list(books.values())
-
-
-def _ood_flag_rate(folder: Path, model, meta, means, precision, threshold, device, dtype, bs, channels_last) -> float:
-    from bcc_desk.images import discover_images
-    from trainer.metrics import mahalanobis_scores
-
-    folder = Path(folder).absolute()
-    paths = [p.relative_to(folder).as_posix() for p in discover_images(folder)]
-    images = decode_images(folder, paths, [0] * len(paths), meta.input)
-    _, feats = predict_logits(model, images, meta.input, device, dtype, bs, channels_last, features=True)
-    return float((mahalanobis_scores(feats.numpy(), means, precision) > threshold).mean())
 
 
 # -- helpers ------------------------------------------------------------------------------------------

@@ -29,9 +29,11 @@ from trainer.split import Split
 log = logging.getLogger("bcc-train")
 
 
-def app_predictions(bundle_dir: Path, paths: list[Path], root: Path, precision: str, workers: int) -> list[Prediction]:
+def app_predictions(bundle_dir: Path, paths: list[Path], root: Path, precision: str, workers: int,
+                    skip_unreadable: bool = False) -> list[Prediction]:
     """The application's predictions for `paths` on this CPU in `precision` (fp32 uncompiled, the
-    reference; int8 compiled, as `bcc classify` runs it).  A problem is a one-line ValueError."""
+    reference; int8 compiled, as `bcc classify` runs it).  A problem is a one-line ValueError; an
+    unreadable image too, unless `skip_unreadable` (then it is left out, with a warning)."""
     try:
         clf = Classifier(load_bundle(bundle_dir), device="cpu", precision=precision, workers=workers,
                          compile=None if precision == "int8" else False)
@@ -41,9 +43,11 @@ def app_predictions(bundle_dir: Path, paths: list[Path], root: Path, precision: 
     if precision == "int8" and not clf.int8_active:
         raise ValueError("int8 could not run on this machine (see the warning above)")
     bad = [p for p in predictions if not p.ok]
-    if bad:
+    if bad and not skip_unreadable:
         raise ValueError(f"{bad[0].path}: {bad[0].error}")
-    return predictions
+    if bad:
+        log.warning("%d unreadable image(s) left out, e.g. %s: %s", len(bad), bad[0].path, bad[0].error)
+    return [p for p in predictions if p.ok]
 
 
 def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2, ood_dir: Path | None = None) -> float:
@@ -51,17 +55,19 @@ def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2,
     meta = read_meta(bundle_dir)
     predictions = app_predictions(bundle_dir, [Path(data) / p for p in split.paths("val")], Path(data), "fp32", workers)
     return settle_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": predictions},
-                                   ood_predictions(bundle_dir, ood_dir, ("fp32",), workers))
+                             ood_predictions(bundle_dir, ood_dir, ("fp32",), workers))
 
 
 def ood_predictions(bundle_dir: Path, ood_dir: Path | None, precisions: Sequence[str], workers: int = 2
                     ) -> dict[str, list[Prediction]]:
     """The application's predictions on the foreign images of `ood_dir` (none without one), per
-    precision: how many the settled out-of-distribution check still catches."""
+    precision: how many the settled out-of-distribution check still catches.  An unreadable one is
+    left out: it must not cost the bundle its thresholds or its int8."""
     if ood_dir is None or read_meta(bundle_dir).ood is None:
         return {}
     paths = discover_images(Path(ood_dir))
-    return {p: app_predictions(bundle_dir, paths, Path(ood_dir), p, workers) for p in precisions}
+    by_precision = {p: app_predictions(bundle_dir, paths, Path(ood_dir), p, workers, skip_unreadable=True) for p in precisions}
+    return {p: v for p, v in by_precision.items() if v}
 
 
 def validation_truth(split: Split, meta: BundleMeta) -> list[str]:
