@@ -20,7 +20,9 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from bcc_desk import __version__
 from bcc_desk.cli_help import DEVICE_CHOICES, PRECISION_CHOICES, Command
@@ -46,7 +48,8 @@ _report_written = False
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """One line on stderr and the exit code; no traceback for a user's mistake."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Paths and folder names may hold brackets ("[a] slide"): never rich markup.
+    console.print("[bold red]error:[/] " + escape(message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -180,13 +183,13 @@ def classify(
     flagged = sum(p.needs_review for p in predictions)
     if not quiet:
         out_console.print(
-            f"{classified} of {len(paths)} images classified, {flagged} flagged for review "
-            f"({len(predictions) - classified} of them unreadable). Report: {written}",
+            escape(f"{classified} of {len(paths)} images classified, {flagged} flagged for review "
+                   f"({len(predictions) - classified} of them unreadable). Report: {written}"),
             highlight=False,
             soft_wrap=True,
         )
     if diverted:  # said even with --quiet: the report is not where a script will look for it
-        console.print(f"[bold yellow]warning:[/] {diverted}; the report is in {written}", highlight=False,
+        console.print("[bold yellow]warning:[/] " + escape(f"{diverted}; the report is in {written}"), highlight=False,
                       soft_wrap=True)
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -204,7 +207,7 @@ def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: li
     # the bar says so instead of sitting at 0.
     preparing = classifier.preparation(len(paths))
     if preparing and not quiet and not console.is_terminal:  # no bar in a log file: one line
-        console.print(preparing, highlight=False)
+        console.print(escape(preparing), highlight=False)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -234,7 +237,7 @@ def summary_table(predictions, classes: list[str]) -> Table:
         table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
     for slide, count in count_slides(predictions).items():  # slide-2 before slide-10, as the report
         table.add_row(
-            slide, str(count.images), *(str(count.per_class.get(c, 0)) for c in classes),
+            Text(slide), str(count.images), *(str(count.per_class.get(c, 0)) for c in classes),
             str(count.flagged), str(count.unreadable),
         )
     return table
@@ -252,7 +255,7 @@ def info(
         meta = load_bundle(bundle).meta
     except BundleError as exc:
         fail(str(exc))
-    table = Table(title=f"Model bundle {bundle}", show_header=False, title_justify="left")
+    table = Table(title=escape(f"Model bundle {bundle}"), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     rows = [
@@ -270,8 +273,8 @@ def info(
     rows += lineage(meta)
     rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k not in ("parent", "reviews")]
     rows += [(f"metric: {k}", _fmt(v)) for k, v in meta.metrics.items()]
-    for row in rows:
-        table.add_row(*row)
+    for field, value in rows:  # values hold paths and folder names: text, not markup
+        table.add_row(field, Text(str(value)))
     out_console.print(table)
 
 

@@ -177,6 +177,21 @@ def test_the_console_summary_fits_80_columns_in_natural_slide_order(model: Path,
     assert order == ["slide-1", "slide-2", "slide-10"]
 
 
+def test_names_in_brackets_are_printed_as_they_are(model: Path, tmp_path: Path, real_images) -> None:
+    """Folder names such as '[b] smear' reach the console whole (rich would take '[b]' for bold)."""
+    root = tmp_path / "[lab] run"
+    (root / "[b] smear").mkdir(parents=True)
+    for f in [f for fs in real_images.values() for f in fs][:2]:
+        shutil.copy(f, root / "[b] smear" / f.name)
+    r = CliRunner().invoke(cli.app, ["classify", str(root), "--model", str(model)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "[b] smear" in r.stdout and f"Report: {root / 'bcc-report.xlsx'}" in r.stdout
+    r = runner.invoke(cli.app, ["classify", str(tmp_path / "[missing] run"), "-m", str(model)])
+    assert r.exit_code == 2 and "[missing] run" in r.output
+    r = runner.invoke(cli.app, ["info", str(model)], env={"COLUMNS": "300"})
+    assert r.exit_code == 0 and str(model) in r.output
+
+
 def test_quiet_prints_nothing_but_errors(model: Path, lab_folder: Path, tmp_path: Path) -> None:
     level = logging.getLogger("bcc_desk").level
     result = runner.invoke(cli.app, ["classify", str(lab_folder), "--model", str(model), "-q",

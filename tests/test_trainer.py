@@ -205,6 +205,18 @@ def test_torchrun_two_cpu_processes(small_data: Path, tmp_path: Path) -> None:
         assert len(list(csv.DictReader(fh))) == 1
 
 
+def test_missing_training_extra_is_one_line(small_data: Path, tmp_path: Path) -> None:
+    """The app installs without the trainer's libraries: `bcc-train fit` then says how to add
+    them in one line, not a traceback, and writes no run folder."""
+    hide = "import sys; sys.modules['imagehash'] = None; from trainer.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", hide, "fit", str(small_data), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "imagehash" in proc.stderr and 'pip install -e ".[train]"' in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_int8_is_kept_only_when_it_passes_the_check(tiny_run: Path, small_data: Path, ood_dev: Path, tmp_path: Path,
                                                     monkeypatch) -> None:
     """`bcc-train int8`: calibration from validation, checked against fp32, refused when it strays."""

@@ -10,6 +10,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from bcc_desk.cli_help import DEVICE_CHOICES, Command
 from bcc_desk.logs import quiet_developer_noise
@@ -35,7 +36,7 @@ TTA = Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the 8 
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print("[bold red]error:[/] " + escape(message), highlight=False, soft_wrap=True)  # paths may hold brackets
     raise typer.Exit(code)
 
 
@@ -343,8 +344,22 @@ def compare(
     typer.echo(f"written: {result.folder}")
 
 
+# The modules of the `train` extra (pyproject.toml): without them only training commands fail.
+TRAIN_EXTRA = {"imagehash": "imagehash", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "scipy": "scikit-learn"}
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in TRAIN_EXTRA:
+            raise
+        # The app installs without the trainer's libraries; say how to add them, not a traceback.
+        console.print("[bold red]error:[/] " + escape(
+            f"bcc-train needs {TRAIN_EXTRA[missing]}, part of the training extra: "
+            'pip install -e ".[train]" (in a checkout) or pip install "bcc-desk[train]"'), highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
