@@ -21,6 +21,7 @@ from trainer.metrics import (
     fit_temperature,
     mahalanobis_scores,
     reliability_bins,
+    review_rule_on_halves,
     study_table,
 )
 from trainer.plots import plot_confusion, plot_reliability
@@ -154,21 +155,27 @@ def test_temperature_degenerate_and_separable_inputs_stay_sane():
 
 
 # -- review threshold ----------------------------------------------------------------------------------
-def test_review_threshold_is_lowest_cutoff_meeting_target():
-    conf = np.linspace(0.40, 0.999, 100)  # sorted, all distinct
-    correct = np.ones(100, bool)
-    correct[:9] = False  # the nine least confident are wrong ...
-    correct[60] = False  # ... and one confident one, which the rule must tolerate
-    # Cut-off at conf[9] keeps 91 images with 1 error: 90/91 = 98.9% >= 98%.
-    # Cut-off at conf[8] keeps 92 images with 2 errors: 90/92 = 97.8% <  98%.
+def test_review_threshold_is_lowest_cutoff_meeting_target_with_one_error_assumed():
+    conf = np.linspace(0.40, 0.999, 400)  # sorted, all distinct
+    correct = np.ones(400, bool)
+    correct[:12] = False  # the twelve least confident are wrong ...
+    correct[300] = False  # ... and one confident one, which the rule must tolerate
+    # Cut-off at conf[i] (i <= 12) keeps 400 - i images, 13 - i of them wrong.
+    # The plain rule takes i = 6: 7 errors among 394 are 98.2% right (>= 98%); i = 5 gives 97.97%.
+    # Counting one more error, i = 6 gives (7 + 1) / 395 = 2.03% wrong, over 2%; i = 7: 7 / 394 = 1.78%.
     t = choose_review_threshold(conf, correct, target_accuracy=0.98, max_flagged=0.25)
-    assert t == pytest.approx(conf[9])
-    assert (conf < t).sum() == 9
+    assert t == pytest.approx(conf[7])
+    assert (conf < t).sum() == 7
+    plain = choose_review_threshold(conf, correct, target_accuracy=0.98, max_flagged=0.25, assumed_errors=0)
+    assert plain == pytest.approx(conf[6])
     kept = conf >= t
-    assert correct[kept].mean() >= 0.98
+    assert (np.sum(~correct[kept]) + 1) / (kept.sum() + 1) <= 0.02
 
-    # Already accurate enough on everything: flag nothing.
-    assert choose_review_threshold(conf, np.ones(100, bool), target_accuracy=0.99) == 0.0
+    # Accurate enough on everything, even with an error assumed: flag nothing.
+    assert choose_review_threshold(conf, np.ones(400, bool), target_accuracy=0.99) == 0.0
+    # 100 right of 100 is not yet evidence of 99%: (0 + 1) / 101 is 0.99%, just enough; 98 of 98 is not.
+    assert choose_review_threshold(conf[:100], np.ones(100, bool), target_accuracy=0.99) == 0.0
+    assert choose_review_threshold(conf[:98], np.ones(98, bool), target_accuracy=0.99) > 0.0
 
 
 def test_review_threshold_caps_the_flagged_share_when_target_is_out_of_reach():
@@ -179,6 +186,29 @@ def test_review_threshold_caps_the_flagged_share_when_target_is_out_of_reach():
     t = choose_review_threshold(conf, correct, target_accuracy=0.99, max_flagged=0.25)
     assert (conf < t).sum() == 50  # exactly a quarter of 200
     assert correct[conf >= t].mean() < 0.99  # the target really was out of reach
+
+
+def test_review_rule_on_held_out_halves_shows_the_assumed_error_pays():
+    """Calibrated predictions (right as often as they say): the plain rule, chosen where it just
+    reaches 99%, falls short on the other half about half the time; one assumed error falls short
+    less often and flags more.  A model always right is never short and flags nothing."""
+    rng = np.random.default_rng(3)
+    sure = rng.uniform(size=800) < 0.85  # mostly confident, as a good model is
+    conf = np.where(sure, 1 - rng.exponential(0.006, 800), rng.uniform(0.5, 0.95, 800))
+    correct = rng.uniform(size=800) < conf
+    groups = np.arange(800) // 2  # pairs of near-duplicates
+    odd = np.zeros(800, bool)
+    plain = review_rule_on_halves(conf, correct, odd, groups, assumed_errors=0, draws=300)
+    safer = review_rule_on_halves(conf, correct, odd, groups, assumed_errors=1, draws=300)
+    assert 0.3 < plain["short_of_target"] < 0.7
+    assert safer["short_of_target"] < plain["short_of_target"] - 0.1
+    assert safer["median_flagged"] > plain["median_flagged"]
+    perfect = review_rule_on_halves(conf, np.ones(800, bool), odd, groups, draws=50)
+    assert perfect["short_of_target"] == 0 and perfect["median_flagged"] == 0
+    # The unfamiliar images are flagged whatever their confidence.
+    assert review_rule_on_halves(conf, np.ones(800, bool), np.ones(800, bool), groups, draws=5)["median_flagged"] == 1
+    with pytest.raises(ValueError, match="two groups"):
+        review_rule_on_halves(conf, correct, odd, np.zeros(800))
 
 
 # -- out-of-distribution check -------------------------------------------------------------------------

@@ -6,7 +6,8 @@ from scikit-learn rather than hand-written copies, so our numbers mean what ever
 
 What the bundle ships comes from here:
 - `fit_temperature`: the softmax temperature that makes the displayed confidences honest;
-- `choose_review_threshold`: the confidence under which an image is sent for human review;
+- `choose_review_threshold`: the confidence under which an image is sent for human review
+  (`review_rule_on_halves`: how that rule holds on validation images it was not chosen on);
 - `fit_mahalanobis` / `choose_ood_threshold`: the "does not look like the training data" check,
   scored exactly as `bcc_desk.bundle.BundleNet.ood_score` scores it.
 """
@@ -164,14 +165,22 @@ def fit_temperature(
 
 # -- review threshold -------------------------------------------------------------------------------
 def choose_review_threshold(
-    confidences: ArrayLike, correct: ArrayLike, target_accuracy: float = 0.99, max_flagged: float = 0.25
+    confidences: ArrayLike, correct: ArrayLike, target_accuracy: float = 0.99, max_flagged: float = 0.25,
+    assumed_errors: int = 1,
 ) -> float:
     """The confidence under which an image is flagged for review.
 
     Rule: we pick the lowest confidence cut-off such that, on the validation images, the
-    predictions at or above it were right at least 99% of the time (`target_accuracy`); if that
+    predictions at or above it were right at least 99% of the time (`target_accuracy`) even
+    counting `assumed_errors` more kept images as wrong: (errors + 1) / (kept + 1) <= 1%.  If that
     would send more than a quarter of the images (`max_flagged`) to review, we instead send exactly
     the least confident quarter.
+
+    Why the extra error: the lowest cut-off that just reaches 99% on validation is, by its choice,
+    the one whose validation figure flatters it most; on new images it falls short about half the
+    time (on split halves of v4's validation: 52%, and on its test split: 98.9%).  One assumed
+    error is the usual small-sample correction (as in conformal prediction) and halves that
+    (docs/default-model/review-rule.md).  `assumed_errors=0` is the plain rule.
 
     Returns 0.0 (flag nothing) when every validation prediction already meets the target.  An
     image is flagged when its confidence is strictly below the returned value."""
@@ -181,10 +190,11 @@ def choose_review_threshold(
         raise ValueError("no validation predictions to choose a review threshold from")
     if conf.shape != ok.shape:
         raise ValueError(f"{conf.size} confidences but {ok.size} correctness values")
-    if not 0 < target_accuracy <= 1 or not 0 <= max_flagged <= 1:
-        raise ValueError("target_accuracy must be in (0, 1] and max_flagged in [0, 1]")
+    if not 0 < target_accuracy <= 1 or not 0 <= max_flagged <= 1 or assumed_errors < 0:
+        raise ValueError("target_accuracy must be in (0, 1], max_flagged in [0, 1] and assumed_errors >= 0")
     n = conf.size
-    if ok.mean() >= target_accuracy:
+    a = assumed_errors
+    if (n - ok.sum() + a) / (n + a) <= 1 - target_accuracy + 1e-12:
         return 0.0
     order = np.argsort(conf, kind="stable")
     s, c = conf[order], ok[order]
@@ -193,10 +203,40 @@ def choose_review_threshold(
     correct_kept = np.cumsum(c[::-1])[::-1]
     kept = n - np.arange(n)
     firsts = np.unique(s, return_index=True)[1]
-    meets = firsts[correct_kept[firsts] / kept[firsts] >= target_accuracy]
+    meets = firsts[(kept[firsts] - correct_kept[firsts] + a) / (kept[firsts] + a) <= 1 - target_accuracy + 1e-12]
     if meets.size and meets.min() <= math.floor(max_flagged * n + 1e-9):  # index = images flagged
         return float(s[meets.min()])
     return _flag_lowest(s, max_flagged)
+
+
+def review_rule_on_halves(
+    confidences: ArrayLike, correct: ArrayLike, unfamiliar: ArrayLike, groups: ArrayLike,
+    assumed_errors: int = 1, target_accuracy: float = 0.99, draws: int = 2000, seed: int = 0,
+) -> dict[str, float]:
+    """How the review rule fares on images it was not chosen on, from validation alone: `draws`
+    times, half the groups (near-duplicates stay together) choose the cut-off and the other half
+    is flagged with it (low confidence or `unfamiliar`).  Returns how often the held-out half's
+    unflagged images fall short of `target_accuracy`, and the median (and 90th centile) share
+    flagged there."""
+    conf = _np(confidences, np.float64).ravel()
+    ok = _np(correct).astype(bool).ravel()
+    odd = _np(unfamiliar).astype(bool).ravel()
+    grp = _np(groups).ravel()
+    names = np.unique(grp)
+    if names.size < 2:
+        raise ValueError("at least two groups are needed to hold half of them out")
+    rng = np.random.default_rng(seed)
+    short, right, flagged = 0, [], []
+    for _ in range(draws):
+        a = np.isin(grp, rng.choice(names, names.size // 2, replace=False))
+        t = choose_review_threshold(conf[a], ok[a], target_accuracy, assumed_errors=assumed_errors)
+        keep = ~a & (conf >= t) & ~odd
+        share_right = float(ok[keep].mean()) if keep.any() else 1.0
+        short += share_right < target_accuracy
+        right.append(share_right)
+        flagged.append(1 - keep.sum() / (~a).sum())
+    return {"draws": draws, "short_of_target": short / draws, "median_unflagged_right": float(np.median(right)),
+            "median_flagged": float(np.median(flagged)), "p90_flagged": float(np.percentile(flagged, 90))}
 
 
 def _flag_lowest(sorted_conf: np.ndarray, share: float) -> float:

@@ -1,0 +1,69 @@
+"""Does the review rule keep its promise on images it was not chosen on?  Validation alone answers.
+
+    python bench/review_rule.py BUNDLE DATA --split SPLIT.csv [--precision fp32|int8] [--draws 2000] [--out MD]
+
+The application's own predictions on the split's validation images (`bcc classify`'s classifier),
+then `trainer.metrics.review_rule_on_halves` for the plain rule (the lowest cut-off at which the
+kept images were 99% right) and for the rule the trainer uses (one error more assumed): half the
+groups choose the cut-off, the other half is flagged with it, `--draws` times.  No test image is
+read.  Prints a markdown table (and writes it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from bcc_desk.bundle import read_meta
+from trainer.metrics import choose_review_threshold, review_rule_on_halves
+from trainer.review_threshold import app_predictions, validation_truth
+from trainer.split import Split
+
+RULES = {"plain (99% on validation)": 0, "one error assumed (the trainer's rule)": 1}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--split", type=Path, required=True)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    ap.add_argument("--draws", type=int, default=2000)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    split = Split.load(args.split, args.data)
+    meta = read_meta(args.bundle)
+    predictions = app_predictions(args.bundle, [args.data / p for p in split.paths("val")], args.data,
+                                  args.precision, workers=2)
+    truth = validation_truth(split, meta)
+    conf = np.array([p.confidence for p in predictions])
+    right = np.array([p.label == t for p, t in zip(predictions, truth)])
+    unfamiliar = np.array([p.ood_score is not None and p.ood_score > 1 for p in predictions])
+    groups = np.array([r.group for r in split.rows if r.split == "val"])  # split.paths order
+
+    lines = [
+        f"Review rule of `{meta.name}` on validation ({len(truth)} images, {int((~right).sum())} wrong, "
+        f"{int(unfamiliar.sum())} unfamiliar; {args.precision}); held-out halves: {args.draws} draws of half "
+        f"the {np.unique(groups).size} groups.",
+        "",
+        "| rule | cut-off on all of validation | flagged there | held-out half short of 99% | "
+        "median unflagged right | median flagged (90th centile) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, assumed in RULES.items():
+        t = choose_review_threshold(conf, right, assumed_errors=assumed)
+        flagged = float(((conf < t) | unfamiliar).mean())
+        h = review_rule_on_halves(conf, right, unfamiliar, groups, assumed_errors=assumed, draws=args.draws)
+        lines.append(f"| {name} | {t:.4f} | {flagged:.1%} | {h['short_of_target']:.0%} | "
+                     f"{h['median_unflagged_right']:.2%} | {h['median_flagged']:.1%} ({h['p90_flagged']:.1%}) |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
