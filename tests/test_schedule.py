@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.recipes import RECIPES, recipe_settings
-from trainer.schedule import class_weights, epoch_order, lr_factor, parse_size_schedule, seconds_left, train_size
+from trainer.schedule import class_weights, epoch_cost, epoch_order, lr_factor, parse_size_schedule, seconds_left, train_size
 
 
 def test_lr_warms_up_then_decays_to_one_percent() -> None:
@@ -36,6 +36,8 @@ def test_time_left_weighs_the_epochs_still_to_come_at_a_higher_resolution() -> N
     # Without a schedule it is the plain pace, and nothing is left after the last epoch.
     assert seconds_left(100.0, range(1, 3), range(3, 5), [], 160) == pytest.approx(100.0)
     assert seconds_left(100.0, range(1, 3), range(3, 3), schedule, 160) == 0.0
+    # The run's progress bar advances by the same weights (an epoch at 112 px is half of one at 160).
+    assert [epoch_cost(schedule, e, 160) for e in (1, 2, 3)] == pytest.approx([(112 / 160) ** 2] * 2 + [1.0])
 
 
 def test_balanced_sampler_draws_each_class_about_equally_and_repeatably() -> None:

@@ -31,7 +31,7 @@ from bcc_desk.files import atomic_write
 from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
-from trainer.schedule import class_weights, epoch_order, lr_factor, seconds_left, train_size
+from trainer.schedule import class_weights, epoch_cost, epoch_order, lr_factor, seconds_left, train_size
 from trainer.split import Split, data_fingerprint, make_split
 
 log = logging.getLogger("bcc-train")
@@ -409,7 +409,8 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         size = train_size(cfg.size_schedule, epoch + 1, meta.input.size)
         images = train_images(size)
         losses, preds, targets = [], [], []
-        task = bar.add_task("epoch", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}")
+        task = bar.add_task("epoch", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", steps=f"0/{steps_per_epoch}")
+        cost = epoch_cost(cfg.size_schedule, epoch + 1, meta.input.size)
         for b in range(steps_per_epoch):
             idx = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(device)
             x = normalise(augment(images.images[idx], aug, generator=g), meta.input)
@@ -436,8 +437,8 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
             losses.append(loss.detach())
             preds.append(logits.detach().argmax(1))
             targets.append(y)
-            bar.advance(task)
-            bar.advance(whole)
+            bar.update(task, advance=1, steps=f"{b + 1}/{steps_per_epoch}")
+            bar.advance(whole, cost)
         bar.remove_task(task)
         train_loss = float(torch.stack(losses).mean())
         p, t = torch.cat(preds).cpu(), torch.cat(targets).cpu()
@@ -480,7 +481,10 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
 
     t_loop = time.perf_counter()
     with _progress(env.main) as bar:
-        whole = bar.add_task("run", total=(cfg.epochs - start_epoch) * steps_per_epoch, epoch=f"{start_epoch}/{cfg.epochs}")
+        # The run's bar counts steps weighted by their pixels, so its time remaining holds
+        # across a size schedule (an epoch at 160 px costs twice one at 112).
+        total = steps_per_epoch * sum(epoch_cost(cfg.size_schedule, e, meta.input.size) for e in range(start_epoch + 1, cfg.epochs + 1))
+        whole = bar.add_task("run", total=total, epoch=f"{start_epoch}/{cfg.epochs}", steps="")
         for epoch in range(start_epoch, cfg.epochs):
             bar.update(whole, epoch=f"{epoch + 1}/{cfg.epochs}")
             best_f1 = run_epoch(epoch, bar, whole, best_f1)
@@ -521,12 +525,13 @@ def _progress(enabled: bool):
     """A progress bar on the same console as the log lines (so neither garbles the other)."""
     from rich.console import Console
     from rich.logging import RichHandler
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = next((h.console for h in log.handlers if isinstance(h, RichHandler)), None) or Console(stderr=True)
     return Progress(
-        # Two bars: this epoch, and the whole run (its time remaining is the run's ETA).
-        TextColumn("{task.description} {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        # Two bars: this epoch (its steps), and the whole run (its time remaining is the run's ETA).
+        TextColumn("{task.description} {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[steps]}"),
+        TimeRemainingColumn(),
         console=console, disable=not enabled, transient=True,
     )
 

@@ -44,14 +44,19 @@ def train_size(schedule: list[tuple[int, int]], epoch: int, default: int) -> int
     return size
 
 
+def epoch_cost(schedule: list[tuple[int, int]], epoch: int, default: int) -> float:
+    """What epoch `epoch` (1-based) costs relative to one at the final size: its pixel count."""
+    return (train_size(schedule, epoch, default) / default) ** 2
+
+
 def seconds_left(elapsed: float, done: range, left: range, schedule: list[tuple[int, int]], default: int) -> float:
     """The time the epochs `left` will take at the pace of the epochs `done` (1-based) in `elapsed`
     seconds, each epoch weighted by its pixel count: under a size schedule an epoch at 160 px
     costs about twice one at 112, and an ETA from the plain mean would promise too early."""
     def cost(epochs: range) -> float:
-        return sum(train_size(schedule, e, default) ** 2 for e in epochs)
+        return sum(epoch_cost(schedule, e, default) for e in epochs)
 
-    return elapsed / max(1.0, cost(done)) * cost(left) if len(done) else 0.0
+    return elapsed / cost(done) * cost(left) if len(done) else 0.0
 
 
 def epoch_order(labels: torch.Tensor, n_classes: int, balance: str, g: torch.Generator) -> torch.Tensor:
