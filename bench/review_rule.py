@@ -1,12 +1,15 @@
 """Does the review rule keep its promise on images it was not chosen on?  Validation alone answers.
 
-    python bench/review_rule.py BUNDLE DATA --split SPLIT.csv [--precision fp32|int8] [--draws 2000] [--out MD]
+    python bench/review_rule.py BUNDLE DATA --split SPLIT.csv [--member BUNDLE]... [--tta]
+                                [--precision fp32|int8] [--draws 2000] [--out MD]
 
 The application's own predictions on the split's validation images (`bcc classify`'s classifier),
 then `trainer.metrics.review_rule_on_halves` for the plain rule (the lowest cut-off at which the
 kept images were 99% right) and for the rule the trainer uses (one error more assumed): half the
 groups choose the cut-off, the other half is flagged with it, `--draws` times.  No test image is
-read.  Prints a markdown table (and writes it to --out).
+read.  `--member` adds bundles to an ensemble with BUNDLE (probabilities averaged, as `bcc
+classify -m A -m B` runs it), `--tta` averages the 8 views.  Prints a markdown table (and writes
+it to --out).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("data", type=Path)
     ap.add_argument("--split", type=Path, required=True)
+    ap.add_argument("--member", type=Path, action="append", default=[], help="another bundle: an ensemble")
+    ap.add_argument("--tta", action="store_true", help="test-time augmentation (8 views)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
     ap.add_argument("--draws", type=int, default=2000)
     ap.add_argument("--out", type=Path)
@@ -36,16 +41,17 @@ def main() -> None:
 
     split = Split.load(args.split, args.data)
     meta = read_meta(args.bundle)
-    predictions = app_predictions(args.bundle, [args.data / p for p in split.paths("val")], args.data,
-                                  args.precision, workers=2)
+    predictions = app_predictions([args.bundle, *args.member], [args.data / p for p in split.paths("val")],
+                                  args.data, args.precision, workers=2, tta=args.tta)
     truth = validation_truth(split, meta)
     conf = np.array([p.confidence for p in predictions])
     right = np.array([p.label == t for p, t in zip(predictions, truth)])
     unfamiliar = np.array([p.ood_score is not None and p.ood_score > 1 for p in predictions])
     groups = np.array([r.group for r in split.rows if r.split == "val"])  # split.paths order
 
+    name = "+".join(read_meta(b).name for b in [args.bundle, *args.member]) + (" with TTA" if args.tta else "")
     lines = [
-        f"Review rule of `{meta.name}` on validation ({len(truth)} images, {int((~right).sum())} wrong, "
+        f"Review rule of `{name}` on validation ({len(truth)} images, {int((~right).sum())} wrong, "
         f"{int(unfamiliar.sum())} unfamiliar; {args.precision}); held-out halves: {args.draws} draws of half "
         f"the {np.unique(groups).size} groups.",
         "",
@@ -59,6 +65,7 @@ def main() -> None:
         h = review_rule_on_halves(conf, right, unfamiliar, groups, assumed_errors=assumed, draws=args.draws)
         lines.append(f"| {name} | {t:.4f} | {flagged:.1%} | {h['short_of_target']:.0%} | "
                      f"{h['median_unflagged_right']:.2%} | {h['median_flagged']:.1%} ({h['p90_flagged']:.1%}) |")
+    lines.append(f"\nValidation accuracy {right.mean():.2%}.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -90,3 +90,22 @@ def test_an_unreadable_foreign_image_is_left_out_not_fatal(tmp_path: Path) -> No
     got = ood_predictions(bundle, foreign, ("fp32",))
     assert [len(v) for v in got.values()] == [3] and all(p.ood_score is not None for p in got["fp32"])
     assert ood_predictions(make_bundle(tmp_path / "plain"), foreign, ("fp32",)) == {}  # no check: nothing to measure
+
+
+def test_app_predictions_of_an_ensemble_with_tta_average_what_its_members_say(tmp_path: Path, real_images) -> None:
+    """bench/review_rule.py judges an ensemble (and TTA) through the application's own classifier:
+    the probabilities are the members' averaged, every view of each."""
+    from trainer.review_threshold import app_predictions
+
+    a, b = make_bundle(tmp_path / "a", seed=1), make_bundle(tmp_path / "b", seed=2)
+    paths = [f for fs in real_images.values() for f in fs][:3]
+    root = paths[0].parents[1]
+    alone = [app_predictions(m, paths, root, "fp32", workers=1, tta=True) for m in (a, b)]
+    both = app_predictions([a, b], paths, root, "fp32", workers=1, tta=True)
+    assert [p.model for p in both] == [f"{read_meta(a).name}+{read_meta(b).name}"] * 3
+    for i, p in enumerate(both):
+        for label, value in p.probabilities.items():
+            assert value == pytest.approx((alone[0][i].probabilities[label] + alone[1][i].probabilities[label]) / 2,
+                                          abs=1e-5)
+    plain = app_predictions(a, paths, root, "fp32", workers=1)
+    assert any(abs(p.confidence - q.confidence) > 1e-6 for p, q in zip(plain, alone[0]))  # the views count

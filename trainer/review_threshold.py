@@ -29,14 +29,16 @@ from trainer.split import Split
 log = logging.getLogger("bcc-train")
 
 
-def app_predictions(bundle_dir: Path, paths: list[Path], root: Path, precision: str, workers: int,
-                    skip_unreadable: bool = False) -> list[Prediction]:
+def app_predictions(bundle_dir: Path | Sequence[Path], paths: list[Path], root: Path, precision: str, workers: int,
+                    skip_unreadable: bool = False, tta: bool = False) -> list[Prediction]:
     """The application's predictions for `paths` on this CPU in `precision` (fp32 uncompiled, the
-    reference; int8 compiled, as `bcc classify` runs it).  A problem is a one-line ValueError; an
-    unreadable image too, unless `skip_unreadable` (then it is left out, with a warning)."""
+    reference; int8 compiled, as `bcc classify` runs it), by one bundle or an ensemble (several),
+    with or without test-time augmentation.  A problem is a one-line ValueError; an unreadable
+    image too, unless `skip_unreadable` (then it is left out, with a warning)."""
+    dirs = [bundle_dir] if isinstance(bundle_dir, (str, Path)) else list(bundle_dir)
     try:
-        clf = Classifier(load_bundle(bundle_dir), device="cpu", precision=precision, workers=workers,
-                         compile=None if precision == "int8" else False)
+        clf = Classifier([load_bundle(d) for d in dirs], device="cpu", precision=precision, workers=workers,
+                         compile=None if precision == "int8" else False, tta=tta)
     except BundleError as exc:
         raise ValueError(str(exc)) from None
     predictions = list(clf.predict_paths(paths, root))
