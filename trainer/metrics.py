@@ -178,11 +178,11 @@ def choose_review_threshold(
 
     Why the extra error: the lowest cut-off that just reaches 99% on validation is, by its choice,
     the one whose validation figure flatters it most; on new images it falls short about half the
-    time (on split halves of v4's validation: 52%, and on its test split: 98.9%).  One assumed
-    error is the usual small-sample correction (as in conformal prediction) and halves that
-    (docs/default-model/review-rule.md).  `assumed_errors=0` is the plain rule.
+    time (on held-out halves of v4's validation: 52%; on its test split: 98.9%).  One assumed
+    error is the usual small-sample correction (as in conformal prediction): 35% on the same
+    halves (docs/default-model/review-rule.md).  `assumed_errors=0` is the plain rule.
 
-    Returns 0.0 (flag nothing) when every validation prediction already meets the target.  An
+    Returns 0.0 (flag nothing) when all of validation meets the target, errors assumed too.  An
     image is flagged when its confidence is strictly below the returned value."""
     conf = _np(confidences, np.float64).ravel()
     ok = _np(correct).astype(bool).ravel()
