@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -257,7 +258,9 @@ def load_trunk_weights(model: BundleNet, path: Path) -> None:
     if not path.is_file():
         raise FitError(f"--init-weights: {path} does not exist")
     try:
-        state = load_state_dict(str(path), weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle: the verdict below says it
+            warnings.simplefilter("ignore", UserWarning)
+            state = load_state_dict(str(path), weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise FitError(f"--init-weights: {path} is not a readable weights file ({type(exc).__name__})") from None
     own = model.trunk.state_dict()
