@@ -47,7 +47,7 @@ def main() -> None:
     conf = np.array([p.confidence for p in predictions])
     right = np.array([p.label == t for p, t in zip(predictions, truth)])
     unfamiliar = np.array([p.ood_score is not None and p.ood_score > 1 for p in predictions])
-    groups = np.array([r.group for r in split.rows if r.split == "val"])  # split.paths order
+    groups = np.array(split.groups("val"))
 
     name = "+".join(read_meta(b).name for b in [args.bundle, *args.member]) + (" with TTA" if args.tta else "")
     lines = [

@@ -109,3 +109,21 @@ def test_app_predictions_of_an_ensemble_with_tta_average_what_its_members_say(tm
                                           abs=1e-5)
     plain = app_predictions(a, paths, root, "fp32", workers=1)
     assert any(abs(p.confidence - q.confidence) > 1e-6 for p, q in zip(plain, alone[0]))  # the views count
+
+
+def test_settling_with_the_groups_records_how_often_the_promise_falls_short_on_held_out_halves(tmp_path: Path) -> None:
+    """Always right: never short.  Right as often as it says, with errors up to the top: often short."""
+    truth = ["Benign"] * 400
+    groups = [i // 4 for i in range(400)]
+    conf = [0.5 + 0.5 * (i + 1) / 400 for i in range(400)]
+    right = make_bundle(tmp_path / "right")
+    settle_thresholds(right, truth, {"fp32": [_prediction("Benign", c) for c in conf]}, groups=groups)
+    assert read_meta(right).metrics["val_review_short_on_halves"] == {"fp32": 0.0}
+    wrong_at_the_top = [_prediction("Pro-B" if i % 50 == 49 else "Benign", c) for i, c in enumerate(conf)]
+    shaky = make_bundle(tmp_path / "shaky")
+    settle_thresholds(shaky, truth, {"fp32": wrong_at_the_top, "int8": wrong_at_the_top}, groups=groups)
+    short = read_meta(shaky).metrics["val_review_short_on_halves"]
+    assert set(short) == {"fp32", "int8"} and short["fp32"] == short["int8"] > 0.2
+    plain = make_bundle(tmp_path / "plain")
+    settle_thresholds(plain, truth, {"fp32": wrong_at_the_top})
+    assert "val_review_short_on_halves" not in read_meta(plain).metrics  # without groups: not measured

@@ -93,6 +93,9 @@ def test_the_review_promise_is_kept_on_the_applications_own_predictions(tiny_run
     assert sum(flagged) / len(preds) == pytest.approx(meta.metrics["val_flagged_low_confidence"])
     # The rule: unflagged images 99% right, or else the least confident quarter flagged.
     assert sum(kept_right) >= 0.99 * len(kept_right) or sum(flagged) == len(preds) // 4
+    # And how often it would fall short on images it was not chosen on, for the data person.
+    assert set(meta.metrics["val_review_short_on_halves"]) == {"fp32"}
+    assert 0 <= meta.metrics["val_review_short_on_halves"]["fp32"] <= 1
 
 
 def test_bcc_classify_reads_the_trained_bundle(tiny_run: Path, small_data: Path, tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def add_int8(
     save_int8_calibration(bundle_dir, calibration, check)
     # Labs on x86 CPUs now get int8: the review promise must hold for its numerics too.
     settle_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": reference, "int8": quantized},
-                            ood_predictions(bundle_dir, ood_dir, ("fp32", "int8"), workers))
+                      ood_predictions(bundle_dir, ood_dir, ("fp32", "int8"), workers), split.groups("val"))
     return check
 
 

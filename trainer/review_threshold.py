@@ -23,7 +23,7 @@ import numpy as np
 from bcc_desk.bundle import BundleError, BundleMeta, load_bundle, read_meta, record_thresholds
 from bcc_desk.classifier import Classifier, Prediction  # the trainer reaches the app through the engine
 from bcc_desk.images import discover_images
-from trainer.metrics import choose_ood_threshold, choose_review_threshold
+from trainer.metrics import choose_ood_threshold, choose_review_threshold, review_rule_on_halves
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -57,7 +57,7 @@ def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2,
     meta = read_meta(bundle_dir)
     predictions = app_predictions(bundle_dir, [Path(data) / p for p in split.paths("val")], Path(data), "fp32", workers)
     return settle_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": predictions},
-                             ood_predictions(bundle_dir, ood_dir, ("fp32",), workers))
+                             ood_predictions(bundle_dir, ood_dir, ("fp32",), workers), split.groups("val"))
 
 
 def ood_predictions(bundle_dir: Path, ood_dir: Path | None, precisions: Sequence[str], workers: int = 2
@@ -87,12 +87,14 @@ def validation_truth(split: Split, meta: BundleMeta) -> list[str]:
 
 def settle_thresholds(
     bundle_dir: Path, truth: Sequence[str], by_precision: Mapping[str, Sequence[Prediction]],
-    ood_dev: Mapping[str, Sequence[Prediction]] | None = None,
+    ood_dev: Mapping[str, Sequence[Prediction]] | None = None, groups: Sequence[int] | None = None,
 ) -> float:
     """Write into the bundle the strictest review threshold chosen (`choose_review_threshold`)
     on each precision's validation predictions; record each choice and the share flagged; then
     settle the out-of-distribution threshold on the same predictions (`settle_ood_threshold`).
-    Returns the review threshold now in the bundle."""
+    With the images' `groups` (the split's), also record how often the rule's promise falls
+    short on held-out halves of validation (`review_rule_on_halves`), for the data person to
+    judge how far it will hold.  Returns the review threshold now in the bundle."""
     if not by_precision:
         raise ValueError("no validation predictions to settle the review threshold on")
     chosen: dict[str, float] = {}
@@ -109,7 +111,8 @@ def settle_thresholds(
     unflagged_right = {k: float(right[conf >= threshold].mean()) if (conf >= threshold).any() else None
                        for k, (conf, right) in scored.items()}
 
-    before = read_meta(bundle_dir).review_threshold
+    meta = read_meta(bundle_dir)
+    before, ood_before = meta.review_threshold, meta.ood.threshold if meta.ood else None
     record_thresholds(bundle_dir, {
         "review_threshold_by_precision": chosen,  # what each numerics alone would have chosen
         "val_flagged_low_confidence": max(flagged.values()),
@@ -117,7 +120,16 @@ def settle_thresholds(
     }, review=threshold)
     log.info("review threshold %.4f (was %.4f): the strictest chosen on the application's %s predictions on validation",
              threshold, before, " and ".join(chosen))
-    settle_ood_threshold(bundle_dir, by_precision, ood_dev or {})
+    ood_after = settle_ood_threshold(bundle_dir, by_precision, ood_dev or {})
+    if groups is not None:
+        short = {}
+        for precision, (conf, right) in scored.items():
+            unfamiliar = (np.zeros(conf.size, bool) if ood_before is None
+                          else _ood_distances(by_precision[precision], ood_before) > ood_after)
+            short[precision] = review_rule_on_halves(conf, right, unfamiliar, np.asarray(groups))["short_of_target"]
+        record_thresholds(bundle_dir, {"val_review_short_on_halves": short})
+        log.info("the review promise fell short on %s of held-out halves of validation (%s): how often "
+                 "new images may find it short", " and ".join(f"{v:.0%}" for v in short.values()), " and ".join(short))
     return threshold
 
 

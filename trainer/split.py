@@ -297,6 +297,10 @@ class Split:
         index = {c: i for i, c in enumerate(self.classes)}
         return [index[r.cls] for r in self._part(split)]
 
+    def groups(self, split: str) -> list[int]:
+        """Near-duplicate group of each path of `paths(split)`, in the same order."""
+        return [r.group for r in self._part(split)]
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per part and class, zeros included, for logs and the bundle's provenance."""
         out = {s: {c: 0 for c in self.classes} for s in SPLITS}
