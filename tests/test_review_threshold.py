@@ -127,3 +127,5 @@ def test_settling_with_the_groups_records_how_often_the_promise_falls_short_on_h
     plain = make_bundle(tmp_path / "plain")
     settle_thresholds(plain, truth, {"fp32": wrong_at_the_top})
     assert "val_review_short_on_halves" not in read_meta(plain).metrics  # without groups: not measured
+    settle_thresholds(plain, truth, {"fp32": wrong_at_the_top}, groups=[0] * 400)
+    assert "val_review_short_on_halves" not in read_meta(plain).metrics  # one group: nothing to hold out

@@ -121,7 +121,7 @@ def settle_thresholds(
     log.info("review threshold %.4f (was %.4f): the strictest chosen on the application's %s predictions on validation",
              threshold, before, " and ".join(chosen))
     ood_after = settle_ood_threshold(bundle_dir, by_precision, ood_dev or {})
-    if groups is not None:
+    if groups is not None and len(set(groups)) > 1:  # a tiny split may hold one group: nothing to hold out
         short = {}
         for precision, (conf, right) in scored.items():
             unfamiliar = (np.zeros(conf.size, bool) if ood_before is None
