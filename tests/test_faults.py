@@ -94,12 +94,14 @@ def classify(folder: Path, out: Path, model: Path, env: dict, console: Path) -> 
 
 def reading_images(proc: subprocess.Popen, folder: Path) -> bool:
     """The run is classifying: it has one of the folder's images open (its start-up check that
-    the report's folder is writable is long done)."""
+    the report's folder is writable is long done).  An image, not a folder: finding the images
+    holds the slide folders open before that check."""
     assert proc.poll() is None, "the run ended before the fault could be made"
     with contextlib.suppress(OSError):
         for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
             with contextlib.suppress(OSError):
-                if os.readlink(fd).startswith(str(folder)):
+                target = os.readlink(fd)
+                if target.startswith(str(folder)) and target.lower().endswith(".jpg"):
                     return True
     return False
 
