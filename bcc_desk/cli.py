@@ -20,7 +20,6 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -36,8 +35,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out_console = Console()
+# No rich markup in anything printed: paths and folder names may hold brackets ("[b] smear").
+console = Console(stderr=True, markup=False)
+out_console = Console(markup=False)
 
 EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # and 0: the run completed
 EXIT_ELSEWHERE = 3  # the run completed, but its report is in a fallback folder, not where asked
@@ -48,8 +48,7 @@ _report_written = False
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """One line on stderr and the exit code; no traceback for a user's mistake."""
-    # Paths and folder names may hold brackets ("[a] slide"): never rich markup.
-    console.print("[bold red]error:[/] " + escape(message), highlight=False, soft_wrap=True)
+    console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -167,7 +166,7 @@ def classify(
         _run(classifier, paths, folder, quiet, predictions)
     except KeyboardInterrupt:
         interrupted = True
-        console.print(f"[yellow]interrupted[/]: writing the report for the {len(predictions)} images done")
+        console.print(Text.assemble(("interrupted", "yellow"), f": writing the report for the {len(predictions)} images done"))
 
     run = run_info(classifier, root=folder, command=shlex.join(["bcc", *sys.argv[1:]]), started=started,
                    finished=None if interrupted else datetime.now(timezone.utc))
@@ -183,14 +182,14 @@ def classify(
     flagged = sum(p.needs_review for p in predictions)
     if not quiet:
         out_console.print(
-            escape(f"{classified} of {len(paths)} images classified, {flagged} flagged for review "
-                   f"({len(predictions) - classified} of them unreadable). Report: {written}"),
+            f"{classified} of {len(paths)} images classified, {flagged} flagged for review "
+            f"({len(predictions) - classified} of them unreadable). Report: {written}",
             highlight=False,
             soft_wrap=True,
         )
     if diverted:  # said even with --quiet: the report is not where a script will look for it
-        console.print("[bold yellow]warning:[/] " + escape(f"{diverted}; the report is in {written}"), highlight=False,
-                      soft_wrap=True)
+        console.print(Text.assemble(("warning:", "bold yellow"), f" {diverted}; the report is in {written}"),
+                      highlight=False, soft_wrap=True)
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if classified == 0:
@@ -207,7 +206,7 @@ def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: li
     # the bar says so instead of sitting at 0.
     preparing = classifier.preparation(len(paths))
     if preparing and not quiet and not console.is_terminal:  # no bar in a log file: one line
-        console.print(escape(preparing), highlight=False)
+        console.print(preparing, highlight=False)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -237,7 +236,7 @@ def summary_table(predictions, classes: list[str]) -> Table:
         table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
     for slide, count in count_slides(predictions).items():  # slide-2 before slide-10, as the report
         table.add_row(
-            Text(slide), str(count.images), *(str(count.per_class.get(c, 0)) for c in classes),
+            slide, str(count.images), *(str(count.per_class.get(c, 0)) for c in classes),
             str(count.flagged), str(count.unreadable),
         )
     return table
@@ -255,7 +254,7 @@ def info(
         meta = load_bundle(bundle).meta
     except BundleError as exc:
         fail(str(exc))
-    table = Table(title=escape(f"Model bundle {bundle}"), show_header=False, title_justify="left")
+    table = Table(title=f"Model bundle {bundle}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     rows = [
@@ -273,8 +272,8 @@ def info(
     rows += lineage(meta)
     rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k not in ("parent", "reviews")]
     rows += [(f"metric: {k}", _fmt(v)) for k, v in meta.metrics.items()]
-    for field, value in rows:  # values hold paths and folder names: text, not markup
-        table.add_row(field, Text(str(value)))
+    for row in rows:
+        table.add_row(*row)
     out_console.print(table)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
+from rich.text import Text
 
 from bcc_desk.cli_help import DEVICE_CHOICES, Command
 from bcc_desk.logs import quiet_developer_noise
@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # paths may hold brackets: never rich markup
 
 
 # The options of the commands that judge bundles on labelled images (evaluate, compare).
@@ -35,8 +35,12 @@ Device = Annotated[str, typer.Option(metavar=DEVICE_CHOICES)]
 TTA = Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the 8 right-angle rotations and mirror images.")]
 
 
+def say_error(message: str) -> None:
+    console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    console.print("[bold red]error:[/] " + escape(message), highlight=False, soft_wrap=True)  # paths may hold brackets
+    say_error(message)
     raise typer.Exit(code)
 
 
@@ -356,9 +360,8 @@ def main() -> None:
         if missing not in TRAIN_EXTRA:
             raise
         # The app installs without the trainer's libraries; say how to add them, not a traceback.
-        console.print("[bold red]error:[/] " + escape(
-            f"bcc-train needs {TRAIN_EXTRA[missing]}, part of the training extra: "
-            'pip install -e ".[train]" (in a checkout) or pip install "bcc-desk[train]"'), highlight=False, soft_wrap=True)
+        say_error(f"bcc-train needs {TRAIN_EXTRA[missing]}, part of the training extra: "
+                  'pip install -e ".[train]" (in a checkout) or pip install "bcc-desk[train]"')
         raise SystemExit(2) from None
 
 
