@@ -90,7 +90,7 @@ def settle_thresholds(
     ood_dev: Mapping[str, Sequence[Prediction]] | None = None, groups: Sequence[int] | None = None,
 ) -> float:
     """Write into the bundle the strictest review threshold chosen (`choose_review_threshold`)
-    on each precision's validation predictions; record each choice and the share flagged; then
+    on each precision's validation predictions; record each choice and the share flagged; and
     settle the out-of-distribution threshold on the same predictions (`settle_ood_threshold`).
     With the images' `groups` (the split's), also record how often the rule's promise falls
     short on held-out halves of validation (`review_rule_on_halves`), for the data person to
@@ -113,23 +113,22 @@ def settle_thresholds(
 
     meta = read_meta(bundle_dir)
     before, ood_before = meta.review_threshold, meta.ood.threshold if meta.ood else None
-    record_thresholds(bundle_dir, {
+    ood_after = settle_ood_threshold(bundle_dir, by_precision, ood_dev or {})
+    metrics: dict[str, object] = {
         "review_threshold_by_precision": chosen,  # what each numerics alone would have chosen
         "val_flagged_low_confidence": max(flagged.values()),
         "val_accuracy_unflagged": unflagged_right,
-    }, review=threshold)
-    log.info("review threshold %.4f (was %.4f): the strictest chosen on the application's %s predictions on validation",
-             threshold, before, " and ".join(chosen))
-    ood_after = settle_ood_threshold(bundle_dir, by_precision, ood_dev or {})
+    }
     if groups is not None and len(set(groups)) > 1:  # a tiny split may hold one group: nothing to hold out
-        short = {}
-        for precision, (conf, right) in scored.items():
-            unfamiliar = (np.zeros(conf.size, bool) if ood_before is None
-                          else _ood_distances(by_precision[precision], ood_before) > ood_after)
-            short[precision] = review_rule_on_halves(conf, right, unfamiliar, np.asarray(groups))["short_of_target"]
-        record_thresholds(bundle_dir, {"val_review_short_on_halves": short})
+        short = {k: review_rule_on_halves(conf, right, _unfamiliar(by_precision[k], ood_before, ood_after),
+                                          np.asarray(groups))["short_of_target"]
+                 for k, (conf, right) in scored.items()}
+        metrics["val_review_short_on_halves"] = short
         log.info("the review promise fell short on %s of held-out halves of validation (%s): how often "
                  "new images may find it short", " and ".join(f"{v:.0%}" for v in short.values()), " and ".join(short))
+    record_thresholds(bundle_dir, metrics, review=threshold)
+    log.info("review threshold %.4f (was %.4f): the strictest chosen on the application's %s predictions on validation",
+             threshold, before, " and ".join(chosen))
     return threshold
 
 
@@ -160,6 +159,13 @@ def settle_ood_threshold(
     log.info("out-of-distribution threshold %.2f (was %.2f): the strictest flagging at most 5%% of the application's "
              "%s predictions on validation", threshold, before, " and ".join(chosen))
     return threshold
+
+
+def _unfamiliar(predictions: Sequence[Prediction], scored_at: float | None, threshold: float | None) -> np.ndarray:
+    """Which predictions the settled out-of-distribution check flags (none without a check)."""
+    if scored_at is None or threshold is None:
+        return np.zeros(len(predictions), bool)
+    return _ood_distances(predictions, scored_at) > threshold
 
 
 def _ood_distances(predictions: Sequence[Prediction], threshold: float) -> np.ndarray:
