@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,68 @@ class BundleNet(nn.Module):
         return ood_distance(features, self.ood_means, self.ood_precision)
 
 
+class EnsembleNet(nn.Module):
+    """Several networks of one architecture as one bundle (`BundleMeta.members`).
+
+    Its logits are the log of the average of the members' calibrated probabilities (each with its
+    own temperature), so the bundle's temperature calibrates the ensemble as a whole and every
+    front end, the int8 path and the thresholds treat it as one model.  The out-of-distribution
+    features are the members' side by side (their statistics block-diagonal: the distance to a
+    class is the sum of the members' distances to it)."""
+
+    def __init__(self, meta: BundleMeta, pretrained: bool = False, **timm_kwargs: Any) -> None:
+        super().__init__()
+        single = replace(meta, members=[], ood=None)
+        self.members = nn.ModuleList(BundleNet(single, pretrained=pretrained, **timm_kwargs) for _ in meta.members)
+        # Not in the state dict: the temperatures are part of bundle.json's contract.
+        self.register_buffer("temperatures", torch.tensor([m["temperature"] for m in meta.members]), persistent=False)
+        self.num_features = sum(m.num_features for m in self.members)
+        self.ood_features = meta.ood.features if meta.ood is not None else "pooled"
+        if meta.ood is not None:
+            d, k = self.num_features, len(meta.classes)
+            self.register_buffer("ood_means", torch.zeros(k, d))
+            self.register_buffer("ood_precision", torch.zeros(d, d))
+
+    @property
+    def ood_features(self) -> str:
+        return self.members[0].ood_features
+
+    @ood_features.setter
+    def ood_features(self, value: str) -> None:
+        for m in self.members:
+            m.ood_features = value
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The first member's trunk: Grad-CAM follows the ensemble's answer back through it."""
+        return self.members[0].trunk
+
+    @property
+    def has_ood(self) -> bool:
+        return hasattr(self, "ood_means")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.forward_features(x) for m in self.members], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, features = [], []
+        for i, m in enumerate(self.members):
+            logits, f = m.forward_with_features(x)
+            # fp32 by promotion (the temperatures are fp32): an explicit cast would pin the
+            # exported graph to one dtype, and the int8 package runs it again under bf16
+            log_probs.append(torch.log_softmax(logits / self.temperatures[i], dim=1))
+            features.append(f)
+        # log of the mean probability, without underflow where one member is sure
+        mean = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
+        return mean, torch.cat(features, dim=1)
+
+    def ood_score(self, features: torch.Tensor) -> torch.Tensor:
+        return ood_distance(features, self.ood_means, self.ood_precision)
+
+
 def ood_distance(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Squared Mahalanobis distance of each row of `features` to the nearest of `means` (k, d)
     under the shared `precision` (d, d)."""
@@ -114,10 +177,10 @@ class Bundle:
     meta: BundleMeta
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     ood_stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    _model: BundleNet | None = field(default=None, repr=False)
+    _model: BundleNet | EnsembleNet | None = field(default=None, repr=False)
 
     @property
-    def model(self) -> BundleNet:
+    def model(self) -> BundleNet | EnsembleNet:
         """The network with the bundle's weights (built and shape-checked on first use)."""
         if self._model is None:
             assert self.state is not None
@@ -149,16 +212,16 @@ class Bundle:
         return self.meta.labels
 
 
-def build_model(meta: BundleMeta, pretrained: bool = False, **timm_kwargs: Any) -> BundleNet:
+def build_model(meta: BundleMeta, pretrained: bool = False, **timm_kwargs: Any) -> BundleNet | EnsembleNet:
     """The network a bundle describes, with fresh (or ImageNet, when `pretrained`) weights."""
     import timm
 
     if not timm.is_model(meta.arch):
         raise BundleError(f"unknown timm architecture {meta.arch!r}")
-    return BundleNet(meta, pretrained=pretrained, **timm_kwargs)
+    return (EnsembleNet if meta.members else BundleNet)(meta, pretrained=pretrained, **timm_kwargs)
 
 
-def save_bundle(model: BundleNet, meta: BundleMeta, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+def save_bundle(model: nn.Module, meta: BundleMeta, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `model` and `meta` as a bundle folder; floating weights are stored as `dtype`
     (float16 halves the file).  The weights' sha256 is filled into the saved meta."""
     meta.validate()
@@ -207,13 +270,15 @@ def record_metrics(folder: Path, metrics: dict[str, Any]) -> BundleMeta:
 
 def record_thresholds(
     folder: Path, metrics: dict[str, Any], review: float | None = None, ood: float | None = None,
-    forget: tuple[str, ...] = (),
+    forget: tuple[str, ...] = (), temperature: float | None = None,
 ) -> BundleMeta:
-    """Set the review and/or out-of-distribution threshold of the bundle at `folder` (the trainer
-    settles them on the application's own predictions), record how they were chosen and drop the
-    `forget` metrics they made stale; the weights are untouched."""
+    """Set the review and/or out-of-distribution threshold (and the temperature) of the bundle at
+    `folder` (the trainer settles them on the application's own predictions), record how they were
+    chosen and drop the `forget` metrics they made stale; the weights are untouched."""
     folder = Path(folder)
     meta = read_meta(folder)
+    if temperature is not None:
+        meta.temperature = float(temperature)
     if review is not None:
         meta.review_threshold = float(review)
     if ood is not None:

@@ -101,6 +101,11 @@ class BundleMeta:
     format_version: int = FORMAT_VERSION
     display_names: list[str] = field(default_factory=list)
     """What every front end calls each class (empty: derived from `classes` by `display_name`)."""
+    members: list[dict[str, Any]] = field(default_factory=list)
+    """An ensemble (`bcc-train ensemble`): one record per network, each {'name', 'weights_sha256',
+    'temperature'} of the bundle it came from.  The networks share `arch`, `head` and `input`; the
+    bundle's output is the average of their calibrated probabilities, which `temperature` then
+    calibrates as one model.  Empty: a single network."""
 
     @property
     def labels(self) -> list[str]:
@@ -155,6 +160,7 @@ class BundleMeta:
                 weights_sha256=str(data.get("weights_sha256", "")),
                 weights_dtype=str(data.get("weights_dtype", "float32")),
                 display_names=[str(c) for c in data.get("display_names") or []],
+                members=[_member(m) for m in data.get("members") or []],
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"malformed field ({exc})") from None
@@ -171,8 +177,18 @@ class BundleMeta:
             raise ValueError(f"review_threshold must be within 0..1, got {self.review_threshold}")
         if self.input.size < 16 or not 0 < self.input.crop_pct <= 1:
             raise ValueError(f"bad input spec {self.input}")
+        if self.members and (len(self.members) < 2 or not all(m["temperature"] > 0 for m in self.members)):
+            raise ValueError("an ensemble needs two or more members, each with a positive temperature")
         if self.input.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.input.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+
+
+def _member(data: Any) -> dict[str, Any]:
+    """One ensemble member's record, its types checked (a malformed one is a ValueError)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"an ensemble member must be an object, not {data!r}")
+    return {"name": str(data.get("name", "")), "weights_sha256": str(data.get("weights_sha256", "")),
+            "temperature": float(data["temperature"])}
 
 
 def display_name(cls: str) -> str:
@@ -182,9 +198,12 @@ def display_name(cls: str) -> str:
 
 
 def lineage(meta: BundleMeta) -> list[tuple[str, str]]:
-    """Where a fine-tuned bundle came from, as (what, text) lines for people: its parent bundle
-    and the review workbooks whose images it learned from (none for a model trained afresh)."""
+    """Where a fine-tuned bundle came from, as (what, text) lines for people: an ensemble's
+    members, a fine-tuned one's parent bundle and the review workbooks whose images it learned
+    from (none for a model trained afresh)."""
     lines: list[tuple[str, str]] = []
+    for m in meta.members:
+        lines.append(("ensemble member", f"{m['name']} (weights sha256 {m['weights_sha256'][:16]}\u2026, T={m['temperature']:.3g})"))
     parent = meta.provenance.get("parent")
     if isinstance(parent, dict):
         lines.append(("fine-tuned from", f"{parent.get('name', '?')} (weights sha256 {str(parent.get('sha256', ''))[:16]}\u2026)"))

@@ -270,7 +270,7 @@ def info(
         ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256}"),
     ]
     rows += lineage(meta)
-    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k not in ("parent", "reviews")]
+    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k not in ("parent", "reviews", "members")]
     rows += [(f"metric: {k}", _fmt(v)) for k, v in meta.metrics.items()]
     for row in rows:
         table.add_row(*row)

@@ -302,6 +302,38 @@ def int8(
 
 
 @app.command(cls=Command)
+def ensemble(
+    members: Annotated[list[Path], typer.Argument(help="Two or more bundle folders, trained on the same split.", show_default=False)],
+    data: Annotated[Path, typer.Option(help="The data folder they were trained on.", show_default=False)],
+    split: Annotated[Path, typer.Option(help="RUN/split.csv of their training (the same for all).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the ensemble's bundle.", show_default=False)],
+    name: Annotated[Optional[str], typer.Option(help="The model's name (default: the members' joined by '+').")] = None,
+    ood_dir: Annotated[
+        Optional[Path], typer.Option("--ood-dir", help="Images from another lab: measure the settled out-of-distribution check.")
+    ] = None,
+    int8: Annotated[bool, typer.Option(help="Add static int8 (x86 CPUs), checked against fp32 on validation.")] = True,
+) -> None:
+    """Pack MEMBERS into one bundle that averages their calibrated probabilities, with its own
+    temperature, review and out-of-distribution thresholds chosen on validation (the members' own
+    are each for one network alone)."""
+    from bcc_desk.bundle import BundleError, read_meta
+    from trainer.ensemble import build_ensemble
+
+    _check_ood_dir(ood_dir)
+    try:
+        build_ensemble(members, out, data, split, name=name, ood_dir=ood_dir, int8=int8)
+    except (BundleError, ValueError) as exc:
+        fail(str(exc))
+    meta = read_meta(out)
+    m = meta.metrics
+    typer.echo(
+        f"ensemble {meta.name} written to {out}: on validation {m['val_accuracy']:.1%} right, "
+        f"review threshold {meta.review_threshold:.3f} (flags {m.get('val_flagged_low_confidence', 0):.1%})"
+        + (f", int8 {'added' if meta.int8 else 'not added'}" if int8 else "")
+    )
+
+
+@app.command(cls=Command)
 def samples(
     data: Annotated[Path, typer.Argument(help="The data folder the split was made from.", show_default=False)],
     split: Annotated[Path, typer.Option(help="RUN/split.csv: the samples come from its test part.")],

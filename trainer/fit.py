@@ -500,28 +500,11 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     bundle = export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, best_f1, parent)
     # The review threshold is settled on the application's own predictions (both numerics
     # when int8 is added): see trainer/review_threshold.py.
-    if not (cfg.int8 and _add_int8(bundle, cfg, out / "split.csv")):
-        from trainer.review_threshold import settle_on_fp32
+    from trainer.int8 import settle_for_app
 
-        settle_on_fp32(bundle, cfg.data, split, workers=min(cfg.workers, 4), ood_dir=cfg.ood_dir)
+    settle_for_app(bundle, cfg.data, out / "split.csv", split, workers=min(cfg.workers, 4), ood_dir=cfg.ood_dir,
+                   int8=cfg.int8)
     return bundle
-
-
-def _add_int8(bundle: Path, cfg: FitConfig, split_csv: Path) -> bool:
-    """Int8 is a speed-up for CPU users of the bundle: a fit that cannot add it still succeeds."""
-    from bcc_desk.quantize import int8_unavailable_reason
-    from trainer.int8 import add_int8
-
-    if reason := int8_unavailable_reason(torch.device("cpu")):
-        log.info("no int8 added (%s)", reason)
-        return False
-    try:
-        check = add_int8(bundle, cfg.data, split_csv, workers=min(cfg.workers, 4), ood_dir=cfg.ood_dir)
-    except (ValueError, BundleError) as exc:
-        log.warning("no int8 added: %s", exc)
-        return False
-    log.info("int8 added: %.1f%% of validation labels as fp32", 100 * check["label_agreement"])
-    return True
 
 
 def _progress(enabled: bool):

@@ -99,3 +99,29 @@ def compare_int8(reference: list[Prediction], quantized: list[Prediction]) -> di
 
 def _unfamiliar(p: Prediction) -> bool:
     return p.ood_score is not None and p.ood_score > 1.0
+
+
+def settle_for_app(
+    bundle_dir: Path, data: Path, split_csv: Path, split: Split, workers: int = 2, ood_dir: Path | None = None,
+    int8: bool = True,
+) -> bool:
+    """Settle a new bundle's thresholds on the application's numerics: with int8 where this CPU
+    and the check allow (it is a speed-up for CPU users: a bundle that cannot have it is still
+    good), else on fp32 alone.  Returns whether int8 was added."""
+    from bcc_desk.bundle import BundleError
+    from bcc_desk.quantize import int8_unavailable_reason
+    from trainer.review_threshold import settle_on_fp32
+
+    if int8:
+        if reason := int8_unavailable_reason(torch.device("cpu")):
+            log.info("no int8 added (%s)", reason)
+        else:
+            try:
+                check = add_int8(bundle_dir, data, split_csv, workers=workers, ood_dir=ood_dir)
+            except (ValueError, BundleError) as exc:
+                log.warning("no int8 added: %s", exc)
+            else:
+                log.info("int8 added: %.1f%% of validation labels as fp32", 100 * check["label_agreement"])
+                return True
+    settle_on_fp32(bundle_dir, data, split, workers=workers, ood_dir=ood_dir)
+    return False

@@ -1,0 +1,148 @@
+"""`bcc-train ensemble`: two trained bundles become one, with its own calibration and thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bcc_desk import cli as bcc_cli
+from bcc_desk.bundle import load_bundle, read_meta
+from bcc_desk.classifier import Classifier
+from trainer import cli as train_cli
+from trainer.split import Split, make_split
+
+from bundles import CLASSES, make_bundle
+from conftest import OOD_DEV
+from folders import class_subset
+
+runner = CliRunner()
+TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
+        "--hidden", "32", "--workers", "2", "--no-int8"]
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory, all4: Path) -> tuple[Path, Path, Path, Path]:
+    """Data, its split and two bundles trained on that split with different seeds."""
+    base = tmp_path_factory.mktemp("ens")
+    data = class_subset(base / "all4-small", all4, CLASSES, slice(0, 72, 6))
+    runs = []
+    for seed in (0, 1):
+        run = base / f"run{seed}"
+        split = [] if not runs else ["--split", str(runs[0] / "split.csv")]
+        r = runner.invoke(train_cli.app, ["fit", str(data), "--out", str(run), *TINY, "--seed", str(seed), *split])
+        assert r.exit_code == 0, r.output
+        runs.append(run)
+    return data, runs[0] / "split.csv", runs[0] / "bundle", runs[1] / "bundle"
+
+
+def _ensemble(members, out: Path, *extra: str):
+    data, split, a, b = members
+    return runner.invoke(train_cli.app, ["ensemble", str(a), str(b), "--data", str(data), "--split", str(split),
+                                         "--out", str(out), *extra])
+
+
+def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_own_thresholds(
+    members, tmp_path: Path
+) -> None:
+    data, split_csv, a, b = members
+    out = tmp_path / "ens"
+    # One training epoch leaves near-even probabilities, which int8 cannot match: that is the next test's.
+    r = _ensemble(members, out, "--name", "two-atto", "--ood-dir", str(OOD_DEV), "--no-int8")
+    assert r.exit_code == 0, r.output
+    assert "ensemble two-atto written" in r.output
+
+    ens = load_bundle(out)  # verified like any bundle: sha256 and every shape
+    meta, ma, mb = ens.meta, read_meta(a), read_meta(b)
+    assert [m["name"] for m in meta.members] == [ma.name, mb.name]
+    assert [m["weights_sha256"] for m in meta.members] == [ma.weights_sha256, mb.weights_sha256]
+    assert meta.provenance["split_sha256"] == ma.provenance["split_sha256"]
+    # Its own temperature and review threshold, chosen on the application's validation predictions.
+    assert meta.temperature != 1.0 and "val_ece_after" in meta.metrics
+    assert meta.review_threshold == meta.metrics["review_threshold_by_precision"]["fp32"]
+    assert meta.ood is not None and "ood_dev_flagged" in meta.metrics and meta.metrics["val_flagged_ood"] <= 0.05
+
+    shown = runner.invoke(bcc_cli.app, ["info", str(out)], env={"COLUMNS": "200"}).output
+    assert shown.count("ensemble member") == 2 and all(m.weights_sha256[:16] in shown for m in (ma, mb))
+
+    # What it answers: the members' calibrated probabilities averaged, then its own temperature;
+    # its unfamiliarity: the sum of the members' distances (block-diagonal statistics).
+    split = Split.load(split_csv, data)
+    images = [data / p for p in split.paths("val")][:6]
+    mine = list(Classifier(ens, precision="fp32", compile=False).predict_paths(images, data))
+    theirs = [list(Classifier(load_bundle(m), precision="fp32", compile=False).predict_paths(images, data))
+              for m in (a, b)]
+    for p, pa, pb in zip(mine, *theirs):
+        mean = (torch.tensor(list(pa.probabilities.values())) + torch.tensor(list(pb.probabilities.values()))) / 2
+        expected = torch.softmax(mean.log() / meta.temperature, 0)
+        assert torch.tensor(list(p.probabilities.values())) == pytest.approx(expected, abs=1e-4)
+        assert p.needs_review == (p.confidence < meta.review_threshold or p.ood_score > 1)
+        summed = pa.ood_score * ma.ood.threshold + pb.ood_score * mb.ood.threshold
+        # the sum bounds the nearest class of the pair from below; equal when both are nearest to one class
+        assert p.ood_score * meta.ood.threshold >= summed * (1 - 1e-4)
+
+
+@pytest.mark.parametrize("problem", ["other split", "ensemble member", "other classes", "not empty"])
+def test_members_that_cannot_be_averaged_honestly_are_one_line_errors(members, tmp_path: Path, problem: str) -> None:
+    data, split_csv, a, b = members
+    out = tmp_path / "ens"
+    if problem == "other split":
+        b = shutil.copytree(b, tmp_path / "b")
+        meta = json.loads((b / "bundle.json").read_text())
+        meta["provenance"]["split_sha256"] = "0" * 64
+        (b / "bundle.json").write_text(json.dumps(meta))
+        expected = "was not trained on the split"
+    elif problem == "ensemble member":
+        r = _ensemble(members, tmp_path / "inner", "--no-int8")
+        assert r.exit_code == 0, r.output
+        b = tmp_path / "inner"
+        expected = "is an ensemble already"
+    elif problem == "other classes":
+        b = shutil.copytree(b, tmp_path / "b")
+        meta = json.loads((b / "bundle.json").read_text())
+        meta["display_names"] = ["Healthy", "early Pre-B", "Pre-B", "Pro-B"]
+        (b / "bundle.json").write_text(json.dumps(meta))
+        expected = "differ in their class names"
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        expected = "is not an empty folder"
+    r = _ensemble((data, split_csv, a, b), out, "--no-int8")
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], r.output
+    if problem == "not empty":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_an_ensemble_runs_as_static_int8_with_the_same_labels(tmp_path: Path, all4: Path) -> None:
+    """The int8 path exports the whole ensemble as one network (both members' heads and last
+    stages kept in floating point); its labels on validation must match fp32's."""
+    data = class_subset(tmp_path / "data", all4, CLASSES, slice(0, 40, 2))
+    split = make_split(data, seed=0)
+    split.save(tmp_path / "split.csv")
+    folders = []
+    for seed in (0, 1):
+        folder = make_bundle(tmp_path / f"m{seed}", seed=seed, hidden=[32])
+        meta = json.loads((folder / "bundle.json").read_text())
+        meta["provenance"]["split_sha256"] = split.sha256()  # as if fit had trained it on this split
+        (folder / "bundle.json").write_text(json.dumps(meta))
+        folders.append(folder)
+    out = tmp_path / "ens"
+    r = _ensemble((data, tmp_path / "split.csv", *folders), out)
+    assert r.exit_code == 0, r.output
+    assert "int8 added" in r.output
+    meta = read_meta(out)
+    assert meta.int8 is not None and meta.int8.check["passed"] and meta.int8.check["label_agreement"] >= 0.98
+    chosen = meta.metrics["review_threshold_by_precision"]
+    assert set(chosen) == {"fp32", "int8"} and meta.review_threshold == max(chosen.values())
+    images = [data / p for p in split.paths("val")]
+    fp32 = Classifier(load_bundle(out), precision="fp32", compile=False).predict_paths(images, data)
+    int8 = Classifier(load_bundle(out), precision="int8", int8_cache=tmp_path / "cache")
+    assert [p.label for p in int8.predict_paths(images, data)] == [p.label for p in fp32] and int8.int8_active
