@@ -43,7 +43,28 @@ from bcc_desk.files import atomic_write, file_sha256, write_text_atomic
 from bcc_desk.messages import one_line
 
 
-class BundleNet(nn.Module):
+class _OODCheck(nn.Module):
+    """The out-of-distribution statistics as buffers, so the weights' sha256 covers them."""
+
+    num_features: int
+
+    def _add_ood(self, meta: BundleMeta) -> None:
+        self.ood_features = meta.ood.features if meta.ood is not None else "pooled"
+        if meta.ood is not None:
+            d, k = self.num_features, len(meta.classes)
+            self.register_buffer("ood_means", torch.zeros(k, d))
+            self.register_buffer("ood_precision", torch.zeros(d, d))
+
+    @property
+    def has_ood(self) -> bool:
+        return hasattr(self, "ood_means")
+
+    def ood_score(self, features: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance to the nearest class mean, per row."""
+        return ood_distance(features, self.ood_means, self.ood_precision)
+
+
+class BundleNet(_OODCheck):
     """A timm trunk (pooled features) + the bundle's head + optional OOD statistics.
 
     One module for training and inference, so the trainer's state dict is exactly what the
@@ -64,15 +85,7 @@ class BundleNet(nn.Module):
         layers.append(nn.Linear(width, len(meta.classes)))
         self.head = nn.Sequential(*layers)
         self.num_features = self.trunk.num_features
-        self.ood_features = meta.ood.features if meta.ood is not None else "pooled"
-        if meta.ood is not None:
-            d, k = self.num_features, len(meta.classes)
-            self.register_buffer("ood_means", torch.zeros(k, d))
-            self.register_buffer("ood_precision", torch.zeros(d, d))
-
-    @property
-    def has_ood(self) -> bool:
-        return hasattr(self, "ood_means")
+        self._add_ood(meta)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised trunk features (what the head reads)."""
@@ -90,12 +103,8 @@ class BundleNet(nn.Module):
             return self.head(pooled), fmap.mean(dim=(2, 3)) if fmap.ndim == 4 else fmap.mean(dim=1)
         return self.head(pooled), pooled
 
-    def ood_score(self, features: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance to the nearest class mean, per row."""
-        return ood_distance(features, self.ood_means, self.ood_precision)
 
-
-class EnsembleNet(nn.Module):
+class EnsembleNet(_OODCheck):
     """Several networks of one architecture as one bundle (`BundleMeta.members`).
 
     Its logits are the log of the average of the members' calibrated probabilities (each with its
@@ -111,11 +120,7 @@ class EnsembleNet(nn.Module):
         # Not in the state dict: the temperatures are part of bundle.json's contract.
         self.register_buffer("temperatures", torch.tensor([m["temperature"] for m in meta.members]), persistent=False)
         self.num_features = sum(m.num_features for m in self.members)
-        self.ood_features = meta.ood.features if meta.ood is not None else "pooled"
-        if meta.ood is not None:
-            d, k = self.num_features, len(meta.classes)
-            self.register_buffer("ood_means", torch.zeros(k, d))
-            self.register_buffer("ood_precision", torch.zeros(d, d))
+        self._add_ood(meta)
 
     @property
     def ood_features(self) -> str:
@@ -131,10 +136,6 @@ class EnsembleNet(nn.Module):
         """The first member's trunk: Grad-CAM follows the ensemble's answer back through it."""
         return self.members[0].trunk
 
-    @property
-    def has_ood(self) -> bool:
-        return hasattr(self, "ood_means")
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m.forward_features(x) for m in self.members], dim=1)
 
@@ -145,16 +146,14 @@ class EnsembleNet(nn.Module):
         log_probs, features = [], []
         for i, m in enumerate(self.members):
             logits, f = m.forward_with_features(x)
-            # fp32 by promotion (the temperatures are fp32): an explicit cast would pin the
-            # exported graph to one dtype, and the int8 package runs it again under bf16
-            log_probs.append(torch.log_softmax(logits / self.temperatures[i], dim=1))
+            # fp32 by promotion with a 1-element (not 0-d) fp32 tensor, whatever autocast gave:
+            # an explicit cast would pin the exported graph to one dtype, and the int8 package
+            # runs it again under bf16
+            log_probs.append(torch.log_softmax(logits / self.temperatures[i : i + 1], dim=1))
             features.append(f)
         # log of the mean probability, without underflow where one member is sure
         mean = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
         return mean, torch.cat(features, dim=1)
-
-    def ood_score(self, features: torch.Tensor) -> torch.Tensor:
-        return ood_distance(features, self.ood_means, self.ood_precision)
 
 
 def ood_distance(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
