@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bcc_desk.bundle import Bundle, BundleMeta, OODSpec, build_model, load_bundle, record_thresholds, save_bundle
+from bcc_desk.bundle import (
+    Bundle,
+    BundleMeta,
+    OODSpec,
+    build_model,
+    load_bundle,
+    read_meta,
+    record_thresholds,
+    save_bundle,
+)
 from trainer.int8 import settle_for_app
 from trainer.metrics import (
     choose_ood_threshold,
@@ -117,7 +126,7 @@ def _calibrate(bundle_dir: Path, data: Path, split: Split, workers: int) -> None
     """One fp32 pass of the ensemble over validation: its temperature (its outputs are
     log-probabilities, and an average of calibrated members is usually under-confident), then the
     review and out-of-distribution thresholds `fit` would choose, which the settling refines."""
-    meta = load_bundle(bundle_dir, build=False).meta
+    meta = read_meta(bundle_dir)
     predictions = app_predictions(bundle_dir, [data / p for p in split.paths("val")], data, "fp32", workers)
     labels = meta.labels
     truth = np.array([labels.index(t) for t in validation_truth(split, meta)])
