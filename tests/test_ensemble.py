@@ -86,7 +86,7 @@ def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_o
         assert p.ood_score * meta.ood.threshold >= summed * (1 - 1e-4)
 
 
-@pytest.mark.parametrize("problem", ["other split", "ensemble member", "other classes", "not empty"])
+@pytest.mark.parametrize("problem", ["other split", "ensemble member", "other classes", "same weights", "not empty"])
 def test_members_that_cannot_be_averaged_honestly_are_one_line_errors(members, tmp_path: Path, problem: str) -> None:
     data, split_csv, a, b = members
     out = tmp_path / "ens"
@@ -107,6 +107,9 @@ def test_members_that_cannot_be_averaged_honestly_are_one_line_errors(members, t
         meta["display_names"] = ["Healthy", "early Pre-B", "Pre-B", "Pro-B"]
         (b / "bundle.json").write_text(json.dumps(meta))
         expected = "differ in their class names"
+    elif problem == "same weights":
+        b = shutil.copytree(a, tmp_path / "a-again")
+        expected = "has the same weights as"
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine")

@@ -100,7 +100,11 @@ def _check_members(bundles: Sequence[Bundle], split: Split, split_csv: Path) -> 
     """Refuse members that cannot be averaged, or whose training saw the validation images that
     will settle the ensemble."""
     ref = bundles[0]
+    seen: dict[str, Path] = {}
     for b in bundles:
+        if b.sha256 in seen:
+            raise ValueError(f"{b.path} has the same weights as {seen[b.sha256]}: an ensemble needs different networks")
+        seen[b.sha256] = b.path
         if b.meta.members:
             raise ValueError(f"{b.path} is an ensemble already: give its members instead")
         for what, mine, theirs in (
