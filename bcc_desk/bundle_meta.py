@@ -214,6 +214,43 @@ def lineage(meta: BundleMeta) -> list[tuple[str, str]]:
     return lines
 
 
+# Provenance that `lineage` already tells in words.
+_TOLD_BY_LINEAGE = ("parent", "reviews", "members")
+
+
+def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
+    """A bundle for people, as (field, text) rows: what `bcc info` and the desktop app's model
+    dialog both show, in one wording.  `percent`: the review threshold as a percentage (the
+    desktop app's threshold box is one).  The recorded metrics are `meta.metrics`, formatted
+    with `format_value`."""
+    threshold = f"{meta.review_threshold:.1%}" if percent else f"{meta.review_threshold:.3f}"
+    rows = [
+        ("name", meta.name),
+        ("architecture", meta.arch),
+        ("classes", ", ".join(meta.labels)),
+        ("class folders", ", ".join(meta.classes)),
+        ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"),
+        ("head", f"hidden {meta.head.hidden or 'none'}, dropout {meta.head.dropout:g}"),
+        ("temperature", f"{meta.temperature:.4g}"),
+        ("review threshold", threshold),
+        ("out-of-distribution check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
+        ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256}"),
+    ]
+    rows += lineage(meta)
+    rows += [(f"provenance: {k}", format_value(v)) for k, v in meta.provenance.items() if k not in _TOLD_BY_LINEAGE]
+    return rows
+
+
+def format_value(value: object, percent: bool = False) -> str:
+    """A metadata value as text: floats to 4 significant digits (or, with `percent`, shares as
+    percentages), dicts as k=v lists."""
+    if isinstance(value, float):
+        return f"{value:.1%}" if percent and 0.0 <= value <= 1.0 else f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={format_value(v, percent)}" for k, v in value.items())
+    return str(value)
+
+
 def read_meta(folder: Path) -> BundleMeta:
     """bundle.json alone (fast: no weights read), validated."""
     folder = Path(folder)

@@ -248,7 +248,7 @@ def info(
 ) -> None:
     """Show a model bundle's metadata and its validation (and, where recorded, test) figures."""
     from bcc_desk.bundle import BundleError, load_bundle
-    from bcc_desk.bundle_meta import lineage
+    from bcc_desk.bundle_meta import describe, format_value
 
     try:
         meta = load_bundle(bundle).meta
@@ -257,32 +257,10 @@ def info(
     table = Table(title=f"Model bundle {bundle}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    rows = [
-        ("name", meta.name),
-        ("architecture", meta.arch),
-        ("classes", ", ".join(meta.labels)),
-        ("class folders", ", ".join(meta.classes)),
-        ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"),
-        ("head", f"hidden {meta.head.hidden or 'none'}, dropout {meta.head.dropout:g}"),
-        ("temperature", f"{meta.temperature:.4g}"),
-        ("review threshold", f"{meta.review_threshold:.3f}"),
-        ("OOD check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
-        ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256}"),
-    ]
-    rows += lineage(meta)
-    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k not in ("parent", "reviews", "members")]
-    rows += [(f"metric: {k}", _fmt(v)) for k, v in meta.metrics.items()]
+    rows = describe(meta) + [(f"metric: {k}", format_value(v)) for k, v in meta.metrics.items()]
     for row in rows:
         table.add_row(*row)
     out_console.print(table)
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-    return str(value)
 
 
 @app.command(cls=Command)

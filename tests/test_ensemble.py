@@ -68,6 +68,12 @@ def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_o
 
     shown = runner.invoke(bcc_cli.app, ["info", str(out)], env={"COLUMNS": "200"}).output
     assert shown.count("ensemble member") == 2 and all(m.weights_sha256[:16] in shown for m in (ma, mb))
+    # The desktop app's model dialog describes it in the same rows, not as a raw list of members.
+    from bcc_desk.gui.model_dialog import describe_html
+
+    html = describe_html(meta, out)
+    assert html.count("ensemble member") == 2 and all(m.weights_sha256[:16] in html for m in (ma, mb))
+    assert "provenance: members" not in html and "provenance: members" not in shown
 
     # What it answers: the members' calibrated probabilities averaged, then its own temperature;
     # its unfamiliarity: the sum of the members' distances (block-diagonal statistics).

@@ -142,9 +142,9 @@ def test_the_fine_tuned_bundle_names_its_parent_and_the_reviews(loop: dict) -> N
     assert "fine-tuned from" in info and f"{parent.name} (weights sha256 {parent.sha256[:16]}" in info
     assert "10 reviewed images of review.xlsx" in info
     # The desktop app's model dialog says the same.
-    from bcc_desk.gui.model_dialog import describe
+    from bcc_desk.gui.model_dialog import describe_html
 
-    details = describe(read_meta(loop["run"] / "bundle"), loop["run"] / "bundle")
+    details = describe_html(read_meta(loop["run"] / "bundle"), loop["run"] / "bundle")
     assert f"fine-tuned from</b></td><td>{parent.name} (weights sha256 {parent.sha256[:16]}" in details
     assert "learned from</b></td><td>10 reviewed images of review.xlsx" in details
     assert read_meta(loop["run"] / "bundle").weights_sha256 == child.sha256

@@ -27,28 +27,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from bcc_desk.bundle_meta import BundleError, BundleMeta, lineage, read_meta
+from bcc_desk.bundle_meta import BundleError, BundleMeta, describe, format_value, read_meta
 from bcc_desk.gui.models import ModelChoice
 from bcc_desk.paths import DEFAULT_MODEL_DIR
 
 _PATH_ROLE = Qt.ItemDataRole.UserRole + 1
 
 
-def describe(meta: BundleMeta, folder: Path) -> str:
-    """A bundle's metadata and recorded metrics as HTML (the dialog's details pane)."""
-    rows = [
-        ("folder", str(folder)),
-        ("architecture", meta.arch),
-        ("classes", ", ".join(meta.labels)),
-        ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"),
-        ("temperature", f"{meta.temperature:.4g}"),
-        ("review threshold", f"{meta.review_threshold:.1%}"),
-        ("unfamiliar-image check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
-        ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256[:16]}\u2026"),
-    ]
-    rows += lineage(meta)
-    rows += [(f"provenance: {k}", _fmt(v)) for k, v in meta.provenance.items() if k not in ("recipe", "parent", "reviews")]
-    metrics = [(k, _fmt(v, percent=True)) for k, v in meta.metrics.items()]
+def describe_html(meta: BundleMeta, folder: Path) -> str:
+    """A bundle's metadata and recorded metrics as HTML (the dialog's details pane): the rows
+    `bcc info` shows, the review threshold and metrics as percentages like the threshold box."""
+    rows = [("folder", str(folder)), *describe(meta, percent=True)]
+    metrics = [(k, format_value(v, percent=True)) for k, v in meta.metrics.items()]
     html = [f"<h3>{_esc(meta.name)}</h3><table cellspacing='2'>"]
     html += [f"<tr><td><b>{_esc(k)}</b></td><td>{_esc(v)}</td></tr>" for k, v in rows]
     html.append("</table><h4>Metrics (val_: the validation split, test_: the test split)</h4><table cellspacing='2'>")
@@ -57,14 +47,6 @@ def describe(meta: BundleMeta, folder: Path) -> str:
         html.append("<tr><td>none recorded</td></tr>")
     html.append("</table>")
     return "".join(html)
-
-
-def _fmt(value: object, percent: bool = False) -> str:
-    if isinstance(value, float):
-        return f"{value:.1%}" if percent and 0.0 <= value <= 1.0 else f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v, percent)}" for k, v in value.items())
-    return str(value)
 
 
 def _esc(text: str) -> str:
@@ -165,7 +147,7 @@ class ModelDialog(QDialog):
             return
         folder = Path(item.data(_PATH_ROLE))
         try:
-            self.details.setHtml(describe(read_meta(folder), folder))
+            self.details.setHtml(describe_html(read_meta(folder), folder))
         except BundleError as exc:
             self.details.setPlainText(str(exc))
 
