@@ -1,8 +1,10 @@
 """What every benchmark shares: where the real images are, the machine's name, and how figures
-are published (printed, and with --write added to bench/RESULTS.md in their issue's section)."""
+are published (printed, and with --write added to bench/RESULTS.md in their issue's section, or
+for the validation studies written to --out)."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 from pathlib import Path
 
@@ -38,3 +40,23 @@ def publish(text: str, write: bool, section: str | None = None) -> None:
     RESULTS.write_text(head + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + tail + "\n" if tail else ""),
                        encoding="utf-8")
     print(f"written to {RESULTS}")
+
+
+def validation_study_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every validation-only study of a bundle takes: BUNDLE DATA --split SPLIT.csv
+    [--precision fp32|int8] [--out MD]; a study adds its own."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--split", type=Path, required=True)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    ap.add_argument("--out", type=Path, help="also write the markdown table here")
+    return ap
+
+
+def print_table(lines: list[str], out: Path | None) -> None:
+    """Print a study's markdown lines, and write them to `out` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.write_text(text, encoding="utf-8")

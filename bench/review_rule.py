@@ -14,7 +14,6 @@ it to --out).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +23,16 @@ from trainer.metrics import choose_review_threshold, review_rule_on_halves
 from trainer.review_threshold import app_predictions, validation_truth
 from trainer.split import Split
 
+from common import print_table, validation_study_parser
+
 RULES = {"plain (99% on validation)": 0, "one error assumed (the trainer's rule)": 1}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("data", type=Path)
-    ap.add_argument("--split", type=Path, required=True)
+    ap = validation_study_parser(__doc__)
     ap.add_argument("--member", type=Path, action="append", default=[], help="another bundle: an ensemble")
     ap.add_argument("--tta", action="store_true", help="test-time augmentation (8 views)")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
     ap.add_argument("--draws", type=int, default=2000)
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     split = Split.load(args.split, args.data)
@@ -66,10 +62,7 @@ def main() -> None:
         lines.append(f"| {name} | {t:.4f} | {flagged:.1%} | {h['short_of_target']:.0%} | "
                      f"{h['median_unflagged_right']:.2%} | {h['median_flagged']:.1%} ({h['p90_flagged']:.1%}) |")
     lines.append(f"\nValidation accuracy {right.mean():.2%}.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    print_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from trainer.split import (
     data_fingerprint,
     list_dataset,
     make_split,
+    number_block,
 )
 
 from conftest import ALL4, ALL4_COUNTS, CLASSES, LABELS
@@ -221,6 +222,19 @@ def test_repeat_shots_the_hash_misses_stay_together_through_their_numbers(
     ]
     assert len(close) >= 5
     assert [(rows[a].path, rows[b].path) for a, b in close if rows[a].split != rows[b].split] == []
+
+
+def test_a_number_block_is_one_folder_one_name_series_and_ten_numbers(split0: Split) -> None:
+    """What keeps neighbouring shots together (and what bench/split_neighbours.py reads as a
+    block's neighbours): the same folder and name prefix, numbers in one block of ten."""
+    assert number_block("Benign/WBC-Benign-019.jpg") == ("Benign", "WBC-Benign-", 1)
+    assert number_block("Benign/WBC-Benign-020.jpg") != number_block("Benign/WBC-Benign-019.jpg")
+    assert number_block("a/B-011.jpg") != number_block("a/A-011.jpg") != number_block("b/A-011.jpg")
+    assert number_block("Benign/no-number.jpg") is None
+    by_block: dict = {}
+    for r in split0.rows:
+        by_block.setdefault(number_block(r.path), set()).add(r.split)
+    assert all(len(parts) == 1 for parts in by_block.values())  # a block never straddles parts
 
 
 # -- determinism, save and load ---------------------------------------------------------------------

@@ -68,6 +68,7 @@ __all__ = [
     "list_dataset",
     "make_split",
     "near_duplicate_pairs",
+    "number_block",
     "phash_images",
 ]
 
@@ -238,12 +239,9 @@ def group_images(
 
     first_in_block: dict[tuple[str, str, int], int] = {}
     for i, rel in enumerate(rel_paths):
-        p = PurePosixPath(rel)
-        match = _TRAILING_NUMBER.match(p.stem)
-        if match is None:
+        key = number_block(rel, neighbour_window)
+        if key is None:
             continue
-        # A series is one folder and one name prefix: "A-001" and "B-001" are different fields.
-        key = (str(p.parent), match.group(1), int(match.group(2)) // neighbour_window)
         if key in first_in_block:
             union(first_in_block[key], i)
         else:
@@ -257,6 +255,17 @@ def group_images(
 
     ids: dict[int, int] = {}
     return [ids.setdefault(find(i), len(ids)) for i in range(n)]
+
+
+def number_block(rel_path: str, neighbour_window: int = NEIGHBOUR_WINDOW) -> tuple[str, str, int] | None:
+    """(folder, name prefix, block) of a file whose name ends in a number: the images of one
+    block are one group.  A series is one folder and one name prefix ("A-001" and "B-001" are
+    different fields); None for a name without a trailing number."""
+    p = PurePosixPath(rel_path)
+    match = _TRAILING_NUMBER.match(p.stem)
+    if match is None:
+        return None
+    return str(p.parent), match.group(1), int(match.group(2)) // neighbour_window
 
 
 # -- the split --------------------------------------------------------------------------------------
