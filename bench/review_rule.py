@@ -55,13 +55,23 @@ def main() -> None:
         "median unflagged right | median flagged (90th centile) |",
         "|---|---|---|---|---|---|",
     ]
+    deciding = []
     for name, assumed in RULES.items():
         t = choose_review_threshold(conf, right, assumed_errors=assumed)
         flagged = float(((conf < t) | unfamiliar).mean())
         h = review_rule_on_halves(conf, right, unfamiliar, groups, assumed_errors=assumed, draws=args.draws)
         lines.append(f"| {name} | {t:.4f} | {flagged:.1%} | {h['short_of_target']:.0%} | "
                      f"{h['median_unflagged_right']:.2%} | {h['median_flagged']:.1%} ({h['p90_flagged']:.1%}) |")
+        deciding = h["deciding_groups"]  # the trainer's rule, the last row
     lines.append(f"\nValidation accuracy {right.mean():.2%}.")
+    paths = split.paths("val")
+    for group, held_out, otherwise in deciding:
+        # Errors cluster in a slide: say which group of images decides the shortfall, and its errors.
+        members = [i for i, g in enumerate(groups) if g == group]
+        wrong = [f"{Path(paths[i]).name} as {predictions[i].label} ({conf[i]:.3f})" for i in members if not right[i]]
+        lines.append(f"Group {group} ({Path(paths[members[0]]).name} … {Path(paths[members[-1]]).name}, "
+                     f"{len(members)} images) decides the trainer's rule: short on {held_out:.0%} of the halves "
+                     f"that hold it out, {otherwise:.0%} of the others; wrong there: {'; '.join(wrong) or 'none'}.")
     print_table(lines, args.out)
 
 

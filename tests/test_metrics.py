@@ -211,6 +211,30 @@ def test_review_rule_on_held_out_halves_shows_the_assumed_error_pays():
         review_rule_on_halves(conf, correct, odd, np.zeros(800))
 
 
+def test_review_rule_on_halves_names_the_group_that_decides_it():
+    """Errors cluster in a slide: when one group holds all the confident errors, the held-out half
+    falls short exactly when it holds that group, and the study names it; no other group."""
+    rng = np.random.default_rng(5)
+    groups = np.arange(400) // 10  # 40 slides of 10 images
+    conf = rng.uniform(0.6, 1.0, 400)
+    correct = np.ones(400, bool)
+    bad = np.flatnonzero(groups == 7)[:3]
+    conf[bad], correct[bad] = 0.999, False  # three confidently wrong fields on one slide
+    h = review_rule_on_halves(conf, correct, np.zeros(400, bool), groups, draws=400)
+    assert 0.35 < h["short_of_target"] < 0.65
+    assert h["deciding_groups"] == [(7, 1.0, 0.0)]
+    # Two such slides: both are named, each short whenever it is held out.
+    bad2 = np.flatnonzero(groups == 21)[:3]
+    conf[bad2], correct[bad2] = 0.999, False
+    two = review_rule_on_halves(conf, correct, np.zeros(400, bool), groups, draws=400)["deciding_groups"]
+    assert sorted(g for g, _, _ in two) == [7, 21] and all(out == 1.0 for _, out, _ in two)
+    # Unsure errors spread over slides, which the rule flags: no group decides anything.
+    spread_conf, spread = conf.copy(), np.ones(400, bool)
+    unsure = np.arange(0, 400, 50)  # one image on each of 8 slides
+    spread_conf[unsure], spread[unsure] = 0.55, False
+    assert review_rule_on_halves(spread_conf, spread, np.zeros(400, bool), groups, draws=400)["deciding_groups"] == []
+
+
 # -- out-of-distribution check -------------------------------------------------------------------------
 def _gaussian_classes(n_per: int, rng: np.random.Generator, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
     means = np.array([np.zeros(d), np.full(d, 6.0), np.r_[np.full(d // 2, -6.0), np.zeros(d - d // 2)]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,17 @@ def test_settling_with_the_groups_records_how_often_the_promise_falls_short_on_h
     assert "val_review_short_on_halves" not in read_meta(plain).metrics  # without groups: not measured
     settle_thresholds(plain, truth, {"fp32": wrong_at_the_top}, groups=[0] * 400)
     assert "val_review_short_on_halves" not in read_meta(plain).metrics  # one group: nothing to hold out
+
+
+def test_settling_names_the_slide_whose_confident_errors_decide_the_shortfall(tmp_path: Path, caplog) -> None:
+    """Errors cluster in a slide (a benign slide that looks leukaemic): the data person is told
+    which group of validation images decides how often the promise falls short, by file name."""
+    groups = [i // 10 for i in range(400)]
+    bad = {120, 123, 126}  # three confident errors, all in group 12
+    predictions = [replace(_prediction("Pro-B" if i in bad else "Benign", 0.999 if i in bad else 0.6 + i / 1000),
+                           file=f"Benign/WBC-Benign-{i:03d}.jpg") for i in range(400)]
+    bundle = make_bundle(tmp_path / "b")
+    with caplog.at_level("INFO", logger="bcc-train"):
+        settle_thresholds(bundle, ["Benign"] * 400, {"fp32": predictions}, groups=groups)
+    assert read_meta(bundle).metrics["val_review_deciding_groups"] == {"fp32": [[12, 1.0, 0.0]]}
+    assert "Benign/WBC-Benign-120.jpg … Benign/WBC-Benign-129.jpg (10 images) is short on 100%" in caplog.text

@@ -212,12 +212,14 @@ def choose_review_threshold(
 def review_rule_on_halves(
     confidences: ArrayLike, correct: ArrayLike, unfamiliar: ArrayLike, groups: ArrayLike,
     assumed_errors: int = 1, target_accuracy: float = 0.99, draws: int = 2000, seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """How the review rule fares on images it was not chosen on, from validation alone: `draws`
     times, half the groups (near-duplicates stay together) choose the cut-off and the other half
     is flagged with it (low confidence or `unfamiliar`).  Returns how often the held-out half's
-    unflagged images fall short of `target_accuracy`, and the median (and 90th centile) share
-    flagged there."""
+    unflagged images fall short of `target_accuracy`, the median (and 90th centile) share flagged
+    there, and `deciding_groups`: the groups whose presence in the held-out half changes that
+    rate most (errors cluster in a slide, so one group can decide it), as (group, rate when held
+    out, rate otherwise), largest difference first, those at least 20 points apart."""
     conf = _np(confidences, np.float64).ravel()
     ok = _np(correct).astype(bool).ravel()
     odd = _np(unfamiliar).astype(bool).ravel()
@@ -226,17 +228,28 @@ def review_rule_on_halves(
     if names.size < 2:
         raise ValueError("at least two groups are needed to hold half of them out")
     rng = np.random.default_rng(seed)
-    short, right, flagged = 0, [], []
-    for _ in range(draws):
-        a = np.isin(grp, rng.choice(names, names.size // 2, replace=False))
+    short, right, flagged = [], [], []
+    held_out = np.zeros((draws, names.size), bool)
+    for d in range(draws):
+        choosing = rng.choice(names, names.size // 2, replace=False)
+        a = np.isin(grp, choosing)
+        held_out[d] = ~np.isin(names, choosing)
         t = choose_review_threshold(conf[a], ok[a], target_accuracy, assumed_errors=assumed_errors)
         keep = ~a & (conf >= t) & ~odd
         share_right = float(ok[keep].mean()) if keep.any() else 1.0
-        short += share_right < target_accuracy
+        short.append(share_right < target_accuracy)
         right.append(share_right)
         flagged.append(1 - keep.sum() / (~a).sum())
-    return {"draws": draws, "short_of_target": short / draws, "median_unflagged_right": float(np.median(right)),
-            "median_flagged": float(np.median(flagged)), "p90_flagged": float(np.percentile(flagged, 90))}
+    was_short = np.array(short)
+    deciding = []
+    for j, name in enumerate(names):
+        out, rest = was_short[held_out[:, j]], was_short[~held_out[:, j]]
+        if out.size and rest.size and out.mean() - rest.mean() >= 0.2:
+            deciding.append((name.item(), float(out.mean()), float(rest.mean())))
+    deciding.sort(key=lambda g: g[2] - g[1])
+    return {"draws": draws, "short_of_target": float(was_short.mean()),
+            "median_unflagged_right": float(np.median(right)), "median_flagged": float(np.median(flagged)),
+            "p90_flagged": float(np.percentile(flagged, 90)), "deciding_groups": deciding}
 
 
 def _flag_lowest(sorted_conf: np.ndarray, share: float) -> float:

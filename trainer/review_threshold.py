@@ -120,12 +120,21 @@ def settle_thresholds(
         "val_accuracy_unflagged": unflagged_right,
     }
     if groups is not None and len(set(groups)) > 1:  # a tiny split may hold one group: nothing to hold out
-        short = {k: review_rule_on_halves(conf, right, _unfamiliar(by_precision[k], ood_before, ood_after),
-                                          np.asarray(groups))["short_of_target"]
-                 for k, (conf, right) in scored.items()}
+        halves = {k: review_rule_on_halves(conf, right, _unfamiliar(by_precision[k], ood_before, ood_after),
+                                           np.asarray(groups))
+                  for k, (conf, right) in scored.items()}
+        short = {k: h["short_of_target"] for k, h in halves.items()}
         metrics["val_review_short_on_halves"] = short
         log.info("the review promise fell short on %s of held-out halves of validation (%s): how often "
                  "new images may find it short", " and ".join(f"{v:.0%}" for v in short.values()), " and ".join(short))
+        deciding = {k: [list(g) for g in h["deciding_groups"]] for k, h in halves.items() if h["deciding_groups"]}
+        if deciding:
+            metrics["val_review_deciding_groups"] = deciding  # [group, short when held out, otherwise]
+            for group, held_out, otherwise in next(iter(deciding.values())):
+                files = [p.file for p, g in zip(next(iter(by_precision.values())), groups) if g == group]
+                log.info("one group of validation decides most of that: %s … %s (%d images) is short on %.0f%% of the "
+                         "halves holding it out, %.0f%% of the others; look at its confident errors",
+                         files[0], files[-1], len(files), 100 * held_out, 100 * otherwise)
     record_thresholds(bundle_dir, metrics, review=threshold)
     log.info("review threshold %.4f (was %.4f): the strictest chosen on the application's %s predictions on validation",
              threshold, before, " and ".join(chosen))
