@@ -310,6 +310,7 @@ def watch(
     from bcc_desk.watch import (
         ReportFolderError,
         WatchError,
+        WatchTiming,
         claim_watch,
         log_file,
         log_to_file,
@@ -335,7 +336,7 @@ def watch(
         fail(str(exc))
     try:
         watcher = make_watcher(site, classifier, command=shlex.join(["bcc", *sys.argv[1:]]), single=single,
-                               polling=polling, interval=interval, settle=settle)
+                               timing=WatchTiming(polling=polling, interval=interval, settle=settle))
     except LedgerError as exc:
         fail(str(exc))
     except sqlite3.OperationalError as exc:  # a running watch waits this out; at start there is nothing to wait for

@@ -99,6 +99,18 @@ def default_report(root: Path) -> Path:
 
 
 @dataclass(frozen=True)
+class WatchTiming:
+    """How a watch sees files arrive: system events, or polling every `interval` seconds (network
+    shares send no events); how long an unchanged file waits before it is read (`settle`, see
+    `Settler`); and how long the report waits for quiet before it is rewritten (`quiet`)."""
+
+    polling: bool = False
+    interval: float = 1.0
+    settle: float = 2.0
+    quiet: float = 1.0
+
+
+@dataclass(frozen=True)
 class WatchSite:
     """Where one watch reads and writes, checked, with its state's lock held until `release`."""
 
@@ -146,20 +158,17 @@ def make_watcher(
     command: str,
     mode: str = "bcc watch",
     single: Classifier | None = None,
-    polling: bool = False,
-    interval: float = 1.0,
-    settle: float = 2.0,
-    quiet: float = 1.0,
+    timing: WatchTiming = WatchTiming(),
     on_predictions: Callable[[list[Prediction]], None] | None = None,
 ) -> Watcher:
     """The Watcher of `site`, its Run sheet saying what runs (models, device), who started it
     (`mode`, `command`), how it watches and where its ledger is.  Raises LedgerError when the
     state file cannot be used."""
-    observer = f"polling every {interval:g} s" if polling else "native (system events)"
-    run = run_info(classifier, root=site.root, command=command,
-                   extra={"mode": mode, "observer": observer, "settle time": f"{settle:g} s", "ledger": str(site.state)})
-    return Watcher(site.root, site.out, classifier, site.state, run, single=single, polling=polling,
-                   interval=interval, settle=settle, quiet=quiet, on_predictions=on_predictions)
+    observer = f"polling every {timing.interval:g} s" if timing.polling else "native (system events)"
+    run = run_info(classifier, root=site.root, command=command, extra={
+        "mode": mode, "observer": observer, "settle time": f"{timing.settle:g} s", "ledger": str(site.state)})
+    return Watcher(site.root, site.out, classifier, site.state, run, single=single, timing=timing,
+                   on_predictions=on_predictions)
 
 
 def unwritable(folder: Path) -> str | None:
@@ -268,10 +277,7 @@ class Watcher:
         run_info: RunInfo,
         *,
         single: Classifier | None = None,
-        polling: bool = False,
-        interval: float = 1.0,
-        settle: float = 2.0,
-        quiet: float = 1.0,
+        timing: WatchTiming = WatchTiming(),
         on_predictions: Callable[[list[Prediction]], None] | None = None,
     ) -> None:
         self.root = Path(root).resolve()
@@ -279,10 +285,10 @@ class Watcher:
         self.classifier = classifier
         self.single = single
         self.state = Path(state)
-        self.polling, self.interval, self.settle = polling, interval, settle
+        self.polling, self.interval, self.settle = timing.polling, timing.interval, timing.settle
         self.ledger = Ledger(self.state, self.root)
-        self.settler = Settler(settle)
-        self.report = ReportWriter(self.state, self.out, run_info, quiet=quiet)
+        self.settler = Settler(timing.settle)
+        self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet)
         self.on_predictions = on_predictions
         self._events = _Queue()
         self._observer: BaseObserver | None = None

@@ -31,7 +31,7 @@ from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIE
 from bcc_desk.images import discover_images
 from bcc_desk.ledger import DONE, Ledger
 from bcc_desk.paths import RESOURCES
-from bcc_desk.watch import ReportWriter, default_state, lock_state
+from bcc_desk.watch import ReportWriter, WatchTiming, default_state, lock_state
 
 from bundles import CLASSES, LABELS, make_bundle
 from folders import slide_folders, spread_images
@@ -346,7 +346,7 @@ def watched(tmp_path: Path, real_images) -> Path:
 def start_watching(qtbot, window: MainWindow, folder: Path) -> None:
     """Open and classify `folder`, then turn the toggle on as a click does (fast settings)."""
     assert run(qtbot, window, folder) is True
-    window.watch_settle, window.watch_quiet = 0.3, 0.2
+    window.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
     assert window.watch_action.isEnabled() and not window.watch_action.isChecked()
     window.watch_action.trigger()
     assert window.watch_action.isChecked() and window.is_watching()
@@ -429,7 +429,7 @@ def test_an_empty_folder_watched_and_exported_records_the_model_that_classified(
     empty = tmp_path / "empty export"
     empty.mkdir()
     assert run(qtbot, window, empty) is False  # "no images found"
-    window.watch_settle, window.watch_quiet = 0.3, 0.2
+    window.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
     window.watch_action.trigger()
     assert window.is_watching()
     (empty / "slide-1").mkdir()
@@ -490,7 +490,7 @@ def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, mak
     assert not window.isVisible() and window._watch is None and watch_threads() == []
     assert settings.value("watch/folder") == str(watched)
     again = make_window()
-    again.watch_settle = 0.3
+    again.watch_timing = WatchTiming(settle=0.3)
     assert run(qtbot, again, watched) is True
     assert again.is_watching() and again.watch_action.isChecked()
     with qtbot.waitSignal(again.watch_stopped, timeout=30_000):

@@ -28,7 +28,7 @@ from bcc_desk.classifier import Classifier
 from bcc_desk.ledger import DONE, ERROR, PENDING, VANISHED, Ledger
 from bcc_desk.report import RunInfo
 from bcc_desk.settle import READ_RETRIES
-from bcc_desk.watch import Watcher, default_state, lock_state, log_file
+from bcc_desk.watch import Watcher, WatchTiming, default_state, lock_state, log_file
 
 from bundles import CLASSES, LABELS, make_bundle
 from waits import all_done, report_files, report_rows, rows, wait_for
@@ -71,9 +71,8 @@ def watching(tmp_path: Path, classifier: Classifier, **options) -> Iterator[Watc
         review_threshold=classifier.review_threshold, ood_check="off", tta=False,
         device=classifier.device_label, root=root,
     )
-    options.setdefault("settle", SETTLE)
-    options.setdefault("quiet", 0.2)  # a short debounce keeps the tests quick
-    watcher = Watcher(root, out, classifier, tmp_path / "state" / "ledger.sqlite", run, **options)
+    timing = WatchTiming(**{"settle": SETTLE, "quiet": 0.2, **options})  # a short debounce keeps the tests quick
+    watcher = Watcher(root, out, classifier, tmp_path / "state" / "ledger.sqlite", run, timing=timing)
     thread = threading.Thread(target=watcher.run, name="watcher")
     thread.start()
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, QUrl, Signal
 from PySide6.QtGui import (
@@ -78,6 +79,9 @@ from bcc_desk.gui.table_model import (
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
 from bcc_desk.paths import RESOURCES
+
+if TYPE_CHECKING:
+    from bcc_desk.watch import WatchTiming
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Export, Review, ReviewSession
 from bcc_desk.slides import all_slides
@@ -136,10 +140,9 @@ class MainWindow(QMainWindow):
         self._watch: WatchThread | None = None
         # Watched when the app was last closed: watched again once it is opened and classified.
         self._resume_watch: Path | None = Path(self.settings.watched_folder) if self.settings.watched_folder else None
-        self.watch_settle = 2.0
-        """Seconds a file must stay unchanged to count as complete (bcc watch's --settle)."""
-        self.watch_quiet = 1.0
-        """Seconds without a new result before the watch's report is rewritten."""
+        self.watch_timing: WatchTiming | None = None
+        """How the watch sees files arrive; None: `bcc watch`'s defaults (a file complete after
+        2 s unchanged, the report rewritten after 1 s without a new result)."""
 
         self.setWindowTitle("bcc-desk")
         self.setAcceptDrops(True)
@@ -622,8 +625,7 @@ class MainWindow(QMainWindow):
             self._update_watch_action()
             self._notify(f"Cannot watch {root}: {exc}")
             return
-        thread = WatchThread(site, self.choice, self.store, settle=self.watch_settle, quiet=self.watch_quiet,
-                             parent=self)
+        thread = WatchThread(site, self.choice, self.store, timing=self.watch_timing, parent=self)
         thread.started_watching.connect(self._watch_started)
         thread.batch.connect(self._watch_batch)
         thread.failed.connect(self._watch_failed)

@@ -30,7 +30,7 @@ from bcc_desk.messages import one_line
 if TYPE_CHECKING:
     from bcc_desk.classify_process import ClassifierProcess
     from bcc_desk.report import RunInfo
-    from bcc_desk.watch import Watcher, WatchSite
+    from bcc_desk.watch import Watcher, WatchSite, WatchTiming
 
 
 class ClassifyThread(QThread):
@@ -131,8 +131,7 @@ class WatchThread(QThread):
         choice: ModelChoice,
         store: ModelStore,
         *,
-        settle: float = 2.0,
-        quiet: float = 1.0,
+        timing: WatchTiming | None = None,
         parent: QObject | None = None,
     ) -> None:
         super().__init__(parent)
@@ -140,7 +139,7 @@ class WatchThread(QThread):
         self.root = site.root
         self.choice = replace(choice, compile=False)
         self.store = store
-        self.settle, self.quiet = settle, quiet
+        self.timing = timing  # None: the daemon's defaults
         self.stopping = False
         self._lock = threading.Lock()
         self._watcher: Watcher | None = None
@@ -156,7 +155,7 @@ class WatchThread(QThread):
             watcher.stop()
 
     def run(self) -> None:  # the thread's body
-        from bcc_desk.watch import log_file, log_to_file, make_watcher
+        from bcc_desk.watch import WatchTiming, log_file, log_to_file, make_watcher
 
         logger = logging.getLogger("bcc_desk")
         level = logger.level
@@ -170,7 +169,7 @@ class WatchThread(QThread):
                 handler = log_to_file(log_file(self.site.state))  # beside the ledger, as bcc watch does
                 self._watcher = make_watcher(
                     self.site, classifier, command=shlex.join(["bcc-desk", str(self.root)]), mode="bcc-desk",
-                    settle=self.settle, quiet=self.quiet, on_predictions=self._recorded,
+                    timing=self.timing or WatchTiming(), on_predictions=self._recorded,
                 )
             self.run_info = self._watcher.report.run
             self.started_watching.emit(classifier.device_label)
