@@ -55,17 +55,17 @@ def main() -> None:
         "median unflagged right | median flagged (90th centile) |",
         "|---|---|---|---|---|---|",
     ]
-    deciding = []
+    halves = {}
     for name, assumed in RULES.items():
         t = choose_review_threshold(conf, right, assumed_errors=assumed)
         flagged = float(((conf < t) | unfamiliar).mean())
         h = review_rule_on_halves(conf, right, unfamiliar, groups, assumed_errors=assumed, draws=args.draws)
         lines.append(f"| {name} | {t:.4f} | {flagged:.1%} | {h['short_of_target']:.0%} | "
                      f"{h['median_unflagged_right']:.2%} | {h['median_flagged']:.1%} ({h['p90_flagged']:.1%}) |")
-        deciding = h["deciding_groups"]  # the trainer's rule, the last row
+        halves[assumed] = h
     lines.append(f"\nValidation accuracy {right.mean():.2%}.")
     paths = split.paths("val")
-    for group, held_out, otherwise in deciding:
+    for group, held_out, otherwise in halves[1]["deciding_groups"]:  # the trainer's rule
         # Errors cluster in a slide: say which group of images decides the shortfall, and its errors.
         members = [i for i, g in enumerate(groups) if g == group]
         wrong = [f"{Path(paths[i]).name} as {predictions[i].label} ({conf[i]:.3f})" for i in members if not right[i]]

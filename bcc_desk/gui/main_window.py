@@ -79,12 +79,12 @@ from bcc_desk.gui.table_model import (
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
 from bcc_desk.paths import RESOURCES
-
-if TYPE_CHECKING:
-    from bcc_desk.watch import WatchTiming
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Export, Review, ReviewSession
 from bcc_desk.slides import all_slides
+
+if TYPE_CHECKING:
+    from bcc_desk.watch import WatchTiming
 
 ALL = "__all__"
 
