@@ -285,7 +285,7 @@ class Watcher:
         self.classifier = classifier
         self.single = single
         self.state = Path(state)
-        self.polling, self.interval, self.settle = timing.polling, timing.interval, timing.settle
+        self.timing = timing
         self.ledger = Ledger(self.state, self.root)
         self.settler = Settler(timing.settle)
         self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet)
@@ -307,9 +307,9 @@ class Watcher:
     def run(self) -> None:
         try:
             self._start_observer()  # first: whatever arrives from now on is queued, not missed
-            kind = f"polling every {self.interval:g} s" if self.polling else "native"
+            kind = f"polling every {self.timing.interval:g} s" if self.timing.polling else "native"
             log.info("watching %s (%s observer, settle %g s); report %s; ledger %s (log beside it)",
-                     self.root, kind, self.settle, self.out, self.state)
+                     self.root, kind, self.timing.settle, self.out, self.state)
             self._prepare()
             self._guarded(self._rescan)
             self.report.start()
@@ -394,12 +394,12 @@ class Watcher:
         return min(HEALTH_EVERY, due) if due is not None else HEALTH_EVERY
 
     def _start_observer(self) -> None:
-        observer, self._close_events = make_observer(self.polling, self.interval)
+        observer, self._close_events = make_observer(self.timing.polling, self.timing.interval)
         try:
             observer.schedule(self._events, str(self.root), recursive=True, event_filter=_EVENTS)
             observer.start()
         except OSError as exc:
-            hint = "; use --polling, or raise fs.inotify.max_user_watches" if not self.polling else ""
+            hint = "; use --polling, or raise fs.inotify.max_user_watches" if not self.timing.polling else ""
             raise WatchError(f"cannot watch {self.root}: {exc.strerror or exc}{hint}") from None
         self._observer = observer
         self._identity = _identity(self.root)
@@ -571,7 +571,7 @@ class Watcher:
         if self.ledger.vanish(gone):
             log.info("%d images recorded before are no longer under %s", len(gone), self.root)
             self.report.changed()
-        settled_before = time.time() - self.settle
+        settled_before = time.time() - self.timing.settle
         for rel, st in found.items():
             # Untouched for the settle time: complete, no need to wait again.
             self._note(self.root / rel, COMPLETE if st.st_mtime < settled_before else SEEN, st, scan=True)

@@ -130,8 +130,9 @@ def settle_thresholds(
         deciding = {k: [list(g) for g in h["deciding_groups"]] for k, h in halves.items() if h["deciding_groups"]}
         if deciding:
             metrics["val_review_deciding_groups"] = deciding  # [group, short when held out, otherwise]
+            files_of = [p.file for p in next(iter(by_precision.values()))]  # the same images in every numerics
             for group, held_out, otherwise in next(iter(deciding.values())):
-                files = [p.file for p, g in zip(next(iter(by_precision.values())), groups) if g == group]
+                files = [f for f, g in zip(files_of, groups) if g == group]
                 log.info("one group of validation decides most of that: %s … %s (%d images) is short on %.0f%% of the "
                          "halves holding it out, %.0f%% of the others; look at its confident errors",
                          files[0], files[-1], len(files), 100 * held_out, 100 * otherwise)
