@@ -17,7 +17,7 @@ from bcc_desk import cli
 from bcc_desk.images import discover_images
 
 from bundles import LABELS, make_bundle
-from corpus import build_corpus
+from corpus import build_corpus, two_slides
 
 runner = CliRunner()
 IMAGE_HEADER = ["file", "slide", "label", "confidence", "margin", "needs_review", "error",
@@ -32,12 +32,7 @@ def model(tmp_path_factory) -> Path:
 @pytest.fixture()
 def lab_folder(tmp_path: Path, real_images) -> Path:
     """What a lab exports: a folder per slide, plus every kind of bad input in one of them."""
-    root = tmp_path / "export"
-    for i, files in enumerate(real_images.values()):
-        slide = root / f"slide-{i % 2 + 1}"
-        slide.mkdir(parents=True, exist_ok=True)
-        for f in files[:3]:
-            shutil.copy(f, slide / f.name)
+    root = two_slides(tmp_path / "export", real_images, per_class=3)
     build_corpus(root / "odd", [f for files in real_images.values() for f in files])
     return root
 

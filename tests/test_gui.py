@@ -34,6 +34,7 @@ from bcc_desk.paths import RESOURCES
 from bcc_desk.watch import ReportWriter, WatchTiming, default_state, lock_state
 
 from bundles import CLASSES, LABELS, make_bundle
+from corpus import two_slides
 from folders import slide_folders, spread_images
 
 RUN_TIMEOUT_MS = 60_000
@@ -335,12 +336,7 @@ def test_the_classifier_process_ends_with_the_window(qtbot, window: MainWindow, 
 @pytest.fixture()
 def watched(tmp_path: Path, real_images) -> Path:
     """A fresh folder per test (the watch writes its report into it): two slides, four images."""
-    root = tmp_path / "camera export"
-    for i, files in enumerate(real_images.values()):
-        slide = root / f"slide-{i % 2 + 1}"
-        slide.mkdir(parents=True, exist_ok=True)
-        shutil.copy(files[0], slide / files[0].name)
-    return root.resolve()
+    return two_slides(tmp_path / "camera export", real_images, per_class=1).resolve()
 
 
 def start_watching(qtbot, window: MainWindow, folder: Path) -> None:
