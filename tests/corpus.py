@@ -232,14 +232,3 @@ def _write_png(path: Path, ihdr: bytes, idat: bytes) -> None:
 def _cycle(paths: list[Path]) -> Iterator[Path]:
     while True:
         yield from paths
-
-
-def two_slides(root: Path, real_images: dict[str, list[Path]], per_class: int) -> Path:
-    """A lab's export at `root`: `slide-1` and `slide-2`, the classes taking turns, the first
-    `per_class` images of each class copied in; returns `root`."""
-    for i, files in enumerate(real_images.values()):
-        slide = root / f"slide-{i % 2 + 1}"
-        slide.mkdir(parents=True, exist_ok=True)
-        for f in files[:per_class]:
-            shutil.copy(f, slide / f.name)
-    return root

@@ -31,13 +31,15 @@ def class_subset(dest: Path, source: Path, classes: Sequence[str], pick: slice) 
     return dest
 
 
-def slide_folders(root: Path, images: dict[str, list[Path]], per_class: int, slides: Sequence[str]) -> Path:
-    """`per_class` real images of each class copied round-robin into the `slides` folders, and an
-    empty (unreadable) file in the second slide."""
+def slide_folders(root: Path, images: dict[str, list[Path]], per_class: int, slides: Sequence[str],
+                  *, empty_file: bool = True) -> Path:
+    """`per_class` real images of each class copied round-robin into the `slides` folders, and
+    (`empty_file`) an empty, unreadable file in the second slide."""
     for i, files in enumerate(images.values()):
         for j, f in enumerate(files[:per_class]):
             slide = root / slides[(i + j) % len(slides)]
             slide.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, slide / f.name)
-    (root / slides[1] / "empty.jpg").write_bytes(b"")
+    if empty_file:
+        (root / slides[1] / "empty.jpg").write_bytes(b"")
     return root

@@ -17,7 +17,8 @@ from bcc_desk import cli
 from bcc_desk.images import discover_images
 
 from bundles import LABELS, make_bundle
-from corpus import build_corpus, two_slides
+from corpus import build_corpus
+from folders import slide_folders
 
 runner = CliRunner()
 IMAGE_HEADER = ["file", "slide", "label", "confidence", "margin", "needs_review", "error",
@@ -32,7 +33,7 @@ def model(tmp_path_factory) -> Path:
 @pytest.fixture()
 def lab_folder(tmp_path: Path, real_images) -> Path:
     """What a lab exports: a folder per slide, plus every kind of bad input in one of them."""
-    root = two_slides(tmp_path / "export", real_images, per_class=3)
+    root = slide_folders(tmp_path / "export", real_images, 3, ("slide-1", "slide-2"), empty_file=False)
     build_corpus(root / "odd", [f for files in real_images.values() for f in files])
     return root
 

@@ -34,7 +34,6 @@ from bcc_desk.paths import RESOURCES
 from bcc_desk.watch import ReportWriter, WatchTiming, default_state, lock_state
 
 from bundles import CLASSES, LABELS, make_bundle
-from corpus import two_slides
 from folders import slide_folders, spread_images
 
 RUN_TIMEOUT_MS = 60_000
@@ -336,7 +335,7 @@ def test_the_classifier_process_ends_with_the_window(qtbot, window: MainWindow, 
 @pytest.fixture()
 def watched(tmp_path: Path, real_images) -> Path:
     """A fresh folder per test (the watch writes its report into it): two slides, four images."""
-    return two_slides(tmp_path / "camera export", real_images, per_class=1).resolve()
+    return slide_folders(tmp_path / "camera export", real_images, 1, ("slide-1", "slide-2"), empty_file=False).resolve()
 
 
 def start_watching(qtbot, window: MainWindow, folder: Path) -> None:
