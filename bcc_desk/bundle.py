@@ -119,6 +119,11 @@ class EnsembleNet(_OODCheck):
         self.members = nn.ModuleList(BundleNet(single, pretrained=pretrained, **timm_kwargs) for _ in meta.members)
         # Not in the state dict: the temperatures are part of bundle.json's contract.
         self.register_buffer("temperatures", torch.tensor([m["temperature"] for m in meta.members]), persistent=False)
+        # A member trained at a smaller size sees the ensemble's input resized to it, in the graph
+        # (antialiased: torch's match for Pillow's filter), so one decode serves every member.
+        self.sizes = [m.get("size", meta.input.size) for m in meta.members]
+        self.input_size = meta.input.size
+        self.resample = meta.input.interpolation
         self.num_features = sum(m.num_features for m in self.members)
         self._add_ood(meta)
 
@@ -136,8 +141,14 @@ class EnsembleNet(_OODCheck):
         """The first member's trunk: Grad-CAM follows the ensemble's answer back through it."""
         return self.members[0].trunk
 
+    def _input_of(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        size = self.sizes[i]
+        if size == self.input_size:
+            return x
+        return nn.functional.interpolate(x, size=(size, size), mode=self.resample, antialias=True, align_corners=False)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.forward_features(x) for m in self.members], dim=1)
+        return torch.cat([m.forward_features(self._input_of(i, x)) for i, m in enumerate(self.members)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_features(x)[0]
@@ -145,7 +156,7 @@ class EnsembleNet(_OODCheck):
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs, features = [], []
         for i, m in enumerate(self.members):
-            logits, f = m.forward_with_features(x)
+            logits, f = m.forward_with_features(self._input_of(i, x))
             # fp32 by promotion with a 1-element (not 0-d) fp32 tensor, whatever autocast gave:
             # an explicit cast would pin the exported graph to one dtype, and the int8 package
             # runs it again under bf16

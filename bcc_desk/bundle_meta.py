@@ -179,6 +179,10 @@ class BundleMeta:
             raise ValueError(f"bad input spec {self.input}")
         if self.members and (len(self.members) < 2 or not all(m["temperature"] > 0 for m in self.members)):
             raise ValueError("an ensemble needs two or more members, each with a positive temperature")
+        if any(not 16 <= m.get("size", self.input.size) <= self.input.size for m in self.members):
+            raise ValueError(f"an ensemble member's input size must be within 16..{self.input.size} (the ensemble's)")
+        if any("size" in m for m in self.members) and self.input.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError("members of other input sizes need bilinear or bicubic interpolation")
         if self.input.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.input.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
 
@@ -187,8 +191,11 @@ def _member(data: Any) -> dict[str, Any]:
     """One ensemble member's record, its types checked (a malformed one is a ValueError)."""
     if not isinstance(data, dict):
         raise ValueError(f"an ensemble member must be an object, not {data!r}")
-    return {"name": str(data.get("name", "")), "weights_sha256": str(data.get("weights_sha256", "")),
-            "temperature": float(data["temperature"])}
+    member = {"name": str(data.get("name", "")), "weights_sha256": str(data.get("weights_sha256", "")),
+              "temperature": float(data["temperature"])}
+    if "size" in data:  # a member trained at another input size than the ensemble's (see EnsembleNet)
+        member["size"] = int(data["size"])
+    return member
 
 
 def display_name(cls: str) -> str:

@@ -92,6 +92,12 @@ def test_corrupt_or_foreign_metadata(saved: Path, tmp_path: Path) -> None:
     (b / "bundle.json").write_text(json.dumps({**meta, "temperature": -1}), encoding="utf-8")
     with pytest.raises(BundleError, match="temperature must be positive"):
         load_bundle(b)
+    size = meta["input"]["size"]  # a member may be smaller than the ensemble's input, never larger
+    members = [{"name": "a", "weights_sha256": "0", "temperature": 1.0}, {"name": "b", "temperature": 1.0,
+                                                                          "size": size + 1}]
+    (b / "bundle.json").write_text(json.dumps({**meta, "members": members}), encoding="utf-8")
+    with pytest.raises(BundleError, match=f"member's input size must be within 16..{size}"):
+        load_bundle(b)
     (b / "bundle.json").write_text(json.dumps({**meta, "arch": "no_such_net"}), encoding="utf-8")
     with pytest.raises(BundleError, match="unknown timm architecture 'no_such_net'"):
         load_bundle(b)

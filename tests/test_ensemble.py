@@ -92,6 +92,32 @@ def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_o
         assert p.ood_score * meta.ood.threshold >= summed * (1 - 1e-4)
 
 
+def test_a_member_trained_at_a_smaller_size_sees_the_image_at_its_own_size(members, tmp_path: Path) -> None:
+    """A 160-px network packs with a 224-px one: the bundle decodes at the larger size and the
+    smaller member gets the image resized to its own, so it answers as it does alone."""
+    data, split_csv, a, _ = members
+    small = tmp_path / "small"
+    tiny = [*TINY[:TINY.index("--image-size")], "--image-size", "48", *TINY[TINY.index("--image-size") + 2:]]
+    r = runner.invoke(train_cli.app, ["fit", str(data), "--out", str(small), *tiny, "--seed", "2",
+                                      "--split", str(split_csv)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "ens"
+    r = _ensemble((data, split_csv, a, small / "bundle"), out, "--no-int8")
+    assert r.exit_code == 0, r.output
+    ens = load_bundle(out)
+    assert ens.meta.input.size == 64 and [m.get("size") for m in ens.meta.members] == [None, 48]
+
+    images = [data / p for p in Split.load(split_csv, data).paths("val")][:6]
+    mine = list(Classifier(ens, precision="fp32", compile=False).predict_paths(images, data))
+    theirs = [list(Classifier(load_bundle(m), precision="fp32", compile=False).predict_paths(images, data))
+              for m in (a, small / "bundle")]
+    for p, pa, pb in zip(mine, *theirs):
+        mean = (torch.tensor(list(pa.probabilities.values())) + torch.tensor(list(pb.probabilities.values()))) / 2
+        expected = torch.softmax(mean.log() / ens.meta.temperature, 0)
+        # Pillow resizes the original once, the ensemble twice (to 64, then to 48): close, not equal.
+        assert torch.tensor(list(p.probabilities.values())) == pytest.approx(expected, abs=0.01)
+
+
 @pytest.mark.parametrize("problem", ["other split", "ensemble member", "other classes", "same weights", "not empty"])
 def test_members_that_cannot_be_averaged_honestly_are_one_line_errors(members, tmp_path: Path, problem: str) -> None:
     data, split_csv, a, b = members
@@ -137,8 +163,8 @@ def test_an_ensemble_runs_as_static_int8_with_the_same_labels(tmp_path: Path, al
     split = make_split(data, seed=0)
     split.save(tmp_path / "split.csv")
     folders = []
-    for seed in (0, 1):
-        folder = make_bundle(tmp_path / f"m{seed}", seed=seed, hidden=[32])
+    for seed, size in ((0, 64), (1, 48)):  # one member at another size: the resize is in the exported graph
+        folder = make_bundle(tmp_path / f"m{seed}", seed=seed, size=size, hidden=[32])
         meta = json.loads((folder / "bundle.json").read_text())
         meta["provenance"]["split_sha256"] = split.sha256()  # as if fit had trained it on this split
         (folder / "bundle.json").write_text(json.dumps(meta))
@@ -148,6 +174,7 @@ def test_an_ensemble_runs_as_static_int8_with_the_same_labels(tmp_path: Path, al
     assert r.exit_code == 0, r.output
     assert "int8 added" in r.output
     meta = read_meta(out)
+    assert meta.input.size == 64 and meta.members[1]["size"] == 48
     assert meta.int8 is not None and meta.int8.check["passed"] and meta.int8.check["label_agreement"] >= 0.98
     chosen = meta.metrics["review_threshold_by_precision"]
     assert set(chosen) == {"fp32", "int8"} and meta.review_threshold == max(chosen.values())

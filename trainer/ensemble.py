@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +60,16 @@ def build_ensemble(
     bundles = [load_bundle(m) for m in members]
     _check_members(bundles, split, Path(split_csv))
     first = bundles[0].meta
+    # The images are decoded once, at the largest member's size; the others see them resized.
+    size = max(b.meta.input.size for b in bundles)
 
     meta = BundleMeta(
         name=name or "+".join(b.name for b in bundles),
-        arch=first.arch, classes=list(first.classes), input=first.input, head=first.head,
+        arch=first.arch, classes=list(first.classes), input=replace(first.input, size=size), head=first.head,
         display_names=list(first.display_names),
         ood=OODSpec(threshold=1.0, features=first.ood.features) if first.ood else None,  # chosen below
-        members=[{"name": b.name, "weights_sha256": b.sha256, "temperature": b.meta.temperature} for b in bundles],
+        members=[{"name": b.name, "weights_sha256": b.sha256, "temperature": b.meta.temperature,
+                  **({"size": b.meta.input.size} if b.meta.input.size != size else {})} for b in bundles],
         provenance={
             "data_fingerprint": first.provenance.get("data_fingerprint"),
             "split_sha256": split.sha256(),
@@ -109,7 +113,9 @@ def _check_members(bundles: Sequence[Bundle], split: Split, split_csv: Path) -> 
             raise ValueError(f"{b.path} is an ensemble already: give its members instead")
         for what, mine, theirs in (
             ("architecture", b.meta.arch, ref.meta.arch), ("classes", b.meta.classes, ref.meta.classes),
-            ("class names", b.meta.labels, ref.meta.labels), ("input", b.meta.input, ref.meta.input),
+            ("class names", b.meta.labels, ref.meta.labels),
+            # the size may differ (EnsembleNet resizes), not how an image becomes the input
+            ("input", replace(b.meta.input, size=0), replace(ref.meta.input, size=0)),
             ("head", b.meta.head, ref.meta.head),
             ("out-of-distribution check", b.meta.ood and b.meta.ood.features, ref.meta.ood and ref.meta.ood.features),
         ):
