@@ -179,12 +179,12 @@ class BundleMeta:
             raise ValueError(f"bad input spec {self.input}")
         if self.members and (len(self.members) < 2 or not all(m["temperature"] > 0 for m in self.members)):
             raise ValueError("an ensemble needs two or more members, each with a positive temperature")
+        if self.input.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.input.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         if any(not 16 <= m.get("size", self.input.size) <= self.input.size for m in self.members):
             raise ValueError(f"an ensemble member's input size must be within 16..{self.input.size} (the ensemble's)")
         if any("size" in m for m in self.members) and self.input.interpolation not in ("bilinear", "bicubic"):
             raise ValueError("members of other input sizes need bilinear or bicubic interpolation")
-        if self.input.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {self.input.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
 
 
 def _member(data: Any) -> dict[str, Any]:

@@ -46,6 +46,18 @@ def _ensemble(members, out: Path, *extra: str):
                                          "--out", str(out), *extra])
 
 
+def _answers(ens, member_dirs, data: Path, split_csv: Path):
+    """For six validation images: the ensemble's prediction, each member's alone, and what the
+    ensemble should answer (the members' probabilities averaged, then its own temperature)."""
+    images = [data / p for p in Split.load(split_csv, data).paths("val")][:6]
+    mine = Classifier(ens, precision="fp32", compile=False).predict_paths(images, data)
+    theirs = [list(Classifier(load_bundle(m), precision="fp32", compile=False).predict_paths(images, data))
+              for m in member_dirs]
+    for p, *alone in zip(mine, *theirs):
+        mean = torch.stack([torch.tensor(list(q.probabilities.values())) for q in alone]).mean(0)
+        yield p, *alone, torch.softmax(mean.log() / ens.meta.temperature, 0)
+
+
 def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_own_thresholds(
     members, tmp_path: Path
 ) -> None:
@@ -77,14 +89,7 @@ def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_o
 
     # What it answers: the members' calibrated probabilities averaged, then its own temperature;
     # its unfamiliarity: the sum of the members' distances (block-diagonal statistics).
-    split = Split.load(split_csv, data)
-    images = [data / p for p in split.paths("val")][:6]
-    mine = list(Classifier(ens, precision="fp32", compile=False).predict_paths(images, data))
-    theirs = [list(Classifier(load_bundle(m), precision="fp32", compile=False).predict_paths(images, data))
-              for m in (a, b)]
-    for p, pa, pb in zip(mine, *theirs):
-        mean = (torch.tensor(list(pa.probabilities.values())) + torch.tensor(list(pb.probabilities.values()))) / 2
-        expected = torch.softmax(mean.log() / meta.temperature, 0)
+    for p, pa, pb, expected in _answers(ens, (a, b), data, split_csv):
         assert torch.tensor(list(p.probabilities.values())) == pytest.approx(expected, abs=1e-4)
         assert p.needs_review == (p.confidence < meta.review_threshold or p.ood_score > 1)
         summed = pa.ood_score * ma.ood.threshold + pb.ood_score * mb.ood.threshold
@@ -97,9 +102,8 @@ def test_a_member_trained_at_a_smaller_size_sees_the_image_at_its_own_size(membe
     smaller member gets the image resized to its own, so it answers as it does alone."""
     data, split_csv, a, _ = members
     small = tmp_path / "small"
-    tiny = [*TINY[:TINY.index("--image-size")], "--image-size", "48", *TINY[TINY.index("--image-size") + 2:]]
-    r = runner.invoke(train_cli.app, ["fit", str(data), "--out", str(small), *tiny, "--seed", "2",
-                                      "--split", str(split_csv)])
+    r = runner.invoke(train_cli.app, ["fit", str(data), "--out", str(small), *TINY, "--image-size", "48",
+                                      "--seed", "2", "--split", str(split_csv)])  # the last --image-size wins
     assert r.exit_code == 0, r.output
     out = tmp_path / "ens"
     r = _ensemble((data, split_csv, a, small / "bundle"), out, "--no-int8")
@@ -107,13 +111,7 @@ def test_a_member_trained_at_a_smaller_size_sees_the_image_at_its_own_size(membe
     ens = load_bundle(out)
     assert ens.meta.input.size == 64 and [m.get("size") for m in ens.meta.members] == [None, 48]
 
-    images = [data / p for p in Split.load(split_csv, data).paths("val")][:6]
-    mine = list(Classifier(ens, precision="fp32", compile=False).predict_paths(images, data))
-    theirs = [list(Classifier(load_bundle(m), precision="fp32", compile=False).predict_paths(images, data))
-              for m in (a, small / "bundle")]
-    for p, pa, pb in zip(mine, *theirs):
-        mean = (torch.tensor(list(pa.probabilities.values())) + torch.tensor(list(pb.probabilities.values()))) / 2
-        expected = torch.softmax(mean.log() / ens.meta.temperature, 0)
+    for p, _, _, expected in _answers(ens, (a, small / "bundle"), data, split_csv):
         # Pillow resizes the original once, the ensemble twice (to 64, then to 48): close, not equal.
         assert torch.tensor(list(p.probabilities.values())) == pytest.approx(expected, abs=0.01)
 
