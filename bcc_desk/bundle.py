@@ -280,9 +280,9 @@ def record_metrics(folder: Path, metrics: dict[str, Any]) -> BundleMeta:
 
 def record_thresholds(
     folder: Path, metrics: dict[str, Any], review: float | None = None, ood: float | None = None,
-    forget: tuple[str, ...] = (), temperature: float | None = None,
+    forget: tuple[str, ...] = (), temperature: float | None = None, slide_review: float | None = None,
 ) -> BundleMeta:
-    """Set the review and/or out-of-distribution threshold (and the temperature) of the bundle at
+    """Set the review thresholds and/or the out-of-distribution one (and the temperature) of the bundle at
     `folder` (the trainer settles them on the application's own predictions), record how they were
     chosen and drop the `forget` metrics they made stale; the weights are untouched."""
     folder = Path(folder)
@@ -291,6 +291,8 @@ def record_thresholds(
         meta.temperature = float(temperature)
     if review is not None:
         meta.review_threshold = float(review)
+    if slide_review is not None:
+        meta.slide_review_threshold = float(slide_review)
     if ood is not None:
         if meta.ood is None:
             raise BundleError(f"{folder} has no out-of-distribution check to set a threshold for")

@@ -92,6 +92,10 @@ class BundleMeta:
     head: HeadSpec = field(default_factory=HeadSpec)
     temperature: float = 1.0
     review_threshold: float = 0.0
+    slide_review_threshold: float | None = None
+    """The cut-off for an image that agrees with the rest of its slide (two or more classified
+    images): chosen on validation among the images no other reason flags, the slides' consensus
+    flagging the rest (`bcc_desk.slides`).  None: `review_threshold`, as for an image alone."""
     ood: OODSpec | None = None
     int8: Int8Spec | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +157,8 @@ class BundleMeta:
                 head=HeadSpec(**(data.get("head") or {})),
                 temperature=float(data.get("temperature", 1.0)),
                 review_threshold=float(data.get("review_threshold", 0.0)),
+                slide_review_threshold=(None if data.get("slide_review_threshold") is None
+                                        else float(data["slide_review_threshold"])),
                 ood=OODSpec(**ood) if ood else None,
                 int8=Int8Spec(**int8) if int8 else None,
                 provenance=dict(data.get("provenance") or {}),
@@ -175,6 +181,8 @@ class BundleMeta:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.review_threshold <= 1.0:
             raise ValueError(f"review_threshold must be within 0..1, got {self.review_threshold}")
+        if self.slide_review_threshold is not None and not 0.0 <= self.slide_review_threshold <= 1.0:
+            raise ValueError(f"slide_review_threshold must be within 0..1, got {self.slide_review_threshold}")
         if self.input.size < 16 or not 0 < self.input.crop_pct <= 1:
             raise ValueError(f"bad input spec {self.input}")
         if self.members and (len(self.members) < 2 or not all(m["temperature"] > 0 for m in self.members)):
@@ -230,7 +238,12 @@ def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
     dialog both show, in one wording.  `percent`: the review threshold as a percentage (the
     desktop app's threshold box is one).  The recorded metrics are `meta.metrics`, formatted
     with `format_value`."""
-    threshold = f"{meta.review_threshold:.1%}" if percent else f"{meta.review_threshold:.3f}"
+    def cut(value: float) -> str:
+        return f"{value:.1%}" if percent else f"{value:.3f}"
+
+    threshold = cut(meta.review_threshold)
+    if meta.slide_review_threshold is not None:
+        threshold += f" alone; {cut(meta.slide_review_threshold)} agreeing with its slide"
     rows = [
         ("name", meta.name),
         ("architecture", meta.arch),

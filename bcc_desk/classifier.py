@@ -34,6 +34,7 @@ from bcc_desk.prediction import (
 )
 from bcc_desk.preprocess import make_transform, normalise, pad_batch
 from bcc_desk.quantize import Int8Unavailable, int8_forward, int8_package_ready
+from bcc_desk.slides import with_slide_consensus
 from bcc_desk.toolchain import compile_blocker, failure_reason, remember_compile_failure
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
 class Classifier:
     """One or several bundles (an ensemble, probabilities averaged) ready to classify images.
 
-    `review_threshold` overrides the bundles' own (the strictest of them by default)."""
+    `review_threshold` overrides the bundles' own (the strictest of them by default).
+    `slide_consensus`: `review_slides` flags an image that disagrees with its slide (off: every
+    image is judged alone, for folders that mix patients)."""
 
     def __init__(
         self,
@@ -92,6 +95,7 @@ class Classifier:
         batch_size: int | None = None,
         tta: bool = False,
         review_threshold: float | None = None,
+        slide_consensus: bool = True,
         workers: int = 2,
         channels_last: bool | None = None,
         compile: bool | None = None,
@@ -149,6 +153,15 @@ class Classifier:
             review_threshold
             if review_threshold is not None
             else max(b.meta.review_threshold for b in members)
+        )
+        self.slide_consensus = slide_consensus
+        # An image that agrees with its slide has its own cut-off (the slide's consensus flags the
+        # others); a threshold given by the user holds for every image.
+        self.slide_review_threshold = (
+            review_threshold
+            if review_threshold is not None
+            else max(b.meta.review_threshold if b.meta.slide_review_threshold is None else b.meta.slide_review_threshold
+                     for b in members)
         )
         self.bundles = members
         self.name = "+".join(b.name for b in members)
@@ -373,6 +386,15 @@ class Classifier:
             done += len(batch)
             if progress is not None:
                 progress(done, total)
+
+    def review_slides(self, predictions: Sequence[Prediction]) -> list[Prediction]:
+        """`predictions` flagged as their slides now stand (`bcc_desk.slides.with_slide_consensus`):
+        an image that disagrees with its slide is flagged, one that agrees is held to the slide
+        cut-off, one alone to the bundle's own.  Run it again whenever a slide has grown.  With
+        the consensus off, `predictions` as they are (each flagged alone when it was made)."""
+        if not self.slide_consensus:
+            return list(predictions)
+        return with_slide_consensus(predictions, self.review_threshold, self.slide_review_threshold)
 
     def _record(self, path: Path, root: Path, probs: torch.Tensor, ood_ratio: float | None) -> Prediction:
         values = probs.tolist()

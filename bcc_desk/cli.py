@@ -41,6 +41,10 @@ out_console = Console(markup=False)
 
 EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # and 0: the run completed
 EXIT_ELSEWHERE = 3  # the run completed, but its report is in a fallback folder, not where asked
+SLIDE_CONSENSUS = typer.Option(
+    "--slide-consensus/--no-slide-consensus",
+    help="Flag an image whose label differs from most of its slide folder's (a folder holds one patient's slide). "
+         "Turn off where a folder mixes patients.")
 
 _report_written = False
 """Set once `classify` has its report on disk: what is left of the process is only teardown."""
@@ -115,6 +119,7 @@ def classify(
         Optional[float],
         typer.Option(min=0.0, max=1.0, help="Flag images whose confidence is below this. Default: the model's."),
     ] = None,
+    slide_consensus: Annotated[bool, SLIDE_CONSENSUS] = True,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Image decoding threads.")] = 2,
     compile: Annotated[
         Optional[bool],
@@ -153,7 +158,8 @@ def classify(
         logger.setLevel(logging.ERROR)
     try:
         classifier = ClassifierOptions(device=device, precision=precision, batch_size=batch_size, tta=tta,
-                                       review_threshold=review_threshold, workers=workers, compile=compile).build(bundles)
+                                       review_threshold=review_threshold, slide_consensus=slide_consensus,
+                                       workers=workers, compile=compile).build(bundles)
     except (ValueError, BundleError) as exc:
         fail(str(exc))
 
@@ -168,6 +174,7 @@ def classify(
         interrupted = True
         console.print(Text.assemble(("interrupted", "yellow"), f": writing the report for the {len(predictions)} images done"))
 
+    predictions = classifier.review_slides(predictions)  # a slide's consensus needs all of its images
     run = run_info(classifier, root=folder, command=shlex.join(["bcc", *sys.argv[1:]]), started=started,
                    finished=None if interrupted else datetime.now(timezone.utc))
     try:  # a full disk or a folder gone meanwhile sends the report to a fallback folder
@@ -292,6 +299,7 @@ def watch(
     review_threshold: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="Flag images below this confidence. Default: the model's.")
     ] = None,
+    slide_consensus: Annotated[bool, SLIDE_CONSENSUS] = True,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Image decoding threads.")] = 2,
     compile: Annotated[
         bool,
@@ -328,7 +336,8 @@ def watch(
     # Compiled once at start (the watcher does it before it says ready), not by call size: a
     # burst arrives file by file, so its calls rarely reach classify's threshold.
     options = ClassifierOptions(device=device, precision=precision, batch_size=batch_size, tta=tta,
-                                review_threshold=review_threshold, workers=workers, compile=compile)
+                                review_threshold=review_threshold, slide_consensus=slide_consensus, workers=workers,
+                                compile=compile)
     try:
         classifier = options.build(bundles)
         single = options.for_single_images().build(bundles) if compile else None

@@ -24,6 +24,8 @@ class ClassifierOptions:
     batch_size: int | None = None
     tta: bool = False
     review_threshold: float | None = None
+    slide_consensus: bool = True
+    """Flag an image whose label differs from most of its slide's (a folder is one slide)."""
     workers: int = 2
     compile: bool | None = None
     """None: by the size of each call (COMPILE_MIN_IMAGES)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 REVIEW_LOW_CONFIDENCE = "low confidence"
 REVIEW_UNFAMILIAR = "unlike training data"
 REVIEW_UNREADABLE = "unreadable"
+REVIEW_DISAGREES = "disagrees with its slide"
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,8 @@ class RunInfo:
     command: str
     extra: dict[str, str] = field(default_factory=dict)
     """Front-end specific facts (daemon settings, GUI session...), listed last on the Run sheet."""
+    slide_review_threshold: float | None = None
+    """The cut-off for an image that agrees with its slide; None: the slide's consensus was off."""
 
     @classmethod
     def collect(
@@ -111,6 +113,7 @@ class RunInfo:
         started: datetime | None = None,
         finished: datetime | None = None,
         extra: dict[str, str] | None = None,
+        slide_review_threshold: float | None = None,
     ) -> RunInfo:
         """Fill in what the machine knows (host, user, version, command line, start time)."""
         from bcc_desk import __version__
@@ -130,6 +133,7 @@ class RunInfo:
             user=_safe(getpass.getuser),
             command=command if command is not None else shlex.join(sys.argv),
             extra=dict(extra or {}),
+            slide_review_threshold=slide_review_threshold,
         )
 
 
@@ -150,6 +154,7 @@ def run_info(
         review_threshold=classifier.review_threshold, ood_check=ood_check(classifier.bundles),
         tta=classifier.tta, device=classifier.device_label, root=root, command=command,
         started=started, finished=finished, extra=extra,
+        slide_review_threshold=classifier.slide_review_threshold if classifier.slide_consensus else None,
     )
 
 
@@ -447,6 +452,9 @@ def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo) -
     fields += [
         ("classes", "; ".join(run.classes), None),
         ("review threshold", _number(run.review_threshold), PERCENT),
+        ("slide consensus", "off: every image judged alone" if run.slide_review_threshold is None else
+         "on: an image whose label differs from most of its slide's is flagged", None),
+        ("review threshold, agreeing with its slide", _number(run.slide_review_threshold), PERCENT),
         ("out-of-distribution check", run.ood_check, None),
         ("test-time augmentation", "on" if run.tta else "off", None),
         ("device", run.device, None),

@@ -20,7 +20,7 @@ from psygnal import Signal
 from bcc_desk import __version__
 from bcc_desk.prediction import Prediction
 from bcc_desk.report import REVIEW_COLUMNS, RunInfo, write_somewhere
-from bcc_desk.slides import SlideCount, count_slides
+from bcc_desk.slides import SlideCount, count_slides, with_slide_consensus
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +125,22 @@ class ReviewSession:
                 self._rows.append(p)
                 self._row_of[p.path] = i
             self.inserted.emit(first, first + len(fresh) - 1)
+        self._review_slides({p.slide for p in predictions})
         return list(replaced.values())
+
+    def _review_slides(self, slides: set[str]) -> None:
+        """Flag the rows of `slides` as those slides now stand (`with_slide_consensus`, with the
+        thresholds of the run that made them): a new image can change what its slide agrees on."""
+        info = self.run_info
+        if info is None or info.slide_review_threshold is None:  # the consensus is off
+            return
+        rows = [i for i, p in enumerate(self._rows) if p.slide in slides]
+        now = with_slide_consensus([self._rows[i] for i in rows], info.review_threshold, info.slide_review_threshold)
+        moved = [i for i, p in zip(rows, now, strict=True) if p is not self._rows[i]]
+        for i, p in zip(rows, now, strict=True):
+            self._rows[i] = p
+        if moved:
+            self.changed.emit(min(moved), max(moved))
 
     def __len__(self) -> int:
         return len(self._rows)

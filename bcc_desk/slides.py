@@ -1,15 +1,18 @@
 """Per-slide counts and the one slide order: the report's Slides sheet, the console summary
 after `bcc classify` and the desktop app's slide table all count here, so they cannot disagree.
+And the slide's consensus: every field of a slide carries its patient's diagnosis, so a field the
+model calls otherwise than most of its slide is one a person must look at.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bcc_desk.prediction import Prediction
+from bcc_desk.prediction import REVIEW_DISAGREES, REVIEW_LOW_CONFIDENCE, Prediction
 
 
 def natural_key(s: str) -> tuple[list[object], str]:
@@ -75,3 +78,44 @@ def all_slides(counts: Mapping[str, SlideCount]) -> SlideCount:
     for count in counts.values():
         total += count
     return total
+
+
+def disagrees_with_slide(slides: Sequence[Hashable], labels: Sequence[str | None]) -> list[bool]:
+    """Per image, whether it disagrees with its slide.  A slide's label is the one that more than
+    half of its classified images (label not None) have; an image with another label is flagged,
+    and so is every classified image of a slide where no label has more than half.  A slide of a
+    single classified image has nothing to disagree with; unclassified images are never flagged
+    here (they are flagged as unreadable)."""
+    if len(slides) != len(labels):
+        raise ValueError(f"{len(slides)} slides but {len(labels)} labels")
+    votes: dict[Hashable, Counter[str]] = {}
+    for slide, label in zip(slides, labels, strict=True):
+        if label is not None:
+            votes.setdefault(slide, Counter())[label] += 1
+    majority: dict[Hashable, str | None] = {}
+    for slide, counts in votes.items():
+        label, n = counts.most_common(1)[0]
+        majority[slide] = label if 2 * n > counts.total() else None
+    return [label is not None and votes[slide].total() > 1 and label != majority[slide]
+            for slide, label in zip(slides, labels, strict=True)]
+
+
+def with_slide_consensus(predictions: Sequence[Prediction], alone: float, in_slide: float) -> list[Prediction]:
+    """`predictions` flagged as their slides now stand: "disagrees with its slide" where an image
+    does (`disagrees_with_slide`), and "low confidence" below `in_slide` for an image of a slide
+    of two or more classified images, below `alone` for one alone in its slide (the consensus
+    cannot vouch for it).  Both are taken away where they no longer hold, so it is run again as a
+    slide fills up; other reasons and unreadable images are left as they are."""
+    flags = disagrees_with_slide([p.slide for p in predictions], [p.label for p in predictions])
+    classified = Counter(p.slide for p in predictions if p.label is not None)
+    out = []
+    for p, flag in zip(predictions, flags, strict=True):
+        if p.label is None or p.confidence is None:
+            out.append(p)
+            continue
+        cut = in_slide if classified[p.slide] > 1 else alone
+        others = [r for r in p.review_reason.split("; ") if r and r not in (REVIEW_LOW_CONFIDENCE, REVIEW_DISAGREES)]
+        reasons = [REVIEW_LOW_CONFIDENCE] * (p.confidence < cut) + others + [REVIEW_DISAGREES] * flag
+        reason = "; ".join(reasons)
+        out.append(p if reason == p.review_reason else replace(p, needs_review=bool(reasons), review_reason=reason))
+    return out

@@ -288,7 +288,7 @@ class Watcher:
         self.timing = timing
         self.ledger = Ledger(self.state, self.root)
         self.settler = Settler(timing.settle)
-        self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet)
+        self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet, review=classifier.review_slides)
         self.on_predictions = on_predictions
         self._events = _Queue()
         self._observer: BaseObserver | None = None
@@ -705,8 +705,11 @@ class ReportWriter:
     LOCK_RECHECK = 2.0
     FAILED_RETRY = 10.0
 
-    def __init__(self, state: Path, out: Path, run: RunInfo, *, quiet: float = 1.0, max_wait: float = 5.0) -> None:
+    def __init__(self, state: Path, out: Path, run: RunInfo, *, quiet: float = 1.0, max_wait: float = 5.0,
+                 review: Callable[[list[Prediction]], list[Prediction]] | None = None) -> None:
         self.state, self.out, self.run = Path(state), Path(out), run
+        # The ledger keeps each image's own outcome; the report flags them as their slides stand.
+        self.review = review or list
         self.quiet, self.max_wait = quiet, max_wait
         self._write: Callable[..., Path] = write_csv if self.out.suffix.lower() == ".csv" else write_report
         self._cond = threading.Condition()
@@ -785,7 +788,7 @@ class ReportWriter:
     def _write_once(self, ledger: Ledger) -> None:
         started = time.monotonic()
         try:
-            written = self._write(ledger.predictions(), self.out, self.run, fallback=self._fallback)
+            written = self._write(self.review(ledger.predictions()), self.out, self.run, fallback=self._fallback)
         except Exception as exc:  # whatever it is, the daemon and the ledger go on
             message = str(exc)
             if message != self._failure:

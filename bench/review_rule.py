@@ -19,13 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from bcc_desk.bundle import read_meta
-from trainer.metrics import choose_review_threshold, review_rule_on_halves
+from bcc_desk.slides import disagrees_with_slide
+from trainer.metrics import SLIDE_FLOOR, choose_review_threshold, review_rule_on_halves
 from trainer.review_threshold import app_predictions, validation_truth
 from trainer.split import Split
 
 from common import print_table, validation_study_parser
 
-RULES = {"plain (99% on validation)": 0, "one error assumed (the trainer's rule)": 1}
+# name: (errors assumed, the slide's consensus flags too and the cut-off is chosen on the rest, least cut-off)
+RULES = {"plain (99% on validation)": (0, False, 0.0), "one error assumed (the trainer's rule before 18)": (1, False, 0.0),
+         "one error assumed, the slide's consensus (rule 18)": (1, True, 0.0),
+         "rule 18, never below even odds (the trainer's rule)": (1, True, SLIDE_FLOOR)}
 
 
 def main() -> None:
@@ -44,6 +48,8 @@ def main() -> None:
     right = np.array([p.label == t for p, t in zip(predictions, truth)])
     unfamiliar = np.array([p.ood_score is not None and p.ood_score > 1 for p in predictions])
     groups = np.array(split.groups("val"))
+    # The split's groups (ten neighbouring file numbers) stand in for slides: no patient ids.
+    disagrees = np.array(disagrees_with_slide(groups.tolist(), [p.label for p in predictions]))
 
     name = "+".join(read_meta(b).name for b in [args.bundle, *args.member]) + (" with TTA" if args.tta else "")
     lines = [
@@ -56,16 +62,21 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     halves = {}
-    for name, assumed in RULES.items():
-        t = choose_review_threshold(conf, right, assumed_errors=assumed)
-        flagged = float(((conf < t) | unfamiliar).mean())
-        h = review_rule_on_halves(conf, right, unfamiliar, groups, assumed_errors=assumed, draws=args.draws)
+    for name, (assumed, consensus, floor) in RULES.items():
+        other = unfamiliar | disagrees if consensus else unfamiliar
+        choose = ~other if consensus else np.ones_like(right)
+        t = max(floor, choose_review_threshold(conf[choose], right[choose], assumed_errors=assumed))
+        flagged = float(((conf < t) | other).mean())
+        h = review_rule_on_halves(conf, right, other, groups, assumed_errors=assumed, draws=args.draws,
+                                  choose_among_unflagged=consensus, floor=floor)
         lines.append(f"| {name} | {t:.4f} | {flagged:.1%} | {h['short_of_target']:.0%} | "
                      f"{h['median_unflagged_right']:.2%} | {h['median_flagged']:.1%} ({h['p90_flagged']:.1%}) |")
-        halves[assumed] = h
+        halves[name] = h
+    lines.append(f"\n{int(disagrees.sum())} images disagree with their slide (group), "
+                 f"{int((disagrees & ~right).sum())} of them wrong; {int((~right & ~disagrees).sum())} wrong ones agree.")
     lines.append(f"\nValidation accuracy {right.mean():.2%}.")
     paths = split.paths("val")
-    for group, held_out, otherwise in halves[1]["deciding_groups"]:  # the trainer's rule
+    for group, held_out, otherwise in halves[list(RULES)[-1]]["deciding_groups"]:  # the trainer's rule
         # Errors cluster in a slide: say which group of images decides the shortfall, and its errors.
         members = [i for i, g in enumerate(groups) if g == group]
         wrong = [f"{Path(paths[i]).name} as {predictions[i].label} ({conf[i]:.3f})" for i in members if not right[i]]

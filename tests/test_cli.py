@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from bcc_desk import cli
 from bcc_desk.images import discover_images
+from bcc_desk.prediction import REVIEW_DISAGREES
+from bcc_desk.slides import disagrees_with_slide
 
 from bundles import LABELS, make_bundle
 from corpus import build_corpus
@@ -58,11 +60,15 @@ def test_classify_writes_a_complete_workbook(model: Path, lab_folder: Path, tmp_
     good = [r for r in rows if not r["error"]]
     bad = [r for r in rows if r["error"]]
     assert len(good) >= 20 and len(bad) >= 5
+    # A label other than most of its slide's is flagged too (the slide's consensus, on by default).
+    disagree = dict(zip((r["file"] for r in good),
+                        disagrees_with_slide([r["slide"] for r in good], [r["label"] for r in good]), strict=True))
     for r in good:
         assert r["label"] in LABELS
         assert r["slide"] == r["file"].rsplit("/", 1)[0]
         assert sum(r[f"p: {c}"] for c in LABELS) == pytest.approx(1.0, abs=1e-4)
-        assert r["needs_review"] == (r["confidence"] < 0.6)
+        assert (REVIEW_DISAGREES in (r["review_reason"] or "")) == disagree[r["file"]]
+        assert r["needs_review"] == (r["confidence"] < 0.6 or disagree[r["file"]])
         assert r["model"] == "test-convnext_atto-0" and len(r["model_sha256"]) == 64
     for r in bad:
         assert r["label"] is None and "\n" not in r["error"]

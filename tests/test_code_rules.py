@@ -14,11 +14,13 @@ from conftest import REPO
 
 QT = ("PySide6", "shiboken6", "pytestqt")
 # What the trainer may use of the application: the bundle and report contracts (import-reviews
-# reads the exported workbooks) and the shared preprocessing, numerics and image reading.
+# reads the exported workbooks), the shared preprocessing, numerics and image reading, and the
+# slide's consensus (the review flag's rule, which the trainer's cut-off for slides is chosen with).
 # Its checks (evaluate, int8) run the application's own engine on purpose: a figure must come
 # from the path a lab runs.
 TRAINER_MAY_IMPORT = {"bcc_desk", "bcc_desk.bundle", "bcc_desk.preprocess", "bcc_desk.devices", "bcc_desk.images",
-                      "bcc_desk.cli_help", "bcc_desk.logs", "bcc_desk.files", "bcc_desk.report"}
+                      "bcc_desk.cli_help", "bcc_desk.logs", "bcc_desk.files", "bcc_desk.report",
+                      "bcc_desk.slides"}
 TRAINER_ENGINE_USERS = {"trainer.evaluate", "trainer.int8", "trainer.review_threshold", "trainer.fit", "trainer.cli"}
 
 

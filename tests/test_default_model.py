@@ -36,6 +36,10 @@ def test_bcc_info_shows_the_test_figures_the_readme_quotes() -> None:
     assert f"{meta.metrics['test_accuracy']:.4g}" in out and "test_recall" in out
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"{meta.metrics['test_accuracy']:.1%}" in readme  # the README quotes what the bundle carries
+    assert f"{meta.metrics['test_flagged']:.1%} flagged" in readme
+    # The review flag's two cut-offs: one for an image alone, one for an image its slide agrees with.
+    assert meta.slide_review_threshold is not None and 0.5 <= meta.slide_review_threshold <= meta.review_threshold
+    assert "agreeing with its slide" in out
 
 
 def test_readme_main_job_classifies_the_samples(tmp_path: Path) -> None:

@@ -144,3 +144,33 @@ def test_settling_names_the_slide_whose_confident_errors_decide_the_shortfall(tm
         settle_thresholds(bundle, ["Benign"] * 400, {"fp32": predictions}, groups=groups)
     assert read_meta(bundle).metrics["val_review_deciding_groups"] == {"fp32": [[12, 1.0, 0.0]]}
     assert "Benign/WBC-Benign-120.jpg … Benign/WBC-Benign-129.jpg (10 images) is short on 100%" in caplog.text
+
+
+def test_with_the_slides_an_image_agreeing_with_its_slide_gets_its_own_cut_off(tmp_path: Path) -> None:
+    """400 validation images in slides of ten.  Four confident errors (0.99), each the odd one out
+    of its slide: no cut-off catches them, so the one for an image alone flags the least confident
+    quarter; the slide's consensus flags them instead, and an agreeing image is held to even odds.
+    A slide misread as a whole agrees with itself: then the slide cut-off rises until the images
+    it keeps are 99% right again, one error assumed."""
+    groups = [i // 10 for i in range(400)]
+    odd = {5, 105, 205, 305}
+    conf = [0.55 + 0.44 * i / 400 for i in range(400)]
+    predictions = [_prediction("Pro-B" if i in odd else "Benign", 0.99 if i in odd else c) for i, c in enumerate(conf)]
+    bundle = make_bundle(tmp_path / "b")
+    settle_thresholds(bundle, ["Benign"] * 400, {"fp32": predictions}, groups=groups)
+    meta = read_meta(bundle)
+    assert meta.slide_review_threshold == 0.5 < meta.review_threshold
+    assert meta.metrics["val_disagreeing_with_slide"] == 4 / 400
+    assert meta.metrics["val_review_short_on_halves_in_slides"] == {"fp32": 0.0}
+    assert meta.metrics["val_review_short_on_halves"]["fp32"] > 0.2  # the cut-off alone
+
+    misread = [replace(p, label="Pro-B") if groups[i] == 5 else p for i, p in enumerate(predictions)]
+    whole = make_bundle(tmp_path / "whole")
+    settle_thresholds(whole, ["Benign"] * 400, {"fp32": misread}, groups=groups)
+    cut = read_meta(whole).slide_review_threshold
+    kept = [i for i in range(400) if i not in odd and conf[i] >= cut]
+    wrong = [i for i in kept if groups[i] == 5]
+    assert cut > 0.6 and (len(wrong) + 1) / (len(kept) + 1) <= 0.01  # the promise, one error assumed
+    plain = make_bundle(tmp_path / "plain")  # without slides: one cut-off for every image
+    settle_thresholds(plain, ["Benign"] * 400, {"fp32": predictions})
+    assert read_meta(plain).slide_review_threshold == read_meta(plain).review_threshold

@@ -19,8 +19,11 @@ from typer.testing import CliRunner
 
 from bcc_desk import cli as bcc_cli
 from bcc_desk.bundle import load_bundle
+from bcc_desk.prediction import REVIEW_DISAGREES
 from trainer import cli as train_cli
+from trainer.evaluate import Judged, classify_items
 from trainer.fit import FitConfig, FitError, build_meta, create_model
+from trainer.split import Split
 
 from bundles import CLASSES, LABELS
 from folders import class_subset
@@ -73,7 +76,6 @@ def test_fit_writes_split_history_and_a_calibrated_bundle(tiny_run: Path, small_
 def _val_predictions(run: Path, data: Path, precision: str = "fp32") -> tuple[list, list[str]]:
     """The application's own predictions on the run's validation images, and their true labels."""
     from bcc_desk.classifier import Classifier
-    from trainer.split import Split
 
     split, bundle = Split.load(run / "split.csv", data), load_bundle(run / "bundle")
     clf = Classifier(bundle, device="cpu", precision=precision, compile=None if precision == "int8" else False)
@@ -104,6 +106,17 @@ def test_bcc_classify_reads_the_trained_bundle(tiny_run: Path, small_data: Path,
     assert r.exit_code == 0, r.output
     rows = list(openpyxl.load_workbook(out)["Images"].iter_rows(min_row=2, values_only=True))
     assert len(rows) == 4 * 12 and all(row[2] in LABELS for row in rows)
+
+
+def test_judging_takes_the_splits_groups_for_slides_never_the_class_folders(tiny_run: Path, small_data: Path) -> None:
+    """The class folders hold the truth: as slides, their consensus would flag exactly the errors.
+    With a split the groups stand in for slides; without one each image is judged alone."""
+    split = Split.load(tiny_run / "split.csv", small_data)
+    judged = classify_items(tiny_run / "bundle", Judged(small_data, tiny_run / "split.csv", "test"))
+    assert [p.slide for p in judged.predictions] == [f"group {g}" for g in split.groups("test")]
+    alone = classify_items(tiny_run / "bundle", Judged(small_data))
+    assert all(p.slide == p.file for p in alone.predictions)
+    assert not any(REVIEW_DISAGREES in p.review_reason for p in alone.predictions)
 
 
 def test_evaluate_writes_metrics_table_and_plots(tiny_run: Path, small_data: Path, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from bcc_desk import cli
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classifier import Classifier
 from bcc_desk.ledger import DONE, ERROR, PENDING, VANISHED, Ledger
+from bcc_desk.prediction import REVIEW_DISAGREES
 from bcc_desk.report import RunInfo
 from bcc_desk.settle import READ_RETRIES
 from bcc_desk.watch import Watcher, WatchTiming, default_state, lock_state, log_file
@@ -171,6 +172,32 @@ def test_copies_moves_and_renamed_temp_files_each_count_once(tmp_path: Path, cla
     assert sorted(r["file"] for r in got) == sorted(expected)
     assert {r["slide"] for r in got} == {"slide-1", "slide-2", "slide-3"}
     assert all(r["label"] in LABELS and r["error"] is None for r in got)
+
+
+def test_the_report_flags_an_image_once_its_slide_disagrees_with_it(tmp_path: Path, classifier: Classifier, jpgs) -> None:
+    """A camera fills a slide field by field: an image alone has nothing to disagree with, and
+    once two fields of another label join it the report flags it; the ledger keeps each image's
+    own outcome."""
+    labels = {f: p.label for f, p in zip(jpgs, classifier.predict_paths(jpgs, jpgs[0].parent))}
+    odd = jpgs[0]
+    same = [f for f in jpgs if labels[f] != labels[odd]]
+    same = [f for f in same if labels[f] == labels[same[0]]][:2]
+    assert len(same) == 2, "the test model gives the real images one label only"
+
+    def reasons() -> dict[str, str]:
+        return {r["file"]: r["review_reason"] or "" for r in report_rows(w.out)} if w.out.exists() else {}
+
+    with watching(tmp_path, classifier) as w:
+        (w.root / "slide").mkdir()
+        shutil.copyfile(odd, w.root / "slide" / "1.jpg")
+        wait_for("the first field in the report", lambda: "slide/1.jpg" in reasons())
+        assert REVIEW_DISAGREES not in reasons()["slide/1.jpg"]
+        for i, f in enumerate(same, start=2):
+            shutil.copyfile(f, w.root / "slide" / f"{i}.jpg")
+        wait_for("the slide's consensus in the report", lambda: len(reasons()) == 3
+                 and REVIEW_DISAGREES in reasons()["slide/1.jpg"])
+        assert not any(REVIEW_DISAGREES in reasons()[f"slide/{i}.jpg"] for i in (2, 3))
+        assert not any(REVIEW_DISAGREES in p.review_reason for p in Ledger(w.state).predictions())
 
 
 def test_new_content_is_classified_again_in_the_same_row(tmp_path: Path, classifier: Classifier, jpgs) -> None:

@@ -7,7 +7,7 @@ temperature and flags), so the figures describe what a lab will get, not a train
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,11 @@ def classify_items(bundle: Bundle | Path, on: Judged) -> Classified:
         if part not in ("train", "val", "test"):
             raise ValueError(f"--part must be train, val or test, not {part!r}")
         items = list(zip(s.paths(part), (s.classes[i] for i in s.labels(part))))
+        groups: list[int] | None = s.groups(part)
     else:
         items = list_dataset(data)
         part = "all"
+        groups = None
     # A lab's data folder may name a class as the model shows it ("early Pre-B").
     index = {c: bundle.meta.class_index(c) for c in {c for _, c in items}}
     unknown = sorted(c for c, i in index.items() if i is None)
@@ -84,6 +86,11 @@ def classify_items(bundle: Bundle | Path, on: Judged) -> Classified:
 
     clf = Classifier(bundle, device=on.device, tta=tta)
     preds = list(clf.predict_paths([data / p for p, _ in items], data))
+    # The review flags as a lab gets them from slides.  The folders here are the true classes, so
+    # they must not act as slides (their consensus would know the answer): the split's groups
+    # stand in for slides; without a split each image is judged alone.
+    preds = clf.review_slides([replace(p, slide=f"group {g}") for p, g in zip(preds, groups, strict=True)]
+                              ) if groups is not None else clf.review_slides([replace(p, slide=p.file) for p in preds])
     errors = [p for p in preds if not p.ok]
     if errors:
         raise ValueError(f"{len(errors)} images could not be read (first: {errors[0].file}: {errors[0].error})")

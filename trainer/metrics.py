@@ -164,6 +164,12 @@ def fit_temperature(
 
 
 # -- review threshold -------------------------------------------------------------------------------
+SLIDE_FLOOR = 0.5
+"""The least cut-off for an image that agrees with its slide: when validation shows no error among
+such images the rule's own choice falls to 0, and a label the model itself gives less than even
+odds must still be seen by a person (a slide misread as a whole agrees with itself)."""
+
+
 def choose_review_threshold(
     confidences: ArrayLike, correct: ArrayLike, target_accuracy: float = 0.99, max_flagged: float = 0.25,
     assumed_errors: int = 1,
@@ -212,6 +218,7 @@ def choose_review_threshold(
 def review_rule_on_halves(
     confidences: ArrayLike, correct: ArrayLike, unfamiliar: ArrayLike, groups: ArrayLike,
     assumed_errors: int = 1, target_accuracy: float = 0.99, draws: int = 2000, seed: int = 0,
+    choose_among_unflagged: bool = False, floor: float = 0.0,
 ) -> dict[str, Any]:
     """How the review rule fares on images it was not chosen on, from validation alone: `draws`
     times, half the groups (near-duplicates stay together) choose the cut-off and the other half
@@ -219,7 +226,10 @@ def review_rule_on_halves(
     unflagged images fall short of `target_accuracy`, the median (and 90th centile) share flagged
     there, and `deciding_groups`: the groups whose presence in the held-out half changes that
     rate most (errors cluster in a slide, so one group can decide it), as (group, rate when held
-    out, rate otherwise), largest difference first, those at least 20 points apart."""
+    out, rate otherwise), largest difference first, those at least 20 points apart.
+    `unfamiliar` is every image another reason flags; `choose_among_unflagged` chooses the
+    cut-off on the other images alone, as the trainer does for an image in a slide; `floor` is
+    the least cut-off it may take."""
     conf = _np(confidences, np.float64).ravel()
     ok = _np(correct).astype(bool).ravel()
     odd = _np(unfamiliar).astype(bool).ravel()
@@ -234,7 +244,8 @@ def review_rule_on_halves(
         choosing = rng.choice(names, names.size // 2, replace=False)
         a = np.isin(grp, choosing)
         held_out[d] = ~np.isin(names, choosing)
-        t = choose_review_threshold(conf[a], ok[a], target_accuracy, assumed_errors=assumed_errors)
+        c = a & ~odd if choose_among_unflagged else a
+        t = max(floor, choose_review_threshold(conf[c], ok[c], target_accuracy, assumed_errors=assumed_errors))
         keep = ~a & (conf >= t) & ~odd
         share_right = float(ok[keep].mean()) if keep.any() else 1.0
         short.append(share_right < target_accuracy)

@@ -23,7 +23,8 @@ import numpy as np
 from bcc_desk.bundle import BundleError, BundleMeta, load_bundle, read_meta, record_thresholds
 from bcc_desk.classifier import Classifier, Prediction  # the trainer reaches the app through the engine
 from bcc_desk.images import discover_images
-from trainer.metrics import choose_ood_threshold, choose_review_threshold, review_rule_on_halves
+from bcc_desk.slides import disagrees_with_slide
+from trainer.metrics import SLIDE_FLOOR, choose_ood_threshold, choose_review_threshold, review_rule_on_halves
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -92,9 +93,11 @@ def settle_thresholds(
     """Write into the bundle the strictest review threshold chosen (`choose_review_threshold`)
     on each precision's validation predictions; record each choice and the share flagged; and
     settle the out-of-distribution threshold on the same predictions (`settle_ood_threshold`).
-    With the images' `groups` (the split's), also record how often the rule's promise falls
-    short on held-out halves of validation (`review_rule_on_halves`), for the data person to
-    judge how far it will hold.  Returns the review threshold now in the bundle."""
+    With the images' `groups` (the split's, standing in for slides), also choose the cut-off for
+    an image that agrees with its slide (`BundleMeta.slide_review_threshold`) and record how often
+    each rule's promise falls short on held-out halves of validation (`review_rule_on_halves`),
+    for the data person to judge how far it will hold.  Returns the review threshold now in the
+    bundle (for an image alone)."""
     if not by_precision:
         raise ValueError("no validation predictions to settle the review threshold on")
     chosen: dict[str, float] = {}
@@ -119,12 +122,31 @@ def settle_thresholds(
         "val_flagged_low_confidence": max(flagged.values()),
         "val_accuracy_unflagged": unflagged_right,
     }
+    unfamiliar = {k: _unfamiliar(v, ood_before, ood_after) for k, v in by_precision.items()}
+    in_slides = threshold  # without the slides: every image is held to the one cut-off
+    if groups is not None:
+        # The slide's consensus (rule 18 of docs/default-model/recipe.md), the split's groups
+        # standing in for slides: its disagreeing images are flagged whatever their confidence,
+        # so the cut-off for the others is chosen among the images no other reason flags.
+        disagree = {k: np.array(disagrees_with_slide(list(groups), [p.label for p in v])) for k, v in by_precision.items()}
+        other = {k: unfamiliar[k] | disagree[k] for k in by_precision}
+        by_slide = {k: choose_review_threshold(conf[~other[k]], right[~other[k]]) if (~other[k]).any() else threshold
+                    for k, (conf, right) in scored.items()}
+        # Never below even odds (`SLIDE_FLOOR`), nor that floor above the cut-off for an image alone.
+        in_slides = max(min(SLIDE_FLOOR, threshold), *by_slide.values())
+        metrics["slide_review_threshold_by_precision"] = by_slide
+        metrics["val_flagged_in_slides"] = max(float(((conf < in_slides) | other[k]).mean())
+                                               for k, (conf, _) in scored.items())
+        metrics["val_disagreeing_with_slide"] = max(float(v.mean()) for v in disagree.values())
     if groups is not None and len(set(groups)) > 1:  # a tiny split may hold one group: nothing to hold out
-        halves = {k: review_rule_on_halves(conf, right, _unfamiliar(by_precision[k], ood_before, ood_after),
-                                           np.asarray(groups))
+        halves = {k: review_rule_on_halves(conf, right, unfamiliar[k], np.asarray(groups))
                   for k, (conf, right) in scored.items()}
         short = {k: h["short_of_target"] for k, h in halves.items()}
         metrics["val_review_short_on_halves"] = short
+        metrics["val_review_short_on_halves_in_slides"] = {
+            k: review_rule_on_halves(conf, right, other[k], np.asarray(groups), choose_among_unflagged=True,
+                                     floor=min(SLIDE_FLOOR, threshold))["short_of_target"]
+            for k, (conf, right) in scored.items()}
         log.info("the review promise fell short on %s of held-out halves of validation (%s): how often "
                  "new images may find it short", " and ".join(f"{v:.0%}" for v in short.values()), " and ".join(short))
         deciding = {k: [list(g) for g in h["deciding_groups"]] for k, h in halves.items() if h["deciding_groups"]}
@@ -136,9 +158,9 @@ def settle_thresholds(
                 log.info("one group of validation decides most of that: %s … %s (%d images) is short on %.0f%% of the "
                          "halves holding it out, %.0f%% of the others; look at its confident errors",
                          files[0], files[-1], len(files), 100 * held_out, 100 * otherwise)
-    record_thresholds(bundle_dir, metrics, review=threshold)
-    log.info("review threshold %.4f (was %.4f): the strictest chosen on the application's %s predictions on validation",
-             threshold, before, " and ".join(chosen))
+    record_thresholds(bundle_dir, metrics, review=threshold, slide_review=in_slides)
+    log.info("review threshold %.4f (was %.4f), %.4f for an image agreeing with its slide: the strictest chosen on "
+             "the application's %s predictions on validation", threshold, before, in_slides, " and ".join(chosen))
     return threshold
 
 
