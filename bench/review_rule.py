@@ -8,9 +8,9 @@ then `trainer.metrics.review_rule_on_halves` for the plain rule (the lowest cut-
 kept images were 99% right), with one error more assumed, and with the slide's consensus too (the
 split's groups as slides: an image that disagrees with its group is flagged and the cut-off is
 chosen among the rest, never below even odds for the trainer's rule): half the groups choose the
-cut-off, the other half is flagged with it, `--draws` times.  No test image is read.  `--member` adds bundles to an ensemble with BUNDLE (probabilities averaged, as `bcc
-classify -m A -m B` runs it), `--tta` averages the 8 views.  Prints a markdown table (and writes
-it to --out).
+cut-off, the other half is flagged with it, `--draws` times.  No test image is read.
+`--member` adds bundles to an ensemble with BUNDLE (probabilities averaged, as `bcc classify -m A
+-m B` runs it), `--tta` averages the 8 views.  Prints a markdown table (and writes it to --out).
 """
 
 from __future__ import annotations

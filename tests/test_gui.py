@@ -31,6 +31,7 @@ from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIE
 from bcc_desk.images import discover_images
 from bcc_desk.ledger import DONE, Ledger
 from bcc_desk.paths import RESOURCES
+from bcc_desk.slides import disagrees_with_slide
 from bcc_desk.watch import ReportWriter, WatchTiming, default_state, lock_state
 
 from bundles import CLASSES, LABELS, make_bundle
@@ -652,9 +653,12 @@ def test_model_dialog_shows_metadata_and_builds_an_ensemble(qtbot, bundle: Path,
     dialog.tta.setChecked(True)
     dialog.own_threshold.setChecked(False)
     dialog.threshold.setValue(75)
+    assert dialog.slide_consensus.isChecked()  # on unless a lab's folders mix patients
+    dialog.slide_consensus.setChecked(False)
     choice = dialog.choice()
     assert set(choice.model_dirs) == {bundle.resolve(), second.resolve()}
     assert choice.tta and choice.review_threshold == pytest.approx(0.75)
+    assert not choice.slide_consensus and not choice.options().slide_consensus
 
 
 def test_ensemble_with_tta_runs(qtbot, make_window, bundle: Path, slides: Path, tmp_path: Path) -> None:
@@ -663,18 +667,26 @@ def test_ensemble_with_tta_runs(qtbot, make_window, bundle: Path, slides: Path, 
                                             compile=False))
     assert "ensemble" in window.model_label.text() and "TTA" in window.model_label.text()
     assert run(qtbot, window, slides) is True
-    p = next(p for p in window.predictions() if p.error is None)
-    assert "+" in p.model and p.needs_review == (p.confidence < 0.9)
+    good = [p for p in window.predictions() if p.error is None]
+    assert all("+" in p.model for p in good)
+    # Flagged below the threshold given, or where the image disagrees with its slide folder.
+    disagree = disagrees_with_slide([p.slide for p in good], [p.label for p in good])
+    assert [p.needs_review for p in good] == [p.confidence < 0.9 or d for p, d in zip(good, disagree, strict=True)]
 
 
 def test_settings_are_remembered(qtbot, make_window, settings: QSettings, bundle: Path, slides: Path) -> None:
     window = make_window()
-    window.set_choice(ModelChoice((bundle,), device="cpu", tta=True, review_threshold=0.8), remember=True)
+    window.set_choice(ModelChoice((bundle,), device="cpu", tta=True, review_threshold=0.8, slide_consensus=False),
+                      remember=True)
     assert run(qtbot, window, slides) is True
+    assert window.session.run_info.slide_review_threshold is None  # the Run sheet says it was off
+    assert [p.needs_review for p in window.predictions()] == [p.error is not None or p.confidence < 0.8
+                                                               for p in window.predictions()]
     window.summary_dock.hide()  # the layout is part of what is remembered
     window.close()
     again = make_window(choice=None)
     assert again.choice.model_dirs == (bundle,) and again.choice.tta and again.choice.review_threshold == 0.8
+    assert not again.choice.slide_consensus
     assert again.settings.recent_folders[0] == str(slides.resolve())
     assert again.settings.last_folder == str(slides.resolve())
     assert again.summary_dock.isHidden()

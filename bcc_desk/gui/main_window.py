@@ -125,6 +125,7 @@ class MainWindow(QMainWindow):
                 device=self.settings.device,
                 tta=self.settings.tta,
                 review_threshold=self.settings.review_threshold,
+                slide_consensus=self.settings.slide_consensus,
             )
         self.choice = choice
         self.session = ReviewSession()
@@ -414,6 +415,7 @@ class MainWindow(QMainWindow):
             self.settings.device = choice.device
             self.settings.tta = choice.tta
             self.settings.review_threshold = choice.review_threshold
+            self.settings.slide_consensus = choice.slide_consensus
         if self.is_watching():  # the watch goes on with the new model
             self._stop_watch()
             self._start_watch()

@@ -90,6 +90,9 @@ class ModelDialog(QDialog):
         if choice.review_threshold is not None:
             self.threshold.setValue(choice.review_threshold * 100)
         self.threshold.setEnabled(choice.review_threshold is not None)
+        self.slide_consensus = QCheckBox("Flag an image that disagrees with most of its slide "
+                                         "(each folder one patient's slide; untick where a folder mixes patients)")
+        self.slide_consensus.setChecked(choice.slide_consensus)
 
         form = QFormLayout()
         form.addRow("Device", self.device)
@@ -98,6 +101,7 @@ class ModelDialog(QDialog):
         threshold_row.addWidget(self.own_threshold)
         threshold_row.addWidget(self.threshold)
         form.addRow("Flag below", threshold_row)
+        form.addRow("", self.slide_consensus)
 
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self._accept)
@@ -171,6 +175,7 @@ class ModelDialog(QDialog):
             device=self.device.currentText().strip() or "auto",
             tta=self.tta.isChecked(),
             review_threshold=None if self.own_threshold.isChecked() else self.threshold.value() / 100,
+            slide_consensus=self.slide_consensus.isChecked(),
         )
 
     def _accept(self) -> None:

@@ -29,6 +29,8 @@ class ModelChoice:
     tta: bool = False
     review_threshold: float | None = None
     """Overrides the bundles' own threshold when set."""
+    slide_consensus: bool = True
+    """Flag an image that disagrees with most of its slide (off where a folder mixes patients)."""
     compile: bool | None = None
     """None: the classifier decides by the size of the folder."""
     batch_size: int | None = None
@@ -39,6 +41,7 @@ class ModelChoice:
         # Static int8 where `bcc classify` takes it: the network runs in the classifier process,
         # whose hold on its own GIL cannot freeze the window.
         return ClassifierOptions(device=self.device, tta=self.tta, review_threshold=self.review_threshold,
+                                 slide_consensus=self.slide_consensus,
                                  batch_size=self.batch_size, workers=self.workers, compile=self.compile)
 
 

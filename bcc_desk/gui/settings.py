@@ -113,6 +113,14 @@ class AppSettings:
         self.q.setValue("model/tta", bool(value))
 
     @property
+    def slide_consensus(self) -> bool:
+        return self._bool("model/slide_consensus", True)
+
+    @slide_consensus.setter
+    def slide_consensus(self, value: bool) -> None:
+        self.q.setValue("model/slide_consensus", bool(value))
+
+    @property
     def review_threshold(self) -> float | None:
         """The user's override of the model's review threshold (None: the model's own)."""
         raw = self.q.value("model/review_threshold", "")
