@@ -23,6 +23,11 @@ def default_qsettings() -> QSettings:
     return QSettings(APP_NAME, APP_NAME)
 
 
+def _switch(key: str, default: bool) -> property:
+    """A remembered on/off choice of the model dialog."""
+    return property(lambda self: self._bool(key, default), lambda self, on: self.q.setValue(key, bool(on)))
+
+
 def current_user() -> str:
     # getpass fails in containers without a passwd entry; a review still needs a name.
     try:
@@ -104,21 +109,8 @@ class AppSettings:
     def device(self, value: str) -> None:
         self.q.setValue("model/device", value)
 
-    @property
-    def tta(self) -> bool:
-        return self._bool("model/tta", False)
-
-    @tta.setter
-    def tta(self, value: bool) -> None:
-        self.q.setValue("model/tta", bool(value))
-
-    @property
-    def slide_consensus(self) -> bool:
-        return self._bool("model/slide_consensus", True)
-
-    @slide_consensus.setter
-    def slide_consensus(self, value: bool) -> None:
-        self.q.setValue("model/slide_consensus", bool(value))
+    tta = _switch("model/tta", False)
+    slide_consensus = _switch("model/slide_consensus", True)
 
     @property
     def review_threshold(self) -> float | None:
