@@ -27,7 +27,16 @@ from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice
 from bcc_desk.gui.palette import ERROR_TEXT
-from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIEW, REVIEWER_LABEL, review_sort_key
+from bcc_desk.gui.table_model import (
+    CONFIDENCE,
+    ERROR,
+    FILE,
+    LABEL,
+    NEEDS_REVIEW,
+    REVIEWER_LABEL,
+    UNSURE_ROLE,
+    review_sort_key,
+)
 from bcc_desk.images import discover_images
 from bcc_desk.ledger import DONE, Ledger
 from bcc_desk.paths import RESOURCES
@@ -672,6 +681,10 @@ def test_ensemble_with_tta_runs(qtbot, make_window, bundle: Path, slides: Path, 
     # Flagged below the threshold given, or where the image disagrees with its slide folder.
     disagree = disagrees_with_slide([p.slide for p in good], [p.label for p in good])
     assert [p.needs_review for p in good] == [p.confidence < 0.9 or d for p, d in zip(good, disagree, strict=True)]
+    # The confidence bar is amber exactly where the image is flagged for low confidence.
+    proxy = window.proxy
+    amber = {proxy.index(r, FILE).data(): proxy.index(r, CONFIDENCE).data(UNSURE_ROLE) for r in range(proxy.rowCount())}
+    assert {p.file: p.error is None and p.confidence < 0.9 for p in window.predictions()} == amber
 
 
 def test_settings_are_remembered(qtbot, make_window, settings: QSettings, bundle: Path, slides: Path) -> None:

@@ -11,19 +11,16 @@ from PySide6.QtWidgets import (
     QStyleOptionViewItem,
 )
 
-from bcc_desk.gui.table_model import SORT_ROLE
+from bcc_desk.gui.table_model import SORT_ROLE, UNSURE_ROLE
 
 _SURE = QColor("#6BAED6")
 _UNSURE = QColor("#F4A259")
 
 
 class ConfidenceDelegate(QStyledItemDelegate):
-    """A horizontal bar of the confidence with the percentage on it; amber below the review
-    threshold."""
-
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self.threshold = 0.0
+    """A horizontal bar of the confidence with the percentage on it; amber where the row is
+    flagged for low confidence (below the cut-off for an image alone, or for one its slide agrees
+    with)."""
 
     def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: QModelIndex | QPersistentModelIndex) -> None:
         value = index.data(SORT_ROLE)
@@ -44,7 +41,7 @@ class ConfidenceDelegate(QStyledItemDelegate):
         painter.drawRoundedRect(rect, 3, 3)
         bar = QRectF(rect)
         bar.setWidth(rect.width() * max(0.0, min(1.0, value)))
-        painter.setBrush(_UNSURE if value < self.threshold else _SURE)
+        painter.setBrush(_UNSURE if index.data(UNSURE_ROLE) else _SURE)
         painter.drawRoundedRect(bar, 3, 3)
         painter.setPen(opt.palette.color(opt.palette.ColorRole.Text))
         painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, text)

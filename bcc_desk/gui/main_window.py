@@ -382,9 +382,6 @@ class MainWindow(QMainWindow):
             names = " + ".join(m.name for m in metas)
             extras = [x for x, on in (("TTA", choice.tta), ("ensemble", len(metas) > 1)) if on]
             self.model_label.setText(f"model: {names}" + (f" ({', '.join(extras)})" if extras else ""))
-            threshold = choice.review_threshold if choice.review_threshold is not None else max(
-                m.review_threshold for m in metas)
-            self.confidence_delegate.threshold = threshold
         # The setting until a run says what it became (e.g. 'cpu (int8+fp32)'): finding out here
         # would load torch into this process, which never runs a network to classify.
         self.device_label.setText(f"device: {choice.device}")
@@ -500,7 +497,6 @@ class MainWindow(QMainWindow):
             self._fill_class_filter()
             self._build_review_actions()
             self.image_pane.set_classes(self.classes)
-        self.confidence_delegate.threshold = info.review_threshold
         note = f"; {preparing} first" if preparing else ""
         self.statusBar().showMessage(f"Classifying {total} images on {device}{note}\u2026")
 

@@ -22,7 +22,7 @@ from PySide6.QtGui import QFont
 
 from bcc_desk.gui.palette import ERROR_BACKGROUND, ERROR_TEXT, FLAGGED_BACKGROUND, class_name, label_text
 from bcc_desk.gui.thumbnails import ThumbnailCache
-from bcc_desk.prediction import Prediction
+from bcc_desk.prediction import REVIEW_LOW_CONFIDENCE, Prediction
 from bcc_desk.review import Review, ReviewSession
 
 THUMB, FILE, SLIDE, LABEL, CONFIDENCE, NEEDS_REVIEW, REVIEWER_LABEL, ERROR = range(8)
@@ -30,6 +30,8 @@ THUMB, FILE, SLIDE, LABEL, CONFIDENCE, NEEDS_REVIEW, REVIEWER_LABEL, ERROR = ran
 # as a person's review.
 HEADERS = ("", "File", "Slide", "Model label", "Confidence", "Needs review", "Reviewer's label", "Error")
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+UNSURE_ROLE = Qt.ItemDataRole.UserRole + 2
+"""Whether the row is flagged for low confidence (the cut-off depends on the image's slide)."""
 FLAG_MARK = "\u2691"  # ⚑
 
 _Index = QModelIndex | QPersistentModelIndex
@@ -112,6 +114,8 @@ class PredictionTableModel(QAbstractTableModel):
             return self._display(p, row, col)
         if role == SORT_ROLE:
             return self._sort_value(p, row, col)
+        if role == UNSURE_ROLE:
+            return REVIEW_LOW_CONFIDENCE in p.review_reason.split("; ")
         if role == Qt.ItemDataRole.DecorationRole and col == THUMB and self.thumbnails is not None:
             return self.thumbnails.get(p.path)
         if role == Qt.ItemDataRole.SizeHintRole and col == THUMB and self.thumbnails is not None:
