@@ -27,16 +27,7 @@ from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice
 from bcc_desk.gui.palette import ERROR_TEXT
-from bcc_desk.gui.table_model import (
-    CONFIDENCE,
-    ERROR,
-    FILE,
-    LABEL,
-    NEEDS_REVIEW,
-    REVIEWER_LABEL,
-    UNSURE_ROLE,
-    review_sort_key,
-)
+from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIEW, REVIEWER_LABEL, UNSURE_ROLE, review_sort_key
 from bcc_desk.images import discover_images
 from bcc_desk.ledger import DONE, Ledger
 from bcc_desk.paths import RESOURCES
