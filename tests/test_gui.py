@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import openpyxl
@@ -31,6 +32,7 @@ from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIE
 from bcc_desk.images import discover_images
 from bcc_desk.ledger import DONE, Ledger
 from bcc_desk.paths import RESOURCES
+from bcc_desk.prediction import REVIEW_DISAGREES
 from bcc_desk.slides import disagrees_with_slide
 from bcc_desk.watch import ReportWriter, WatchTiming, default_state, lock_state
 
@@ -777,3 +779,21 @@ def test_qt_calls_cannot_free_none() -> None:
         obj.blockSignals(False)
     if sys.version_info < (3, 12):
         assert min(sys.getrefcount(x) for x in (None, True, False)) > 2**39
+
+
+def test_the_image_pane_follows_a_flag_settled_again_as_the_slide_grows(qtbot, done: MainWindow) -> None:
+    """The selected field's pane says why it is flagged as its slide now stands: when more fields
+    of another label join the slide (a camera still exporting), the field disagrees with it."""
+    window = done
+    row = next(r for r in range(len(window.session)) if window.session.prediction(r).error is None
+               and window.session.prediction(r).slide == "slide-1")
+    p = window.session.prediction(row)
+    window.table.selectRow(window.proxy.mapFromSource(window.model.index(row, 0)).row())
+    assert window.image_pane.prediction is p and REVIEW_DISAGREES not in window.image_pane.info.text()
+    other = next(c for c in window.classes if c != p.label)
+    more = [replace(p, path=p.path.with_name(f"later-{k}.jpg"), file=f"slide-1/later-{k}.jpg", label=other)
+            for k in range(40)]
+    window.session.add(more)
+    now = window.session.prediction(row)
+    assert REVIEW_DISAGREES in now.review_reason
+    assert window.image_pane.prediction is now and REVIEW_DISAGREES in window.image_pane.info.text()

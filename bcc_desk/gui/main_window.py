@@ -806,7 +806,11 @@ class MainWindow(QMainWindow):
             return
         row = self.model.row_of(pane_prediction.path)
         if row is not None and top_left.row() <= row <= bottom_right.row():
-            self.image_pane.update_review(self.model.review(row))
+            now = self.model.prediction(row)
+            if now is not pane_prediction:  # its flags settled again as its slide grew
+                self.image_pane.show_prediction(now, self.model.review(row))
+            else:
+                self.image_pane.update_review(self.model.review(row))
 
     def _show_current(self) -> None:
         current = self.table.currentIndex()
