@@ -21,16 +21,17 @@ import numpy as np
 
 from bcc_desk.bundle import read_meta
 from bcc_desk.slides import disagrees_with_slide
-from trainer.metrics import SLIDE_FLOOR, choose_review_threshold, review_rule_on_halves
+from trainer.metrics import choose_review_threshold, review_rule_on_halves, slide_floor
 from trainer.review_threshold import app_predictions, validation_truth
 from trainer.split import Split
 
 from common import print_table, validation_study_parser
 
-# name: (errors assumed, the slide's consensus flags too and the cut-off is chosen on the rest, least cut-off)
-RULES = {"plain (99% on validation)": (0, False, 0.0), "one error assumed (the trainer's rule before 18)": (1, False, 0.0),
-         "one error assumed, the slide's consensus (rule 18)": (1, True, 0.0),
-         "rule 18, never below even odds (the trainer's rule)": (1, True, SLIDE_FLOOR)}
+# name: (errors assumed, the slide's consensus flags too and the cut-off is chosen on the rest,
+#        the trainer's floor under that cut-off)
+RULES = {"plain (99% on validation)": (0, False, False), "one error assumed (the trainer's rule before 18)": (1, False, False),
+         "one error assumed, the slide's consensus (rule 18)": (1, True, False),
+         "rule 18, never below even odds (the trainer's rule)": (1, True, True)}
 
 
 def main() -> None:
@@ -63,7 +64,8 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     halves = {}
-    for name, (assumed, consensus, floor) in RULES.items():
+    for name, (assumed, consensus, floored) in RULES.items():
+        floor = slide_floor(choose_review_threshold(conf, right)) if floored else 0.0
         other = unfamiliar | disagrees if consensus else unfamiliar
         choose = ~other if consensus else np.ones_like(right)
         t = max(floor, choose_review_threshold(conf[choose], right[choose], assumed_errors=assumed))

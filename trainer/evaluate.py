@@ -89,8 +89,8 @@ def classify_items(bundle: Bundle | Path, on: Judged) -> Classified:
     # The review flags as a lab gets them from slides.  The folders here are the true classes, so
     # they must not act as slides (their consensus would know the answer): the split's groups
     # stand in for slides; without a split each image is judged alone.
-    preds = clf.review_slides([replace(p, slide=f"group {g}") for p, g in zip(preds, groups, strict=True)]
-                              ) if groups is not None else clf.review_slides([replace(p, slide=p.file) for p in preds])
+    slides = [f"group {g}" for g in groups] if groups is not None else [p.file for p in preds]
+    preds = clf.review_slides([replace(p, slide=s) for p, s in zip(preds, slides, strict=True)])
     errors = [p for p in preds if not p.ok]
     if errors:
         raise ValueError(f"{len(errors)} images could not be read (first: {errors[0].file}: {errors[0].error})")

@@ -170,6 +170,12 @@ such images the rule's own choice falls to 0, and a label the model itself gives
 odds must still be seen by a person (a slide misread as a whole agrees with itself)."""
 
 
+def slide_floor(alone: float) -> float:
+    """The least cut-off for an image its slide agrees with: even odds (`SLIDE_FLOOR`), never
+    above `alone`, the cut-off for an image alone in its slide."""
+    return min(SLIDE_FLOOR, alone)
+
+
 def choose_review_threshold(
     confidences: ArrayLike, correct: ArrayLike, target_accuracy: float = 0.99, max_flagged: float = 0.25,
     assumed_errors: int = 1,

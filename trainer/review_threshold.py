@@ -24,7 +24,7 @@ from bcc_desk.bundle import BundleError, BundleMeta, load_bundle, read_meta, rec
 from bcc_desk.classifier import Classifier, Prediction  # the trainer reaches the app through the engine
 from bcc_desk.images import discover_images
 from bcc_desk.slides import disagrees_with_slide
-from trainer.metrics import SLIDE_FLOOR, choose_ood_threshold, choose_review_threshold, review_rule_on_halves
+from trainer.metrics import choose_ood_threshold, choose_review_threshold, review_rule_on_halves, slide_floor
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -132,8 +132,7 @@ def settle_thresholds(
         other = {k: unfamiliar[k] | disagree[k] for k in by_precision}
         by_slide = {k: choose_review_threshold(conf[~other[k]], right[~other[k]]) if (~other[k]).any() else threshold
                     for k, (conf, right) in scored.items()}
-        # Never below even odds (`SLIDE_FLOOR`), nor that floor above the cut-off for an image alone.
-        in_slides = max(min(SLIDE_FLOOR, threshold), *by_slide.values())
+        in_slides = max(slide_floor(threshold), *by_slide.values())
         metrics["slide_review_threshold_by_precision"] = by_slide
         metrics["val_flagged_in_slides"] = max(float(((conf < in_slides) | other[k]).mean())
                                                for k, (conf, _) in scored.items())
@@ -145,7 +144,7 @@ def settle_thresholds(
         metrics["val_review_short_on_halves"] = short
         metrics["val_review_short_on_halves_in_slides"] = {
             k: review_rule_on_halves(conf, right, other[k], np.asarray(groups), choose_among_unflagged=True,
-                                     floor=min(SLIDE_FLOOR, threshold))["short_of_target"]
+                                     floor=slide_floor(threshold))["short_of_target"]
             for k, (conf, right) in scored.items()}
         log.info("the review promise fell short on %s of held-out halves of validation (%s): how often "
                  "new images may find it short", " and ".join(f"{v:.0%}" for v in short.values()), " and ".join(short))
