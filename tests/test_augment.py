@@ -76,3 +76,27 @@ def test_stain_and_trivial_augment_are_repeatable_with_a_seed_and_vary_without(r
                                trivial=True), generator=torch.Generator().manual_seed(7))
     changed = [(o - i).abs().mean() > 0.5 for o, i in zip(t, x.float())]
     assert 0 < sum(changed) and t.shape == x.shape
+
+
+def test_colour_augmentation_moves_hue_white_balance_and_colour_but_never_the_cells(real_images) -> None:
+    from trainer.augment import rotate_hue
+
+    x = _batch(real_images).float()
+    n = len(x)
+    # A hue turned and turned back is the field again; turned once, the colours move a lot.
+    turned = rotate_hue(x, torch.full((n,), 20.0))
+    assert (turned - x).abs().mean() > 3
+    assert (rotate_hue(turned, torch.full((n,), -20.0)) - x).abs().mean() < 2
+    assert torch.equal(rotate_hue(x, torch.zeros(n)), x.clamp(0, 255))
+    # Every image greyscale at full probability; at strength 0 the old training jitter exactly.
+    grey = augment(x.to(torch.uint8), AugmentSpec(rotate=False, flip=False, zoom=(1.0, 1.0), brightness=0, contrast=0,
+                                                  saturation=0, greyscale=1.0))
+    assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 1], grey[:, 2])
+    assert AugmentSpec.for_training(0.05, 0.0, (1.0, 1.15), False) == AugmentSpec(stain=0.05)
+    strong = AugmentSpec.for_training(0.1, 1.0, (0.8, 1.25), False)
+    assert strong.hue >= 20 and strong.saturation >= 0.4 and strong.brightness >= 0.2 and strong.zoom == (0.8, 1.25)
+    out = augment(x.to(torch.uint8), strong.colour_only, generator=torch.Generator().manual_seed(4))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 255
+    # Colour-only: the cells stay where they were (structure correlates), only colour moves.
+    for o, i in zip(out, x):
+        assert torch.corrcoef(torch.stack([o.mean(0).flatten(), i.mean(0).flatten()]))[0, 1] > 0.8

@@ -11,7 +11,7 @@ augmentation a few milliseconds per batch on a GPU and cheap next to the network
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,35 @@ class AugmentSpec:
     """HED jitter strength sigma: each stain's density scaled by U(1-s, 1+s) and shifted by U(-s, s)."""
     trivial: bool = False
     """torchvision's TrivialAugmentWide (one random operation of random strength per image)."""
+    hue: float = 0.0
+    """Hue rotation in degrees: each image's hue turned by U(-hue, hue)."""
+    gain: float = 0.0
+    """White balance: each colour channel scaled by U(1-gain, 1+gain) on its own."""
+    greyscale: float = 0.0
+    """Probability that an image loses its colour altogether."""
+    blur: float = 0.0
+    """Probability of a Gaussian defocus of sigma U(0.5, 2) pixels."""
+
+    @classmethod
+    def for_training(cls, stain: float, colour: float, zoom: tuple[float, float], trivial: bool) -> AugmentSpec:
+        """The training augmentation for `bcc-train fit`'s settings.  `colour` 0 is the jitter
+        every model before v5 was trained with; 1 turns hue, saturation, brightness, contrast and
+        white balance as far as another lab's stain and camera do (bench/shift.py's moderate
+        shifts: hue 20 degrees, saturation x0.6, brightness x0.8), drops the colour from a tenth
+        of the images and defocuses a fifth, so that colour stops naming the class."""
+        if not colour:
+            return cls(stain=stain, zoom=zoom, trivial=trivial)
+        return cls(
+            stain=stain, zoom=zoom, trivial=trivial, brightness=0.3 * colour, contrast=0.3 * colour,
+            saturation=0.5 * colour, hue=25.0 * colour, gain=0.12 * colour, greyscale=0.1 * colour,
+            blur=0.2 * colour,
+        )
+
+    @property
+    def colour_only(self) -> AugmentSpec:
+        """The same photometric jitter without the geometry: the colour shifts validation is
+        also scored under."""
+        return replace(self, rotate=False, flip=False, zoom=(1.0, 1.0), trivial=False)
 
 
 # Ruifrok & Johnston's H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB in RGB optical
@@ -68,6 +97,10 @@ def augment(batch: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
 
     if spec.stain:
         x = stain_jitter(x, (1 + (rand(n, 3) * 2 - 1) * spec.stain), (rand(n, 3) * 2 - 1) * spec.stain)
+    if spec.hue:
+        x = rotate_hue(x, (rand(n) * 2 - 1) * spec.hue)
+    if spec.gain:
+        x = x * (1 + (rand(n, 3) * 2 - 1) * spec.gain).view(n, 3, 1, 1)
     if spec.brightness:
         x = x * jitter(spec.brightness)
     if spec.contrast:
@@ -76,7 +109,28 @@ def augment(batch: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
     if spec.saturation:
         grey = x.mean(dim=1, keepdim=True)
         x = (x - grey) * jitter(spec.saturation) + grey
+    if spec.greyscale:
+        drop = (rand(n) < spec.greyscale).view(n, 1, 1, 1)
+        x = torch.where(drop, x.mean(dim=1, keepdim=True).expand_as(x), x)
+    if spec.blur:
+        x = defocus(x, torch.where(rand(n) < spec.blur, 0.5 + rand(n) * 1.5, torch.zeros(n, device=dev)))
     return x.clamp_(0, 255)
+
+
+def rotate_hue(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """float (n, 3, h, w) in [0, 255] -> each image's hue turned by `degrees` (n,), with
+    torchvision's HSV round trip (the same hue a photo editor or PIL's HSV turns)."""
+    from torchvision.transforms.v2.functional import adjust_hue
+
+    out = x.clamp(0, 255) / 255
+    return torch.stack([adjust_hue(img, float(d) / 360) if d else img for img, d in zip(out, degrees)]) * 255
+
+
+def defocus(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """float (n, 3, h, w) -> each image blurred by a Gaussian of `sigma` (n,) pixels (0: as is)."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    return torch.stack([gaussian_blur(img, [9, 9], [float(s)]) if s > 0 else img for img, s in zip(x, sigma)])
 
 
 def stain_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,9 @@ def fit(
         Optional[str], typer.Option(help="sampler (classes drawn equally), loss (weighted), none. (default none)")
     ] = None,
     stain: Annotated[Optional[float], typer.Option(min=0.0, max=0.5, help="HED stain jitter strength. (default 0)")] = None,
+    colour: Annotated[
+        Optional[float], typer.Option(min=0.0, max=2.0, help="Colour augmentation strength (hue, white balance, greyscale); 1 is recipe colour's. (default 0)")
+    ] = None,
     mixup: Annotated[Optional[float], typer.Option(min=0.0, help="Mixup alpha, 0 off. (default 0)")] = None,
     cutmix: Annotated[Optional[float], typer.Option(min=0.0, help="CutMix alpha, 0 off. (default 0)")] = None,
     trivial_augment: Annotated[
@@ -150,7 +153,7 @@ def fit(
         "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "optimizer": optimizer, "warmup_epochs": warmup_epochs, "image_size": image_size, "dropout": dropout,
         "drop_path": drop_path, "label_smoothing": label_smoothing, "ema_decay": ema_decay, "balance": balance,
-        "stain": stain, "mixup": mixup, "cutmix": cutmix, "trivial_augment": trivial_augment,
+        "stain": stain, "colour": colour, "mixup": mixup, "cutmix": cutmix, "trivial_augment": trivial_augment,
         "hidden": None if hidden is None else ([hidden] if hidden else []),
     }
     settings.update({k: v for k, v in given.items() if v is not None})

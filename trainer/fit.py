@@ -39,7 +39,7 @@ log = logging.getLogger("bcc-train")
 
 HISTORY_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "train_macro_f1",
-    "val_loss", "val_acc", "val_macro_f1", "seconds", "train_images_per_s", "train_size", "val_seconds",
+    "val_loss", "val_acc", "val_macro_f1", "val_shift_acc", "val_shift_macro_f1", "seconds", "train_images_per_s", "train_size", "val_seconds",
 ]
 
 
@@ -89,6 +89,11 @@ class FitConfig:
     """'sampler' draws every class equally often per epoch, 'loss' weights the loss, 'none'."""
     stain: float = 0.0
     """HED stain jitter strength (trainer/augment.py)."""
+    colour: float = 0.0
+    """Colour augmentation strength (hue, saturation, white balance, greyscale, defocus:
+    `AugmentSpec.for_training`); above 0 the kept epoch is also chosen on colour-shifted validation."""
+    zoom: tuple[float, float] = (1.0, 1.15)
+    """Random zoom range (below 1: cells smaller, as at a lower magnification)."""
     mixup: float = 0.0
     """timm Mixup's alpha (0: off)."""
     cutmix: float = 0.0
@@ -387,7 +392,8 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     step_fn = torch.compile(net) if (cfg.compile if cfg.compile is not None else device.type == "cuda") else net
-    aug = AugmentSpec(stain=cfg.stain, trivial=cfg.trivial_augment)
+    aug = AugmentSpec.for_training(cfg.stain, cfg.colour, tuple(cfg.zoom), cfg.trivial_augment)
+    val_shifted = _shifted(val, aug) if cfg.colour else None
     mixer = _make_mixup(cfg, len(classes))
     class_weight = class_weights(train.labels, len(classes)).to(device) if cfg.balance == "loss" else None
 
@@ -452,23 +458,32 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
             t_val = time.perf_counter()
             val_logits, _ = predict_logits(chosen(), val, meta.input, device, dtype, cfg.batch_size * 2, channels_last)
             val_loss, val_acc, val_f1 = _scores(val.labels, val_logits)
+            shift_acc = shift_f1 = float("nan")
+            score = val_f1
+            if val_shifted is not None:
+                # A model that is right only in its own lab's colours is not the one to keep:
+                # the epoch is chosen on unshifted and colour-shifted validation alike.
+                shifted_logits, _ = predict_logits(chosen(), val_shifted, meta.input, device, dtype, cfg.batch_size * 2, channels_last)
+                _, shift_acc, shift_f1 = _scores(val.labels, shifted_logits)
+                score = (val_f1 + shift_f1) / 2
             row = {
                 "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
                 "train_acc": train_acc, "train_macro_f1": train_f1, "val_loss": val_loss, "val_acc": val_acc,
-                "val_macro_f1": val_f1, "seconds": seconds,
+                "val_macro_f1": val_f1, "val_shift_acc": shift_acc, "val_shift_macro_f1": shift_f1, "seconds": seconds,
                 "train_images_per_s": steps_per_epoch * cfg.batch_size * env.world / seconds,
                 "train_size": size, "val_seconds": time.perf_counter() - t_val,
             }
             history.append(row)
             log.info(
-                "epoch %d/%d  loss %.4f  acc %.3f | val loss %.4f  acc %.3f  macro-F1 %.4f | %.0f s, %.1f img/s%s | %s",
-                epoch + 1, cfg.epochs, train_loss, train_acc, val_loss, val_acc, val_f1, seconds,
+                "epoch %d/%d  loss %.4f  acc %.3f | val loss %.4f  acc %.3f  macro-F1 %.4f%s | %.0f s, %.1f img/s%s | %s",
+                epoch + 1, cfg.epochs, train_loss, train_acc, val_loss, val_acc, val_f1,
+                "" if val_shifted is None else f" | colour-shifted acc {shift_acc:.3f}  macro-F1 {shift_f1:.4f}", seconds,
                 row["train_images_per_s"], f" at {size} px" if cfg.size_schedule else "",
                 _eta(time.perf_counter() - t_loop, range(start_epoch + 1, epoch + 2), range(epoch + 2, cfg.epochs + 1),
                      cfg.size_schedule, meta.input.size),
             )
-            if val_f1 > best_f1:
-                best_f1 = val_f1
+            if score > best_f1:
+                best_f1 = score
                 _save_weights(chosen(), out / "best.safetensors")
             _atomic_torch_save(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -497,7 +512,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     best = out / "best.safetensors"
     if best.is_file():
         model.load_state_dict(load_file(str(best)))
-    bundle = export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, best_f1, parent)
+    bundle = export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, parent)
     # The review threshold is settled on the application's own predictions (both numerics
     # when int8 is added): see trainer/review_threshold.py.
     from trainer.int8 import settle_for_app
@@ -524,7 +539,7 @@ def _progress(enabled: bool):
 
 def export_bundle(
     cfg: FitConfig, meta: BundleMeta, model: BundleNet, train: ImageSet, val: ImageSet, split: Split,
-    device: torch.device, dtype: torch.dtype | None, channels_last: bool, best_f1: float, parent: Bundle | None = None,
+    device: torch.device, dtype: torch.dtype | None, channels_last: bool, parent: Bundle | None = None,
 ) -> Path:
     """Calibrate on validation, fit the OOD check, and write RUN/bundle."""
     from trainer.metrics import (
@@ -556,7 +571,7 @@ def export_bundle(
     meta.ood = OODSpec(threshold=float(ood_threshold), features=model.ood_features)
     metrics: dict[str, Any] = {
         "val_accuracy": float(correct.float().mean()),
-        "val_macro_f1": float(best_f1),
+        "val_macro_f1": _scores(val.labels, val_logits)[2],
         "val_ece_before": float(expected_calibration_error(torch.softmax(val_logits, 1).numpy(), val.labels.numpy())),
         "val_ece_after": float(expected_calibration_error(probs.numpy(), val.labels.numpy())),
         "val_flagged_low_confidence": float((conf < review).float().mean()),
@@ -575,7 +590,7 @@ def export_bundle(
         "recipe": {k: v for k, v in asdict(cfg).items() if k in (
             "recipe", "arch", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "image_size",
             "hidden", "dropout", "drop_path", "label_smoothing", "ema_decay", "balance", "stain", "mixup", "cutmix",
-            "trivial_augment", "size_schedule")},
+            "trivial_augment", "size_schedule", "colour", "zoom")},
         "device": str(device),
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"bcc-desk": __version__, "torch": torch.__version__, "timm": _timm_version()},
@@ -621,6 +636,13 @@ def _reviews_learned(data: Path, split: Split) -> list[dict[str, Any]]:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _shifted(val: ImageSet, aug: AugmentSpec) -> ImageSet:
+    """Validation once more, each image under a fixed random draw of the training's colour jitter."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([augment(val.images[i : i + 64], aug.colour_only, generator=g) for i in range(0, len(val), 64)])
+    return ImageSet(images.round().to(torch.uint8), val.labels, val.paths)
+
+
 def _make_ema(model: torch.nn.Module, decay: float):
     """timm's EMA of the weights, kept in fp32 beside the model (None when decay is 0)."""
     if not decay:
