@@ -39,6 +39,7 @@ from bcc_desk.bundle_meta import (  # the torch-free half of the contract, re-ex
     display_name as display_name,
     read_meta as read_meta,
 )
+from bcc_desk.colour import ColourSpec
 from bcc_desk.files import atomic_write, file_sha256, write_text_atomic
 from bcc_desk.messages import one_line
 
@@ -281,8 +282,9 @@ def record_metrics(folder: Path, metrics: dict[str, Any]) -> BundleMeta:
 def record_thresholds(
     folder: Path, metrics: dict[str, Any], review: float | None = None, ood: float | None = None,
     forget: tuple[str, ...] = (), temperature: float | None = None, slide_review: float | None = None,
+    colour: float | None = None,
 ) -> BundleMeta:
-    """Set the review thresholds and/or the out-of-distribution one (and the temperature) of the bundle at
+    """Set the review thresholds and/or the out-of-distribution and colour ones (and the temperature) of the bundle at
     `folder` (the trainer settles them on the application's own predictions), record how they were
     chosen and drop the `forget` metrics they made stale; the weights are untouched."""
     folder = Path(folder)
@@ -297,9 +299,23 @@ def record_thresholds(
         if meta.ood is None:
             raise BundleError(f"{folder} has no out-of-distribution check to set a threshold for")
         meta.ood = replace(meta.ood, threshold=float(ood))
+    if colour is not None:
+        if meta.colour is None:
+            raise BundleError(f"{folder} has no colour check to set a threshold for")
+        meta.colour = replace(meta.colour, threshold=float(colour))
     meta.metrics.update(metrics)
     for key in forget:
         meta.metrics.pop(key, None)
+    meta.validate()
+    _write_json_atomic(folder / META_FILE, meta.to_json())
+    return meta
+
+
+def record_colour_profile(folder: Path, colour: ColourSpec) -> BundleMeta:
+    """Give the bundle at `folder` a colour check (`bcc-train colour-check`); weights untouched."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta.colour = colour
     meta.validate()
     _write_json_atomic(folder / META_FILE, meta.to_json())
     return meta

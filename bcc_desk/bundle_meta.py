@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bcc_desk.colour import ColourSpec
+
 FORMAT_VERSION = 1
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -97,6 +99,8 @@ class BundleMeta:
     images): chosen on validation among the images no other reason flags, the slides' consensus
     flagging the rest (`bcc_desk.slides`).  None: `review_threshold`, as for an image alone."""
     ood: OODSpec | None = None
+    colour: ColourSpec | None = None
+    """The colour check (`bcc_desk.colour`): the training set's colour profile and its cut-off."""
     int8: Int8Spec | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -160,6 +164,7 @@ class BundleMeta:
                 slide_review_threshold=(None if data.get("slide_review_threshold") is None
                                         else float(data["slide_review_threshold"])),
                 ood=OODSpec(**ood) if ood else None,
+                colour=ColourSpec.from_json(data["colour"]) if data.get("colour") else None,
                 int8=Int8Spec(**int8) if int8 else None,
                 provenance=dict(data.get("provenance") or {}),
                 metrics=dict(data.get("metrics") or {}),
@@ -254,6 +259,7 @@ def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
         ("temperature", f"{meta.temperature:.4g}"),
         ("review threshold", threshold),
         ("out-of-distribution check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
+        ("training colours", meta.colour.describe() if meta.colour else "no colour check (a bundle from before it)"),
         ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256}"),
     ]
     rows += lineage(meta)

@@ -18,14 +18,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from bcc_desk.bundle import Bundle, BundleError, InputSpec, ood_distance
+from bcc_desk.colour import ColourSpec, colour_features
 from bcc_desk.devices import autocast, default_batch_size, device_label, pick_device, pick_precision
 from bcc_desk.heap import keep_freed_memory
 from bcc_desk.images import ImageReadError, open_image
 from bcc_desk.prediction import (
+    REVIEW_COLOUR,
     REVIEW_LOW_CONFIDENCE,
     REVIEW_UNFAMILIAR,
     Prediction,
@@ -42,8 +45,15 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 """Called as progress(done, total) after each batch; total is -1 when not known."""
 
-_Decoded = dict[tuple, torch.Tensor] | ImageReadError
-"""An image as each distinct input policy needs it (uint8 CHW), or why it could not be read."""
+@dataclass
+class _Image:
+    """An image as each distinct input policy needs it (uint8 CHW), and its colour statistics."""
+
+    tensors: dict[tuple, torch.Tensor]
+    colour: np.ndarray
+
+
+_Decoded = _Image | ImageReadError
 
 COMPILE_MIN_IMAGES = 256
 """With compile='auto', a call with at least this many images compiles the network first: the
@@ -170,6 +180,9 @@ class Classifier:
         # The largest size any member resizes to: big JPEGs are decoded straight at that scale.
         self._decode_size = max(round(b.meta.input.size / b.meta.input.crop_pct) for b in members)
         self._members: list[_Member] = []
+        # Each member's colour check (an ensemble's members share their training data; the
+        # strictest says), on the first member's input: the pixels the trainer profiled.
+        self._colour: list[ColourSpec] = [b.meta.colour for b in members if b.meta.colour is not None]
         keep_freed_memory()  # every batch frees and re-allocates the same tens of MB
         # A kept int8 package holds the whole network: then the eager one is not even built
         # (timm's import and the build are seconds of a run's start-up).
@@ -213,7 +226,8 @@ class Classifier:
             image = open_image(path, reduce_to=self._decode_size)
         except ImageReadError as exc:
             return exc
-        return {key: tf(image) for key, tf in self._transforms.items()}
+        tensors = {key: tf(image) for key, tf in self._transforms.items()}
+        return _Image(tensors, colour_features(tensors[self._members[0].key].numpy()))
 
     def _decoded(self, paths: Iterable[Path]) -> Iterator[tuple[Path, _Decoded]]:
         """(path, decoded tensors or the read error), in order, decoded ahead in a thread pool."""
@@ -369,15 +383,16 @@ class Classifier:
             good = [(p, r) for p, r in batch if not isinstance(r, ImageReadError)]
             results: dict[Path, Prediction] = {}
             if good:
-                stacked = {key: torch.stack([r[key] for _, r in good]) for key in self._transforms}
+                stacked = {key: torch.stack([r.tensors[key] for _, r in good]) for key in self._transforms}
                 if self.compiled and len(good) < self.batch_size:
                     # A compiled network has one static shape: pad, and ignore the padding.
                     stacked = {k: pad_batch(v, self.batch_size) for k, v in stacked.items()}
                 if self.device.type == "cuda":
                     stacked = {k: v.pin_memory() for k, v in stacked.items()}
                 probs, ood = self._infer(stacked)
-                for i, (p, _) in enumerate(good):
-                    results[p] = self._record(p, root, probs[i], None if ood is None else float(ood[i]))
+                for i, (p, r) in enumerate(good):
+                    results[p] = self._record(p, root, probs[i], None if ood is None else float(ood[i]),
+                                              self._colour_ratio(r.colour))
             for p, r in batch:
                 if isinstance(r, ImageReadError):
                     yield error_prediction(p, root, str(r), self.name, self.sha256)
@@ -396,7 +411,12 @@ class Classifier:
             return list(predictions)
         return with_slide_consensus(predictions, self.review_threshold, self.slide_review_threshold)
 
-    def _record(self, path: Path, root: Path, probs: torch.Tensor, ood_ratio: float | None) -> Prediction:
+    def _colour_ratio(self, features: np.ndarray) -> float | None:
+        """The image's colour distance over the cut-off (>1: unlike training); None without a check."""
+        return max((c.ratio(features) for c in self._colour), default=None)
+
+    def _record(self, path: Path, root: Path, probs: torch.Tensor, ood_ratio: float | None,
+                colour_ratio: float | None = None) -> Prediction:
         values = probs.tolist()
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
         top, runner_up = values[order[0]], values[order[1]]
@@ -405,6 +425,8 @@ class Classifier:
             reasons.append(REVIEW_LOW_CONFIDENCE)
         if ood_ratio is not None and ood_ratio > 1.0:
             reasons.append(REVIEW_UNFAMILIAR)
+        if colour_ratio is not None and colour_ratio > 1.0:
+            reasons.append(REVIEW_COLOUR)
         file, slide = relative_location(path, root)
         return Prediction(
             path=path,
@@ -420,4 +442,5 @@ class Classifier:
             model=self.name,
             model_sha256=self.sha256,
             ood_score=ood_ratio,
+            colour_score=colour_ratio,
         )

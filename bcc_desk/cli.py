@@ -133,6 +133,7 @@ def classify(
 ) -> None:
     """Classify every image under ROOT (one folder per slide) and write the report."""
     from bcc_desk.bundle import BundleError
+    from bcc_desk.colour import colour_advice
     from bcc_desk.images import discover_images
     from bcc_desk.options import ClassifierOptions
     from bcc_desk.report import ReportError, run_info, write_somewhere
@@ -194,6 +195,8 @@ def classify(
             highlight=False,
             soft_wrap=True,
         )
+    if advice := colour_advice(predictions):  # said even with --quiet: every label of the run is in doubt
+        console.print(Text.assemble(("colours unlike training:", "bold yellow"), f" {advice}"), highlight=False, soft_wrap=True)
     if diverted:  # said even with --quiet: the report is not where a script will look for it
         console.print(Text.assemble(("warning:", "bold yellow"), f" {diverted}; the report is in {written}"),
                       highlight=False, soft_wrap=True)
@@ -246,6 +249,8 @@ def summary_table(predictions, classes: list[str]) -> Table:
             slide, str(count.images), *(str(count.per_class.get(c, 0)) for c in classes),
             str(count.flagged), str(count.unreadable),
         )
+        if count.note:  # a slide unlike training says so once, under its row
+            table.add_row(Text(f"  {count.note}", style="yellow"), *[""] * (len(classes) + 3))
     return table
 
 

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS files (
     model_sha256  TEXT,
     classified_at TEXT,
     ood_score     REAL,
+    colour_score  REAL,
     first_seen    TEXT NOT NULL,
     updated_at    TEXT NOT NULL
 );
@@ -65,7 +66,7 @@ CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 
 _OUTCOME = (
     "label", "confidence", "margin", "probabilities", "needs_review", "review_reason", "error",
-    "model", "model_sha256", "classified_at", "ood_score",
+    "model", "model_sha256", "classified_at", "ood_score", "colour_score",
 )
 
 
@@ -144,6 +145,7 @@ class Ledger:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
             self.root = self._check_meta(root)
+            self._add_missing_columns()
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"cannot use the state file {self.path}: {exc}") from None
         self._db.row_factory = sqlite3.Row
@@ -170,6 +172,12 @@ class Ledger:
                     [("root", str(root)), ("schema_version", str(SCHEMA_VERSION))],
                 )
         return Path(root)
+
+    def _add_missing_columns(self) -> None:
+        """A ledger from before the colour check gains its column (its rows keep None there)."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
+        if "colour_score" not in columns:
+            self._db.execute("ALTER TABLE files ADD COLUMN colour_score REAL")
 
     def close(self) -> None:
         self._db.close()
@@ -235,6 +243,7 @@ class Ledger:
             model_sha256=r["model_sha256"] or "",
             classified_at=datetime.fromisoformat(r["classified_at"]),
             ood_score=r["ood_score"],
+            colour_score=r["colour_score"],
         )
 
     # -- writing --------------------------------------------------------------------------------
@@ -334,4 +343,5 @@ def _outcome_values(p: Prediction) -> tuple:
         p.model_sha256,
         p.classified_at.isoformat(),
         p.ood_score,
+        p.colour_score,
     )

@@ -14,6 +14,7 @@ REVIEW_LOW_CONFIDENCE = "low confidence"
 REVIEW_UNFAMILIAR = "unlike training data"
 REVIEW_UNREADABLE = "unreadable"
 REVIEW_DISAGREES = "disagrees with its slide"
+REVIEW_COLOUR = "colours unlike training: re-stain, white-balance, or retrain on your slides"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,9 @@ class Prediction:
     ood_score: float | None = None
     """Distance of the image's features from the training data (higher is stranger), when the
     bundle carries an out-of-distribution check."""
+    colour_score: float | None = None
+    """Distance of the image's colours from the training set's over the colour check's cut-off
+    (above 1: flagged, `bcc_desk.colour`), when the bundle carries the check."""
 
     @property
     def ok(self) -> bool:

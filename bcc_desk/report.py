@@ -97,6 +97,8 @@ class RunInfo:
     """Front-end specific facts (daemon settings, GUI session...), listed last on the Run sheet."""
     slide_review_threshold: float | None = None
     """The cut-off for an image that agrees with its slide; None: the slide's consensus was off."""
+    colour_check: str = "off"
+    """"on", "off" or "partly", as `ood_check`, for the colour check (`bcc_desk.colour`)."""
 
     @classmethod
     def collect(
@@ -114,6 +116,7 @@ class RunInfo:
         finished: datetime | None = None,
         extra: dict[str, str] | None = None,
         slide_review_threshold: float | None = None,
+        colour_check: str = "off",
     ) -> RunInfo:
         """Fill in what the machine knows (host, user, version, command line, start time)."""
         from bcc_desk import __version__
@@ -134,6 +137,7 @@ class RunInfo:
             command=command if command is not None else shlex.join(sys.argv),
             extra=dict(extra or {}),
             slide_review_threshold=slide_review_threshold,
+            colour_check=colour_check,
         )
 
 
@@ -155,14 +159,18 @@ def run_info(
         tta=classifier.tta, device=classifier.device_label, root=root, command=command,
         started=started, finished=finished, extra=extra,
         slide_review_threshold=classifier.slide_review_threshold if classifier.slide_consensus else None,
+        colour_check=_on_off(sum(b.meta.colour is not None for b in classifier.bundles), len(classifier.bundles)),
     )
 
 
 def ood_check(bundles: Sequence) -> str:
     """The Run sheet's "out-of-distribution check" for these bundles: "on" when every one
     carries the check, "off" when none does, "partly" in between."""
-    with_ood = sum(b.meta.ood is not None for b in bundles)
-    return "on" if with_ood == len(bundles) else ("off" if with_ood == 0 else "partly")
+    return _on_off(sum(b.meta.ood is not None for b in bundles), len(bundles))
+
+
+def _on_off(having: int, of: int) -> str:
+    return "on" if having == of else ("off" if having == 0 else "partly")
 
 
 def _safe(get: Callable[[], str]) -> str:
@@ -179,14 +187,14 @@ def IMAGE_COLUMNS(classes: Sequence[str]) -> list[str]:
         "file", "slide", "label", "confidence", "margin", "needs_review", "error",
         *(f"p: {c}" for c in classes),
         "model", "model_sha256", "classified_at",
-        "review_reason", "ood_score",
+        "review_reason", "ood_score", "colour_score",
     ]
 
 
 def SLIDE_COLUMNS(classes: Sequence[str]) -> list[str]:
     """The Slides sheet header: count and share of each class sit side by side."""
     per_class = [h for c in classes for h in (f"n: {c}", f"%: {c}")]
-    return ["slide", "images", "classified", *per_class, "flagged", "unreadable"]
+    return ["slide", "images", "classified", *per_class, "flagged", "unreadable", "note"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +317,7 @@ def _image_rows(
             bool(p.needs_review), p.error,
             *(_number(p.probabilities.get(c)) for c in classes),
             p.model, p.model_sha256, _local(p.classified_at),
-            p.review_reason, _number(p.ood_score),
+            p.review_reason, _number(p.ood_score), _number(p.colour_score),
         ]
         values += [get(p) for get in (extra or {}).values()]
         rows.append(_Row(values, flagged=bool(p.needs_review), failed=p.error is not None))
@@ -405,7 +413,7 @@ def _images_sheet(
     ws.title = "Images"
     names = IMAGE_COLUMNS(classes) + list(extra or {})
     formats = {n: PERCENT for n in names if n in ("confidence", "margin") or n.startswith("p: ")}
-    formats["ood_score"] = OOD_FORMAT
+    formats["ood_score"] = formats["colour_score"] = OOD_FORMAT
     _header(ws, names)
     review = PatternFill("solid", start_color=REVIEW_FILL, end_color=REVIEW_FILL)
     failed = PatternFill("solid", start_color=ERROR_FILL, end_color=ERROR_FILL)
@@ -424,7 +432,7 @@ def _slide_row(name: str, count: SlideCount, classes: Sequence[str]) -> list[obj
     per_class: list[object] = []
     for c in classes:
         per_class += [count.per_class.get(c, 0), count.share(c)]
-    return [name, count.images, count.classified, *per_class, count.flagged, count.unreadable]
+    return [name, count.images, count.classified, *per_class, count.flagged, count.unreadable, count.note]
 
 
 def _slides_sheet(ws: Worksheet, predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
@@ -456,6 +464,7 @@ def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo) -
          "on: an image whose label differs from most of its slide's is flagged", None),
         ("review threshold, agreeing with its slide", _number(run.slide_review_threshold), PERCENT),
         ("out-of-distribution check", run.ood_check, None),
+        ("colour check", run.colour_check, None),
         ("test-time augmentation", "on" if run.tta else "off", None),
         ("device", run.device, None),
         ("started", run.started, None),

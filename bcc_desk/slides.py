@@ -12,7 +12,11 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bcc_desk.prediction import REVIEW_DISAGREES, REVIEW_LOW_CONFIDENCE, Prediction
+from bcc_desk.prediction import REVIEW_COLOUR, REVIEW_DISAGREES, REVIEW_LOW_CONFIDENCE, Prediction
+
+SLIDE_COLOUR_SHARE = 0.5
+"""A slide more than this share of whose classified images fail the colour check is unlike the
+training set's as a whole (another stain or camera, not an odd field): its row says so once."""
 
 
 def natural_key(s: str) -> tuple[list[object], str]:
@@ -30,6 +34,8 @@ class SlideCount:
     flagged: int = 0
     unreadable: int = 0
     reviewed: int = 0
+    colour_unlike: int = 0
+    """Classified images whose colours are unlike the training set's (the colour check)."""
     per_class: dict[str, int] = field(default_factory=dict)
     """Images per class: the reviewer's label where a person gave one, the model's elsewhere."""
 
@@ -45,6 +51,8 @@ class SlideCount:
             self.flagged += 1
         if reviewed_as is not None:
             self.reviewed += 1
+        if p.colour_score is not None and p.colour_score > 1.0 and p.error is None:
+            self.colour_unlike += 1
         label = reviewed_as if reviewed_as is not None else p.label
         if label is not None:
             self.per_class[label] = self.per_class.get(label, 0) + 1
@@ -53,8 +61,17 @@ class SlideCount:
         """`label`'s share of the classified images (None when none could be classified)."""
         return self.per_class.get(label, 0) / self.classified if self.classified else None
 
+    @property
+    def note(self) -> str:
+        """What a reader of the slide's row must know first ('' when nothing): a slide whose
+        colours are unlike training says so here, once, rather than only on each image."""
+        if self.classified and self.colour_unlike > SLIDE_COLOUR_SHARE * self.classified:
+            return f"{self.colour_unlike} of {self.classified} fields: {REVIEW_COLOUR}"
+        return ""
+
     def __iadd__(self, other: SlideCount) -> SlideCount:
         self.images += other.images
+        self.colour_unlike += other.colour_unlike
         self.flagged += other.flagged
         self.unreadable += other.unreadable
         self.reviewed += other.reviewed

@@ -114,7 +114,7 @@ def test_image_columns_are_the_contract():
     assert IMAGE_COLUMNS(CLASSES) == [
         "file", "slide", "label", "confidence", "margin", "needs_review", "error",
         "p: Benign", "p: [Malignant] early Pre-B", "p: [Malignant] Pre-B", "p: [Malignant] Pro-B",
-        "model", "model_sha256", "classified_at", "review_reason", "ood_score",
+        "model", "model_sha256", "classified_at", "review_reason", "ood_score", "colour_score",
     ]
 
 
@@ -215,7 +215,7 @@ def test_slides_sheet_counts_and_shares(tmp_path, preds, run):
     header = ["slide", "images", "classified"]
     for c in CLASSES:
         header += [f"n: {c}", f"%: {c}"]
-    assert rows[0] == header + ["flagged", "unreadable"]
+    assert rows[0] == header + ["flagged", "unreadable", "note"]
     table = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
     assert [r[0] for r in rows[1:]] == ["#REF!", "P2", "P10", "smears", "All slides"]
     p10 = table["P10"]

@@ -109,7 +109,8 @@ def fit(
     ] = None,
     stain: Annotated[Optional[float], typer.Option(min=0.0, max=0.5, help="HED stain jitter strength. (default 0)")] = None,
     colour: Annotated[
-        Optional[float], typer.Option(min=0.0, max=2.0, help="Colour augmentation strength (hue, white balance, greyscale); 1 is recipe colour's. (default 0)")
+        Optional[float],
+        typer.Option(min=0.0, max=2.0, help="Colour augmentation (hue, white balance, greyscale); 1: recipe colour's. (default 0)"),
     ] = None,
     mixup: Annotated[Optional[float], typer.Option(min=0.0, help="Mixup alpha, 0 off. (default 0)")] = None,
     cutmix: Annotated[Optional[float], typer.Option(min=0.0, help="CutMix alpha, 0 off. (default 0)")] = None,
@@ -301,6 +302,33 @@ def int8(
         f"{check['max_confidence_change']:.3f}; review threshold now {meta.review_threshold:.3f}"
         + (f", out-of-distribution threshold {meta.ood.threshold:.1f}" if meta.ood else "")
         + " (the stricter of fp32's and int8's on validation)"
+    )
+
+
+@app.command("colour-check", cls=Command)
+def colour_check(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle folder (changed in place).", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="The data folder the bundle was trained on.", show_default=False)],
+    split: Annotated[Path, typer.Option(help="RUN/split.csv of that training run.")],
+    workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = 2,
+) -> None:
+    """Give BUNDLE the colour check (`fit` does it for every new model): the training images'
+    colour profile, and a cut-off chosen on validation under every stain, hue, white-balance,
+    focus and magnification shift so that the images it leaves unflagged stay 99% right."""
+    from bcc_desk.bundle import BundleError, read_meta
+    from trainer.colour_check import add_colour_check
+
+    try:
+        table = add_colour_check(bundle, data, split, workers=workers)
+    except (BundleError, ValueError) as exc:
+        fail(str(exc))
+    meta = read_meta(bundle)
+    worst = min(table, key=lambda k: table[k]["unflagged_accuracy"])
+    typer.echo(
+        f"colour check added to {bundle}: it flags {meta.metrics['val_flagged_colour']:.1%} of validation; under "
+        f"{len(table)} shifts the unflagged images are at worst {table[worst]['unflagged_accuracy']:.1%} right ({worst})"
+        + (f"; the promise breaks under {', '.join(meta.metrics['shift_promise_broken'])}"
+           if meta.metrics.get("shift_promise_broken") else "")
     )
 
 

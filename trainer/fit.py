@@ -39,7 +39,8 @@ log = logging.getLogger("bcc-train")
 
 HISTORY_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "train_macro_f1",
-    "val_loss", "val_acc", "val_macro_f1", "val_shift_acc", "val_shift_macro_f1", "seconds", "train_images_per_s", "train_size", "val_seconds",
+    "val_loss", "val_acc", "val_macro_f1", "val_shift_acc", "val_shift_macro_f1",
+    "seconds", "train_images_per_s", "train_size", "val_seconds",
 ]
 
 
@@ -517,8 +518,15 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     # when int8 is added): see trainer/review_threshold.py.
     from trainer.int8 import settle_for_app
 
-    settle_for_app(bundle, cfg.data, out / "split.csv", split, workers=min(cfg.workers, 4), ood_dir=cfg.ood_dir,
-                   int8=cfg.int8)
+    with_int8 = settle_for_app(bundle, cfg.data, out / "split.csv", split, workers=min(cfg.workers, 4),
+                               ood_dir=cfg.ood_dir, int8=cfg.int8)
+    # The colour check's cut-off: on validation under every shift of trainer/shifts.py, in the
+    # numerics the application will run.
+    from trainer.colour_check import settle_colour_check
+    from trainer.review_threshold import validation_truth
+
+    settle_colour_check(bundle, [cfg.data / p for p in split.paths("val")], cfg.data, validation_truth(split, meta),
+                        precision="int8" if with_int8 else "fp32", workers=min(cfg.workers, 4))
     return bundle
 
 
@@ -542,6 +550,7 @@ def export_bundle(
     device: torch.device, dtype: torch.dtype | None, channels_last: bool, parent: Bundle | None = None,
 ) -> Path:
     """Calibrate on validation, fit the OOD check, and write RUN/bundle."""
+    from trainer.colour_check import fit_colour_check
     from trainer.metrics import (
         choose_ood_threshold,
         choose_review_threshold,
@@ -569,6 +578,7 @@ def export_bundle(
     meta.temperature = float(temperature)
     meta.review_threshold = float(review)
     meta.ood = OODSpec(threshold=float(ood_threshold), features=model.ood_features)
+    meta.colour = fit_colour_check(train.images, train.labels, val.images, len(meta.classes))
     metrics: dict[str, Any] = {
         "val_accuracy": float(correct.float().mean()),
         "val_macro_f1": _scores(val.labels, val_logits)[2],

@@ -338,6 +338,8 @@ class ImagePane(QWidget):
                 lines.append(f"<span style='color:#a60'>\u2691 flagged: {_html(p.review_reason)}</span>")
             if p.ood_score is not None:
                 lines.append(f"Unfamiliarity {p.ood_score:.2f} (above 1: unlike the training data)")
+            if p.colour_score is not None:
+                lines.append(f"Colour distance {p.colour_score:.2f} (above 1: colours unlike the training slides')")
         if review is not None:
             when = review.at.astimezone().strftime("%Y-%m-%d %H:%M")
             lines.append(f"Reviewed as <b>{_html(class_name(review.label))}</b> by {_html(review.by)} at {when}")

@@ -56,6 +56,7 @@ from PySide6.QtWidgets import (
 from bcc_desk import __version__
 from bcc_desk.bundle_meta import BundleError, read_meta
 from bcc_desk.classify_process import ClassifierProcess
+from bcc_desk.colour import colour_advice
 from bcc_desk.gui.delegates import ConfidenceDelegate
 from bcc_desk.gui.image_pane import ImagePane
 from bcc_desk.gui.jobs import submit
@@ -561,6 +562,8 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(f"Classified {done} images in {seconds:.0f} s.", 15000)
         elif done:
             self.statusBar().showMessage(f"Stopped after {done} of {self._total} images.", 15000)
+        if advice := colour_advice(self.session.predictions()):  # another lab's stain or camera: say what to do
+            self._notify(advice)
         completed = self._completed
         self.classification_finished.emit(completed)
         if self._pending_root is not None:
