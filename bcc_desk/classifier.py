@@ -50,7 +50,8 @@ class _Image:
     """An image as each distinct input policy needs it (uint8 CHW), and its colour statistics."""
 
     tensors: dict[tuple, torch.Tensor]
-    colour: np.ndarray
+    colour: np.ndarray | None
+    """None where no bundle carries a colour check."""
 
 
 _Decoded = _Image | ImageReadError
@@ -227,7 +228,8 @@ class Classifier:
         except ImageReadError as exc:
             return exc
         tensors = {key: tf(image) for key, tf in self._transforms.items()}
-        return _Image(tensors, colour_features(tensors[self._members[0].key].numpy()))
+        colour = colour_features(tensors[self._members[0].key].numpy()) if self._colour else None
+        return _Image(tensors, colour)
 
     def _decoded(self, paths: Iterable[Path]) -> Iterator[tuple[Path, _Decoded]]:
         """(path, decoded tensors or the read error), in order, decoded ahead in a thread pool."""
@@ -411,9 +413,9 @@ class Classifier:
             return list(predictions)
         return with_slide_consensus(predictions, self.review_threshold, self.slide_review_threshold)
 
-    def _colour_ratio(self, features: np.ndarray) -> float | None:
+    def _colour_ratio(self, features: np.ndarray | None) -> float | None:
         """The image's colour distance over the cut-off (>1: unlike training); None without a check."""
-        return max((c.ratio(features) for c in self._colour), default=None)
+        return None if features is None else max(c.ratio(features) for c in self._colour)
 
     def _record(self, path: Path, root: Path, probs: torch.Tensor, ood_ratio: float | None,
                 colour_ratio: float | None = None) -> Prediction:

@@ -797,3 +797,37 @@ def test_the_image_pane_follows_a_flag_settled_again_as_the_slide_grows(qtbot, d
     now = window.session.prediction(row)
     assert REVIEW_DISAGREES in now.review_reason
     assert window.image_pane.prediction is now and REVIEW_DISAGREES in window.image_pane.info.text()
+
+
+def test_a_folder_in_another_labs_colours_says_what_to_do(qtbot, make_window, all4: Path, tmp_path: Path) -> None:
+    """The site's first run on another stain: one message with what to do, and the slide's note."""
+    import numpy as np
+
+    from bcc_desk.bundle import InputSpec
+    from bcc_desk.colour import colour_features, fit_colour_profile
+    from bcc_desk.images import open_image
+    from bcc_desk.preprocess import make_transform
+    from trainer.shifts import SHIFTS_BY_NAME
+
+    to_input = make_transform(InputSpec(size=64))  # make_bundle's input: the pixels the check measures
+    train = [(p, k) for k, c in enumerate(CLASSES) for p in sorted((all4 / c).glob("*.jpg"))[:30]]
+    features = np.stack([colour_features(to_input(open_image(p)).numpy()) for p, _ in train])
+    profile = fit_colour_profile(features, np.array([k for _, k in train]), len(CLASSES))
+    profile = replace(profile, threshold=float(np.quantile(profile.distances(features), 0.99)))
+    coloured = make_bundle(tmp_path / "coloured", colour=profile)
+    root = tmp_path / "other lab"
+    for slide, shift in (("stained", SHIFTS_BY_NAME["hue +40"]), ("ours", SHIFTS_BY_NAME["none"])):
+        (root / slide).mkdir(parents=True)
+        for c in CLASSES:
+            for p in sorted((all4 / c).glob("*.jpg"))[40:42]:
+                shift.apply(open_image(p)).save(root / slide / f"{p.stem}.png")
+    window = make_window(choice=ModelChoice((coloured,), device="cpu", compile=False))
+    messages: list[str] = []
+    window.error_shown.connect(messages.append)
+    assert run(qtbot, window, root) is True
+    assert any("of 16 images have colours unlike the slides this model was trained on" in m for m in messages)
+    notes = {s: c.note for s, c in window.summary.slides.items()}
+    assert notes["stained"].startswith("8 of 8 fields: colours unlike training") and notes["ours"] == ""
+    table = window.summary.table
+    assert table.horizontalHeaderItem(table.columnCount() - 1).text() == "Note"
+    assert table.item(list(notes).index("stained"), table.columnCount() - 1).text() == notes["stained"]

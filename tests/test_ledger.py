@@ -29,6 +29,7 @@ def _prediction(root: Path, rel: str, label: str = "a", p: float = 0.9) -> Predi
         margin=2 * p - 1, probabilities={"a": p, "b": 1 - p} if label == "a" else {"a": 1 - p, "b": p},
         needs_review=p < 0.8, review_reason="low confidence" if p < 0.8 else "", error=None,
         model="m", model_sha256="s" * 64, classified_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), ood_score=0.5,
+        colour_score=0.25,
     )
 
 

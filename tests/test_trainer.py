@@ -26,6 +26,7 @@ from trainer.fit import FitConfig, FitError, build_meta, create_model
 from trainer.split import Split
 
 from bundles import CLASSES, LABELS
+from conftest import REPO
 from folders import class_subset
 
 runner = CliRunner()
@@ -372,3 +373,69 @@ def test_an_interrupted_run_says_how_to_resume_and_then_repeats_an_uninterrupted
     assert a.meta.temperature == b.meta.temperature
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fit_profiles_the_training_colours_and_settles_the_check_under_every_shift(tiny_run: Path) -> None:
+    from trainer.colour_check import MAX_FLAGGED
+    from trainer.shifts import SHIFTS
+
+    meta = load_bundle(tiny_run / "bundle").meta
+    assert meta.colour is not None and meta.colour.threshold > 0 and len(meta.colour.means) == len(CLASSES)
+    table = meta.metrics["shift"]
+    assert list(table) == [s.name for s in SHIFTS]
+    broken = set(meta.metrics.get("shift_promise_broken", []))
+    for name, row in table.items():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["colour_flagged"] <= row["flagged"] <= 1
+        # Under each shift either the images left unflagged keep the promise, or the bundle says they do not.
+        kept = round(row["images"] * (1 - row["flagged"]))
+        assert name in broken or row["unflagged_errors"] == 0 or row["unflagged_errors"] + 1 <= 0.01 * kept
+    # The check never flags much of the lab's own colours to rescue a shift.
+    assert meta.metrics["val_flagged_colour"] <= MAX_FLAGGED + 1 / table["none"]["images"]
+    out = CliRunner().invoke(bcc_cli.app, ["info", str(tiny_run / "bundle")], env={"COLUMNS": "250"}).output
+    assert "training colours" in out and "background R/G/B" in out
+
+
+def test_colour_recipe_keeps_the_epoch_best_on_shifted_validation_and_the_shift_bench_reads_it(
+        small_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), "--recipe", "colour", *TINY,
+                                      "--epochs", "2", "--image-size", "48"])
+    assert r.exit_code == 0, r.output
+    recipe = load_bundle(run / "bundle").meta.provenance["recipe"]
+    assert recipe["colour"] == 1.0 and recipe["zoom"] == [0.8, 1.25] and recipe["stain"] == 0.1
+    history = _history(run)
+    assert all(0 <= float(row["val_shift_acc"]) <= 1 for row in history)
+    # The bench on the committed images: a row per shift, the bar, and the figure.
+    out, plot = tmp_path / "shift.md", tmp_path / "shift.png"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "shift.py"), str(run / "bundle"), str(small_data),
+                           "--split", str(run / "split.csv"), "--out", str(out), "--plot", str(plot)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    from trainer.shifts import SHIFTS
+
+    table = out.read_text(encoding="utf-8")
+    assert all(f"| {s.name} |" in table or f"| **{s.name}** |" in table for s in SHIFTS)
+    assert table.count("- met:") + table.count("- **not met**:") == 4
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_colour_check_command_gives_a_bundle_the_check_and_refuses_another_split(tiny_run: Path, small_data: Path,
+                                                                              tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_run / "bundle", bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta.pop("colour")
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    assert load_bundle(bundle).meta.colour is None
+    r = runner.invoke(train_cli.app, ["colour-check", str(bundle), str(small_data), "--split", str(tiny_run / "split.csv")])
+    assert r.exit_code == 0, r.output
+    assert "colour check added" in r.output and "unflagged images are at worst" in r.output
+    again = load_bundle(bundle).meta
+    assert again.colour is not None and again.metrics["shift"]["none"]["images"] == len(Split.load(tiny_run / "split.csv",
+                                                                                                    small_data).paths("val"))
+    other = tmp_path / "other.csv"
+    from trainer.split import make_split
+
+    make_split(small_data, seed=5).save(other)  # another split of the same images
+    r = runner.invoke(train_cli.app, ["colour-check", str(bundle), str(small_data), "--split", str(other)])
+    assert r.exit_code == 2 and "is not the split" in r.output and len(r.output.strip().splitlines()) == 1

@@ -29,6 +29,7 @@ from bcc_desk.bundle import (
     record_thresholds,
     save_bundle,
 )
+from trainer.colour_check import add_colour_check
 from trainer.int8 import settle_for_app
 from trainer.metrics import (
     choose_ood_threshold,
@@ -60,6 +61,7 @@ def build_ensemble(
     bundles = [load_bundle(m) for m in members]
     _check_members(bundles, split, Path(split_csv))
     first = bundles[0].meta
+    colour = any(b.meta.colour is not None for b in bundles)
     # The images are decoded once, at the largest member's size; the others see them resized.
     size = max(b.meta.input.size for b in bundles)
 
@@ -91,6 +93,8 @@ def build_ensemble(
     try:
         _calibrate(out, data, split, workers)
         settle_for_app(out, data, Path(split_csv), split, workers=workers, ood_dir=ood_dir, int8=int8)
+        if colour:  # profiled again at the ensemble's input size, its cut-off settled for the ensemble
+            add_colour_check(out, data, Path(split_csv), workers=workers)
     except BaseException:
         # Half a bundle (placeholder thresholds) must not be mistaken for a model.
         for f in out.iterdir():

@@ -394,7 +394,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         )
     step_fn = torch.compile(net) if (cfg.compile if cfg.compile is not None else device.type == "cuda") else net
     aug = AugmentSpec.for_training(cfg.stain, cfg.colour, tuple(cfg.zoom), cfg.trivial_augment)
-    val_shifted = _shifted(val, aug) if cfg.colour else None
+    val_shifted = _shifted(val, aug) if cfg.colour and len(val) else None
     mixer = _make_mixup(cfg, len(classes))
     class_weight = class_weights(train.labels, len(classes)).to(device) if cfg.balance == "loss" else None
 

@@ -115,7 +115,7 @@ class SlideSummary(QWidget):
     def refresh(self, classes: list[str], slides: dict[str, SlideCount]) -> None:
         """Show `slides` (`ReviewSession.slide_counts`: natural order, reviews counted)."""
         self.slides = slides
-        headers = ["Slide", "Images", *(class_name(c) for c in classes), "Flagged", "Unreadable", "Reviewed"]
+        headers = ["Slide", "Images", *(class_name(c) for c in classes), "Flagged", "Unreadable", "Reviewed", "Note"]
         self.table.setUpdatesEnabled(False)
         self.table.setColumnCount(len(headers))
         self.table.setHorizontalHeaderLabels(headers)
@@ -124,14 +124,14 @@ class SlideSummary(QWidget):
             cells: list[str] = [slide, str(count.images)]
             for c in classes:
                 cells.append(f"{count.per_class.get(c, 0)} ({count.share(c) or 0.0:.0%})")
-            cells += [str(count.flagged), str(count.unreadable), str(count.reviewed)]
+            cells += [str(count.flagged), str(count.unreadable), str(count.reviewed), count.note]
             for col, text in enumerate(cells):
                 item = self.table.item(r, col)
                 if item is None:
                     item = QTableWidgetItem()
                     self.table.setItem(r, col, item)
                 item.setText(text)
-                if col:
+                if 0 < col < len(cells) - 1:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         self.table.setUpdatesEnabled(True)
         self.chart.set_data(classes, self.slides)
