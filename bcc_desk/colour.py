@@ -38,14 +38,18 @@ FEATURES = (
 def colour_features(image: np.ndarray) -> np.ndarray:
     """uint8 image, (3, h, w) as the network's input or (h, w, 3) as Pillow gives -> FEATURES.
 
-    Shares of a colour, not its level: a brighter lamp or another exposure (which the network
-    handles) moves none of them; another stain, white balance or hue does."""
+    Mostly shares of a colour, not its level: a dimmer lamp or a shorter exposure (which the
+    network handles) hardly moves the background's and nuclei's shares (the stain's balance in
+    optical density does move: dimming adds the same density to every channel); another stain,
+    white balance or hue moves them all."""
     rgb = np.asarray(image)
     if rgb.ndim != 3:
         raise ValueError(f"a colour image has three dimensions, not {rgb.ndim}")
     if rgb.shape[0] == 3 and rgb.shape[-1] != 3:
         rgb = rgb.transpose(1, 2, 0)
-    pixels = rgb.reshape(-1, 3).astype(np.float32)
+    # float64: the sums must not depend on how the caller's array lies in memory (the trainer's
+    # and the classifier's tensors are laid out differently and must give the same statistics).
+    pixels = rgb.reshape(-1, 3).astype(np.float64)
     od = -np.log((pixels + 1) / 256).mean(0)  # optical density per channel: what the stains absorb
     grey = pixels.sum(1)
     order = np.argsort(grey)

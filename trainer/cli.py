@@ -326,7 +326,7 @@ def colour_check(
     worst = min(table, key=lambda k: table[k]["unflagged_accuracy"])
     typer.echo(
         f"colour check added to {bundle}: it flags {meta.metrics['val_flagged_colour']:.1%} of validation; under "
-        f"{len(table)} shifts the unflagged images are at worst {table[worst]['unflagged_accuracy']:.1%} right ({worst})"
+        f"{len(table) - 1} shifts the unflagged images are at worst {table[worst]['unflagged_accuracy']:.1%} right ({worst})"
         + (f"; the promise breaks under {', '.join(meta.metrics['shift_promise_broken'])}"
            if meta.metrics.get("shift_promise_broken") else "")
     )
