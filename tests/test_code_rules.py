@@ -15,13 +15,15 @@ from conftest import REPO
 QT = ("PySide6", "shiboken6", "pytestqt")
 # What the trainer may use of the application: the bundle and report contracts (import-reviews
 # reads the exported workbooks), the shared preprocessing, numerics and image reading, and the
-# slide's consensus (the review flag's rule, which the trainer's cut-off for slides is chosen with).
-# Its checks (evaluate, int8) run the application's own engine on purpose: a figure must come
-# from the path a lab runs.
+# slide's consensus (the review flag's rule, which the trainer's cut-off for slides is chosen with),
+# the colour check (its profile is part of the bundle) and the review reasons a Prediction carries.
+# Its checks (evaluate, int8, the colour check's shifts) run the application's own engine on
+# purpose: a figure must come from the path a lab runs.
 TRAINER_MAY_IMPORT = {"bcc_desk", "bcc_desk.bundle", "bcc_desk.preprocess", "bcc_desk.devices", "bcc_desk.images",
                       "bcc_desk.cli_help", "bcc_desk.logs", "bcc_desk.files", "bcc_desk.report",
-                      "bcc_desk.slides"}
-TRAINER_ENGINE_USERS = {"trainer.evaluate", "trainer.int8", "trainer.review_threshold", "trainer.fit", "trainer.cli"}
+                      "bcc_desk.slides", "bcc_desk.colour", "bcc_desk.prediction"}
+TRAINER_ENGINE_USERS = {"trainer.evaluate", "trainer.int8", "trainer.review_threshold", "trainer.fit", "trainer.cli",
+                        "trainer.colour_check"}
 
 
 def _module(path: Path) -> str:

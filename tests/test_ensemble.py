@@ -77,6 +77,8 @@ def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_o
     assert meta.temperature != 1.0 and "val_ece_after" in meta.metrics
     assert meta.review_threshold == meta.metrics["review_threshold_by_precision"]["fp32"]
     assert meta.ood is not None and "ood_dev_flagged" in meta.metrics and meta.metrics["val_flagged_ood"] <= 0.05
+    # The colour check profiled again for the pack, its cut-off settled under every shift.
+    assert meta.colour is not None and "shift" in meta.metrics
 
     shown = runner.invoke(bcc_cli.app, ["info", str(out)], env={"COLUMNS": "200"}).output
     assert shown.count("ensemble member") == 2 and all(m.weights_sha256[:16] in shown for m in (ma, mb))
@@ -91,7 +93,7 @@ def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_o
     # its unfamiliarity: the sum of the members' distances (block-diagonal statistics).
     for p, pa, pb, expected in _answers(ens, (a, b), data, split_csv):
         assert torch.tensor(list(p.probabilities.values())) == pytest.approx(expected, abs=1e-4)
-        assert p.needs_review == (p.confidence < meta.review_threshold or p.ood_score > 1)
+        assert p.needs_review == (p.confidence < meta.review_threshold or p.ood_score > 1 or p.colour_score > 1)
         summed = pa.ood_score * ma.ood.threshold + pb.ood_score * mb.ood.threshold
         # the sum bounds the nearest class of the pair from below; equal when both are nearest to one class
         assert p.ood_score * meta.ood.threshold >= summed * (1 - 1e-4)

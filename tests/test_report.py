@@ -190,7 +190,7 @@ def test_images_sheet_layout(tmp_path, preds, run):
     write_report(preds, out, run)
     ws = openpyxl.load_workbook(out)["Images"]
     assert ws.freeze_panes == "A2"
-    assert ws.auto_filter.ref == f"A1:P{len(preds) + 1}"
+    assert ws.auto_filter.ref == f"A1:Q{len(preds) + 1}"
     assert all(c.font.b for c in ws[1])
     names = IMAGE_COLUMNS(CLASSES)
     for r, file in enumerate(ORDER, start=2):
@@ -283,7 +283,7 @@ def test_empty_run_and_awkward_values_still_make_a_valid_workbook(tmp_path, root
     wb = openpyxl.load_workbook(out)
     assert sheet_rows(wb["Images"]) == [IMAGE_COLUMNS(CLASSES)]
     total = sheet_rows(wb["Slides"])[-1]
-    assert total[:3] == ["All slides", 0, 0] and total[-2:] == [0, 0]
+    assert total[:3] == ["All slides", 0, 0] and total[-3:] == [0, 0, None]  # flagged, unreadable, no note
     # NaN from a broken model and a control character in a file name must not break the file
     odd = pred(root, "P1/scan\x1b01.jpg", [0.7, 0.1, 0.1, 0.1], ood=math.nan)
     write_report([odd], out, run)
@@ -303,16 +303,17 @@ def test_extra_columns_for_reviewers(tmp_path, preds, run):
     ws = openpyxl.load_workbook(out)["Images"]
     rows = sheet_rows(ws)
     assert rows[0] == IMAGE_COLUMNS(CLASSES) + list(extra)
-    assert ws.auto_filter.ref == f"A1:S{len(preds) + 1}"
-    top = ws.cell(row=1 + ORDER.index("top.jpg") + 1, column=17)
+    assert ws.auto_filter.ref == f"A1:T{len(preds) + 1}"
+    col = rows[0].index("reviewer label")  # after every column of the report's own
+    top = ws.cell(row=1 + ORDER.index("top.jpg") + 1, column=col + 1)
     assert top.value == '=HYPERLINK("x")' and top.data_type == "s"
     flagged = rows[1 + ORDER.index("P2/@SUM(A1).jpg")]
-    assert flagged[17] == "dr. a" and flagged[18] == local(reviewed)
+    assert flagged[col + 1] == "dr. a" and flagged[col + 2] == local(reviewed)
     csv_out = write_csv(preds, tmp_path / "report.csv", run, extra_columns=extra)
     with open(csv_out, encoding="utf-8-sig", newline="") as fh:
         got = list(csv.reader(fh))
     assert got[0][-3:] == list(extra)
-    assert got[1 + ORDER.index("top.jpg")][16] == "'=HYPERLINK(\"x\")"
+    assert got[1 + ORDER.index("top.jpg")][col] == "'=HYPERLINK(\"x\")"
     with pytest.raises(ValueError, match="clash"):
         write_report(preds, tmp_path / "x.xlsx", run, extra_columns={"label": lambda p: 1})
 

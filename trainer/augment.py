@@ -41,7 +41,7 @@ class AugmentSpec:
     @classmethod
     def for_training(cls, stain: float, colour: float, zoom: tuple[float, float], trivial: bool) -> AugmentSpec:
         """The training augmentation for `bcc-train fit`'s settings.  `colour` 0 is the jitter
-        every model before v5 was trained with; 1 turns hue, saturation, brightness, contrast and
+        the shipped v4 was trained with; 1 turns hue, saturation, brightness, contrast and
         white balance as far as another lab's stain and camera do (bench/shift.py's moderate
         shifts: hue 20 degrees, saturation x0.6, brightness x0.8), drops the colour from a tenth
         of the images and defocuses a fifth, so that colour stops naming the class."""
