@@ -24,8 +24,9 @@ import torch
 
 from bcc_desk.bundle import load_bundle, read_meta, record_colour_profile, record_thresholds
 from bcc_desk.classifier import Classifier, Prediction
-from bcc_desk.colour import ColourSpec, colour_features, fit_colour_profile
+from bcc_desk.colour import FEATURES, ColourSpec, colour_features, fit_colour_profile
 from bcc_desk.images import open_image
+from bcc_desk.prediction import REVIEW_COLOUR
 from trainer.shifts import SHIFTS, Shift
 
 log = logging.getLogger("bcc-train")
@@ -41,7 +42,7 @@ TARGET = 0.99
 def image_features(images: torch.Tensor) -> np.ndarray:
     """(n, 3, h, w) uint8 at the network's input -> (n, d) colour statistics, as the
     application's classifier computes them on each image it decodes."""
-    return np.stack([colour_features(img.numpy()) for img in images.cpu()]) if len(images) else np.empty((0, 7))
+    return np.stack([colour_features(img.numpy()) for img in images.cpu()]) if len(images) else np.empty((0, len(FEATURES)))
 
 
 def fit_colour_check(train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
@@ -157,15 +158,11 @@ def settle_colour_check(
 
 
 def _other_reasons(p: Prediction) -> list[str]:
-    from bcc_desk.prediction import REVIEW_COLOUR
-
     return [r for r in p.review_reason.split("; ") if r and r != REVIEW_COLOUR]
 
 
 def _with_colour(p: Prediction, ratio: float) -> Prediction:
     """`p` as the colour check at another cut-off would flag it."""
-    from bcc_desk.prediction import REVIEW_COLOUR
-
     reasons = _other_reasons(p) + ([REVIEW_COLOUR] if ratio > 1 else [])
     return replace(p, colour_score=ratio, needs_review=bool(reasons), review_reason="; ".join(reasons))
 
