@@ -5,10 +5,10 @@ colour alone names 92.7% of validation images: `bench/colour_baseline.py`), and 
 from scratch learns some of that.  Another lab's stain batch, lamp or white balance then moves
 every field of a slide at once, and the feature-space check (`OODSpec`) can miss it: a network
 that reads colour on few directions sees a colour shift as just another class.  So every image is
-also compared, by a handful of explainable colour statistics, with the training set's: the mean
-optical density and its balance between the channels (the stain), the colour of the brightest
-quarter (the background: lamp and white balance), of the darkest tenth (the nuclei: the stain's
-hue) and the mean saturation (a greyscale or washed-out camera).
+also compared, by a handful of explainable colour statistics, with the training set's: the
+balance of optical density between the channels (the stain), the colour shares of the brightest
+quarter (the background: lamp and white balance) and of the darkest tenth (the nuclei: the
+stain's hue), and the mean saturation (a greyscale or washed-out camera).
 
 Each class's training images form one cluster (its own acquisition), so an image's distance is
 the Mahalanobis distance to the nearest class's cluster, in statistics standardised over the whole
@@ -33,7 +33,8 @@ FEATURES = (
     "background red share", "background green share",
     "nuclei red share", "nuclei green share", "saturation",
 )
-"""What `colour_features` measures, in order (colours as 0..1 of full scale)."""
+"""What `colour_features` measures, in order (shares of a colour's sum, saturation 0..1)."""
+
 
 def colour_features(image: np.ndarray) -> np.ndarray:
     """uint8 image, (3, h, w) as the network's input or (h, w, 3) as Pillow gives -> FEATURES.
@@ -85,6 +86,10 @@ class ColourSpec:
         d = len(self.features)
         if list(self.features) != list(FEATURES):
             raise ValueError(f"colour.features must be {list(FEATURES)}")
+        # A NaN anywhere would make every distance NaN, and NaN > 1 never flags: refused here.
+        if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in (self.centre, self.scale, self.means,
+                                                                             self.precisions)):
+            raise ValueError("colour: every number of the profile must be finite")
         if not (np.isfinite(self.threshold) and self.threshold > 0):
             raise ValueError(f"colour.threshold must be a positive number, got {self.threshold}")
         if len(self.centre) != d or len(self.scale) != d or not all(s > 0 for s in self.scale):

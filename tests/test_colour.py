@@ -201,3 +201,18 @@ def test_a_ledger_from_before_the_colour_check_gains_its_column(tmp_path: Path) 
     columns = {r[1] for r in ledger._db.execute("PRAGMA table_info(files)")}
     assert "colour_score" in columns and ledger.predictions() == []
     ledger.close()
+
+
+def test_a_profile_with_a_non_finite_number_is_refused_in_one_line(tmp_path: Path) -> None:
+    """NaN in the profile would make every distance NaN, which never flags: the bundle is refused."""
+    import json
+
+    from bcc_desk.bundle import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_MODEL_DIR, bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["colour"]["precisions"][1][2][3] = float("nan")
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="every number of the profile must be finite"):
+        read_meta(bundle)
