@@ -46,6 +46,9 @@ SLIDE_CONSENSUS = typer.Option(
     help="Flag an image whose label differs from most of its slide folder's (a folder holds one patient's slide). "
          "Turn off where a folder mixes patients.")
 
+PDF_OPTION = typer.Option("--pdf", help="Also write the PDF report (a page per slide: verdict, counts, the flagged fields) beside it.")
+LAB_NAME = typer.Option("--lab-name", envvar="BCC_LAB_NAME", help="The lab's name for the PDF's header.")
+
 _report_written = False
 """Set once `classify` has its report on disk: what is left of the process is only teardown."""
 
@@ -106,9 +109,12 @@ def classify(
         typer.Option("--model", "-m", metavar="BUNDLE", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
     ] = None,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Report file. Default: ROOT/bcc-report.xlsx (.csv with --csv).")
+        Optional[Path],
+        typer.Option("--out", "-o", help="Report file: .xlsx, .csv or .pdf. Default: ROOT/bcc-report.xlsx (.csv with --csv)."),
     ] = None,
     csv: Annotated[bool, typer.Option("--csv", help="Write a plain CSV of the image rows instead of Excel.")] = False,
+    pdf: Annotated[bool, PDF_OPTION] = False,
+    lab_name: Annotated[str, LAB_NAME] = "",
     device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu.")] = "auto",
     precision: Annotated[str, typer.Option(metavar=PRECISION_CHOICES, help="auto: the fastest that keeps the labels.")] = "auto",
     batch_size: Annotated[
@@ -135,17 +141,28 @@ def classify(
     from bcc_desk.bundle import BundleError
     from bcc_desk.colour import colour_advice
     from bcc_desk.images import discover_images
+    from bcc_desk.lab_records import LabRecords, SlidesFileError, read_slides_csv
     from bcc_desk.options import ClassifierOptions
-    from bcc_desk.report import ReportError, run_info, write_somewhere
+    from bcc_desk.prediction import relative_location
+    from bcc_desk.report import ReportError, run_info
+    from bcc_desk.report_target import REPORT_SUFFIXES, write_somewhere
 
     started = datetime.now(timezone.utc)
     if not root.exists():
         fail(f"{root} does not exist")
+    if out is not None and out.suffix.lower() not in REPORT_SUFFIXES:
+        fail(f"--out {out.name}: a report is .xlsx, .csv or .pdf")
+    if csv and out is not None and out.suffix.lower() != ".csv":
+        fail(f"--csv writes a .csv, not {out.name}")
     root = root.resolve()
     folder = root if root.is_dir() else root.parent
+    try:  # a bad slides.csv is said now, not after an hour of classifying
+        lab = LabRecords(identities=read_slides_csv(folder), lab_name=lab_name)
+    except SlidesFileError as exc:
+        fail(str(exc))
     paths = discover_images(root)
-    csv = csv or (out is not None and out.suffix.lower() == ".csv")
     out = (out or folder / ("bcc-report.csv" if csv else "bcc-report.xlsx")).resolve()
+    targets = [out] + ([out.with_suffix(".pdf")] if pdf and out.suffix.lower() != ".pdf" else [])
     if not out.parent.is_dir():
         fail(f"the report's folder {out.parent} does not exist")
     try:  # find out now, not after an hour of classifying, that the report cannot be written
@@ -176,12 +193,19 @@ def classify(
         console.print(Text.assemble(("interrupted", "yellow"), f": writing the report for the {len(predictions)} images done"))
 
     predictions = classifier.review_slides(predictions)  # a slide's consensus needs all of its images
+    done = {p.path for p in predictions}
     run = run_info(classifier, root=folder, command=shlex.join(["bcc", *sys.argv[1:]]), started=started,
-                   finished=None if interrupted else datetime.now(timezone.utc))
-    try:  # a full disk or a folder gone meanwhile sends the report to a fallback folder
-        written, diverted = write_somewhere(predictions, out, run, csv=csv)
-    except ReportError as exc:
-        fail(f"{exc}; choose another place with --out", EXIT_NOTHING)
+                   finished=datetime.now(timezone.utc),
+                   not_classified=[relative_location(path, folder)[0] for path in paths if path not in done])
+    written_all, diverted = [], None
+    for target in targets:
+        try:  # a full disk or a folder gone meanwhile sends the report to a fallback folder
+            written, why = write_somewhere(predictions, target, run, lab=lab)
+        except ReportError as exc:
+            fail(f"{exc}; choose another place with --out", EXIT_NOTHING)
+        written_all.append(written)
+        diverted = diverted or why
+    written = written_all[0]
     global _report_written
     _report_written = True
     if not quiet:
@@ -191,7 +215,7 @@ def classify(
     if not quiet:
         out_console.print(
             f"{classified} of {len(paths)} images classified, {flagged} flagged for review "
-            f"({len(predictions) - classified} of them unreadable). Report: {written}",
+            f"({len(predictions) - classified} of them unreadable). Report: {', '.join(map(str, written_all))}",
             highlight=False,
             soft_wrap=True,
         )
@@ -234,10 +258,12 @@ def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: li
 
 
 def summary_table(predictions, classes: list[str]) -> Table:
-    """Per slide: images, counts per class, flagged, unreadable (the closing screen)."""
+    """Per slide: images, counts per class, flagged, unreadable, and the slide's verdict under
+    its row (the closing screen)."""
     from rich import box
 
     from bcc_desk.slides import count_slides
+    from bcc_desk.verdict import DECISION_AID, slide_verdict
 
     # Fits an 80-column console with the four class names whole (no borders between columns).
     table = Table(title="Slides", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
@@ -249,8 +275,11 @@ def summary_table(predictions, classes: list[str]) -> Table:
             slide, str(count.images), *(str(count.per_class.get(c, 0)) for c in classes),
             str(count.flagged), str(count.unreadable),
         )
+        verdict = slide_verdict(count)
+        table.add_row(Text(f"  {verdict.text}", style="yellow" if verdict.to_review else "green"), *[""] * (len(classes) + 3))
         if count.note:  # a slide unlike training says so once, under its row
             table.add_row(Text(f"  {count.note}", style="yellow"), *[""] * (len(classes) + 3))
+    table.caption = DECISION_AID
     return table
 
 
@@ -279,8 +308,10 @@ def info(
 def watch(
     root: Annotated[Path, typer.Argument(help="Folder to watch (one sub-folder per slide).", show_default=False)],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Report (.xlsx or .csv), kept up to date. Default: ROOT/bcc-report.xlsx.")
+        Path | None, typer.Option("--out", "-o", help="Report (.xlsx, .csv or .pdf), kept up to date. Default: ROOT/bcc-report.xlsx.")
     ] = None,
+    pdf: Annotated[bool, PDF_OPTION] = False,
+    lab_name: Annotated[str, LAB_NAME] = "",
     model: Annotated[
         list[Path] | None,
         typer.Option("--model", "-m", metavar="BUNDLE", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
@@ -350,7 +381,7 @@ def watch(
         fail(str(exc))
     try:
         watcher = make_watcher(site, classifier, command=shlex.join(["bcc", *sys.argv[1:]]), single=single,
-                               timing=WatchTiming(polling=polling, interval=interval, settle=settle))
+                               timing=WatchTiming(polling=polling, interval=interval, settle=settle), pdf=pdf, lab_name=lab_name)
     except LedgerError as exc:
         fail(str(exc))
     except sqlite3.OperationalError as exc:  # a running watch waits this out; at start there is nothing to wait for

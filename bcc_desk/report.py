@@ -37,13 +37,16 @@ from typing import TYPE_CHECKING
 
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-from openpyxl.styles import Font, PatternFill
+from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
 from bcc_desk.files import new_file_mode
+from bcc_desk.lab_records import IDENTITY_HEADINGS, LabRecords
 from bcc_desk.prediction import Prediction
+from bcc_desk.safe_text import csv_text
 from bcc_desk.slides import SlideCount, all_slides, count_slides, natural_key
+from bcc_desk.verdict import DECISION_AID, slide_verdict
 
 if TYPE_CHECKING:
     from bcc_desk.classifier import Classifier
@@ -58,7 +61,6 @@ ERROR_FILL = "F8CBAD"
 TOTAL_ROW = "All slides"
 
 _MAX_CELL_CHARS = 32767  # Excel refuses (reports corruption for) longer cell texts
-_CSV_RISKY = ("=", "+", "-", "@", "\t", "\r")
 
 REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
 """The columns the desktop app's export adds to the Images sheet (beside the CLI's own); what
@@ -99,6 +101,16 @@ class RunInfo:
     """The cut-off for an image that agrees with its slide; None: the slide's consensus was off."""
     colour_check: str = "off"
     """"on", "off" or "partly", as `ood_check`, for the colour check (`bcc_desk.colour`)."""
+    not_classified: list[str] = field(default_factory=list)
+    """Images of the run that were never classified (an interrupted run), as the file column
+    would spell them: the report lists them so that none is taken for done."""
+
+    @property
+    def outcome(self) -> str:
+        """The Run sheet's "run": complete, still running, or interrupted after N of M images."""
+        if self.not_classified:
+            return "interrupted"
+        return "still running" if self.finished is None else "complete"
 
     @classmethod
     def collect(
@@ -117,6 +129,7 @@ class RunInfo:
         extra: dict[str, str] | None = None,
         slide_review_threshold: float | None = None,
         colour_check: str = "off",
+        not_classified: Sequence[str] = (),
     ) -> RunInfo:
         """Fill in what the machine knows (host, user, version, command line, start time)."""
         from bcc_desk import __version__
@@ -138,6 +151,7 @@ class RunInfo:
             extra=dict(extra or {}),
             slide_review_threshold=slide_review_threshold,
             colour_check=colour_check,
+            not_classified=list(not_classified),
         )
 
 
@@ -149,6 +163,7 @@ def run_info(
     started: datetime | None = None,
     finished: datetime | None = None,
     extra: dict[str, str] | None = None,
+    not_classified: Sequence[str] = (),
 ) -> RunInfo:
     """The Run sheet's record, taken from the classifier that made the predictions: its models
     (names, sha256s), classes in output order, review threshold, out-of-distribution check, TTA
@@ -160,6 +175,7 @@ def run_info(
         started=started, finished=finished, extra=extra,
         slide_review_threshold=classifier.slide_review_threshold if classifier.slide_consensus else None,
         colour_check=_on_off(sum(b.meta.colour is not None for b in classifier.bundles), len(classifier.bundles)),
+        not_classified=not_classified,
     )
 
 
@@ -182,19 +198,25 @@ def _safe(get: Callable[[], str]) -> str:
 
 
 def IMAGE_COLUMNS(classes: Sequence[str]) -> list[str]:
-    """The Images sheet / CSV header: the same names wherever a row is shown."""
+    """The Images sheet / CSV header: the same names wherever a row is shown.  In a reader's
+    order: where, what, must a person look and why; then the numbers; the audit trail last."""
     return [
-        "file", "slide", "label", "confidence", "margin", "needs_review", "error",
+        "file", "slide", "patient_id", "label", "confidence", "needs_review", "review_reason", "error",
         *(f"p: {c}" for c in classes),
+        "margin", "ood_score", "colour_score",
         "model", "model_sha256", "classified_at",
-        "review_reason", "ood_score", "colour_score",
     ]
 
 
+SIGNATURE_COLUMNS = ("signed by", "signed at")
+
+
 def SLIDE_COLUMNS(classes: Sequence[str]) -> list[str]:
-    """The Slides sheet header: count and share of each class sit side by side."""
+    """The Slides sheet header: the slide and whose it is, its verdict, then count and share of
+    each class side by side, then the sign-off."""
     per_class = [h for c in classes for h in (f"n: {c}", f"%: {c}")]
-    return ["slide", "images", "classified", *per_class, "flagged", "unreadable", "note"]
+    return ["slide", *IDENTITY_HEADINGS, "verdict", "to review", "images", "classified", *per_class,
+            "flagged", "unreadable", "note", *SIGNATURE_COLUMNS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,21 +229,29 @@ def write_report(
     run: RunInfo,
     *,
     extra_columns: ExtraColumns | None = None,
+    lab: LabRecords | None = None,
     fallback: Path | None = None,
 ) -> Path:
-    """Write the xlsx report atomically; return the path actually written.
+    """Write the xlsx report atomically; return the path actually written.  `lab`: the slides'
+    identities, reviewers' labels and sign-offs (none without it).
 
     The returned path differs from `out` exactly when `out` was open/locked and the report went
     to a sibling instead.  `fallback` names that sibling (a daemon passes the one it got last
     time, so an open workbook does not make it spawn a new file every few seconds); without it a
     timestamped sibling is made.  Raises `ReportError` when the folder cannot be written.
     """
+    lab = lab or LabRecords()
+
     def write(tmp: Path) -> None:
-        rows = _image_rows(predictions, run.classes, extra_columns)
+        rows = _image_rows(predictions, run.classes, extra_columns, lab)
         wb = Workbook()
         _images_sheet(wb.active, rows, run.classes, extra_columns)
-        _slides_sheet(wb.create_sheet("Slides"), predictions, run.classes)
-        _run_sheet(wb.create_sheet("Run"), predictions, run)
+        _slides_sheet(wb.create_sheet("Slides"), predictions, run.classes, lab)
+        _run_sheet(wb.create_sheet("Run"), predictions, run, lab)
+        if run.not_classified:
+            _not_classified_sheet(wb.create_sheet(NOT_CLASSIFIED_SHEET), run.not_classified)
+        for ws in wb.worksheets:
+            _print_setup(ws, run)
         _save(wb, tmp)
 
     return _atomic_write(Path(out), write, fallback)
@@ -233,12 +263,14 @@ def write_csv(
     run: RunInfo,
     *,
     extra_columns: ExtraColumns | None = None,
+    lab: LabRecords | None = None,
     fallback: Path | None = None,
 ) -> Path:
     """Write the Images rows as UTF-8 CSV (with BOM, for Excel); same rules as `write_report`."""
     header = IMAGE_COLUMNS(run.classes) + list(extra_columns or {})
+
     def write(tmp: Path) -> None:
-        rows = _image_rows(predictions, run.classes, extra_columns)
+        rows = _image_rows(predictions, run.classes, extra_columns, lab or LabRecords())
         with open(tmp, "w", encoding="utf-8-sig", newline="") as fh:
             w = csv.writer(fh)
             w.writerow([_csv_value(h) for h in header])
@@ -246,45 +278,6 @@ def write_csv(
                 w.writerow([_csv_value(v) for v in row.values])
 
     return _atomic_write(Path(out), write, fallback)
-
-
-def write_somewhere(
-    predictions: Sequence[Prediction],
-    out: Path,
-    run: RunInfo,
-    *,
-    extra_columns: ExtraColumns | None = None,
-    csv: bool | None = None,
-) -> tuple[Path, str | None]:
-    """Write the report (xlsx, or CSV for a .csv `out`) where asked or, when that place cannot
-    take it (no space left, read-only, the folder gone, permissions changed during the run), in
-    the first fallback folder that can: the per-user data directory's `reports/`, then the temp
-    folder.  Results are never lost to a storage fault.  Returns the path written and, when it is
-    not `out`'s folder, why (one line); raises ReportError only when no place could take it.
-    `csv` None: CSV for a .csv `out`."""
-    writer = write_csv if (Path(out).suffix.lower() == ".csv" if csv is None else csv) else write_report
-    try:
-        return writer(predictions, out, run, extra_columns=extra_columns), None
-    except ReportError as exc:
-        reason = str(exc)
-    stamp = datetime.now().strftime("%Y-%m-%d %H%M%S")
-    name = f"{out.stem} ({Path(run.root).name or 'run'}, {stamp}){out.suffix}"
-    for folder in fallback_folders():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            written = writer(predictions, folder / name, run, extra_columns=extra_columns)
-        except (ReportError, OSError) as exc:
-            log.debug("fallback %s did not work either: %s", folder, exc)
-            continue
-        return written, reason
-    raise ReportError(f"{reason}; no fallback folder ({', '.join(map(str, fallback_folders()))}) could take it either")
-
-
-def fallback_folders() -> list[Path]:
-    """Where a report goes when its own folder cannot take it, in order."""
-    from bcc_desk.paths import user_data_dir
-
-    return [user_data_dir() / "reports", Path(tempfile.gettempdir()) / "bcc-reports"]
 
 
 def locked_target(out: Path) -> bool:
@@ -304,7 +297,7 @@ class _Row:
 
 
 def _image_rows(
-    predictions: Sequence[Prediction], classes: Sequence[str], extra: ExtraColumns | None
+    predictions: Sequence[Prediction], classes: Sequence[str], extra: ExtraColumns | None, lab: LabRecords
 ) -> list[_Row]:
     clash = set(extra or {}) & set(IMAGE_COLUMNS(classes))
     if clash:
@@ -313,11 +306,11 @@ def _image_rows(
     rows = []
     for p in ordered:
         values: list[object] = [
-            p.file, p.slide, p.label, _number(p.confidence), _number(p.margin),
-            bool(p.needs_review), p.error,
+            p.file, p.slide, lab.identity(p.slide).patient_id or None, p.label, _number(p.confidence),
+            bool(p.needs_review), p.review_reason, p.error,
             *(_number(p.probabilities.get(c)) for c in classes),
+            _number(p.margin), _number(p.ood_score), _number(p.colour_score),
             p.model, p.model_sha256, _local(p.classified_at),
-            p.review_reason, _number(p.ood_score), _number(p.colour_score),
         ]
         values += [get(p) for get in (extra or {}).values()]
         rows.append(_Row(values, flagged=bool(p.needs_review), failed=p.error is not None))
@@ -385,26 +378,40 @@ def _put(cell, value: object, number_format: str | None = None) -> None:
     _put_text(cell, str(value))
 
 
+_HEADER_ALIGNMENT = Alignment(wrap_text=True, vertical="top")
+
+
 def _header(ws: Worksheet, names: Sequence[str]) -> None:
     for col, name in enumerate(names, start=1):
         cell = ws.cell(row=1, column=col)
         _put_text(cell, name)
         cell.font = _BOLD
+        cell.alignment = _HEADER_ALIGNMENT  # "n: early Pre-B" over two lines: a column as narrow as its numbers
     ws.freeze_panes = "A2"
 
 
-def _widths(ws: Worksheet, names: Sequence[str], values: Sequence[Sequence[object]], cap: int = 50) -> None:
+def _widths(ws: Worksheet, names: Sequence[str], values: Sequence[Sequence[object]], cap: int = 50,
+            caps: Mapping[str, int] | None = None) -> None:
+    """Columns as wide as their longest value or the longest word of their header (which wraps),
+    up to `cap` (`caps`: per column name): narrow columns are what lets a sheet print one page
+    wide at a size people can read."""
+    wrapped = False
     for col, name in enumerate(names, start=1):
-        longest = len(name)
+        longest = max(len(word) for word in name.split())
+        wrapped |= longest < len(name)
         for row in values:
             v = row[col - 1]
             if isinstance(v, str):
                 longest = max(longest, len(v))
             elif isinstance(v, datetime):
                 longest = max(longest, 19)
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                longest = max(longest, 7)
-        ws.column_dimensions[get_column_letter(col)].width = min(longest + 2, cap)
+            elif isinstance(v, bool):
+                longest = max(longest, 5)
+            elif isinstance(v, (int, float)):
+                longest = max(longest, 6)
+        ws.column_dimensions[get_column_letter(col)].width = min(longest + 2, (caps or {}).get(name, cap))
+    if wrapped:
+        ws.row_dimensions[1].height = 30  # two lines: Excel does not grow a row for wrapped text by itself
 
 
 def _images_sheet(
@@ -425,34 +432,63 @@ def _images_sheet(
             if fill is not None:
                 cell.fill = fill
     ws.auto_filter.ref = f"A1:{get_column_letter(len(names))}{len(rows) + 1}"
-    _widths(ws, names, [row.values for row in rows])
+    # The audit columns are for a machine: on paper their first characters are enough.
+    _widths(ws, names, [row.values for row in rows], cap=36,
+            caps={"review_reason": 28, "model_sha256": 12, "model": 16, "error": 24})  # long text runs on into the empty cell beside
 
 
-def _slide_row(name: str, count: SlideCount, classes: Sequence[str]) -> list[object]:
+def _slide_row(name: str, count: SlideCount, classes: Sequence[str], lab: LabRecords) -> list[object]:
     per_class: list[object] = []
     for c in classes:
         per_class += [count.per_class.get(c, 0), count.share(c)]
-    return [name, count.images, count.classified, *per_class, count.flagged, count.unreadable, count.note]
+    verdict = slide_verdict(count)
+    signed = lab.signatures.get(name)
+    return [name, *(v or None for _, v in lab.identity(name).items()), verdict.call, "; ".join(verdict.to_review) or None,
+            count.images, count.classified, *per_class, count.flagged, count.unreadable, count.note or None,
+            signed.by if signed else None, signed.at if signed else None]
 
 
-def _slides_sheet(ws: Worksheet, predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
+def _total_row(slides: Mapping[str, SlideCount], classes: Sequence[str], lab: LabRecords) -> list[object]:
+    total = all_slides(slides)
+    per_class: list[object] = []
+    for c in classes:
+        per_class += [total.per_class.get(c, 0), total.share(c)]
+    signed = sum(1 for name in slides if name in lab.signatures)
+    return [TOTAL_ROW, *[None] * len(IDENTITY_HEADINGS), None, None, total.images, total.classified, *per_class,
+            total.flagged, total.unreadable, None, f"{signed} of {len(slides)} signed", None]
+
+
+def _slides_sheet(ws: Worksheet, predictions: Sequence[Prediction], classes: Sequence[str], lab: LabRecords) -> None:
     names = SLIDE_COLUMNS(classes)
     formats = {n: PERCENT for n in names if n.startswith("%: ")}
-    slides = count_slides(predictions)  # the model's labels: the app adds reviews as columns
+    slides = count_slides(predictions, lab.reviewed)  # a reviewed image counts as its reviewer labelled it
     _header(ws, names)
-    rows = [_slide_row(name, count, classes) for name, count in slides.items()]
-    rows.append(_slide_row(TOTAL_ROW, all_slides(slides), classes))
+    rows = [_slide_row(name, count, classes, lab) for name, count in slides.items()]
+    rows.append(_total_row(slides, classes, lab))
     for r, values in enumerate(rows, start=2):
         for c, (name, value) in enumerate(zip(names, values), start=1):
             _put(ws.cell(row=r, column=c), value, formats.get(name))
     for cell in ws[len(rows) + 1]:
         cell.font = _BOLD
+    _put_text(ws.cell(row=len(rows) + 3, column=1), DECISION_AID)  # below the table, on paper too
+    ws.cell(row=len(rows) + 3, column=1).font = Font(italic=True)
     ws.auto_filter.ref = f"A1:{get_column_letter(len(names))}{len(rows)}"  # total row stays out
-    _widths(ws, names, rows)
+    _widths(ws, names, rows, cap=30, caps={"verdict": 34, "to review": 26, "lab note": 20, "note": 24})
+    wrap = Alignment(wrap_text=True, vertical="top")
+    wrapped = [names.index(n) for n in ("verdict", "to review", "note")]  # what a reader must read whole
+    for r, values in enumerate(rows, start=2):
+        lines = 1
+        for c in wrapped:
+            ws.cell(row=r, column=c + 1).alignment = wrap
+            width = ws.column_dimensions[get_column_letter(c + 1)].width - 1
+            lines = max(lines, math.ceil(len(str(values[c] or "")) / width))
+        if lines > 1:  # neither Excel nor LibreOffice grows a row for wrapped text when it opens the file
+            ws.row_dimensions[r].height = 15 * lines
 
 
-def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo) -> None:
+def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo, lab: LabRecords) -> None:
     ok = [p for p in predictions if p.error is None]
+    slides = {p.slide for p in predictions}
     fields: list[tuple[str, object, str | None]] = [("software version", run.software_version, None)]
     for i, (name, sha) in enumerate(run.models, start=1):
         tag = "model" if len(run.models) == 1 else f"model {i}"
@@ -467,6 +503,7 @@ def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo) -
         ("colour check", run.colour_check, None),
         ("test-time augmentation", "on" if run.tta else "off", None),
         ("device", run.device, None),
+        ("run", _outcome(run, len(predictions)), None),
         ("started", run.started, None),
         ("finished", run.finished if run.finished is not None else "still running", None),
         ("duration", _duration(run.started, run.finished), None),
@@ -478,6 +515,10 @@ def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo) -
         ("classified", len(ok), None),
         ("flagged", sum(1 for p in predictions if p.needs_review), None),
         ("unreadable", len(predictions) - len(ok), None),
+        ("not classified", len(run.not_classified), None),
+        ("slides", len(slides), None),
+        ("signed slides", sum(1 for s in slides if s in lab.signatures), None),
+        ("verdicts", DECISION_AID, None),
         ("report written", datetime.now(), None),
     ]
     fields += [(k, v, None) for k, v in run.extra.items()]
@@ -487,6 +528,55 @@ def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo) -
         _put(ws.cell(row=r, column=2), value, fmt)
     ws.column_dimensions["A"].width = max(len(f[0]) for f in fields) + 2
     ws.column_dimensions["B"].width = min(max(len(str(f[1])) for f in fields) + 2, 80)
+    for row in ws.iter_rows(min_row=2, min_col=2, max_col=2):  # a long command wraps in its cell: one page
+        row[0].alignment = Alignment(wrap_text=True, vertical="top")
+
+
+NOT_CLASSIFIED_SHEET = "Not classified"
+
+
+def _outcome(run: RunInfo, done: int) -> str:
+    if run.not_classified:
+        return f"interrupted after {done} of {done + len(run.not_classified)} images: the rest are on the sheet {NOT_CLASSIFIED_SHEET!r}"
+    return run.outcome
+
+
+def _not_classified_sheet(ws: Worksheet, files: Sequence[str]) -> None:
+    """The images an interrupted run never reached: nobody may take them for classified."""
+    names = ["file", "slide"]
+    rows = [[f, f.rpartition("/")[0] or "."] for f in sorted(files, key=natural_key)]
+    _header(ws, names)
+    for r, values in enumerate(rows, start=2):
+        for c, value in enumerate(values, start=1):
+            _put_text(ws.cell(row=r, column=c), value)
+    _widths(ws, names, rows)
+
+
+def _print_setup(ws: Worksheet, run: RunInfo) -> None:
+    """Every sheet prints readably: A4 landscape, one page wide (the Run sheet one page in all),
+    the header row on every page, and a footer naming the report, page X of Y, model and date."""
+    ws.page_setup.orientation = ws.ORIENTATION_LANDSCAPE
+    ws.page_setup.paperSize = ws.PAPERSIZE_A4
+    ws.sheet_properties.pageSetUpPr.fitToPage = True
+    ws.page_setup.fitToWidth = 1
+    ws.page_setup.fitToHeight = 1 if ws.title == "Run" else 0  # 0: as many pages tall as it takes
+    ws.print_options.gridLines = True
+    ws.page_margins.left = ws.page_margins.right = 0.4
+    if ws.title != "Run":
+        ws.print_title_rows = "1:1"
+    models = ", ".join(name for name, _ in run.models) or "no model"
+    ws.oddFooter.left.text = "&F: &A"  # the file's own name (right even when written beside a locked one), sheet
+    ws.oddFooter.center.text = "page &P of &N"
+    ws.oddFooter.right.text = _footer_text(f"{models}, {run.started.astimezone():%Y-%m-%d %H:%M}")
+    ws.oddFooter.left.size = ws.oddFooter.center.size = ws.oddFooter.right.size = 8
+    if ws.title == "Slides":
+        ws.oddHeader.center.text = _footer_text(DECISION_AID)
+
+
+def _footer_text(s: str, limit: int = 100) -> str:
+    # '&' starts a code in Excel's header/footer language; text from a model's name stays text.
+    s = s if len(s) <= limit else s[: limit - 1] + "…"
+    return s.replace("&", "&&")
 
 
 def _duration(started: datetime, finished: datetime | None) -> str:
@@ -512,16 +602,6 @@ def _csv_value(v: object) -> object:
     if isinstance(v, int):
         return v
     return csv_text(str(v))
-
-
-def csv_text(s: str) -> str:
-    """OWASP CSV-injection advice: a leading apostrophe keeps spreadsheet apps from evaluating."""
-    return "'" + s if s.startswith(_CSV_RISKY) else s
-
-
-def csv_plain(s: str) -> str:
-    """The text `csv_text` was given (for CSV files this package reads back)."""
-    return s[1:] if s.startswith("'") and s[1:].startswith(_CSV_RISKY) else s
 
 
 # ---------------------------------------------------------------------------------------------

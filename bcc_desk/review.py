@@ -18,9 +18,21 @@ from pathlib import Path
 from psygnal import Signal
 
 from bcc_desk import __version__
-from bcc_desk.prediction import Prediction
-from bcc_desk.report import REVIEW_COLUMNS, RunInfo, write_somewhere
+from bcc_desk.images import discover_images
+from bcc_desk.lab_records import (
+    LabRecords,
+    Signature,
+    SlideIdentity,
+    SlidesFileError,
+    checked_identity,
+    read_slides_csv,
+    write_slides_csv,
+)
+from bcc_desk.prediction import Prediction, relative_location
+from bcc_desk.report import REVIEW_COLUMNS, RunInfo
+from bcc_desk.report_target import write_somewhere
 from bcc_desk.slides import SlideCount, count_slides, with_slide_consensus
+from bcc_desk.verdict import SlideVerdict, slide_verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +54,8 @@ class Export:
     run_info: RunInfo
     """The Run sheet's record of the classifier that made the rows, and how the run went."""
     generation: int
+    lab: LabRecords
+    """The slides' identities, the reviewers' labels and the sign-offs, as they stood."""
 
     def write(self, out: Path) -> tuple[Path, str | None]:
         """The CLI's writer (xlsx, or CSV for a .csv path), with the reviewer's label, name and
@@ -54,7 +68,7 @@ class Export:
             return lambda p: getattr(reviews[p.path], name) if p.path in reviews else None
 
         extra = dict(zip(REVIEW_COLUMNS, (get("label"), get("by"), get("at")), strict=True))
-        return write_somewhere(self.predictions, Path(out), self.run_info, extra_columns=extra)
+        return write_somewhere(self.predictions, Path(out), self.run_info, extra_columns=extra, lab=self.lab)
 
 
 class ReviewSession:
@@ -63,13 +77,18 @@ class ReviewSession:
 
     * `resetting` / `reset`: every row is about to go / has gone;
     * `inserting(first, last)` / `inserted(first, last)`: rows are about to be / were appended;
-    * `changed(first, last)`: rows first..last have a new prediction or review."""
+    * `changed(first, last)`: rows first..last have a new prediction or review;
+    * `slide_changed(slide)`: a slide's identity or signature changed;
+    * `signature_cleared(slide, message)`: a review changed a signed slide, whose signature is
+      gone (the message says so, for the reviewer)."""
 
     resetting = Signal()
     reset = Signal()
     inserting = Signal(int, int)
     inserted = Signal(int, int)
     changed = Signal(int, int)
+    slide_changed = Signal(str)
+    signature_cleared = Signal(str, str)
 
     def __init__(self) -> None:
         self.root: Path | None = None
@@ -79,30 +98,49 @@ class ReviewSession:
         """The Run sheet's record of the classifier that made the rows (set when a run starts)."""
         self.started: datetime | None = None
         self.finished: datetime | None = None
-        self.outcome = ""
-        """'complete', 'stopped after N of M images'; '' while running or watching."""
+        self.not_classified: list[str] = []
+        """The images of a stopped run that it never reached (as the file column spells them)."""
+        self.identities: dict[str, SlideIdentity] = {}
+        """The slides' identities: the folder's `slides.csv`, as edited in the app."""
         self._rows: list[Prediction] = []
         self._row_of: dict[Path, int] = {}
         self._reviews: dict[Path, Review] = {}
+        self._signatures: dict[str, Signature] = {}
         self._generation = 0  # counts review changes, so an export knows whether it is the latest
         self._exported = 0
 
     # -- rows ---------------------------------------------------------------------------------
-    def start(self, root: Path) -> None:
-        """A new run over `root`: no rows; the reviews stay when it is the same folder again."""
+    def start(self, root: Path) -> str | None:
+        """A new run over `root`: no rows; the reviews and signatures stay when it is the same
+        folder again.  The slides' identities are read from its `slides.csv`; returns, when that
+        file cannot be used, the one line that says why (the run goes on without identities)."""
         same = root == self.root
         self.resetting.emit()
         self.root = root
         self._rows, self._row_of = [], {}
         if not same:
-            self._reviews = {}
+            self._reviews, self._signatures = {}, {}
             self._exported = self._generation  # nothing left to export of the folder before
         self.run_info = None
-        self.started, self.finished, self.outcome = datetime.now(UTC), None, ""
-        self.reset.emit()
+        self.started, self.finished, self.not_classified = datetime.now(UTC), None, []
+        try:
+            self.identities = read_slides_csv(root if root.is_dir() else root.parent)
+        except SlidesFileError as exc:
+            self.identities = {}
+            return str(exc)
+        finally:
+            self.reset.emit()
+        return None
 
-    def finish(self, outcome: str) -> None:
-        self.finished, self.outcome = datetime.now(UTC), outcome
+    def finish(self, completed: bool) -> None:
+        """The run has ended; a run stopped before its end lists the images it never reached."""
+        self.finished = datetime.now(UTC)
+        if completed or self.root is None:
+            self.not_classified = []
+            return
+        folder = self.root if self.root.is_dir() else self.root.parent
+        self.not_classified = [relative_location(path, folder)[0] for path in discover_images(self.root)
+                               if path not in self._row_of]
 
     def add(self, predictions: list[Prediction]) -> list[Prediction]:
         """Append a batch of rows (one signal pair per batch, not per row).  An image already
@@ -191,6 +229,57 @@ class ReviewSession:
             self._reviews[p.path] = Review(label, by, datetime.now(UTC))
         self._generation += 1
         self.changed.emit(row, row)
+        if self._signatures.pop(p.slide, None) is not None:
+            self._generation += 1
+            self.slide_changed.emit(p.slide)
+            self.signature_cleared.emit(p.slide, f"The signature of slide {p.slide} was cleared: a review changed "
+                                                 f"after it was signed. Sign it again once it is reviewed.")
+
+    # -- slides -------------------------------------------------------------------------------
+    def verdict(self, slide: str) -> SlideVerdict:
+        """The slide's verdict as it stands, reviewers' labels counted."""
+        return slide_verdict(self.slide_counts()[slide])
+
+    def signature(self, slide: str) -> Signature | None:
+        return self._signatures.get(slide)
+
+    def sign(self, slide: str, by: str) -> Signature:
+        """A reviewer signs `slide` now.  Raises ValueError for a slide with no rows or no name."""
+        if not by.strip():
+            raise ValueError("a signature needs the reviewer's name")
+        if not any(p.slide == slide for p in self._rows):
+            raise ValueError(f"no such slide in the table: {slide}")
+        signature = Signature(by.strip(), datetime.now(UTC))
+        self._signatures[slide] = signature
+        self._generation += 1
+        self.slide_changed.emit(slide)
+        return signature
+
+    def unsign(self, slide: str) -> None:
+        if self._signatures.pop(slide, None) is not None:
+            self._generation += 1
+            self.slide_changed.emit(slide)
+
+    def set_identity(self, slide: str, identity: SlideIdentity) -> Path | None:
+        """Give `slide` its identity and write the folder's `slides.csv` (returns its path; None
+        when there is no folder).  Raises SlidesFileError for a bad field, OSError when the file
+        cannot be written (the identity is then not changed)."""
+        identity = checked_identity(identity)
+        identities = {**self.identities, slide: identity}
+        path = None
+        if self.root is not None:
+            path = write_slides_csv(self.root if self.root.is_dir() else self.root.parent, identities)
+        self.identities = identities
+        self._generation += 1
+        self.slide_changed.emit(slide)
+        return path
+
+    def lab_records(self) -> LabRecords:
+        """The identities, reviewers' labels and signatures of the rows present, copied."""
+        slides = {p.slide for p in self._rows}
+        return LabRecords(identities={s: i for s, i in self.identities.items() if s in slides},
+                          reviewed={path: r.label for path, r in self.reviews().items()},
+                          signatures={s: sig for s, sig in self._signatures.items() if s in slides})
 
     @property
     def unexported_reviews(self) -> bool:
@@ -213,10 +302,10 @@ class ReviewSession:
             self.run_info, root=str(self.root or self.run_info.root),
             command=shlex.join(["bcc-desk", str(self.root or "")]),
             started=self.started or self.run_info.started, finished=self.finished,
-            extra={"front end": f"bcc-desk {__version__} desktop app", "run": self.outcome or "watching",
-                   "reviewed images": str(len(reviews))},
+            not_classified=list(self.not_classified),
+            extra={"front end": f"bcc-desk {__version__} desktop app", "reviewed images": str(len(reviews))},
         )
-        return Export(self.predictions(), reviews, info, self._generation)
+        return Export(self.predictions(), reviews, info, self._generation, self.lab_records())
 
     def exported(self, export: Export) -> None:
         """`export` has been written: its reviews no longer count as unexported."""

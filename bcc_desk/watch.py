@@ -50,10 +50,12 @@ from watchdog.observers.api import BaseObserver
 
 from bcc_desk.files import file_sha256
 from bcc_desk.images import discover_images, is_candidate
+from bcc_desk.lab_records import LabRecords, SlidesFileError, read_slides_csv
 from bcc_desk.ledger import DONE, VANISHED, Ledger, Row, storage_fault
 from bcc_desk.paths import SAMPLES_DIR, user_data_dir
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import ReportError, RunInfo, locked_target, run_info, write_csv, write_report
+from bcc_desk.report import ReportError, RunInfo, locked_target, run_info
+from bcc_desk.report_target import REPORT_SUFFIXES, writer_for
 from bcc_desk.settle import COMPLETE, READ_RETRIES, SEEN, WRITING, Settler
 
 if TYPE_CHECKING:
@@ -143,6 +145,8 @@ def claim_watch(root: Path, out: Path | None = None, state: Path | None = None) 
         raise WatchError(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
     root = root.resolve()
     out = Path(out or default_report(root)).resolve()
+    if out.suffix.lower() not in REPORT_SUFFIXES:
+        raise WatchError(f"--out {out.name}: a report is .xlsx, .csv or .pdf")
     if not out.parent.is_dir():
         raise ReportFolderError(f"the report's folder {out.parent} does not exist")
     if problem := unwritable(out.parent):
@@ -160,15 +164,21 @@ def make_watcher(
     single: Classifier | None = None,
     timing: WatchTiming = WatchTiming(),
     on_predictions: Callable[[list[Prediction]], None] | None = None,
+    pdf: bool = False,
+    lab_name: str = "",
 ) -> Watcher:
     """The Watcher of `site`, its Run sheet saying what runs (models, device), who started it
     (`mode`, `command`), how it watches and where its ledger is.  Raises LedgerError when the
-    state file cannot be used."""
+    state file cannot be used.  `pdf`: keep a PDF report beside the report too; `lab_name` heads it."""
     observer = f"polling every {timing.interval:g} s" if timing.polling else "native (system events)"
     run = run_info(classifier, root=site.root, command=command, extra={
         "mode": mode, "observer": observer, "settle time": f"{timing.settle:g} s", "ledger": str(site.state)})
-    return Watcher(site.root, site.out, classifier, site.state, run, single=single, timing=timing,
-                   on_predictions=on_predictions)
+    watcher = Watcher(site.root, site.out, classifier, site.state, run, single=single, timing=timing,
+                      on_predictions=on_predictions)
+    watcher.report.lab_name = lab_name
+    if pdf and site.out.suffix.lower() != ".pdf":
+        watcher.report.pdf = site.out.with_suffix(".pdf")
+    return watcher
 
 
 def unwritable(folder: Path) -> str | None:
@@ -288,7 +298,8 @@ class Watcher:
         self.timing = timing
         self.ledger = Ledger(self.state, self.root)
         self.settler = Settler(timing.settle)
-        self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet, review=classifier.review_slides)
+        self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet, review=classifier.review_slides,
+                                   root=self.root)
         self.on_predictions = on_predictions
         self._events = _Queue()
         self._observer: BaseObserver | None = None
@@ -706,12 +717,19 @@ class ReportWriter:
     FAILED_RETRY = 10.0
 
     def __init__(self, state: Path, out: Path, run: RunInfo, *, quiet: float = 1.0, max_wait: float = 5.0,
-                 review: Callable[[list[Prediction]], list[Prediction]] | None = None) -> None:
+                 review: Callable[[list[Prediction]], list[Prediction]] | None = None, root: Path | None = None) -> None:
         self.state, self.out, self.run = Path(state), Path(out), run
         # The ledger keeps each image's own outcome; the report flags them as their slides stand.
         self.review = review or list
         self.quiet, self.max_wait = quiet, max_wait
-        self._write: Callable[..., Path] = write_csv if self.out.suffix.lower() == ".csv" else write_report
+        self._write: Callable[..., Path] = writer_for(self.out)
+        self.root = root
+        """Where `slides.csv` is read, afresh for each write (a lab fills it in as slides arrive)."""
+        self.pdf: Path | None = None
+        """A PDF report kept beside `out` (`bcc watch --pdf`), written after it each time."""
+        self.lab_name = ""
+        self._pdf_fallback: Path | None = None
+        self._slides_problem: str | None = None
         self._cond = threading.Condition()
         now = time.monotonic()
         self._dirty_since: float | None = now  # the first report right away: the daemon is up
@@ -785,10 +803,27 @@ class ReportWriter:
         finally:
             ledger.close()
 
+    def _lab(self) -> LabRecords:
+        try:
+            identities = read_slides_csv(self.root) if self.root is not None else {}
+        except SlidesFileError as exc:  # said once, not at every write; the report goes on without
+            if str(exc) != self._slides_problem:
+                log.warning("%s; the report shows no patient ids until it is fixed", exc)
+            self._slides_problem = str(exc)
+            return LabRecords(lab_name=self.lab_name)
+        self._slides_problem = None
+        return LabRecords(identities=identities, lab_name=self.lab_name)
+
     def _write_once(self, ledger: Ledger) -> None:
         started = time.monotonic()
         try:
-            written = self._write(self.review(ledger.predictions()), self.out, self.run, fallback=self._fallback)
+            predictions, lab = self.review(ledger.predictions()), self._lab()
+            written = self._write(predictions, self.out, self.run, fallback=self._fallback, lab=lab)
+            if self.pdf is not None:
+                from bcc_desk.pdf_report import write_pdf
+
+                pdf = write_pdf(predictions, self.pdf, self.run, fallback=self._pdf_fallback, lab=lab)
+                self._pdf_fallback = pdf if pdf != self.pdf else None
         except Exception as exc:  # whatever it is, the daemon and the ledger go on
             message = str(exc)
             if message != self._failure:

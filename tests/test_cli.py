@@ -23,8 +23,8 @@ from corpus import build_corpus
 from folders import slide_folders
 
 runner = CliRunner()
-IMAGE_HEADER = ["file", "slide", "label", "confidence", "margin", "needs_review", "error",
-                *(f"p: {c}" for c in LABELS), "model", "model_sha256", "classified_at"]
+IMAGE_HEADER = ["file", "slide", "patient_id", "label", "confidence", "needs_review", "review_reason", "error",
+                *(f"p: {c}" for c in LABELS), "margin"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_csv_and_single_image(model: Path, lab_folder: Path, tmp_path: Path) -> 
     result = runner.invoke(cli.app, ["classify", str(lab_folder / "slide-1"), "-m", str(model), "-o", str(out)])
     assert result.exit_code == 0, result.output
     text = out.read_text(encoding="utf-8-sig")
-    assert text.splitlines()[0].startswith("file,slide,label,confidence")
+    assert text.splitlines()[0].startswith("file,slide,patient_id,label,confidence")
     assert len(text.splitlines()) == 1 + 6
     one = next((lab_folder / "slide-1").glob("*.jpg"))
     result = runner.invoke(cli.app, ["classify", str(one), "-m", str(model), "--csv", "-o", str(tmp_path / "one.csv")])
@@ -214,3 +214,57 @@ def test_help_shows_choices_and_bare_flags() -> None:
     text = runner.invoke(cli.app, ["classify", "--help"], env={"COLUMNS": "200"}).output
     assert "Usage: bcc classify [OPTIONS] ROOT" in " ".join(text.split())
     assert "auto|cpu|cuda|cuda:N|mps" in text and "auto|fp32|bf16|fp16|int8" in text and "BUNDLE" in text
+
+
+def test_pdf_beside_the_workbook_with_the_labs_identities(model: Path, lab_folder: Path, tmp_path: Path) -> None:
+    """#36: `--pdf` adds the PDF report beside the workbook; slides.csv's patient ids reach both;
+    `--out x.pdf` writes a PDF, never a workbook named .pdf."""
+    (lab_folder / "slides.csv").write_text("slide,patient_id,accession\nslide-1,P-0071,ACC-1\n", encoding="utf-8")
+    out = tmp_path / "r.xlsx"
+    result = runner.invoke(cli.app, ["classify", str(lab_folder), "-m", str(model), "-o", str(out), "--pdf",
+                                     "--lab-name", "Haematology <Lab> & Co"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
+    assert str(tmp_path / "r.pdf") in result.stdout.replace("\n", "")
+    slides = {s["slide"]: s for s in _rows(openpyxl.load_workbook(out)["Slides"])}
+    assert (slides["slide-1"]["patient id"], slides["slide-1"]["accession"]) == ("P-0071", "ACC-1")
+    assert slides["slide-1"]["verdict"]  # every slide has its verdict (a call or why there is none)
+    pdf_only = tmp_path / "only.pdf"
+    result = runner.invoke(cli.app, ["classify", str(lab_folder / "slide-1"), "-m", str(model), "-o", str(pdf_only), "-q"])
+    assert result.exit_code == 0, result.output
+    assert pdf_only.read_bytes().startswith(b"%PDF") and not list(tmp_path.glob("only*.xlsx"))
+
+
+def test_bad_report_names_and_a_bad_slides_csv_are_usage_errors(model: Path, lab_folder: Path, tmp_path: Path) -> None:
+    for args in (["-o", str(tmp_path / "r.pdf.txt")], ["-o", str(tmp_path / "r")], ["--csv", "-o", str(tmp_path / "r.xlsx")]):
+        result = runner.invoke(cli.app, ["classify", str(lab_folder), "-m", str(model), *args])
+        assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    (lab_folder / "slides.csv").write_text("slide,patient_id\nslide-1,a\nslide-1,b\n", encoding="utf-8")
+    result = runner.invoke(cli.app, ["classify", str(lab_folder), "-m", str(model), "-o", str(tmp_path / "r.xlsx")])
+    assert result.exit_code == 2 and "row 3 names slide 'slide-1' a second time" in result.output
+    assert not (tmp_path / "r.xlsx").exists()  # said before an hour of classifying, nothing half done
+
+
+def test_an_interrupted_run_says_how_far_it_got(model: Path, lab_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl+C after three images: exit 130, and the report says "interrupted after 3 of N" and
+    lists the images never classified (it used to read "still running")."""
+    from bcc_desk.classifier import Classifier
+
+    real = Classifier.predict_paths
+
+    def interrupted(self, paths, root, **kwargs):
+        for i, p in enumerate(real(self, paths, root, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt  # as Ctrl+C arrives in the middle of a run
+            yield p
+
+    monkeypatch.setattr(Classifier, "predict_paths", interrupted)
+    out = tmp_path / "r.xlsx"
+    result = runner.invoke(cli.app, ["classify", str(lab_folder), "-m", str(model), "-o", str(out)])
+    assert result.exit_code == 130, result.output
+    total = len(discover_images(lab_folder))
+    wb = openpyxl.load_workbook(out)
+    run = {r[0].value: r[1].value for r in wb["Run"].iter_rows()}
+    assert run["run"].startswith(f"interrupted after 3 of {total} images")
+    assert run["not classified"] == total - 3 and run["finished"] != "still running"
+    assert len(_rows(wb["Not classified"])) == total - 3

@@ -20,20 +20,23 @@ import openpyxl
 import pytest
 from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QAction, QDropEvent, QKeySequence, QTextDocument
-from PySide6.QtWidgets import QTableWidget
+from PySide6.QtWidgets import QDialogButtonBox, QTableWidget, QTableWidgetItem
 from watchdog.utils import BaseThread
 
 from bcc_desk.bundle import load_bundle
 from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice
-from bcc_desk.gui.palette import ERROR_TEXT
+from bcc_desk.gui.palette import ERROR_TEXT, FLAGGED_BACKGROUND
+from bcc_desk.gui.slide_summary import TO_REVIEW_MARK
 from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIEW, REVIEWER_LABEL, UNSURE_ROLE, review_sort_key
 from bcc_desk.images import discover_images
+from bcc_desk.lab_records import SLIDES_CSV, SlideIdentity, read_slides_csv
 from bcc_desk.ledger import DONE, Ledger
 from bcc_desk.paths import RESOURCES
 from bcc_desk.prediction import REVIEW_DISAGREES
 from bcc_desk.slides import disagrees_with_slide
+from bcc_desk.verdict import DECISION_AID, slide_verdict
 from bcc_desk.watch import ReportWriter, WatchTiming, default_state, lock_state
 
 from bundles import CLASSES, LABELS, make_bundle
@@ -831,3 +834,173 @@ def test_a_folder_in_another_labs_colours_says_what_to_do(qtbot, make_window, al
     table = window.summary.table
     assert table.horizontalHeaderItem(table.columnCount() - 1).text() == "Note"
     assert table.item(list(notes).index("stained"), table.columnCount() - 1).text() == notes["stained"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Slides: verdict, identity, sign-off, the PDF report (issue #36)
+
+PATIENT = "P-0042"
+
+
+@pytest.fixture()
+def lab_folder(tmp_path: Path, real_images) -> Path:
+    """Two slide folders of 12 real images each (enough fields for a call) and a slides.csv
+    naming slide-A's patient, as a lab keeps it beside the slide folders."""
+    root = slide_folders(tmp_path / "lab case", real_images, 6, ("slide-A", "slide-B"), empty_file=False)
+    (root / SLIDES_CSV).write_text(f"slide,patient_id,accession,specimen_date,note\nslide-A,{PATIENT},ACC-1,2026-11-30,\n",
+                                   encoding="utf-8")
+    return root
+
+
+@pytest.fixture()
+def lab_done(qtbot, window: MainWindow, lab_folder: Path) -> MainWindow:
+    assert run(qtbot, window, lab_folder) is True
+    return window
+
+
+def _slide_cells(window: MainWindow) -> dict[str, dict[str, QTableWidgetItem]]:
+    """The slide pane's cells: slide -> header -> item."""
+    table = window.summary.table
+    headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    return {table.item(r, 0).text(): {h: table.item(r, c) for c, h in enumerate(headers)} for r in range(table.rowCount())}
+
+
+def test_the_slide_pane_shows_each_slides_verdict_and_identity(lab_done: MainWindow) -> None:
+    window = lab_done
+    table = window.summary.table
+    headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    assert headers == ["Slide", "Patient id", "Verdict", "To review", "Images", *window.classes,
+                       "Flagged", "Unreadable", "Reviewed", "Signed", "Note"]
+    counts = window.session.slide_counts()
+    cells = _slide_cells(window)
+    assert list(cells) == list(counts) == ["slide-A", "slide-B"]
+    for slide, count in counts.items():
+        verdict = slide_verdict(count)
+        cell = cells[slide]["Verdict"]
+        # The same words as the report's Slides sheet; a slide to review is marked and amber.
+        assert cell.text() == (TO_REVIEW_MARK if verdict.to_review else "") + verdict.call
+        assert cells[slide]["To review"].text() == "; ".join(verdict.to_review)
+        if verdict.to_review:
+            assert cell.background().color() == FLAGGED_BACKGROUND and cell.toolTip() == verdict.review_text
+        else:
+            assert cell.background().style() == Qt.BrushStyle.NoBrush
+        assert cells[slide]["Images"].text() == "12" and cells[slide]["Signed"].text() == ""
+    # The patient id from the folder's slides.csv; slide-B has none.
+    assert cells["slide-A"]["Patient id"].text() == PATIENT and cells["slide-B"]["Patient id"].text() == ""
+    assert "accession: ACC-1" in cells["slide-A"]["Patient id"].toolTip()
+    aid = window.summary.decision_aid
+    assert aid.text() == DECISION_AID and aid.isVisible()
+    assert window.summary.signed_label.text() == "0 of 2 slides signed"
+    # Nothing selected: the slide actions are off.
+    assert not any(a.isEnabled() for a in (window.slide_details_action, window.sign_action, window.unsign_action))
+
+
+def test_a_slides_details_edited_in_the_dialog_are_written_to_slides_csv(qtbot, lab_done: MainWindow, lab_folder: Path,
+                                                                        monkeypatch) -> None:
+    window = lab_done
+    csv_path = lab_folder / SLIDES_CSV
+    before = csv_path.read_bytes()
+    window.summary.select_slide("slide-B")
+    assert window.selected_slide() == "slide-B" and window.slide_details_action.isEnabled()
+    window.slide_details_action.trigger()
+    dialog = window.slide_dialog
+    assert dialog is not None and dialog.isVisible() and dialog.slide == "slide-B"
+    dialog.patient_id.setText("  P-77 ")
+    dialog.accession.setText("ACC-9")
+    dialog.note.setText("bone marrow aspirate")
+    # A date not as YYYY-MM-DD: the dialog says so, stays open, and nothing is written.
+    dialog.specimen_date.setText("30/11/2026")
+    dialog.buttons.button(QDialogButtonBox.StandardButton.Ok).click()
+    assert dialog.isVisible() and "YYYY-MM-DD" in dialog.message.text() and dialog.message.isVisible()
+    assert csv_path.read_bytes() == before and "slide-B" not in window.session.identities
+    # A file that cannot be written (the disk full): the same.
+    dialog.specimen_date.setText("2026-11-30")
+
+    def disk_full(*_args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("bcc_desk.review.write_slides_csv", disk_full)
+        dialog.buttons.button(QDialogButtonBox.StandardButton.Ok).click()
+    assert dialog.isVisible() and "No space left" in dialog.message.text()
+    assert csv_path.read_bytes() == before and "slide-B" not in window.session.identities
+    # Now it saves: slides.csv holds both slides, and the pane shows the new patient id.
+    dialog.buttons.button(QDialogButtonBox.StandardButton.Ok).click()
+    qtbot.waitUntil(lambda: window.slide_dialog is None, timeout=5_000)
+    written = read_slides_csv(lab_folder)
+    assert written["slide-B"] == SlideIdentity("P-77", "ACC-9", "2026-11-30", "bone marrow aspirate")
+    assert written["slide-A"].patient_id == PATIENT
+    assert _slide_cells(window)["slide-B"]["Patient id"].text() == "P-77"
+    assert window.selected_slide() == "slide-B"  # the refresh kept the selection
+    # A double-click on a row opens that slide's dialog, filled in.
+    table = window.summary.table
+    rect = table.visualItemRect(table.item(0, 0))
+    qtbot.mouseClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())  # a real double-click's first
+    qtbot.mouseDClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    dialog = window.slide_dialog
+    assert dialog is not None and dialog.slide == "slide-A" and dialog.patient_id.text() == PATIENT
+    dialog.reject()
+
+
+def test_signing_a_slide_and_a_later_review_clearing_it(qtbot, lab_done: MainWindow) -> None:
+    window = lab_done
+    window.settings.reviewer = "Dr Ada Lovelace"  # Review > Reviewer name: signs as reviews are
+    messages: list[str] = []
+    window.error_shown.connect(messages.append)
+    window.summary.select_slide("slide-A")
+    assert window.sign_action.isEnabled() and not window.unsign_action.isEnabled()
+    window.sign_action.trigger()
+    signature = window.session.signature("slide-A")
+    assert signature is not None and signature.by == "Dr Ada Lovelace"
+    cells = _slide_cells(window)
+    assert cells["slide-A"]["Signed"].text() == f"Dr Ada Lovelace, {signature.at.astimezone():%Y-%m-%d %H:%M}"
+    assert cells["slide-B"]["Signed"].text() == ""
+    assert window.summary.signed_label.text() == "1 of 2 slides signed"
+    assert window.unsign_action.isEnabled() and not window.sign_action.isEnabled()
+    # "Remove signature", and signing again.
+    window.unsign_action.trigger()
+    assert window.session.signature("slide-A") is None and _slide_cells(window)["slide-A"]["Signed"].text() == ""
+    window.sign_slide("slide-A")
+    assert not messages
+    # A review changed in the signed slide afterwards: the signature goes, and the window says so.
+    image = next(p for p in window.predictions() if p.slide == "slide-A" and p.error is None)
+    window.set_review(image.path, LABELS[2])
+    assert len(messages) == 1 and "slide-A" in messages[0] and "cleared" in messages[0]
+    assert window.session.signature("slide-A") is None
+    assert _slide_cells(window)["slide-A"]["Signed"].text() == ""
+    assert window.summary.signed_label.text() == "0 of 2 slides signed"
+    assert window.sign_action.isEnabled() and not window.unsign_action.isEnabled()
+    # A review in an unsigned slide clears nothing and says nothing.
+    window.set_review(next(p.path for p in window.predictions() if p.slide == "slide-B"), LABELS[1])
+    assert len(messages) == 1
+
+
+def test_export_to_pdf_and_the_signature_in_the_workbook(qtbot, lab_done: MainWindow, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    window = lab_done
+    monkeypatch.setattr("bcc_desk.gui.main_window.QInputDialog.getText", lambda *a, **k: ("  St Elsewhere  Haematology ", True))
+    window.lab_name_action.trigger()  # File > Lab name...
+    assert window.settings.lab_name == "St Elsewhere Haematology"
+    assert window.snapshot().lab.lab_name == "St Elsewhere Haematology"
+    window.sign_slide("slide-A")
+    xlsx = window.export_report(tmp_path / "review.xlsx")
+    ws = openpyxl.load_workbook(xlsx)["Slides"]
+    header = [c.value for c in ws[1]]
+    assert "signed by" in header and "verdict" in header
+    rows = {r[0]: dict(zip(header, r)) for r in ws.iter_rows(min_row=2, values_only=True)}
+    assert rows["slide-A"]["signed by"] == window.settings.reviewer and rows["slide-A"]["signed at"] is not None
+    assert rows["slide-B"]["signed by"] is None
+    assert rows["slide-A"]["patient id"] == PATIENT
+    counts = window.session.slide_counts()
+    assert all(rows[s]["verdict"] == slide_verdict(c).call for s, c in counts.items())
+    pdf = window.export_report(tmp_path / "review.pdf")
+    assert pdf == tmp_path / "review.pdf" and pdf.read_bytes().startswith(b"%PDF")
+    assert b"St Elsewhere Haematology" in pdf.read_bytes()  # the lab's name (in the document's info too)
+    # Through the export dialog: the PDF type chosen and a name typed without a suffix.
+    chosen = tmp_path / "from the dialog"
+    monkeypatch.setattr("bcc_desk.gui.main_window.QFileDialog.getSaveFileName",
+                        lambda *a, **k: (str(chosen), "PDF report (*.pdf)"))
+    window.export_action.trigger()
+    qtbot.waitUntil(lambda: "Report written" in window.statusBar().currentMessage(), timeout=30_000)
+    assert chosen.with_name(chosen.name + ".pdf").read_bytes().startswith(b"%PDF")
+    assert not window.session.unexported_reviews

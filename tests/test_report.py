@@ -17,6 +17,7 @@ import openpyxl
 import pytest
 
 from bcc_desk import __version__
+from bcc_desk.lab_records import LabRecords, Signature, SlideIdentity
 from bcc_desk.prediction import Prediction, error_prediction, relative_location
 from bcc_desk.report import (
     IMAGE_COLUMNS,
@@ -26,6 +27,8 @@ from bcc_desk.report import (
     write_csv,
     write_report,
 )
+from bcc_desk.report_target import writer_for
+from bcc_desk.verdict import DECISION_AID
 
 CLASSES = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]
 MODEL, SHA = "convnext_tiny-all4", "ab" * 32
@@ -111,10 +114,11 @@ ORDER = ["#REF!/x.jpg", "P2/=cmd.jpg", "P2/@SUM(A1).jpg", "P2/blåst-細胞.jpg"
 
 
 def test_image_columns_are_the_contract():
+    # a reader's order (#36): where, what, must a person look and why; the numbers; the audit trail
     assert IMAGE_COLUMNS(CLASSES) == [
-        "file", "slide", "label", "confidence", "margin", "needs_review", "error",
+        "file", "slide", "patient_id", "label", "confidence", "needs_review", "review_reason", "error",
         "p: Benign", "p: [Malignant] early Pre-B", "p: [Malignant] Pre-B", "p: [Malignant] Pro-B",
-        "model", "model_sha256", "classified_at", "review_reason", "ood_score", "colour_score",
+        "margin", "ood_score", "colour_score", "model", "model_sha256", "classified_at",
     ]
 
 
@@ -154,10 +158,11 @@ def test_images_sheet_every_column(tmp_path, preds, run):
         assert at.value == local(p.classified_at)
         assert at.number_format == "yyyy-mm-dd hh:mm:ss"
     # the error row: no label, no numbers, the one-line reason
-    err = rows[1 + ORDER.index("P10/broken.jpg")]
-    assert err[2:5] == [None, None, None] and err[6] == "cannot identify image file"
-    assert err[7:11] == [None] * 4
-    assert err[5] is True  # flagged: a person must look at what could not be read
+    err = dict(zip(rows[0], rows[1 + ORDER.index("P10/broken.jpg")]))
+    assert (err["label"], err["confidence"], err["margin"]) == (None, None, None)
+    assert err["error"] == "cannot identify image file"
+    assert [err[f"p: {c}"] for c in CLASSES] == [None] * 4
+    assert err["needs_review"] is True  # flagged: a person must look at what could not be read
     assert rows[1][1] == "#REF!" and rows[-1][1] == "smears"
 
 
@@ -190,7 +195,7 @@ def test_images_sheet_layout(tmp_path, preds, run):
     write_report(preds, out, run)
     ws = openpyxl.load_workbook(out)["Images"]
     assert ws.freeze_panes == "A2"
-    assert ws.auto_filter.ref == f"A1:Q{len(preds) + 1}"
+    assert ws.auto_filter.ref == f"A1:R{len(preds) + 1}"
     assert all(c.font.b for c in ws[1])
     names = IMAGE_COLUMNS(CLASSES)
     for r, file in enumerate(ORDER, start=2):
@@ -204,7 +209,9 @@ def test_images_sheet_layout(tmp_path, preds, run):
             assert colours == {None}, file
     for i, name in enumerate(names, start=1):
         width = ws.column_dimensions[openpyxl.utils.get_column_letter(i)].width
-        assert len(name) <= width <= 52, name
+        # as wide as the longest word of the header (which wraps), the sha256 cut on paper (its cell holds it whole)
+        assert min(max(map(len, name.split())), 10) + 2 <= width <= 52, name
+    assert ws["A1"].alignment.wrap_text and ws.row_dimensions[1].height == 30
 
 
 def test_slides_sheet_counts_and_shares(tmp_path, preds, run):
@@ -212,10 +219,12 @@ def test_slides_sheet_counts_and_shares(tmp_path, preds, run):
     write_report(preds, out, run)
     ws = openpyxl.load_workbook(out)["Slides"]
     rows = sheet_rows(ws)
-    header = ["slide", "images", "classified"]
+    header = ["slide", "patient id", "accession", "specimen date", "lab note", "verdict", "to review", "images", "classified"]
     for c in CLASSES:
         header += [f"n: {c}", f"%: {c}"]
-    assert rows[0] == header + ["flagged", "unreadable", "note"]
+    assert rows[0] == header + ["flagged", "unreadable", "note", "signed by", "signed at"]
+    assert rows[-1] == [DECISION_AID] + [None] * (len(header) + 4)  # under the table, after a blank row
+    rows = rows[:-2]
     table = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
     assert [r[0] for r in rows[1:]] == ["#REF!", "P2", "P10", "smears", "All slides"]
     p10 = table["P10"]
@@ -282,14 +291,16 @@ def test_empty_run_and_awkward_values_still_make_a_valid_workbook(tmp_path, root
     out = write_report([], tmp_path / "empty.xlsx", run)
     wb = openpyxl.load_workbook(out)
     assert sheet_rows(wb["Images"]) == [IMAGE_COLUMNS(CLASSES)]
-    total = sheet_rows(wb["Slides"])[-1]
-    assert total[:3] == ["All slides", 0, 0] and total[-3:] == [0, 0, None]  # flagged, unreadable, no note
+    slides = sheet_rows(wb["Slides"])
+    total = dict(zip(slides[0], slides[-3]))
+    assert total["slide"] == "All slides" and (total["images"], total["classified"], total["flagged"], total["unreadable"]) == (0, 0, 0, 0)
+    assert total["note"] is None and total["signed by"] == "0 of 0 signed"
     # NaN from a broken model and a control character in a file name must not break the file
     odd = pred(root, "P1/scan\x1b01.jpg", [0.7, 0.1, 0.1, 0.1], ood=math.nan)
     write_report([odd], out, run)
     ws = openpyxl.load_workbook(out)["Images"]
     assert ws["A2"].value == "P1/scan\\x1b01.jpg"
-    assert ws["P2"].value is None
+    assert ws.cell(row=2, column=IMAGE_COLUMNS(CLASSES).index("ood_score") + 1).value is None
 
 
 def test_extra_columns_for_reviewers(tmp_path, preds, run):
@@ -303,7 +314,7 @@ def test_extra_columns_for_reviewers(tmp_path, preds, run):
     ws = openpyxl.load_workbook(out)["Images"]
     rows = sheet_rows(ws)
     assert rows[0] == IMAGE_COLUMNS(CLASSES) + list(extra)
-    assert ws.auto_filter.ref == f"A1:T{len(preds) + 1}"
+    assert ws.auto_filter.ref == f"A1:U{len(preds) + 1}"
     col = rows[0].index("reviewer label")  # after every column of the report's own
     top = ws.cell(row=1 + ORDER.index("top.jpg") + 1, column=col + 1)
     assert top.value == '=HYPERLINK("x")' and top.data_type == "s"
@@ -446,3 +457,83 @@ def test_csv_open_in_libreoffice_goes_beside(tmp_path, preds, run, caplog):
     assert re.match(r"^report \(\d{4}-\d{2}-\d{2} \d{6}\)\.csv$", written.name)
     assert out.read_bytes() == before
     assert any("open in another program" in r.getMessage() for r in caplog.records)
+
+
+# --- #36: the report a lab signs -------------------------------------------------------------
+
+
+def test_slides_sheet_verdict_identity_and_signature(tmp_path, root, run):
+    """Each slide's verdict in words, whose slide it is (every cell text, never a formula), who
+    signed it; a reviewer's label counts in the verdict instead of the model's."""
+    many = [pred(root, f"P1/{i}.jpg", [0.05, 0.05, 0.1, 0.8]) for i in range(9)]
+    many.append(pred(root, "P1/odd.jpg", [0.8, 0.1, 0.05, 0.05], reason="disagrees with its slide"))
+    few = [pred(root, f"P2/{i}.jpg", [0.8, 0.1, 0.05, 0.05]) for i in range(2)]
+    signed_at = datetime(2024, 5, 6, 9, 30, tzinfo=timezone.utc)
+    lab = LabRecords(identities={"P1": SlideIdentity("=1+1", "ACC-7", "2024-05-01", "@note")},
+                     reviewed={many[-1].path: CLASSES[3]}, signatures={"P1": Signature("dr. b", signed_at)})
+    out = write_report(many + few, tmp_path / "report.xlsx", run, lab=lab)
+    wb = openpyxl.load_workbook(out)
+    ws = wb["Slides"]
+    rows = sheet_rows(ws)
+    table = {r[0]: dict(zip(rows[0], r)) for r in rows[1:3]}
+    p1, p2 = table["P1"], table["P2"]
+    assert p1["verdict"] == "[Malignant] Pro-B: 10 of 10 fields (100%, 95% CI 72-100%)"  # the review counted
+    assert p1["to review"] is None  # one of ten flagged: not over a tenth
+    assert (p1["patient id"], p1["accession"], p1["specimen date"], p1["lab note"]) == ("=1+1", "ACC-7", "2024-05-01", "@note")
+    assert (p1["signed by"], p1["signed at"]) == ("dr. b", local(signed_at))
+    assert p2["verdict"] == "too few images: 2 classified, at least 5 needed" and p2["signed by"] is None
+    assert "too few fields for a call" in p2["to review"]
+    assert dict(zip(rows[0], rows[3]))["signed by"] == "1 of 2 signed"
+    header = rows[0]
+    assert ws.cell(row=2, column=header.index("patient id") + 1).data_type == "s"
+    images = sheet_rows(wb["Images"])
+    patient = {r[0]: r[images[0].index("patient_id")] for r in images[1:]}
+    assert patient["P1/0.jpg"] == "=1+1" and patient["P2/0.jpg"] is None
+    run_sheet = {r[0]: r[1] for r in sheet_rows(wb["Run"])[1:]}
+    assert (run_sheet["slides"], run_sheet["signed slides"]) == (2, 1)
+    assert run_sheet["verdicts"] == DECISION_AID
+    with zipfile.ZipFile(out) as z:
+        assert not any("<f>" in z.read(n).decode() for n in z.namelist() if n.startswith("xl/worksheets/"))
+
+
+def test_every_sheet_prints_one_page_wide_with_titles_and_footer(tmp_path, preds, run):
+    out = write_report(preds, tmp_path / "report.xlsx", run)
+    wb = openpyxl.load_workbook(out)
+    for ws in wb.worksheets:
+        setup = ws.page_setup
+        assert setup.orientation == "landscape" and str(setup.paperSize) == ws.PAPERSIZE_A4, ws.title
+        assert ws.sheet_properties.pageSetUpPr.fitToPage and setup.fitToWidth == 1, ws.title
+        assert setup.fitToHeight == (1 if ws.title == "Run" else 0), ws.title  # the Run sheet: one page
+        if ws.title != "Run":
+            assert ws.print_title_rows == "$1:$1", ws.title  # the header row on every page
+        assert ws.oddFooter.center.text == "page &P of &N"
+        assert ws.oddFooter.left.text == "&F: &A" and MODEL in ws.oddFooter.right.text
+    assert wb["Slides"].oddHeader.center.text == DECISION_AID
+
+
+def test_footer_keeps_a_models_ampersand_as_text(tmp_path, preds, run):
+    run.models = [("R&D model", SHA)]
+    ws = openpyxl.load_workbook(write_report(preds, tmp_path / "report.xlsx", run))["Images"]
+    assert ws.oddFooter.right.text.startswith("R&&D model, ")  # '&D' alone would print the date
+
+
+def test_interrupted_run_says_so_and_lists_what_was_not_done(tmp_path, preds, run):
+    run.not_classified = ["P10/z.jpg", "P2/y.jpg", "P2/=x.jpg"]
+    out = write_report(preds, tmp_path / "report.xlsx", run)
+    wb = openpyxl.load_workbook(out)
+    assert wb.sheetnames == ["Images", "Slides", "Run", "Not classified"]
+    f = {r[0]: r[1] for r in sheet_rows(wb["Run"])[1:]}
+    assert f["run"] == "interrupted after 8 of 11 images: the rest are on the sheet 'Not classified'"
+    assert f["not classified"] == 3
+    assert sheet_rows(wb["Not classified"]) == [["file", "slide"], ["P2/=x.jpg", "P2"], ["P2/y.jpg", "P2"], ["P10/z.jpg", "P10"]]
+    assert wb["Not classified"]["A2"].data_type == "s"
+    run.not_classified = []
+    f = {r[0]: r[1] for r in sheet_rows(openpyxl.load_workbook(write_report(preds, out, run))["Run"])[1:]}
+    assert f["run"] == "complete" and f["not classified"] == 0
+
+
+def test_a_report_name_says_its_format(tmp_path, preds, run):
+    assert writer_for(tmp_path / "r.XLSX") is write_report and writer_for(tmp_path / "r.csv") is write_csv
+    for name in ("r.pdf.xls", "r.txt", "r"):
+        with pytest.raises(ValueError, match=r"\.xlsx, \.csv or \.pdf"):
+            writer_for(tmp_path / name)

@@ -155,7 +155,7 @@ def test_export_writes_reviews_and_the_run_and_only_the_latest_clears_the_flag(c
     session.exported(snapshot)
     assert written == tmp_path / "review.xlsx" and diverted is None
     assert session.unexported_reviews  # bob's review is not in that file
-    session.finish("complete")
+    session.finish(True)
     written, _ = session.export(tmp_path / "review2.xlsx")
     assert not session.unexported_reviews
     wb = openpyxl.load_workbook(written)
@@ -171,3 +171,80 @@ def test_export_writes_reviews_and_the_run_and_only_the_latest_clears_the_flag(c
     run = {r[0]: r[1] for r in wb["Run"].iter_rows(min_row=2, values_only=True)}
     assert run["run"] == "complete" and run["reviewed images"] == "2"
     assert info.models[0][1] in " ".join(str(v) for v in run.values())
+
+
+def test_a_signature_is_recorded_exported_and_cleared_by_a_later_review(classified, tmp_path: Path) -> None:
+    """#36: a reviewer signs a slide; changing a review of it afterwards clears the signature and
+    says so; the export's Slides and Run sheets record what stood when it was written."""
+    root, predictions, info = classified
+    session = session_of(root, predictions, info)
+    cleared: list[tuple[str, str]] = []
+    session.signature_cleared.connect(lambda slide, message: cleared.append((slide, message)))
+    with pytest.raises(ValueError, match="name"):
+        session.sign("slide-2", "  ")
+    with pytest.raises(ValueError, match="no such slide"):
+        session.sign("slide-3", "dr. b")
+    signature = session.sign("slide-2", "dr. b")
+    assert session.signature("slide-2") == signature and signature.at.tzinfo is not None
+    assert session.unexported_reviews  # a signature is work to export
+    out, _ = session.export(tmp_path / "signed.xlsx")
+    wb = openpyxl.load_workbook(out)
+    slides = {r[0]: r for r in wb["Slides"].iter_rows(min_row=2, values_only=True)}
+    header = [c.value for c in wb["Slides"][1]]
+    assert slides["slide-2"][header.index("signed by")] == "dr. b"
+    assert slides["slide-1"][header.index("signed by")] is None
+    assert dict(wb["Run"].iter_rows(min_row=2, values_only=True))["signed slides"] == 1
+    # A review of another slide leaves it signed; one of its own clears it, with a message.
+    other = next(i for i, p in enumerate(predictions) if p.ok and p.slide == "slide-1")
+    session.set_review(other, LABELS[0], "dr. b")
+    assert session.signature("slide-2") is not None and cleared == []
+    own = next(i for i, p in enumerate(predictions) if p.ok and p.slide == "slide-2")
+    session.set_review(own, LABELS[1], "dr. c")
+    assert session.signature("slide-2") is None
+    assert cleared == [("slide-2", "The signature of slide slide-2 was cleared: a review changed after it was signed. "
+                                   "Sign it again once it is reviewed.")]
+    assert session.lab_records().signatures == {}
+
+
+def test_identities_come_from_slides_csv_and_edits_go_back_to_it(classified, tmp_path: Path) -> None:
+    import dataclasses
+    import shutil
+
+    from bcc_desk.lab_records import SLIDES_CSV, SlideIdentity, SlidesFileError, read_slides_csv
+
+    root, predictions, info = classified
+    folder = tmp_path / "case"
+    shutil.copytree(root, folder)
+    moved = [dataclasses.replace(p, path=folder / p.file) for p in predictions]
+    (folder / SLIDES_CSV).write_text("slide,patient_id\nslide-1,P-1\n", encoding="utf-8")
+    session = session_of(folder, moved, info)
+    assert session.identities == {"slide-1": SlideIdentity("P-1")}
+    assert session.set_identity("slide-2", SlideIdentity(" P-2 ", "A-9", "2026-12-01")) == folder / SLIDES_CSV
+    assert read_slides_csv(folder) == {"slide-1": SlideIdentity("P-1"), "slide-2": SlideIdentity("P-2", "A-9", "2026-12-01")}
+    with pytest.raises(SlidesFileError, match="specimen_date"):
+        session.set_identity("slide-2", SlideIdentity("P-2", specimen_date="yesterday"))
+    assert session.identities["slide-2"].specimen_date == "2026-12-01"  # a refused edit changes nothing
+    out, _ = session.export(tmp_path / "r.xlsx")
+    images = list(openpyxl.load_workbook(out)["Images"].iter_rows(values_only=True))
+    patient = {r[0]: r[images[0].index("patient_id")] for r in images[1:]}
+    assert {patient[p.file] for p in moved if p.slide == "slide-2"} == {"P-2"}
+    # A bad file: the run goes on without identities, and the one line says which row.
+    (folder / SLIDES_CSV).write_text("slide,patient_id\nslide-1,a\nslide-1,b\n", encoding="utf-8")
+    problem = session.start(folder)
+    assert problem is not None and "row 3" in problem and session.identities == {}
+
+
+def test_a_stopped_run_lists_the_images_it_never_reached(classified, tmp_path: Path) -> None:
+    root, predictions, info = classified
+    session = ReviewSession()
+    session.classes = list(info.classes)
+    session.start(root)
+    session.run_info = info
+    session.add(predictions[:4])
+    session.finish(False)
+    assert sorted(session.not_classified) == sorted(p.file for p in predictions[4:])
+    out, _ = session.export(tmp_path / "stopped.xlsx")
+    wb = openpyxl.load_workbook(out)
+    run = dict(wb["Run"].iter_rows(min_row=2, values_only=True))
+    assert run["run"].startswith(f"interrupted after 4 of {len(predictions)} images")
+    assert len(list(wb["Not classified"].iter_rows(min_row=2))) == len(predictions) - 4

@@ -61,8 +61,9 @@ def sha256(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def watching(tmp_path: Path, classifier: Classifier, **options) -> Iterator[Watcher]:
-    """A Watcher running in a thread on tmp_path/export until the block ends."""
+def watching(tmp_path: Path, classifier: Classifier, pdf: bool = False, **options) -> Iterator[Watcher]:
+    """A Watcher running in a thread on tmp_path/export until the block ends (`pdf`: keeping a
+    PDF report beside the workbook, as `bcc watch --pdf`)."""
     root = tmp_path / "export"
     root.mkdir(exist_ok=True)
     out = tmp_path / "reports" / "report.xlsx"
@@ -74,6 +75,8 @@ def watching(tmp_path: Path, classifier: Classifier, **options) -> Iterator[Watc
     )
     timing = WatchTiming(**{"settle": SETTLE, "quiet": 0.2, **options})  # a short debounce keeps the tests quick
     watcher = Watcher(root, out, classifier, tmp_path / "state" / "ledger.sqlite", run, timing=timing)
+    if pdf:
+        watcher.report.pdf, watcher.report.lab_name = out.with_suffix(".pdf"), "Haematology"
     thread = threading.Thread(target=watcher.run, name="watcher")
     thread.start()
     try:
@@ -441,6 +444,41 @@ def test_the_daemon_killed_mid_stream_and_restarted_reports_every_image_once(
     assert log_file(state).read_text().count("stopped; ledger:") == 1  # the killed run never said so
 
 
+def test_the_watch_keeps_a_pdf_and_the_labs_identities_up_to_date(tmp_path: Path, classifier: Classifier, jpgs, caplog) -> None:
+    """`bcc watch --pdf`: the PDF report is rewritten beside the workbook; slides.csv is read
+    afresh for each write (a lab fills it in as slides arrive), and a bad one is said once while
+    the reports go on."""
+    from pypdf import PdfReader
+
+    caplog.set_level(logging.INFO, logger="bcc_desk.watch")
+
+    def slides_sheet() -> dict[str, dict]:
+        ws = openpyxl.load_workbook(w.out)["Slides"]
+        header = [c.value for c in ws[1]]
+        return {r[0]: dict(zip(header, r)) for r in ws.iter_rows(min_row=2, values_only=True) if r[0]}
+
+    def pdf_text() -> str:
+        pdf = w.out.with_suffix(".pdf")
+        return "".join(p.extract_text() for p in PdfReader(pdf).pages) if pdf.exists() else ""
+
+    with watching(tmp_path, classifier, pdf=True) as w:
+        (w.root / "slide-1").mkdir()
+        for i, f in enumerate(jpgs[:6]):
+            shutil.copyfile(f, w.root / "slide-1" / f"{i}.jpg")
+        wait_for("six fields in the report", lambda: len(report_rows(w.out)) == 6)
+        (w.root / "slides.csv").write_text("slide,patient_id\nslide-1,P-4711\n", encoding="utf-8")
+        shutil.copyfile(jpgs[6], w.root / "slide-1" / "6.jpg")
+        wait_for("the patient id in both reports", lambda: slides_sheet().get("slide-1", {}).get("patient id") == "P-4711"
+                 and "P-4711" in pdf_text())
+        assert "slide-1" in pdf_text()
+        (w.root / "slides.csv").write_text("slide,patient_id\nslide-1,a\nslide-1,b\n", encoding="utf-8")
+        shutil.copyfile(jpgs[7], w.root / "slide-1" / "7.jpg")
+        wait_for("eight fields, the bad slides.csv ignored", lambda: len(report_rows(w.out)) == 8
+                 and slides_sheet()["slide-1"]["patient id"] is None)
+    said = [r for r in caplog.records if "a second time" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING  # once, not at every write
+
+
 def test_usage_errors_stop_the_daemon_before_it_starts(tmp_path: Path, model: Path) -> None:
     runner = CliRunner()
     root = tmp_path / "export"
@@ -448,6 +486,8 @@ def test_usage_errors_stop_the_daemon_before_it_starts(tmp_path: Path, model: Pa
     assert result.exit_code == cli.EXIT_USAGE and "does not exist" in result.output
 
     root.mkdir()
+    result = runner.invoke(cli.app, ["watch", str(root), "--out", str(tmp_path / "r.txt"), "--model", str(model)])
+    assert result.exit_code == cli.EXIT_USAGE and "a report is .xlsx, .csv or .pdf" in result.output
     reports = tmp_path / "reports"
     reports.mkdir()
     with read_only(reports):

@@ -9,7 +9,7 @@ import csv
 import io
 from pathlib import Path
 
-from bcc_desk.report import csv_plain, csv_text
+from bcc_desk.safe_text import csv_plain, csv_text
 
 MANIFEST = "reviews.csv"
 MANIFEST_COLUMNS: tuple[str, ...] = (

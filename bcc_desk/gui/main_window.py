@@ -8,12 +8,15 @@ Automation API (used by the tests and usable from a script):
     window.set_review("slide/img.jpg", "Benign")
     window.export_report(path)                  # -> the path written (the CLI's writer)
     window.set_watching(True)                   # "Watch this folder": bcc watch's watcher, live rows
+    window.set_slide_identity("slide-1", SlideIdentity(patient_id="P-1"))  # written to FOLDER/slides.csv
+    window.sign_slide("slide-1")                # signed by the reviewer, now; unsign_slide removes it
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,7 +67,7 @@ from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice, ModelStore
 from bcc_desk.gui.palette import class_name
 from bcc_desk.gui.settings import AppSettings
-from bcc_desk.gui.slide_summary import SlideSummary
+from bcc_desk.gui.slide_summary import SlideDetailsDialog, SlideSummary
 from bcc_desk.gui.table_model import (
     CONFIDENCE,
     ERROR,
@@ -79,6 +82,7 @@ from bcc_desk.gui.table_model import (
 )
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
+from bcc_desk.lab_records import Signature, SlideIdentity
 from bcc_desk.paths import RESOURCES
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Export, Review, ReviewSession
@@ -131,6 +135,9 @@ class MainWindow(QMainWindow):
         self.choice = choice
         self.session = ReviewSession()
         """The rows, reviews and run record the window shows (and the export writes)."""
+        self.session.slide_changed.connect(self._slide_changed)
+        self.session.signature_cleared.connect(self._signature_cleared)
+        self.slide_dialog: SlideDetailsDialog | None = None
         self._thread: ClassifyThread | None = None
         self._pending_root: Path | None = None
         self._completed = False
@@ -210,6 +217,15 @@ class MainWindow(QMainWindow):
                                          "Classify images as they arrive in the open folder, as bcc watch does")
         self.watch_action.setCheckable(True)
         self.reviewer_action = self._action("Reviewer &name\u2026", self._ask_reviewer)
+        self.lab_name_action = self._action("&Lab name\u2026", self._ask_lab_name, None,
+                                            "The lab's name, printed at the head of the PDF report")
+        self.slide_details_action = self._action("Slide &details\u2026", lambda: self.edit_slide_details(), None,
+                                                 "Patient id, accession, specimen date and note of the selected slide "
+                                                 "(kept in the folder's slides.csv)")
+        self.sign_action = self._action("&Sign slide", lambda: self._sign_from_ui(), None,
+                                        "Sign the selected slide as reviewed, with the reviewer's name and the time now")
+        self.unsign_action = self._action("Remove si&gnature", lambda: self._unsign_from_ui(), None,
+                                          "Remove the selected slide's signature")
         self.quit_action = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit)
         self.clear_review_action = self._action("Clear the reviewed label", lambda: self.review_selected(None), "0")
         self.review_actions: list[QAction] = []
@@ -231,6 +247,7 @@ class MainWindow(QMainWindow):
         file_menu.addAction(self.cancel_action)
         file_menu.addSeparator()
         file_menu.addAction(self.export_action)
+        file_menu.addAction(self.lab_name_action)
         file_menu.addSeparator()
         file_menu.addAction(self.quit_action)
         self.view_menu = bar.addMenu("&View")
@@ -328,6 +345,10 @@ class MainWindow(QMainWindow):
 
     def _build_dock(self) -> None:
         self.summary = SlideSummary()
+        self.summary.add_actions([self.slide_details_action, self.sign_action, self.unsign_action])
+        self.summary.slide_selected.connect(lambda _slide: self._update_slide_actions())
+        self.summary.details_requested.connect(self.edit_slide_details)
+        self._update_slide_actions()
         dock = QDockWidget("Slides", self)
         dock.setObjectName("slides-dock")
         dock.setWidget(self.summary)
@@ -456,7 +477,8 @@ class MainWindow(QMainWindow):
         return self._thread is not None
 
     def _start(self, root: Path) -> None:
-        self.session.start(root)  # the same folder again keeps the reviews made so far
+        if problem := self.session.start(root):  # the same folder again keeps the reviews made so far
+            self._notify(problem)  # a bad slides.csv: the run goes on, without identities
         self.image_pane.show_prediction(None, None)
         self._update_review_enabled()
         self.slide_filter.blockSignals(True)
@@ -554,7 +576,7 @@ class MainWindow(QMainWindow):
             thread.wait()
             thread.deleteLater()
         done = self.model.rowCount()
-        self.session.finish("complete" if self._completed else f"stopped after {done} of {self._total} images")
+        self.session.finish(self._completed)
         self._set_running(False)
         self._refresh_summary()
         seconds = time.monotonic() - self._started_at
@@ -722,6 +744,9 @@ class MainWindow(QMainWindow):
         self.review_menu.addAction(self.clear_review_action)
         self.addAction(self.clear_review_action)
         self.review_menu.addSeparator()
+        for action in (self.slide_details_action, self.sign_action, self.unsign_action):
+            self.review_menu.addAction(action)
+        self.review_menu.addSeparator()
         self.review_menu.addAction(self.reviewer_action)
         self._update_review_enabled()
 
@@ -825,8 +850,9 @@ class MainWindow(QMainWindow):
         self._update_review_enabled()
 
     def _refresh_summary(self) -> None:
-        self.summary.refresh(self.classes, self.session.slide_counts())
+        self.summary.refresh(self.classes, self.session.slide_counts(), self.session.lab_records())
         self._update_counts()
+        self._update_slide_actions()
 
     def _update_counts(self) -> None:
         counts = all_slides(self.summary.slides)
@@ -837,9 +863,95 @@ class MainWindow(QMainWindow):
         self.shown_label.setText(f"{self.proxy.rowCount()} of {total} shown")
 
     def _ask_reviewer(self) -> None:
-        name, ok = QInputDialog.getText(self, "Reviewer", "Name recorded with each review:", text=self.settings.reviewer)
+        name, ok = QInputDialog.getText(self, "Reviewer", "Name recorded with each review and sign-off:",
+                                        text=self.settings.reviewer)
         if ok and name.strip():
             self.settings.reviewer = name
+
+    # =========================================================================================
+    # Slides: identity and sign-off (kept by the session; the slide pane shows them)
+    def selected_slide(self) -> str | None:
+        """The slide selected in the slide pane (None for none)."""
+        return self.summary.selected_slide()
+
+    def _slide_or_selected(self, slide: str | None) -> str:
+        slide = slide if slide is not None else self.selected_slide()
+        if slide is None:
+            raise ValueError("select a slide in the Slides pane first")
+        return slide
+
+    def set_slide_identity(self, slide: str, identity: SlideIdentity) -> Path | None:
+        """Give `slide` its identity, written to the folder's slides.csv (returns its path).
+        Raises SlidesFileError for a bad field and OSError when the file cannot be written; the
+        identity is then unchanged."""
+        return self.session.set_identity(slide, identity)
+
+    def edit_slide_details(self, slide: str | None = None) -> SlideDetailsDialog | None:
+        """Open the identity dialog of `slide` (default: the selected one), non-modal; its OK
+        saves through `set_slide_identity`.  Returns the dialog (None when no slide is chosen)."""
+        try:
+            slide = self._slide_or_selected(slide)
+        except ValueError as exc:
+            self._notify(str(exc))
+            return None
+        if self.slide_dialog is not None:
+            self.slide_dialog.close()
+        dialog = SlideDetailsDialog(slide, self.session.identities.get(slide, SlideIdentity()),
+                                    lambda identity: self._save_identity(slide, identity), self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.destroyed.connect(lambda _=None: setattr(self, "slide_dialog", None))
+        self.slide_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def _save_identity(self, slide: str, identity: SlideIdentity) -> None:
+        path = self.set_slide_identity(slide, identity)
+        if path is not None:
+            self.statusBar().showMessage(f"Slide {slide}: details saved in {path}", 15000)
+
+    def sign_slide(self, slide: str | None = None) -> Signature:
+        """Sign `slide` (default: the selected one) as reviewed: the reviewer's name (Review \u203a
+        Reviewer name, or the login name) and the time now.  A review changed afterwards in the
+        slide clears the signature.  Raises ValueError for no such slide."""
+        slide = self._slide_or_selected(slide)
+        signature = self.session.sign(slide, self.settings.reviewer)
+        self.statusBar().showMessage(f"Slide {slide} signed by {signature.by}.", 15000)
+        return signature
+
+    def unsign_slide(self, slide: str | None = None) -> None:
+        """Remove the signature of `slide` (default: the selected one)."""
+        self.session.unsign(self._slide_or_selected(slide))
+
+    def _sign_from_ui(self) -> None:
+        try:
+            self.sign_slide()
+        except ValueError as exc:
+            self._notify(str(exc))
+
+    def _unsign_from_ui(self) -> None:
+        try:
+            self.unsign_slide()
+        except ValueError as exc:
+            self._notify(str(exc))
+
+    def _slide_changed(self, _slide: str) -> None:
+        self._refresh_summary()  # one person's edit, not a stream of rows: at once
+
+    def _signature_cleared(self, _slide: str, message: str) -> None:
+        self._notify(message)  # the pane is refreshed already: `slide_changed` came first
+
+    def _update_slide_actions(self) -> None:
+        slide = self.selected_slide()
+        signed = slide is not None and self.session.signature(slide) is not None
+        self.slide_details_action.setEnabled(slide is not None)
+        self.sign_action.setEnabled(slide is not None and not signed)
+        self.unsign_action.setEnabled(signed)
+
+    def _ask_lab_name(self) -> None:
+        name, ok = QInputDialog.getText(self, "Lab name", "The lab's name, printed at the head of the PDF report:",
+                                        text=self.settings.lab_name)
+        if ok:
+            self.settings.lab_name = name
 
     # =========================================================================================
     # Export
@@ -857,32 +969,42 @@ class MainWindow(QMainWindow):
             raise ValueError(f"{out.name} is the watch's report, rewritten from its ledger as images arrive: "
                              "export the reviews to another file")
 
+    def snapshot(self) -> Export:
+        """What an export writes now: the session's snapshot, with the lab's name (File \u203a Lab
+        name) for the PDF's header.  Raises ValueError when there is nothing to export."""
+        export = self.session.snapshot()
+        return replace(export, lab=replace(export.lab, lab_name=self.settings.lab_name))
+
     def export_report(self, path: Path | str | None = None) -> Path:
-        """Write the report (xlsx, or CSV for a .csv path) with the review columns; return the
-        path written (beside the asked one when that is open in Excel).  Raises ReportError."""
+        """Write the report by the path's suffix (.xlsx, .csv: the Images rows, .pdf: a page per
+        slide) with the review columns and the slides' identities, verdicts and sign-offs; return
+        the path written (beside the asked one when that is open in Excel).  Raises ReportError,
+        or ValueError for another suffix."""
         out = Path(path) if path is not None else self.default_report_path()
         if out is None:
             raise ValueError("nothing to export: open a folder first")
         self._check_export_target(out)
-        written, diverted = self.session.export(out)
+        snapshot = self.snapshot()
+        written, diverted = snapshot.write(out)
+        self.session.exported(snapshot)  # wherever it went, a file holds the reviews
         if diverted:
             self._notify(f"{diverted}; the report was written to {written} instead")
         return written
 
     def _choose_export(self) -> None:
         try:
-            snapshot = self.session.snapshot()
+            snapshot = self.snapshot()
         except ValueError as exc:
             self._notify(str(exc))
             return
         default = self.default_report_path()
-        path, _ = QFileDialog.getSaveFileName(self, "Export report", str(default or ""),
-                                              "Excel workbook (*.xlsx);;CSV, images only (*.csv)")
+        filters = {"Excel workbook (*.xlsx)": ".xlsx", "CSV, images only (*.csv)": ".csv", "PDF report (*.pdf)": ".pdf"}
+        path, chosen = QFileDialog.getSaveFileName(self, "Export report", str(default or ""), ";;".join(filters))
         if not path:
             return
         out = Path(path)
-        if out.suffix.lower() not in (".xlsx", ".csv"):
-            out = out.with_suffix(".xlsx")
+        if out.suffix.lower() not in filters.values():  # no suffix, or another: the chosen type's
+            out = out.with_name(out.name + filters.get(chosen, ".xlsx"))
         try:
             self._check_export_target(out)
         except ValueError as exc:

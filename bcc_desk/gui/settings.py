@@ -134,6 +134,16 @@ class AppSettings:
     def reviewer(self, name: str) -> None:
         self.q.setValue("review/reviewer", name.strip())
 
+    # -- report -------------------------------------------------------------------------------
+    @property
+    def lab_name(self) -> str:
+        """The lab's name for the PDF report's header ('' for none)."""
+        return str(self.q.value("report/lab_name", "") or "")
+
+    @lab_name.setter
+    def lab_name(self, name: str) -> None:
+        self.q.setValue("report/lab_name", " ".join(name.split()))
+
     # -- watch --------------------------------------------------------------------------------
     @property
     def watched_folder(self) -> str:
