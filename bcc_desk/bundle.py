@@ -35,6 +35,7 @@ from bcc_desk.bundle_meta import (  # the torch-free half of the contract, re-ex
     InputSpec as InputSpec,
     Int8Spec as Int8Spec,
     OODSpec as OODSpec,
+    Verdict as Verdict,
     bundle_fingerprint as bundle_fingerprint,
     display_name as display_name,
     read_meta as read_meta,
@@ -275,6 +276,15 @@ def record_metrics(folder: Path, metrics: dict[str, Any]) -> BundleMeta:
     folder = Path(folder)
     meta = read_meta(folder)
     meta.metrics.update(metrics)
+    _write_json_atomic(folder / META_FILE, meta.to_json())
+    return meta
+
+
+def record_verdict(folder: Path, verdict: Verdict) -> BundleMeta:
+    """Store the trainer's `verdict` in the bundle at `folder` (the weights are untouched)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta.verdict = verdict
     _write_json_atomic(folder / META_FILE, meta.to_json())
     return meta
 

@@ -83,6 +83,24 @@ class Int8Spec:
 
 
 @dataclass
+class Verdict:
+    """The trainer's word on the bundle it wrote (`trainer/verdict.py`): fit for use only where
+    its validation was large enough to measure it and it passed there; otherwise the reasons.
+    `bcc classify`, `bcc watch` and the app run a bundle that is not fit for use only when told
+    to (`--allow-unvalidated`), and every report of such a run says so on every page."""
+
+    fit_for_use: bool
+    reasons: list[str] = field(default_factory=list)
+    """Why it is not fit for use (empty when it is)."""
+    rule: str = ""
+    """The rule it was judged by, in words."""
+
+    @property
+    def text(self) -> str:
+        return "fit for use" if self.fit_for_use else f"NOT VALIDATED: {'; '.join(self.reasons) or 'no reason recorded'}"
+
+
+@dataclass
 class BundleMeta:
     """Everything in bundle.json."""
 
@@ -102,6 +120,8 @@ class BundleMeta:
     colour: ColourSpec | None = None
     """The colour check (`bcc_desk.colour`): the training set's colour profile and its cut-off."""
     int8: Int8Spec | None = None
+    verdict: Verdict | None = None
+    """The trainer's verdict; None for a bundle written before verdicts (run as before, and said so)."""
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
@@ -166,6 +186,7 @@ class BundleMeta:
                 ood=OODSpec(**ood) if ood else None,
                 colour=ColourSpec.from_json(data["colour"]) if data.get("colour") else None,
                 int8=Int8Spec(**int8) if int8 else None,
+                verdict=_verdict(data["verdict"]) if data.get("verdict") is not None else None,
                 provenance=dict(data.get("provenance") or {}),
                 metrics=dict(data.get("metrics") or {}),
                 weights_sha256=str(data.get("weights_sha256", "")),
@@ -198,6 +219,18 @@ class BundleMeta:
             raise ValueError(f"an ensemble member's input size must be within 16..{self.input.size} (the ensemble's)")
         if any("size" in m for m in self.members) and self.input.interpolation not in ("bilinear", "bicubic"):
             raise ValueError("members of other input sizes need bilinear or bicubic interpolation")
+
+
+def _verdict(data: Any) -> Verdict:
+    if not isinstance(data, dict) or not isinstance(data.get("fit_for_use"), bool):
+        raise ValueError("verdict must be an object with a true/false 'fit_for_use'")
+    return Verdict(fit_for_use=data["fit_for_use"], reasons=[str(r) for r in data.get("reasons") or []],
+                   rule=str(data.get("rule", "")))
+
+
+def verdict_text(meta: BundleMeta) -> str:
+    """The bundle's verdict as a report states it."""
+    return meta.verdict.text if meta.verdict is not None else "not recorded (a bundle from before verdicts)"
 
 
 def _member(data: Any) -> dict[str, Any]:
@@ -251,6 +284,7 @@ def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
         threshold += f" alone; {cut(meta.slide_review_threshold)} agreeing with its slide"
     rows = [
         ("name", meta.name),
+        ("verdict", verdict_text(meta)),
         ("architecture", meta.arch),
         ("classes", ", ".join(meta.labels)),
         ("class folders", ", ".join(meta.classes)),

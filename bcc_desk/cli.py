@@ -48,6 +48,9 @@ SLIDE_CONSENSUS = typer.Option(
 
 PDF_OPTION = typer.Option("--pdf", help="Also write the PDF report (a page per slide: verdict, counts, the flagged fields) beside it.")
 LAB_NAME = typer.Option("--lab-name", envvar="BCC_LAB_NAME", help="The lab's name for the PDF's header.")
+ALLOW_UNVALIDATED = typer.Option(
+    "--allow-unvalidated",
+    help="Run a model its trainer did not find fit for use (bcc info shows the verdict); every report page says so.")
 
 _report_written = False
 """Set once `classify` has its report on disk: what is left of the process is only teardown."""
@@ -115,6 +118,7 @@ def classify(
     csv: Annotated[bool, typer.Option("--csv", help="Write a plain CSV of the image rows instead of Excel.")] = False,
     pdf: Annotated[bool, PDF_OPTION] = False,
     lab_name: Annotated[str, LAB_NAME] = "",
+    allow_unvalidated: Annotated[bool, ALLOW_UNVALIDATED] = False,
     device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu.")] = "auto",
     precision: Annotated[str, typer.Option(metavar=PRECISION_CHOICES, help="auto: the fastest that keeps the labels.")] = "auto",
     batch_size: Annotated[
@@ -177,7 +181,7 @@ def classify(
     try:
         classifier = ClassifierOptions(device=device, precision=precision, batch_size=batch_size, tta=tta,
                                        review_threshold=review_threshold, slide_consensus=slide_consensus,
-                                       workers=workers, compile=compile).build(bundles)
+                                       workers=workers, compile=compile, allow_unvalidated=allow_unvalidated).build(bundles)
     except (ValueError, BundleError) as exc:
         fail(str(exc))
 
@@ -312,6 +316,7 @@ def watch(
     ] = None,
     pdf: Annotated[bool, PDF_OPTION] = False,
     lab_name: Annotated[str, LAB_NAME] = "",
+    allow_unvalidated: Annotated[bool, ALLOW_UNVALIDATED] = False,
     model: Annotated[
         list[Path] | None,
         typer.Option("--model", "-m", metavar="BUNDLE", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
@@ -373,7 +378,7 @@ def watch(
     # burst arrives file by file, so its calls rarely reach classify's threshold.
     options = ClassifierOptions(device=device, precision=precision, batch_size=batch_size, tta=tta,
                                 review_threshold=review_threshold, slide_consensus=slide_consensus, workers=workers,
-                                compile=compile)
+                                compile=compile, allow_unvalidated=allow_unvalidated)
     try:
         classifier = options.build(bundles)
         single = options.for_single_images().build(bundles) if compile else None

@@ -35,7 +35,7 @@ from reportlab.platypus.tables import Table, TableStyle
 from bcc_desk.images import ImageReadError, open_image
 from bcc_desk.lab_records import LabRecords
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import ExtraColumns, RunInfo, _atomic_write, _local
+from bcc_desk.report import UNVALIDATED_WARNING, ExtraColumns, RunInfo, _atomic_write, _local
 from bcc_desk.safe_text import pdf_text
 from bcc_desk.slides import SlideCount, count_slides, natural_key
 from bcc_desk.verdict import DECISION_AID, slide_verdict
@@ -193,7 +193,8 @@ class _Doc(BaseDocTemplate):
 
     def _provenance(self) -> str:
         models = "; ".join(f"{n} sha256 {sha}" for n, sha in self.run.models) or "no model"
-        return f"Model: {models}. bcc-desk {self.run.software_version}, run started {self.run.started.astimezone():%Y-%m-%d %H:%M}."
+        return (f"Model: {models} ({self.run.model_verdict}). bcc-desk {self.run.software_version}, "
+                f"run started {self.run.started.astimezone():%Y-%m-%d %H:%M}.")
 
     # -- run-wide pages ---------------------------------------------------------------------
 
@@ -225,10 +226,13 @@ class _Doc(BaseDocTemplate):
             # each field cut to a third, so a long patient id cannot push the accession off the page
             fields = (_cut(f"{h}: {v or NONE}", "Helvetica", 9, WIDTH / 3 - 12) for h, v in ident.items()[:3])
             _fit(canvas, MARGIN, top - 34, "     ".join(fields))
+        warnings = [UNVALIDATED_WARNING.replace("see the Run sheet", "see the end of each slide")] if self.run.unvalidated else []
         if self.run.not_classified:
+            warnings.append(self._interrupted() + (" (listed on the last page)" if slide is not None else ""))
+        if warnings:
             canvas.setFont("Helvetica-Bold", 8)
             canvas.setFillColor(colors.HexColor("#b00020"))
-            _fit(canvas, MARGIN, top - 47, self._interrupted() + (" (listed on the last page)" if slide is not None else ""))
+            _fit(canvas, MARGIN, top - 47, ".  ".join(warnings))
         canvas.setStrokeColor(colors.grey)
         canvas.line(MARGIN, PAGE_H - HEADER_H + 10, PAGE_W - MARGIN, PAGE_H - HEADER_H + 10)
         canvas.line(MARGIN, FOOTER_H - 8, PAGE_W - MARGIN, FOOTER_H - 8)

@@ -41,6 +41,7 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
+from bcc_desk.bundle_meta import verdict_text
 from bcc_desk.files import new_file_mode
 from bcc_desk.lab_records import IDENTITY_HEADINGS, LabRecords
 from bcc_desk.prediction import Prediction
@@ -104,6 +105,10 @@ class RunInfo:
     not_classified: list[str] = field(default_factory=list)
     """Images of the run that were never classified (an interrupted run), as the file column
     would spell them: the report lists them so that none is taken for done."""
+    model_verdict: str = "not recorded"
+    """The trainer's verdict on the model(s) (`bundle_meta.verdict_text`), one per model joined."""
+    unvalidated: bool = False
+    """A model its trainer did not find fit for use ran (`--allow-unvalidated`): every page says so."""
 
     @property
     def outcome(self) -> str:
@@ -130,6 +135,8 @@ class RunInfo:
         slide_review_threshold: float | None = None,
         colour_check: str = "off",
         not_classified: Sequence[str] = (),
+        model_verdict: str = "not recorded",
+        unvalidated: bool = False,
     ) -> RunInfo:
         """Fill in what the machine knows (host, user, version, command line, start time)."""
         from bcc_desk import __version__
@@ -152,6 +159,8 @@ class RunInfo:
             slide_review_threshold=slide_review_threshold,
             colour_check=colour_check,
             not_classified=list(not_classified),
+            model_verdict=model_verdict,
+            unvalidated=unvalidated,
         )
 
 
@@ -176,6 +185,8 @@ def run_info(
         slide_review_threshold=classifier.slide_review_threshold if classifier.slide_consensus else None,
         colour_check=_on_off(sum(b.meta.colour is not None for b in classifier.bundles), len(classifier.bundles)),
         not_classified=not_classified,
+        model_verdict="; ".join(verdict_text(b.meta) for b in classifier.bundles),
+        unvalidated=any(b.meta.verdict is not None and not b.meta.verdict.fit_for_use for b in classifier.bundles),
     )
 
 
@@ -494,6 +505,7 @@ def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo, l
         tag = "model" if len(run.models) == 1 else f"model {i}"
         fields += [(tag, name, None), (f"{tag} sha256", sha, None)]
     fields += [
+        ("model verdict", run.model_verdict, None),
         ("classes", "; ".join(run.classes), None),
         ("review threshold", _number(run.review_threshold), PERCENT),
         ("slide consensus", "off: every image judged alone" if run.slide_review_threshold is None else
@@ -533,6 +545,7 @@ def _run_sheet(ws: Worksheet, predictions: Sequence[Prediction], run: RunInfo, l
 
 
 NOT_CLASSIFIED_SHEET = "Not classified"
+UNVALIDATED_WARNING = "MODEL NOT VALIDATED: its trainer did not find it fit for use (see the Run sheet)"
 
 
 def _outcome(run: RunInfo, done: int) -> str:
@@ -571,6 +584,9 @@ def _print_setup(ws: Worksheet, run: RunInfo) -> None:
     ws.oddFooter.left.size = ws.oddFooter.center.size = ws.oddFooter.right.size = 8
     if ws.title == "Slides":
         ws.oddHeader.center.text = _footer_text(DECISION_AID)
+    if run.unvalidated:  # on every printed page: nobody may read these labels as a validated model's
+        ws.oddHeader.left.text = UNVALIDATED_WARNING
+        ws.oddHeader.left.color = "B00020"
 
 
 def _footer_text(s: str, limit: int = 100) -> str:

@@ -332,6 +332,44 @@ def colour_check(
     )
 
 
+EXIT_NOT_VALIDATED = 4
+
+
+def say_verdict(verdict) -> None:
+    """The verdict's last lines: a WARNING block a data person cannot miss when it is not fit."""
+    if verdict.fit_for_use:
+        typer.echo(f"verdict: fit for use ({verdict.rule})")
+        return
+    lines = ["WARNING: this model is NOT VALIDATED, and bcc classify, bcc watch and bcc-desk will run it only with",
+             "--allow-unvalidated (every report page then says so). Why:", *(f"  - {r}" for r in verdict.reasons),
+             f"The rule: {verdict.rule}."]
+    console.print(Text("\n".join(lines), style="bold yellow"), highlight=False, soft_wrap=True)
+
+
+@app.command(cls=Command, epilog="Exit codes: 0 fit for use; 2 a usage error; 4 not validated (the bundle records why).")
+def verdict(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle folder (its verdict is recorded in it).", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="The data folder the bundle was trained on.", show_default=False)],
+    split: Annotated[Path, typer.Option(help="RUN/split.csv of that training run.")],
+) -> None:
+    """Judge BUNDLE by its validation figures and record the verdict in it: fit for use, or not
+    validated with the reasons (`fit` and `ensemble` do it for every model they write)."""
+    from bcc_desk.bundle import BundleError, read_meta, record_verdict
+    from trainer.split import Split
+    from trainer.verdict import judge
+
+    try:
+        meta = read_meta(bundle)
+        val = Split.load(split, data)
+        result = judge(meta, [val.classes[i] for i in val.labels("val")])
+        record_verdict(bundle, result)
+    except (BundleError, ValueError) as exc:
+        fail(str(exc))
+    say_verdict(result)
+    if not result.fit_for_use:
+        raise typer.Exit(EXIT_NOT_VALIDATED)
+
+
 @app.command(cls=Command)
 def ensemble(
     members: Annotated[list[Path], typer.Argument(help="Two or more bundle folders, trained on the same split.", show_default=False)],

@@ -1,0 +1,68 @@
+"""The trainer's verdict on a bundle (issue #37): "fit for use" only where validation was large
+enough to measure the model and it passed there; otherwise "not validated", with the reasons.
+
+The rule, stated once (`RULE`) and stored with every verdict:
+
+* validation holds at least `MIN_VAL_PER_CLASS` images of every class: fewer cannot tell a
+  useful model from a lucky one (the Wilson interval of 20 images right spans 84-100%);
+* the review promise holds on validation: the images left unflagged by the review threshold are
+  at least 99% right in every numerics the application runs (`val_accuracy_unflagged`), with at
+  most `MAX_FLAGGED` of them flagged for low confidence;
+* the Wilson 95% lower bound of the validation accuracy is at least `ACCURACY_FLOOR`.
+
+It reads what `fit`, `ensemble` and `bcc-train int8` record in the bundle's metrics, so it judges
+any bundle the trainer wrote (`bcc-train verdict`), the shipped one included.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from bcc_desk.bundle_meta import BundleMeta, Verdict
+from bcc_desk.verdict import wilson_interval
+
+MIN_VAL_PER_CLASS = 20
+ACCURACY_FLOOR = 0.85
+MAX_FLAGGED = 0.25
+TARGET = 0.99
+RULE = (f"fit for use when validation holds at least {MIN_VAL_PER_CLASS} images of every class, the images its review "
+        f"threshold leaves unflagged are at least {TARGET:.0%} right there in every numerics the application runs with at "
+        f"most {MAX_FLAGGED:.0%} flagged, and the Wilson 95% lower bound of its validation accuracy is at least "
+        f"{ACCURACY_FLOOR:.0%}")
+
+
+def judge(meta: BundleMeta, val_classes: Sequence[str]) -> Verdict:
+    """The verdict on `meta`'s recorded validation figures; `val_classes` is the true class of
+    each validation image (folder or display names)."""
+    reasons = []
+    counts = Counter(meta.class_index(c) for c in val_classes)
+    per_class = {label: counts.get(i, 0) for i, label in enumerate(meta.labels)}
+    small = {c: n for c, n in per_class.items() if n < MIN_VAL_PER_CLASS}
+    if small:
+        reasons.append(f"validation too small to measure it ({', '.join(f'{c}: {n}' for c, n in small.items())} images; "
+                       f"at least {MIN_VAL_PER_CLASS} of each class needed)")
+    n = sum(per_class.values())
+    accuracy = meta.metrics.get("val_accuracy")
+    if not isinstance(accuracy, (int, float)) or n == 0:
+        reasons.append("no validation accuracy recorded")
+    else:
+        low = wilson_interval(round(accuracy * n), n)[0]
+        if low < ACCURACY_FLOOR:
+            reasons.append(f"validation accuracy {accuracy:.1%} of {n} images (95% CI from {low:.1%}), under the floor "
+                           f"of {ACCURACY_FLOOR:.0%}")
+    reasons += _promise(meta.metrics)
+    return Verdict(fit_for_use=not reasons, reasons=reasons, rule=RULE)
+
+
+def _promise(metrics: Mapping[str, object]) -> list[str]:
+    unflagged = metrics.get("val_accuracy_unflagged")
+    flagged = metrics.get("val_flagged_low_confidence")
+    if not isinstance(unflagged, dict) or not unflagged or not isinstance(flagged, (int, float)):
+        return ["no review promise recorded on validation"]
+    short = {k: v for k, v in unflagged.items() if not isinstance(v, (int, float)) or v < TARGET}
+    if short or flagged > MAX_FLAGGED + 1e-9:
+        right = ", ".join(f"{v:.1%} ({k})" if isinstance(v, (int, float)) else f"none ({k})" for k, v in unflagged.items())
+        return [f"the review promise does not hold on validation: unflagged {right} right with {flagged:.0%} flagged "
+                f"(at least {TARGET:.0%} right with at most {MAX_FLAGGED:.0%} flagged needed)"]
+    return []
