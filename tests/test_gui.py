@@ -20,7 +20,7 @@ import openpyxl
 import pytest
 from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QAction, QDropEvent, QKeySequence, QTextDocument
-from PySide6.QtWidgets import QDialogButtonBox, QTableWidget, QTableWidgetItem
+from PySide6.QtWidgets import QDialogButtonBox, QMessageBox, QTableWidget, QTableWidgetItem
 from watchdog.utils import BaseThread
 
 from bcc_desk.bundle import load_bundle
@@ -1004,3 +1004,130 @@ def test_export_to_pdf_and_the_signature_in_the_workbook(qtbot, lab_done: MainWi
     qtbot.waitUntil(lambda: "Report written" in window.statusBar().currentMessage(), timeout=30_000)
     assert chosen.with_name(chosen.name + ".pdf").read_bytes().startswith(b"%PDF")
     assert not window.session.unexported_reviews
+
+
+# ---------------------------------------------------------------------------------------------
+# A model its trainer did not find fit for use (#37): asked before it runs, said on every page
+
+UNFIT_REASON = "validation too small to measure it (Benign: 3 images)"
+
+
+@pytest.fixture(scope="module")
+def unfit_bundle(tmp_path_factory) -> Path:
+    from bcc_desk.bundle import Verdict, record_verdict
+
+    folder = make_bundle(tmp_path_factory.mktemp("gui-unfit") / "unfit", seed=2)
+    record_verdict(folder, Verdict(False, [UNFIT_REASON], "at least 25 validation images of every class"))
+    return folder.resolve()
+
+
+@pytest.fixture()
+def few(tmp_path: Path, real_images) -> Path:
+    """One real image of each class in one slide folder: a run of a few seconds."""
+    return slide_folders(tmp_path / "few", real_images, 1, ("slide-1",), empty_file=False)
+
+
+def _pick_in_dialog(monkeypatch, folder: Path) -> None:
+    """Model > Model... ticks `folder` alone and is accepted (no modal loop)."""
+    def accept(dialog: ModelDialog) -> int:
+        if folder not in dialog.listed_folders():
+            assert dialog.add_bundle(folder)  # "Add bundle folder..."
+        for i, listed in enumerate(dialog.listed_folders()):
+            dialog.list.item(i).setCheckState(Qt.CheckState.Checked if listed == folder else Qt.CheckState.Unchecked)
+        return ModelDialog.DialogCode.Accepted
+
+    monkeypatch.setattr("bcc_desk.gui.main_window.ModelDialog.exec", accept)
+
+
+def _answer_unvalidated(window: MainWindow, button, asked: list[str]) -> None:
+    """Click `button` in the real question box once `confirm_unvalidated` shows it."""
+    tries = itertools.count()
+
+    def click() -> None:
+        box = window.unvalidated_box
+        if box is None:
+            if next(tries) < 500:
+                QTimer.singleShot(10, click)
+            return
+        asked.append(box.text())
+        assert box.defaultButton() is box.button(QMessageBox.StandardButton.No)
+        box.button(button).click()
+
+    QTimer.singleShot(0, click)
+
+
+def test_the_model_dialog_marks_a_model_that_is_not_validated(qtbot, bundle: Path, unfit_bundle: Path) -> None:
+    from bcc_desk.gui.model_dialog import NOT_VALIDATED_MARK
+
+    dialog = ModelDialog(ModelChoice((unfit_bundle,), allow_unvalidated=True), known=[bundle])
+    qtbot.addWidget(dialog)
+    folders = dialog.listed_folders()
+    unfit = dialog.list.item(folders.index(unfit_bundle))
+    fit = dialog.list.item(folders.index(bundle.resolve()))
+    assert unfit.text().endswith(NOT_VALIDATED_MARK) and NOT_VALIDATED_MARK not in fit.text()
+    assert unfit.foreground().color() == ERROR_TEXT and UNFIT_REASON in unfit.toolTip()
+    dialog.list.setCurrentItem(unfit)
+    assert "NOT VALIDATED: " + UNFIT_REASON in dialog.details.toPlainText()
+    # The confirmation holds while the same bundles stay ticked, and goes with another bundle.
+    assert dialog.choice().allow_unvalidated
+    fit.setCheckState(Qt.CheckState.Checked)
+    assert not dialog.choice().allow_unvalidated and not dialog.choice().options().allow_unvalidated
+    fit.setCheckState(Qt.CheckState.Unchecked)
+    assert dialog.choice().allow_unvalidated and dialog.choice().options().allow_unvalidated
+
+
+def test_declining_a_model_that_is_not_validated_keeps_the_model_in_use(qtbot, window: MainWindow, unfit_bundle: Path,
+                                                                         monkeypatch) -> None:
+    before, remembered = window.choice, window.settings.model_dirs
+    _pick_in_dialog(monkeypatch, unfit_bundle)
+    asked: list[str] = []
+    _answer_unvalidated(window, QMessageBox.StandardButton.No, asked)
+    window.model_action.trigger()  # Model > Model...
+    assert asked == [f"Model test-convnext_atto-2 is not validated: {UNFIT_REASON}. Its labels cannot be trusted. "
+                     "Run it anyway? Every page of its reports will say so."]
+    assert window.choice == before and window.settings.model_dirs == remembered
+    assert "NOT VALIDATED" not in window.model_label.text()
+
+
+def test_a_confirmed_model_that_is_not_validated_runs_and_every_page_says_so(qtbot, window: MainWindow, unfit_bundle: Path,
+                                                                               few: Path, tmp_path: Path, settings: QSettings,
+                                                                               monkeypatch) -> None:
+    _pick_in_dialog(monkeypatch, unfit_bundle)
+    asked: list[str] = []
+    _answer_unvalidated(window, QMessageBox.StandardButton.Yes, asked)
+    window.model_action.trigger()
+    assert len(asked) == 1
+    assert window.choice.model_dirs == (unfit_bundle,) and window.choice.allow_unvalidated
+    assert "NOT VALIDATED" in window.model_label.text() and UNFIT_REASON in window.model_label.toolTip()
+    # The model is remembered; the confirmation is not (it holds for this session).
+    assert window.settings.model_dirs == [unfit_bundle]
+    settings.sync()
+    assert not [k for k in settings.allKeys() if "unvalid" in k.lower() or "allow" in k.lower()]
+    monkeypatch.setattr(window, "confirm_unvalidated", lambda metas: pytest.fail("asked twice"))
+    assert run(qtbot, window, few) is True
+    assert window.model.rowCount() == len(discover_images(few))
+    xlsx = window.export_report(tmp_path / "unfit.xlsx")
+    assert run_sheet(xlsx)["model verdict"].startswith("NOT VALIDATED")
+    assert UNFIT_REASON in run_sheet(xlsx)["model verdict"]
+    assert openpyxl.load_workbook(xlsx)["Images"].oddHeader.left.text.startswith("MODEL NOT VALIDATED")
+
+
+def test_a_window_started_with_a_model_that_is_not_validated_asks_before_its_first_run(
+    qtbot, make_window, unfit_bundle: Path, few: Path, tmp_path: Path
+) -> None:
+    window = make_window(choice=None, model_dirs=[unfit_bundle])  # as `bcc-desk -m FOLDER`, or remembered
+    assert not window.choice.allow_unvalidated and "NOT VALIDATED" in window.model_label.text()
+    messages: list[str] = []
+    window.error_shown.connect(messages.append)
+    answers: list[bool] = [False, True]
+    asked: list[list] = []
+    window.confirm_unvalidated = lambda metas: asked.append(metas) or answers.pop(0)
+    window.open_folder(few)  # declined: nothing runs
+    assert [m.name for m in asked[0]] == ["test-convnext_atto-2"]
+    assert not window.is_running() and window.root is None and window.model.rowCount() == 0
+    assert messages and "not validated" in messages[-1] and UNFIT_REASON in messages[-1] and "Model" in messages[-1]
+    assert not window.choice.allow_unvalidated
+    assert run(qtbot, window, few) is True  # confirmed this time
+    assert len(asked) == 2 and window.choice.allow_unvalidated
+    assert window.model.rowCount() == len(discover_images(few))
+    assert run_sheet(window.export_report(tmp_path / "r.xlsx"))["model verdict"].startswith("NOT VALIDATED")

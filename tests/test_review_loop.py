@@ -68,7 +68,9 @@ def loop(tmp_path_factory, all4: Path) -> dict:
         "fit", str(data), "--out", str(run), "--init-bundle", str(DEFAULT_MODEL_DIR), "--split", str(base / "parent-split.csv"),
         "--epochs", "1", "--batch-size", "8", "--workers", "2", "--no-int8", "--device", "cpu", "--name", "lab-ft-1",
     ])
-    assert r.exit_code == 0, r.output
+    # Ten images a class: too few to measure the model, which the trainer says (exit code 4), and the
+    # bundle runs in bcc-desk only when told to.
+    assert r.exit_code == train_cli.EXIT_NOT_VALIDATED and "NOT VALIDATED" in r.output, r.output
     return {"base": base, "data": data, "case": case, "workbook": workbook, "reviewed": reviewed, "before": before,
             "session": session, "imported_output": imported_output, "run": run, "parent_split": parent_split}
 
@@ -163,7 +165,7 @@ def test_compare_reads_both_models_on_the_same_images(loop: dict) -> None:
     for key, bundle in (("a", DEFAULT_MODEL_DIR), ("b", child)):
         report = loop["base"] / f"report-{key}.xlsx"
         r = runner.invoke(bcc_cli.app, ["classify", str(loop["data"]), "-m", str(bundle), "-o", str(report), "--device", "cpu",
-                                        "--no-slide-consensus"])
+                                        "--no-slide-consensus", "--allow-unvalidated"])
         assert r.exit_code == 0, r.output
         wb = openpyxl.load_workbook(report, read_only=True)
         rows = list(wb["Images"].iter_rows(values_only=True))

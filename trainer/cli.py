@@ -189,6 +189,19 @@ def fit(
         fail(f"interrupted; run the same command again to resume from {cfg.out / 'last.pt'}", code=130)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"bundle: {bundle}")
+        _end_with_verdict(bundle)
+
+
+def _end_with_verdict(bundle: Path) -> None:
+    """Say the bundle's verdict last, and exit 4 when it is not validated.  Not under torchrun:
+    it reports any exit code but 0 as its own crash, with a traceback; the WARNING block says it."""
+    from bcc_desk.bundle import read_meta
+
+    verdict = read_meta(bundle).verdict
+    if verdict is not None:
+        say_verdict(verdict)
+        if not verdict.fit_for_use and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise typer.Exit(EXIT_NOT_VALIDATED)
 
 
 def _parent_settings(bundle: Path) -> dict[str, object]:
@@ -400,6 +413,7 @@ def ensemble(
         f"review threshold {meta.review_threshold:.3f} (flags {m.get('val_flagged_low_confidence', 0):.1%})"
         + (f", int8 {'added' if meta.int8 else 'not added'}" if int8 else "")
     )
+    _end_with_verdict(out)
 
 
 @app.command(cls=Command)

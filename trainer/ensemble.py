@@ -40,6 +40,7 @@ from trainer.metrics import (
 )
 from trainer.review_threshold import app_predictions, validation_truth
 from trainer.split import Split
+from trainer.verdict import judge_bundle
 
 log = logging.getLogger("bcc-train")
 
@@ -95,6 +96,7 @@ def build_ensemble(
         settle_for_app(out, data, Path(split_csv), split, workers=workers, ood_dir=ood_dir, int8=int8)
         if colour:  # profiled again at the ensemble's input size, its cut-off settled for the ensemble
             add_colour_check(out, data, Path(split_csv), workers=workers)
+        judge_bundle(out, split)
     except BaseException:
         # Half a bundle (placeholder thresholds) must not be mistaken for a model.
         for f in out.iterdir():

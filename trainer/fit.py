@@ -11,8 +11,10 @@ import csv
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,7 +35,7 @@ from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
 from trainer.schedule import class_weights, epoch_cost, epoch_order, lr_factor, seconds_left, train_size
-from trainer.split import Split, data_fingerprint, make_split
+from trainer.split import Split, data_fingerprint, list_dataset, make_split
 
 log = logging.getLogger("bcc-train")
 
@@ -320,14 +322,27 @@ def fit(cfg: FitConfig) -> Path:
             dist.destroy_process_group()
 
 
+MIN_IMAGES_PER_CLASS = 10
+"""Fewer images of a class cannot give training, validation and test each a share of it."""
+
+
 def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    parent = _parent_bundle(cfg) if cfg.init_bundle else None  # a bad bundle fails before the split's minutes
-    split = _split(cfg, env, out)
-    if parent is not None:
-        split.classes = _classes_as_parent(split.classes, parent.meta, cfg.init_bundle)
+    try:
+        parent = _parent_bundle(cfg) if cfg.init_bundle else None  # a bad bundle fails before the split's minutes
+        if not (out / "split.csv").is_file():  # a resumed run was checked when it started
+            _check_class_sizes(cfg.data, parent.meta if parent is not None else None, cfg.init_bundle)
+        split = _split(cfg, env, out)
+        if parent is not None:
+            split.classes = _classes_as_parent(split.classes, parent.meta, cfg.init_bundle)
+        _check_parts(split)
+    except FitError:
+        if created and env.main:  # a run refused before it trained leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     classes = split.classes
     dtype = pick_precision(device, cfg.precision)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
@@ -527,6 +542,9 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
 
     settle_colour_check(bundle, [cfg.data / p for p in split.paths("val")], cfg.data, validation_truth(split, meta),
                         precision="int8" if with_int8 else "fp32", workers=min(cfg.workers, 4))
+    from trainer.verdict import judge_bundle
+
+    judge_bundle(bundle, split)  # last: it reads every figure the steps above recorded
     return bundle
 
 
@@ -671,6 +689,31 @@ def _make_mixup(cfg: FitConfig, n_classes: int):
         raise FitError("--mixup/--cutmix need an even --batch-size")
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                  num_classes=n_classes)
+
+
+def _check_class_sizes(data: Path, parent: BundleMeta | None, where: Path | None) -> None:
+    """FitError, before any image is hashed or trained on, when the classes are not the parent's
+    (a fine-tune) or a class has too few images."""
+    try:
+        counts = Counter(c for _, c in list_dataset(data))
+    except ValueError as exc:
+        raise FitError(str(exc)) from None
+    if parent is not None:
+        _classes_as_parent(sorted(counts), parent, where)
+    small = {c: n for c, n in counts.items() if n < MIN_IMAGES_PER_CLASS}
+    if small:
+        raise FitError(f"too few images to train and judge a model: {', '.join(f'{c} {n}' for c, n in small.items())} "
+                       f"(each class needs at least {MIN_IMAGES_PER_CLASS}, for training, validation and test)")
+
+
+def _check_parts(split: Split) -> None:
+    """FitError when a class is missing from training or validation (a given split can leave one out)."""
+    counts = split.counts()
+    empty = [f"{c} has no {part} image" for part in ("train", "val") for c, n in counts[part].items() if n == 0]
+    if empty:
+        raise FitError(f"the split cannot train and judge every class: {'; '.join(empty)} "
+                       f"(train {sum(counts['train'].values())}, val {sum(counts['val'].values())}, "
+                       f"test {sum(counts['test'].values())} images)")
 
 
 def _split(cfg: FitConfig, env: Dist, out: Path) -> Split:

@@ -16,11 +16,17 @@ any bundle the trainer wrote (`bcc-train verdict`), the shipped one included.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from bcc_desk.bundle import read_meta, record_verdict
 from bcc_desk.bundle_meta import BundleMeta, Verdict
 from bcc_desk.verdict import wilson_interval
+from trainer.split import Split
+
+log = logging.getLogger("bcc-train")
 
 MIN_VAL_PER_CLASS = 20
 ACCURACY_FLOOR = 0.85
@@ -66,3 +72,13 @@ def _promise(metrics: Mapping[str, object]) -> list[str]:
         return [f"the review promise does not hold on validation: unflagged {right} right with {flagged:.0%} flagged "
                 f"(at least {TARGET:.0%} right with at most {MAX_FLAGGED:.0%} flagged needed)"]
     return []
+
+
+def judge_bundle(bundle_dir: Path, split: Split) -> Verdict:
+    """Judge the bundle at `bundle_dir` on its recorded figures and `split`'s validation part, and
+    record the verdict in it (the last step of `fit` and `ensemble`)."""
+    verdict = judge(read_meta(bundle_dir), [split.classes[i] for i in split.labels("val")])
+    record_verdict(bundle_dir, verdict)
+    if not verdict.fit_for_use:
+        log.warning("the model is NOT VALIDATED: %s", "; ".join(verdict.reasons))
+    return verdict

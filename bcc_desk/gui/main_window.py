@@ -4,6 +4,7 @@ Automation API (used by the tests and usable from a script):
 
     window = MainWindow(model_dirs=[bundle], settings=QSettings(ini, QSettings.IniFormat))
     window.open_folder(folder)                  # starts classifying at once, in a thread
+    window.confirm_unvalidated(metas)           # asked before a model its trainer found unfit runs
     window.classification_finished             # Signal(bool): True when every image was done
     window.set_review("slide/img.jpg", "Benign")
     window.export_report(path)                  # -> the path written (the CLI's writer)
@@ -57,15 +58,15 @@ from PySide6.QtWidgets import (
 )
 
 from bcc_desk import __version__
-from bcc_desk.bundle_meta import BundleError, read_meta
+from bcc_desk.bundle_meta import BundleError, BundleMeta, read_meta, verdict_text
 from bcc_desk.classify_process import ClassifierProcess
 from bcc_desk.colour import colour_advice
 from bcc_desk.gui.delegates import ConfidenceDelegate
 from bcc_desk.gui.image_pane import ImagePane
 from bcc_desk.gui.jobs import submit
 from bcc_desk.gui.model_dialog import ModelDialog
-from bcc_desk.gui.models import ModelChoice, ModelStore
-from bcc_desk.gui.palette import class_name
+from bcc_desk.gui.models import ModelChoice, ModelStore, not_validated, unvalidated_question
+from bcc_desk.gui.palette import ERROR_TEXT, class_name
 from bcc_desk.gui.settings import AppSettings
 from bcc_desk.gui.slide_summary import SlideDetailsDialog, SlideSummary
 from bcc_desk.gui.table_model import (
@@ -234,6 +235,8 @@ class MainWindow(QMainWindow):
         self.about_action = self._action("&About bcc-desk", self._about)
         self.shortcuts_dialog: QDialog | None = None
         self.about_box: QMessageBox | None = None
+        self.unvalidated_box: QMessageBox | None = None
+        """The question `confirm_unvalidated` asks, while it is asked."""
 
     def _build_menus(self) -> None:
         bar = self.menuBar()
@@ -399,11 +402,15 @@ class MainWindow(QMainWindow):
             self.model_label.setText("no usable model")
             self._notify(f"model: {exc}")
             metas = []
+        unvalidated = not_validated(metas)
         if metas:
             self.classes = list(metas[0].labels)  # the names the classifier will report
             names = " + ".join(m.name for m in metas)
-            extras = [x for x, on in (("TTA", choice.tta), ("ensemble", len(metas) > 1)) if on]
+            extras = [x for x, on in (("NOT VALIDATED", bool(unvalidated)), ("TTA", choice.tta), ("ensemble", len(metas) > 1))
+                      if on]
             self.model_label.setText(f"model: {names}" + (f" ({', '.join(extras)})" if extras else ""))
+        self.model_label.setStyleSheet(f"color: {ERROR_TEXT.name()}; font-weight: bold" if unvalidated else "")
+        self.model_label.setToolTip("\n".join(f"{m.name}: {verdict_text(m)}" for m in unvalidated))
         # The setting until a run says what it became (e.g. 'cpu (int8+fp32)'): finding out here
         # would load torch into this process, which never runs a network to classify.
         self.device_label.setText(f"device: {choice.device}")
@@ -412,14 +419,21 @@ class MainWindow(QMainWindow):
         self.image_pane.set_classes(self.classes)
         first = choice.model_dirs[0] if choice.model_dirs else None
         self.image_pane.set_cam_source((lambda: self.store.cam_model(first)) if first and metas else None)
-        if metas:  # torch's import and the weights load now, while the user picks a folder
+        # torch's import and the weights load now, while the user picks a folder (not for a model
+        # that cannot run until the user confirms it)
+        if metas and (choice.allow_unvalidated or not unvalidated):
             self.engine.prepare(choice.model_dirs, choice.options())
 
     def choose_model(self) -> None:
         dialog = ModelDialog(self.choice, self.settings.known_models, self)
         if dialog.exec() != ModelDialog.DialogCode.Accepted:
             return
-        self.set_choice(dialog.choice(), remember=True)
+        choice = dialog.choice()
+        if unconfirmed := self.unconfirmed(choice):
+            if not self.confirm_unvalidated(unconfirmed):
+                return  # the model in use stays
+            choice = replace(choice, allow_unvalidated=True)
+        self.set_choice(choice, remember=True)
         self.settings.known_models = dialog.listed_folders()
         if self.root is not None and self.model.rowCount():
             answer = QMessageBox.question(self, "bcc-desk", "Classify the open folder again with this model?")
@@ -427,9 +441,12 @@ class MainWindow(QMainWindow):
                 self.rerun()
 
     def set_choice(self, choice: ModelChoice, remember: bool = False) -> None:
-        """Use another model/ensemble/device/TTA/threshold from the next run on."""
+        """Use another model/ensemble/device/TTA/threshold from the next run on.  A bundle its
+        trainer did not find fit for use runs only with `choice.allow_unvalidated`, or once the
+        user confirms it (`confirm_unvalidated`, asked by the next run); that confirmation is never
+        remembered."""
         self._apply_choice(choice)
-        if remember:
+        if remember:  # all but `allow_unvalidated`: a confirmation holds for this session only
             self.settings.model_dirs = list(choice.model_dirs)
             self.settings.device = choice.device
             self.settings.tta = choice.tta
@@ -439,17 +456,60 @@ class MainWindow(QMainWindow):
             self._stop_watch()
             self._start_watch()
 
+    def unconfirmed(self, choice: ModelChoice | None = None) -> list[BundleMeta]:
+        """The bundles of `choice` (default: the one in use) that their trainer did not find fit
+        for use and that the user has not confirmed running; empty when it may run as it is."""
+        choice = choice or self.choice
+        if choice.allow_unvalidated:
+            return []
+        try:
+            return not_validated([read_meta(d) for d in choice.model_dirs])
+        except BundleError:
+            return []  # not a usable model at all: the run says why
+
+    def confirm_unvalidated(self, metas: list[BundleMeta]) -> bool:
+        """Ask whether to run the bundles `metas` although they are not validated (Yes/No, No by
+        default); True for Yes.  While asked, the box is `unvalidated_box`."""
+        box = QMessageBox(QMessageBox.Icon.Warning, "bcc-desk \u2014 model not validated", unvalidated_question(metas),
+                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self)
+        box.setDefaultButton(QMessageBox.StandardButton.No)
+        box.setEscapeButton(QMessageBox.StandardButton.No)
+        self.unvalidated_box = box
+        try:
+            return box.exec() == QMessageBox.StandardButton.Yes
+        finally:
+            self.unvalidated_box = None
+            box.deleteLater()
+
+    def _confirm_choice(self) -> bool:
+        """Whether the model in use may run: validated, confirmed already, or confirmed now (for
+        this session).  Declined: a message says why nothing runs and how to run it anyway."""
+        unconfirmed = self.unconfirmed()
+        if not unconfirmed:
+            return True
+        if self.confirm_unvalidated(unconfirmed):
+            self._apply_choice(replace(self.choice, allow_unvalidated=True))
+            return True
+        said = "; ".join(f"{m.name}: {verdict_text(m)}" for m in unconfirmed)
+        self._notify(f"Not classified: the model is not validated ({said}). To run it anyway, confirm it in "
+                     "Model \u203a Model\u2026, or choose another model there.")
+        return False
+
     # =========================================================================================
     # Running
     def open_folder(self, path: Path | str) -> None:
         """Classify every image under `path` (a slide folder, or a folder of slide folders).
 
         Returns at once; rows arrive as they are classified and `classification_finished`
-        fires at the end.  A run already going is cancelled first."""
+        fires at the end.  A run already going is cancelled first.  A model its trainer did not
+        find fit for use, not yet confirmed, is asked about first (`confirm_unvalidated`); declined,
+        nothing runs and the run going on, if any, goes on."""
         root = Path(path).expanduser()
         if not root.exists():
             raise FileNotFoundError(f"no such folder: {root}")
         root = root.resolve()
+        if not self._confirm_choice():
+            return
         if self.is_watching():
             if root == self.root:  # the same folder again: watch it again once classified
                 self._resume_watch = root
@@ -477,6 +537,8 @@ class MainWindow(QMainWindow):
         return self._thread is not None
 
     def _start(self, root: Path) -> None:
+        if not self._confirm_choice():  # a run that waited for another, the model changed since
+            return
         if problem := self.session.start(root):  # the same folder again keeps the reviews made so far
             self._notify(problem)  # a bad slides.csv: the run goes on, without identities
         self.image_pane.show_prediction(None, None)
@@ -636,6 +698,10 @@ class MainWindow(QMainWindow):
 
         root = self.root
         assert root is not None
+        if not self._confirm_choice():
+            self.settings.watched_folder = ""
+            self._update_watch_action()
+            return
         old = self._watch
         if old is not None:  # still finishing (turned off a moment ago): it holds the lock
             old.stop()

@@ -1,5 +1,7 @@
 """The model picker: which bundle (or bundles: an ensemble), on which device, with or without
-test-time augmentation, and which review threshold.
+test-time augmentation, and which review threshold.  A bundle its trainer did not find fit for use
+is marked "not validated" (its reasons in the tooltip and the details); the window asks before it
+runs one.
 
 It reads only `bundle.json` (no weights), so browsing bundles is instant; the weights are
 verified when a folder is classified.
@@ -7,6 +9,7 @@ verified when a folder is classified.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import Qt
@@ -27,11 +30,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from bcc_desk.bundle_meta import BundleError, BundleMeta, describe, format_value, read_meta
-from bcc_desk.gui.models import ModelChoice
+from bcc_desk.bundle_meta import BundleError, BundleMeta, describe, format_value, read_meta, verdict_text
+from bcc_desk.gui.models import ModelChoice, not_validated
+from bcc_desk.gui.palette import ERROR_TEXT
 from bcc_desk.paths import DEFAULT_MODEL_DIR
 
 _PATH_ROLE = Qt.ItemDataRole.UserRole + 1
+NOT_VALIDATED_MARK = "(not validated)"
+"""What a bundle's list entry says when its trainer did not find it fit for use."""
 
 
 def describe_html(meta: BundleMeta, folder: Path) -> str:
@@ -39,7 +45,11 @@ def describe_html(meta: BundleMeta, folder: Path) -> str:
     `bcc info` shows, the review threshold and metrics as percentages like the threshold box."""
     rows = [("folder", str(folder)), *describe(meta, percent=True)]
     metrics = [(k, format_value(v, percent=True)) for k, v in meta.metrics.items()]
-    html = [f"<h3>{_esc(meta.name)}</h3><table cellspacing='2'>"]
+    html = [f"<h3>{_esc(meta.name)}</h3>"]
+    if not_validated([meta]):
+        html.append(f"<p style='color:{ERROR_TEXT.name()}'><b>{_esc(verdict_text(meta))}</b><br>Its labels cannot be "
+                    "trusted; the app asks before it runs it, and every page of its reports says so.</p>")
+    html.append("<table cellspacing='2'>")
     html += [f"<tr><td><b>{_esc(k)}</b></td><td>{_esc(v)}</td></tr>" for k, v in rows]
     html.append("</table><h4>Metrics (val_: the validation split, test_: the test split)</h4><table cellspacing='2'>")
     html += [f"<tr><td><b>{_esc(k)}</b></td><td align='right'>{_esc(v)}</td></tr>" for k, v in metrics]
@@ -59,6 +69,7 @@ class ModelDialog(QDialog):
     def __init__(self, choice: ModelChoice, known: list[Path], parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Model")
+        self._initial = choice
         self.resize(760, 520)
         self.list = QListWidget()
         self.list.currentItemChanged.connect(self._show_details)
@@ -131,11 +142,15 @@ class ModelDialog(QDialog):
         except BundleError as exc:
             self._say(str(exc))
             return False
-        item = QListWidgetItem(f"{meta.name}  ({meta.arch}, {folder.name})")
+        unvalidated = bool(not_validated([meta]))
+        mark = f"  {NOT_VALIDATED_MARK}" if unvalidated else ""
+        item = QListWidgetItem(f"{meta.name}  ({meta.arch}, {folder.name}){mark}")
         item.setData(_PATH_ROLE, str(folder))
         item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
         item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
-        item.setToolTip(str(folder))
+        item.setToolTip(f"{folder}\nverdict: {verdict_text(meta)}" if unvalidated else str(folder))
+        if unvalidated:
+            item.setForeground(ERROR_TEXT)
         self.list.addItem(item)
         self.list.setCurrentItem(item)
         return True
@@ -170,13 +185,16 @@ class ModelDialog(QDialog):
         return [Path(self.list.item(i).data(_PATH_ROLE)) for i in range(self.list.count())]
 
     def choice(self) -> ModelChoice:
-        return ModelChoice(
+        """The choice as set now; a confirmation to run unvalidated bundles carries over only
+        while the same bundles stay ticked."""
+        choice = ModelChoice(
             model_dirs=tuple(self.checked_folders()),
             device=self.device.currentText().strip() or "auto",
             tta=self.tta.isChecked(),
             review_threshold=None if self.own_threshold.isChecked() else self.threshold.value() / 100,
             slide_consensus=self.slide_consensus.isChecked(),
         )
+        return replace(choice, allow_unvalidated=self._initial.allow_unvalidated and choice.same_bundles(self._initial))
 
     def _accept(self) -> None:
         folders = self.checked_folders()

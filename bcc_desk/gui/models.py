@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bcc_desk.bundle_meta import InputSpec, bundle_fingerprint
+from bcc_desk.bundle_meta import BundleMeta, InputSpec, bundle_fingerprint
 from bcc_desk.options import ClassifierOptions
 
 if TYPE_CHECKING:
@@ -35,6 +35,14 @@ class ModelChoice:
     """None: the classifier decides by the size of the folder."""
     batch_size: int | None = None
     workers: int = 2
+    allow_unvalidated: bool = False
+    """The user confirmed, this session, running these bundles although their trainer did not find
+    them fit for use (`not_validated`).  Never remembered between sessions; a choice of other
+    bundles starts without it (`same_bundles`)."""
+
+    def same_bundles(self, other: ModelChoice) -> bool:
+        """Whether `other` runs the same bundle folders (in any order): a confirmation carries over."""
+        return {Path(d).resolve() for d in self.model_dirs} == {Path(d).resolve() for d in other.model_dirs}
 
     def options(self) -> ClassifierOptions:
         """The engine's options for this choice (the same names `bcc classify` uses)."""
@@ -42,7 +50,21 @@ class ModelChoice:
         # whose hold on its own GIL cannot freeze the window.
         return ClassifierOptions(device=self.device, tta=self.tta, review_threshold=self.review_threshold,
                                  slide_consensus=self.slide_consensus,
-                                 batch_size=self.batch_size, workers=self.workers, compile=self.compile)
+                                 batch_size=self.batch_size, workers=self.workers, compile=self.compile,
+                                 allow_unvalidated=self.allow_unvalidated)
+
+
+def not_validated(metas: list[BundleMeta]) -> list[BundleMeta]:
+    """The bundles whose trainer found them not fit for use (a bundle from before verdicts is not one)."""
+    return [m for m in metas if m.verdict is not None and not m.verdict.fit_for_use]
+
+
+def unvalidated_question(metas: list[BundleMeta]) -> str:
+    """What the app asks before it runs `metas` (from `not_validated`)."""
+    said = " ".join(f"Model {m.name} is not validated: {'; '.join(m.verdict.reasons) or 'no reason recorded'}."
+                    for m in metas if m.verdict is not None)
+    whose = "Its" if len(metas) == 1 else "Their"
+    return f"{said} {whose} labels cannot be trusted. Run it anyway? Every page of its reports will say so."
 
 
 class ModelStore:
