@@ -423,7 +423,7 @@ class Classifier:
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
         top, runner_up = values[order[0]], values[order[1]]
         reasons = []
-        if top < self.review_threshold:
+        if top < self.review_threshold or self.review_threshold >= 1.0:  # 1.0: the model flags every image
             reasons.append(REVIEW_LOW_CONFIDENCE)
         if ood_ratio is not None and ood_ratio > 1.0:
             reasons.append(REVIEW_UNFAMILIAR)

@@ -132,7 +132,8 @@ def with_slide_consensus(predictions: Sequence[Prediction], alone: float, in_sli
             continue
         cut = in_slide if classified[p.slide] > 1 else alone
         others = [r for r in p.review_reason.split("; ") if r and r not in (REVIEW_LOW_CONFIDENCE, REVIEW_DISAGREES)]
-        reasons = ([REVIEW_LOW_CONFIDENCE] if p.confidence < cut else []) + others + ([REVIEW_DISAGREES] if flag else [])
+        low = p.confidence < cut or cut >= 1.0  # a cut-off of 1.0 flags every image, even one at 100%
+        reasons = ([REVIEW_LOW_CONFIDENCE] if low else []) + others + ([REVIEW_DISAGREES] if flag else [])
         reason = "; ".join(reasons)
         out.append(p if reason == p.review_reason else replace(p, needs_review=bool(reasons), review_reason=reason))
     return out

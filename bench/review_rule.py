@@ -65,10 +65,11 @@ def main() -> None:
     ]
     halves = {}
     for name, (assumed, consensus, floored) in RULES.items():
-        floor = slide_floor(choose_review_threshold(conf, right)) if floored else 0.0
+        # the rule as recipe.md's studies were made with it (a model short of the target flags its least confident quarter)
+        floor = slide_floor(choose_review_threshold(conf, right, when_short="least confident")) if floored else 0.0
         other = unfamiliar | disagrees if consensus else unfamiliar
         choose = ~other if consensus else np.ones_like(right)
-        t = max(floor, choose_review_threshold(conf[choose], right[choose], assumed_errors=assumed))
+        t = max(floor, choose_review_threshold(conf[choose], right[choose], assumed_errors=assumed, when_short="least confident"))
         flagged = float(((conf < t) | other).mean())
         h = review_rule_on_halves(conf, right, other, groups, assumed_errors=assumed, draws=args.draws,
                                   choose_among_unflagged=consensus, floor=floor)

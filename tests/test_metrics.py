@@ -12,6 +12,7 @@ from PIL import Image
 
 from bcc_desk.bundle import BundleMeta, OODSpec, build_model
 from trainer.metrics import (
+    FLAG_ALL,
     STUDY,
     choose_ood_threshold,
     choose_review_threshold,
@@ -178,14 +179,18 @@ def test_review_threshold_is_lowest_cutoff_meeting_target_with_one_error_assumed
     assert choose_review_threshold(conf[:98], np.ones(98, bool), target_accuracy=0.99) > 0.0
 
 
-def test_review_threshold_caps_the_flagged_share_when_target_is_out_of_reach():
+def test_a_model_that_cannot_keep_the_promise_flags_every_image():
+    """#37: the cut-off never falls back to a share of the images (a confident error would then go
+    out unflagged): out of reach within a quarter flagged, every image is flagged."""
     rng = np.random.default_rng(1)
     conf = rng.uniform(0.3, 1.0, 200)
     correct = np.ones(200, bool)
     correct[np.argsort(conf)[-20:][::2]] = False  # errors among the most confident images
     t = choose_review_threshold(conf, correct, target_accuracy=0.99, max_flagged=0.25)
-    assert (conf < t).sum() == 50  # exactly a quarter of 200
-    assert correct[conf >= t].mean() < 0.99  # the target really was out of reach
+    assert t == FLAG_ALL == 1.0 and (conf < t).all()
+    # The rule before #37, which the review-rule studies of recipe.md were made with: the least confident quarter.
+    old = choose_review_threshold(conf, correct, target_accuracy=0.99, max_flagged=0.25, when_short="least confident")
+    assert (conf < old).sum() == 50 and correct[conf >= old].mean() < 0.99  # the target really was out of reach
 
 
 def test_review_rule_on_held_out_halves_shows_the_assumed_error_pays():

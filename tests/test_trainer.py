@@ -95,8 +95,8 @@ def test_the_review_promise_is_kept_on_the_applications_own_predictions(tiny_run
     kept_right = [p.label == t for p, t, f in zip(preds, truth, flagged) if not f]
     assert meta.metrics["review_threshold_by_precision"] == {"fp32": meta.review_threshold}
     assert sum(flagged) / len(preds) == pytest.approx(meta.metrics["val_flagged_low_confidence"])
-    # The rule: unflagged images 99% right, or else the least confident quarter flagged.
-    assert sum(kept_right) >= 0.99 * len(kept_right) or sum(flagged) == len(preds) // 4
+    # The rule: unflagged images 99% right, or else every image flagged (#37: never a share of them).
+    assert sum(kept_right) >= 0.99 * len(kept_right) or all(flagged)
     # And how often it would fall short on images it was not chosen on, for the data person.
     assert set(meta.metrics["val_review_short_on_halves"]) == {"fp32"}
     assert 0 <= meta.metrics["val_review_short_on_halves"]["fp32"] <= 1

@@ -176,17 +176,23 @@ def slide_floor(alone: float) -> float:
     return min(SLIDE_FLOOR, alone)
 
 
+FLAG_ALL = 1.0
+"""The review threshold of a model that cannot keep the promise: every image is flagged."""
+
+
 def choose_review_threshold(
     confidences: ArrayLike, correct: ArrayLike, target_accuracy: float = 0.99, max_flagged: float = 0.25,
-    assumed_errors: int = 1,
+    assumed_errors: int = 1, when_short: str = "flag all",
 ) -> float:
     """The confidence under which an image is flagged for review.
 
     Rule: we pick the lowest confidence cut-off such that, on the validation images, the
     predictions at or above it were right at least 99% of the time (`target_accuracy`) even
     counting `assumed_errors` more kept images as wrong: (errors + 1) / (kept + 1) <= 1%.  If that
-    would send more than a quarter of the images (`max_flagged`) to review, we instead send exactly
-    the least confident quarter.
+    would send more than a quarter of the images (`max_flagged`) to review, the model cannot keep
+    the promise: it flags every image (`FLAG_ALL`, issue #37; such a bundle is also judged not
+    validated).  `when_short="least confident"` is the rule before #37, which then flagged exactly
+    the least confident quarter (the review-rule studies of recipe.md were made with it).
 
     Why the extra error: the lowest cut-off that just reaches 99% on validation is, by its choice,
     the one whose validation figure flatters it most; on new images it falls short about half the
@@ -218,7 +224,11 @@ def choose_review_threshold(
     meets = firsts[(kept[firsts] - correct_kept[firsts] + a) / (kept[firsts] + a) <= 1 - target_accuracy + 1e-12]
     if meets.size and meets.min() <= math.floor(max_flagged * n + 1e-9):  # index = images flagged
         return float(s[meets.min()])
-    return _flag_lowest(s, max_flagged)
+    if when_short == "least confident":
+        return _flag_lowest(s, max_flagged)
+    if when_short != "flag all":
+        raise ValueError(f"when_short must be 'flag all' or 'least confident', not {when_short!r}")
+    return FLAG_ALL
 
 
 def review_rule_on_halves(
@@ -251,7 +261,9 @@ def review_rule_on_halves(
         a = np.isin(grp, choosing)
         held_out[d] = ~np.isin(names, choosing)
         c = a & ~odd if choose_among_unflagged else a
-        t = max(floor, choose_review_threshold(conf[c], ok[c], target_accuracy, assumed_errors=assumed_errors))
+        # the studies' rule as they were made (recipe.md): a half short of the target flags its least confident quarter
+        t = max(floor, choose_review_threshold(conf[c], ok[c], target_accuracy, assumed_errors=assumed_errors,
+                                               when_short="least confident"))
         keep = ~a & (conf >= t) & ~odd
         share_right = float(ok[keep].mean()) if keep.any() else 1.0
         short.append(share_right < target_accuracy)
