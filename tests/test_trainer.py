@@ -173,11 +173,15 @@ def test_fine_tuning_can_step_up_the_input_size_keeping_the_parents_weights(tiny
     """A resolution step (recipe.md, run 9): the parent's trunk and head, trained on at a larger
     size, make a bundle that classifies at that size."""
     parent_dir = tiny_run / "bundle"
-    r = runner.invoke(train_cli.app, [
-        "fit", str(small_data), "--init-bundle", str(parent_dir), "--image-size", "96", "--epochs", "1",
-        "--batch-size", "8", "--workers", "2", "--no-int8", "--out", str(tmp_path / "run"),
-    ])
+    args = ["fit", str(small_data), "--init-bundle", str(parent_dir), "--image-size", "96", "--epochs", "1",
+            "--batch-size", "8", "--workers", "2", "--no-int8", "--out", str(tmp_path / "run")]
+    # #37: not without saying so (a lab's fine-tune at 64 px from a 160-px parent lost 40 points silently)
+    r = runner.invoke(train_cli.app, args)
+    assert r.exit_code == 2 and "works at 64 px" in r.output and "--allow-resize" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+    r = runner.invoke(train_cli.app, [*args, "--allow-resize"])
     assert r.exit_code == NOT_VALIDATED, r.output
+    assert "fine-tuning at 96 px a model trained at 64 px" in " ".join(r.output.split())
     child, parent = load_bundle(tmp_path / "run" / "bundle"), load_bundle(parent_dir)
     assert child.meta.input.size == 96 and parent.meta.input.size == 64
     assert child.meta.classes == parent.meta.classes and child.meta.head == parent.meta.head

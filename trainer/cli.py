@@ -131,6 +131,9 @@ def fit(
     int8: Annotated[
         bool, typer.Option("--int8/--no-int8", help="Add checked static int8 for x86 CPUs (see `bcc-train int8`).")
     ] = True,
+    allow_resize: Annotated[
+        bool, typer.Option("--allow-resize", help="Fine-tune at another --image-size than the parent bundle's.")
+    ] = False,
 ) -> None:
     """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle.
 
@@ -150,6 +153,13 @@ def fit(
             settings.update(_parent_settings(init_bundle))
     except ValueError as exc:
         fail(str(exc))
+    if init_bundle and image_size is not None and image_size != settings["image_size"]:
+        if not allow_resize:  # a lab's small fine-tune at another size quietly loses what the parent learned
+            fail(f"--image-size {image_size}: {init_bundle.name} works at {settings['image_size']} px; fine-tuning at another "
+                 "size needs --allow-resize (recipe.md run 9 stepped a model up that way, on the whole data set)")
+        logging.getLogger("bcc-train").warning(
+            "fine-tuning at %d px a model trained at %d px (--allow-resize): judge it by its verdict and a comparison",
+            image_size, settings["image_size"])
     given = {
         "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "optimizer": optimizer, "warmup_epochs": warmup_epochs, "image_size": image_size, "dropout": dropout,
