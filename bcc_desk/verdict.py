@@ -9,11 +9,10 @@ have; the interval says how far that share can be trusted on so few fields.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 from bcc_desk.slides import SlideCount
+from bcc_desk.stats import wilson_interval
 
 MIN_FIELDS = 5
 """Fewer classified fields than this give no call: one or two fields say nothing of a slide."""
@@ -25,21 +24,6 @@ DECISION_AID = "A decision aid for the reviewing haematologist, not a diagnosis.
 
 NO_MAJORITY = "no majority"
 TOO_FEW = "too few images"
-
-
-_Z95 = NormalDist().inv_cdf(0.975)
-
-
-def wilson_interval(k: int, n: int, z: float = _Z95) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of the share k/n.  Hand-written (five lines)
-    rather than pulling scipy into the application: `tests/test_verdict.py` checks it against
-    scipy's `binomtest(...).proportion_ci(method="wilson")`."""
-    if n <= 0 or not 0 <= k <= n:
-        raise ValueError(f"a share needs 0 <= k <= n and n > 0, not {k} of {n}")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ QT = ("PySide6", "shiboken6", "pytestqt")
 TRAINER_MAY_IMPORT = {"bcc_desk", "bcc_desk.bundle", "bcc_desk.preprocess", "bcc_desk.devices", "bcc_desk.images",
                       "bcc_desk.cli_help", "bcc_desk.logs", "bcc_desk.files", "bcc_desk.report",
                       "bcc_desk.slides", "bcc_desk.colour", "bcc_desk.prediction", "bcc_desk.safe_text",
-                      "bcc_desk.bundle_meta", "bcc_desk.verdict"}
+                      "bcc_desk.bundle_meta", "bcc_desk.stats"}
 TRAINER_ENGINE_USERS = {"trainer.evaluate", "trainer.int8", "trainer.review_threshold", "trainer.fit", "trainer.cli",
                         "trainer.colour_check"}
 

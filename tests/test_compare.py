@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classifier import Classifier
 from trainer import cli as train_cli
-from trainer.compare import mcnemar_exact_p, mcnemar_sentence
+from trainer.compare import mcnemar_exact_p, mcnemar_sentence, too_few_to_tell
 
 from bundles import CLASSES, LABELS, make_bundle
 
@@ -99,6 +99,12 @@ def test_the_p_value_is_explained_in_words() -> None:
     assert "p = 1." in mcnemar_sentence(0, 0, "old", "new") and "exactly the same images" in mcnemar_sentence(0, 0, "a", "b")
 
 
+def test_when_the_images_are_too_few_to_tell_models_apart() -> None:
+    assert "Only 5 images have exactly one model right" in too_few_to_tell(400, 5)
+    assert "With 120 images, differences of a few points are within chance" in too_few_to_tell(120, 30)
+    assert too_few_to_tell(400, 30) == ""  # enough to let McNemar's test speak
+
+
 def test_compare_counts_equal_each_bundles_own_predictions(bundles, data: Path, own, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     r = runner.invoke(train_cli.app, ["compare", str(bundles["a"]), str(bundles["b"]), str(data), "--out", str(out)])
@@ -137,6 +143,10 @@ def test_compare_counts_equal_each_bundles_own_predictions(bundles, data: Path, 
     row = next(line for line in md.splitlines() if "slide 3" in line)
     assert "slide 3\\|a.jpg" in row and len(re.findall(r"(?<!\\)\|", row)) == 6  # five cells, '|' escaped
     assert f"### Images the models label differently ({len(differ)})" in md
+    # #37: 24 images cannot tell two models apart, and the comparison says so; every figure has its interval
+    assert "**Too few images to tell.**" in md and "on 24 images the 95% interval of a 95% accuracy spans" in md
+    accuracy = next(line for line in md.splitlines() if "| Accuracy |" in line)
+    assert accuracy.count("(") == 2 and report["models"]["a"]["accuracy_ci"][0] <= report["models"]["a"]["accuracy"]
 
 
 def test_a_bundle_compared_with_itself_agrees_everywhere(bundles, data: Path, own, tmp_path: Path,

@@ -85,7 +85,8 @@ def test_report_is_json_and_keeps_every_class_without_warnings():
     assert json.loads(json.dumps(rep)) == rep
     assert list(rep["per_class"]) == CLASSES
     pro_b = rep["per_class"]["[Malignant] Pro-B"]
-    assert pro_b == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert pro_b == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0,  # nothing to measure: no intervals
+                     "precision_ci": None, "recall_ci": None, "f1_ci": None}
     assert len(rep["confusion_matrix"]) == 4 and all(len(r) == 4 for r in rep["confusion_matrix"])
     with pytest.raises(ValueError, match="outside"):
         classification_report([0, 5], [0, 1], CLASSES)
@@ -324,7 +325,32 @@ def test_study_table_lists_every_class_and_the_reference_accuracy():
     assert len(lines) == 2 + 3 * len(CLASSES) + 2  # header, rule, 3 metrics per class, 2 overall rows
     assert all(line.count("|") == 6 for line in lines)
     accuracy = next(line for line in lines if "Accuracy" in line)
-    # ours: (60 + 109 + 118 + 100) / 396 = 387 / 396 = 97.73%; the study's 98.36% beside it
-    assert accuracy.endswith("| 97.73% | 98.36% |")
+    # ours: (60 + 109 + 118 + 100) / 396 = 387 / 396 = 97.73%, with its Wilson interval; the study's 98.36% beside it
+    assert accuracy.endswith("| 97.73% (95.7-98.8) | 98.36% |")
     if not STUDY["per_class"]:  # unpublished per-class figures must show as n/a, never invented
         assert next(line for line in lines if "Precision" in line).endswith("| n/a |")
+
+
+def test_every_figure_carries_its_95_percent_interval():
+    """#37: on a lab's few hundred images a point of accuracy is within chance: each share gets
+    Wilson's interval (scipy's), F1 a bootstrap interval that holds the figure itself."""
+    from scipy.stats import binomtest
+
+    y_true, y_pred = _labels_from_confusion([[8, 2, 0, 0], [1, 9, 0, 0], [0, 3, 7, 0], [0, 0, 0, 10]])
+    r = classification_report(y_true, y_pred, CLASSES)
+    ci = binomtest(34, 40).proportion_ci(method="wilson")
+    assert r["accuracy_ci"] == pytest.approx([ci.low, ci.high])
+    benign = r["per_class"][CLASSES[0]]
+    recall = binomtest(8, 10).proportion_ci(method="wilson")
+    precision = binomtest(8, 9).proportion_ci(method="wilson")
+    assert benign["recall_ci"] == pytest.approx([recall.low, recall.high])
+    assert benign["precision_ci"] == pytest.approx([precision.low, precision.high])
+    for c in CLASSES[:3]:  # the classes with errors: 10 images each give a wide interval
+        lo, hi = r["per_class"][c]["f1_ci"]
+        assert lo <= r["per_class"][c]["f1"] <= hi and hi - lo > 0.05
+    assert r["per_class"][CLASSES[3]]["f1_ci"] == [1.0, 1.0]  # never wrong in any draw
+    assert r["macro_f1_ci"][0] <= r["macro_f1"] <= r["macro_f1_ci"][1]
+    assert classification_report(y_true, y_pred, CLASSES) == r  # seeded: the same report every time
+    # A class never predicted has no precision interval; one absent from the images, no recall one.
+    none = classification_report([0, 0, 1, 1], [0, 0, 0, 0], CLASSES)
+    assert none["per_class"][CLASSES[1]]["precision_ci"] is None and none["per_class"][CLASSES[2]]["recall_ci"] is None

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from bcc_desk import cli
 from bcc_desk.bundle import Verdict, read_meta, record_verdict
+from bcc_desk.bundle_meta import describe
 from bcc_desk.paths import DEFAULT_MODEL_DIR
+from bcc_desk.stats import wilson_interval
 from trainer import cli as train_cli
 from trainer.split import make_split
 from trainer.verdict import ACCURACY_FLOOR, MIN_VAL_PER_CLASS, judge
@@ -38,6 +40,14 @@ def test_the_shipped_model_is_fit_for_use_and_says_why(shipped) -> None:
     assert shipped.verdict is not None and shipped.verdict.fit_for_use and shipped.verdict.reasons == []
     assert judge(shipped, val_of(shipped, 100)) == shipped.verdict
     assert f"at least {MIN_VAL_PER_CLASS} images of every class" in shipped.verdict.rule
+    # bcc info and the model dialog: each accuracy with its n and 95% interval (Wilson's)
+    rows = dict(describe(shipped))
+    n = shipped.metrics["val_images"]
+    assert n == sum(shipped.metrics["val_per_class"].values()) == 411
+    lo, hi = wilson_interval(round(shipped.metrics["val_accuracy"] * n), n)
+    assert rows["validation accuracy"] == f"{shipped.metrics['val_accuracy']:.1%} of 411 images (95% CI {lo:.1%}-{hi:.1%})"
+    assert rows["test accuracy"].startswith(f"{shipped.metrics['test_accuracy']:.1%} of 406 images (95% CI ")
+    assert rows["verdict"] == "fit for use"
 
 
 def test_each_failing_condition_is_named(shipped) -> None:

@@ -9,7 +9,8 @@ from scipy.stats import binomtest
 
 from bcc_desk.prediction import REVIEW_COLOUR, Prediction, error_prediction
 from bcc_desk.slides import SlideCount
-from bcc_desk.verdict import MIN_FIELDS, NO_MAJORITY, REVIEW_SHARE, TOO_FEW, slide_verdict, wilson_interval
+from bcc_desk.stats import wilson_interval
+from bcc_desk.verdict import MIN_FIELDS, NO_MAJORITY, REVIEW_SHARE, TOO_FEW, slide_verdict
 
 ROOT = Path("/lab/run")
 

@@ -377,15 +377,12 @@ def verdict(
 ) -> None:
     """Judge BUNDLE by its validation figures and record the verdict in it: fit for use, or not
     validated with the reasons (`fit` and `ensemble` do it for every model they write)."""
-    from bcc_desk.bundle import BundleError, read_meta, record_verdict
+    from bcc_desk.bundle import BundleError
     from trainer.split import Split
-    from trainer.verdict import judge
+    from trainer.verdict import judge_bundle
 
     try:
-        meta = read_meta(bundle)
-        val = Split.load(split, data)
-        result = judge(meta, [val.classes[i] for i in val.labels("val")])
-        record_verdict(bundle, result)
+        result = judge_bundle(bundle, Split.load(split, data))
     except (BundleError, ValueError) as exc:
         fail(str(exc))
     say_verdict(result)

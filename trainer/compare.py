@@ -20,8 +20,9 @@ import numpy as np
 
 from bcc_desk.bundle import Bundle, load_bundle
 from bcc_desk.files import write_text_atomic
+from bcc_desk.stats import wilson_interval
 from trainer.evaluate import Classified, Judged, classify_items, score
-from trainer.metrics import pct as _pct  # the study table's percentages
+from trainer.metrics import pct as _pct, pct_ci  # the study table's percentages
 
 MD_ROWS = 50  # rows of the image lists in compare.md; compare.json always holds them all
 
@@ -107,7 +108,9 @@ def _model(c: Classified) -> dict[str, Any]:
         "device": c.device,
         "images": len(preds),
         "accuracy": figures["accuracy"],
+        "accuracy_ci": figures["accuracy_ci"],
         "macro_f1": figures["macro_f1"],
+        "macro_f1_ci": figures["macro_f1_ci"],
         "per_class": figures["per_class"],
         "confusion_matrix": figures["confusion_matrix"],
         "ece": figures["ece"],
@@ -214,6 +217,28 @@ def mcnemar_sentence(only_a: int, only_b: int, name_a: str, name_b: str) -> str:
     return text + " That could well be chance: these images do not show that either model is more accurate."
 
 
+MIN_DISCORDANT = 6
+"""Fewer images where exactly one model is right can never reach p < 0.05 (all six one way: p = 0.031)."""
+
+
+def too_few_to_tell(images: int, discordant: int) -> str:
+    """Why these images cannot tell the models apart ('' when they can): a lab's few hundred
+    images give intervals several points wide, and a handful of disagreements prove nothing."""
+    lo, hi = wilson_interval(round(0.95 * images), images) if images else (0.0, 1.0)
+    width = f"on {images} images the 95% interval of a 95% accuracy spans {100 * lo:.0f}-{100 * hi:.0f}%"
+    if discordant < MIN_DISCORDANT:
+        return (f"Only {discordant} images have exactly one model right: even all of them one way could not show a "
+                f"difference (McNemar's test needs at least {MIN_DISCORDANT}); {width}.")
+    if images < 200:
+        return f"With {images} images, differences of a few points are within chance: {width}."
+    return ""
+
+
+def _too_few(images: int, discordant: int) -> list[str]:
+    said = too_few_to_tell(images, discordant)
+    return ["", f"**Too few images to tell.** {said}"] if said else []
+
+
 def _image_rows(header: str, rows: list[str], total: int) -> list[str]:
     lines = [header, *rows[:MD_ROWS]]
     if total > MD_ROWS:
@@ -228,19 +253,21 @@ def _conf(entry: dict[str, Any]) -> str:
 def _markdown(report: dict[str, Any]) -> str:
     a, b = report["models"]["a"], report["models"]["b"]
     rows = [
-        "| Class | Images | Metric | A | B | B − A |",
+        "| Class | Images | Metric | A (95% CI) | B (95% CI) | B − A |",
         "|---|---:|---|---:|---:|---:|",
     ]
     for name in report["classes"]:
         ma, mb = a["per_class"][name], b["per_class"][name]
         label, support = _cell(name), str(ma["support"])
         for metric, key in (("Precision", "precision"), ("Recall", "recall"), ("F1", "f1")):
-            rows.append(f"| {label} | {support} | {metric} | {_pct(ma[key])} | {_pct(mb[key])} | {_points(mb[key] - ma[key])} |")
+            rows.append(f"| {label} | {support} | {metric} | {pct_ci(ma[key], ma.get(key + '_ci'))} | "
+                        f"{pct_ci(mb[key], mb.get(key + '_ci'))} | {_points(mb[key] - ma[key])} |")
             label, support = "", ""
     n = str(report["images"])
     for metric, key in (("Accuracy", "accuracy"), ("Macro-F1", "macro_f1"),
                         ("Flagged for review", "flagged"), ("Flagged as unfamiliar", "flagged_unfamiliar")):
-        rows.append(f"| **All classes** | {n} | {metric} | {_pct(a[key])} | {_pct(b[key])} | {_points(b[key] - a[key])} |")
+        rows.append(f"| **All classes** | {n} | {metric} | {pct_ci(a[key], a.get(key + '_ci'))} | "
+                    f"{pct_ci(b[key], b.get(key + '_ci'))} | {_points(b[key] - a[key])} |")
     rows.append(f"| **All classes** | {n} | Calibration error (ECE, lower is better) | {a['ece']:.3f} | {b['ece']:.3f} | "
                 f"{b['ece'] - a['ece']:+.3f} |")
     for name in report["classes"]:
@@ -266,6 +293,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"| **A wrong** | {paired['only_b_right']} | {paired['both_wrong']} |",
         "",
         mcnemar_sentence(paired['only_a_right'], paired['only_b_right'], a['name'], b['name']),
+        *_too_few(report["images"], paired["only_a_right"] + paired["only_b_right"]),
         "",
         f"The two models give the same label to {_pct(report['label_agreement'])} of the images; "
         f"they disagree on {len(disagreements)}, and one flags for review what the other does not on {len(flags)}.",

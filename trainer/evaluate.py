@@ -161,9 +161,14 @@ def summary_metrics(report: dict) -> dict[str, object]:
     return {
         f"{part}_images": report["n"],
         f"{part}_accuracy": report["accuracy"],
+        f"{part}_accuracy_ci": report["accuracy_ci"],
         f"{part}_macro_f1": report["macro_f1"],
+        f"{part}_macro_f1_ci": report["macro_f1_ci"],
+        f"{part}_per_class": {c: m["support"] for c, m in per_class.items()},
         f"{part}_recall": {c: m["recall"] for c, m in per_class.items()},
+        f"{part}_recall_ci": {c: m["recall_ci"] for c, m in per_class.items()},
         f"{part}_f1": {c: m["f1"] for c, m in per_class.items()},
+        f"{part}_f1_ci": {c: m["f1_ci"] for c, m in per_class.items()},
         f"{part}_ece": report["ece"],
         f"{part}_flagged": report["flagged"],
     }

@@ -21,9 +21,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from bcc_desk.bundle import read_meta, record_verdict
+from bcc_desk.bundle import read_meta, record_thresholds, record_verdict
 from bcc_desk.bundle_meta import BundleMeta, Verdict
-from bcc_desk.verdict import wilson_interval
+from bcc_desk.stats import wilson_interval
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -77,7 +77,13 @@ def _promise(metrics: Mapping[str, object]) -> list[str]:
 def judge_bundle(bundle_dir: Path, split: Split) -> Verdict:
     """Judge the bundle at `bundle_dir` on its recorded figures and `split`'s validation part, and
     record the verdict in it (the last step of `fit` and `ensemble`)."""
-    verdict = judge(read_meta(bundle_dir), [split.classes[i] for i in split.labels("val")])
+    meta = read_meta(bundle_dir)
+    truth = [split.classes[i] for i in split.labels("val")]
+    verdict = judge(meta, truth)
+    counts = Counter(meta.class_index(c) for c in truth)
+    # the n behind every validation figure, for the intervals `bcc info` shows
+    record_thresholds(bundle_dir, {"val_images": len(truth),
+                                   "val_per_class": {label: counts.get(i, 0) for i, label in enumerate(meta.labels)}})
     record_verdict(bundle_dir, verdict)
     if not verdict.fit_for_use:
         log.warning("the model is NOT VALIDATED: %s", "; ".join(verdict.reasons))
