@@ -123,6 +123,8 @@ def test_the_fine_tuned_split_keeps_the_parents_parts_and_each_slide_on_one_side
     for r in _manifest(loop["data"]):
         slide_parts.setdefault(r["slide"], set()).add(part[r["path"]])
     assert set(slide_parts) == set(SLIDES) and all(len(parts) == 1 for parts in slide_parts.values())
+    # #37: the lab's slides are dealt like any images, so its reviews also judge the model (validation, test)
+    assert set().union(*slide_parts.values()) == {"train", "val", "test"}
 
 
 def test_the_fine_tuned_bundle_names_its_parent_and_the_reviews(loop: dict) -> None:

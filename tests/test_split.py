@@ -363,3 +363,13 @@ def test_samples_are_drawn_from_the_test_part_with_a_fixed_seed(tmp_path: Path) 
     assert [p.relative_to(tmp_path / "again") for p in again] == [p.relative_to(out) for p in first]
     other = draw_samples(data, split_csv, tmp_path / "other", per_class=2, seed=1)
     assert [p.relative_to(tmp_path / "other") for p in other] != [p.relative_to(out) for p in first]
+
+
+def test_a_few_new_slides_reach_every_part() -> None:
+    """#37: three reviewed slides all dealt to training would judge the model on none of the
+    lab's own slides; each part takes one, the smallest moved first."""
+    from trainer.split import _every_part
+
+    assert _every_part([5, 3, 1], [0, 0, 0]) == [0, 2, 1]
+    assert _every_part([5, 3, 1], [0, 1, 2]) == [0, 1, 2]  # already everywhere: unchanged
+    assert _every_part([5, 3], [0, 0]) == [0, 0]  # two slides cannot fill three parts

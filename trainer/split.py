@@ -405,8 +405,10 @@ class Split:
 
         The new images are grouped with the whole data set as `make_split` groups: one that
         joins a group holding listed images goes to their part (a near-duplicate of a test
-        image stays in test), the other groups are dealt as `make_split` deals them, towards
-        the parts' targets given what they already hold."""
+        image stays in test), the other groups (a lab's reviewed slides) are dealt among
+        themselves as `make_split` deals any images, towards the parts' shares: so reviews reach
+        validation and test too, where they judge the model on the lab's own slides (#37; dealt
+        against what the parts already held, a few slides all went to training)."""
         listed = {r.path: r for r in self.rows}
         items = list_dataset(data)
         new = [(p, c) for p, c in items if p not in listed]
@@ -420,15 +422,13 @@ class Split:
         part_of_group = {groups[i]: SPLITS.index(r.split) for i, r in enumerate(self.rows)}
         fresh = sorted({groups[i] for i in range(old, len(paths))} - set(part_of_group))
         index = {g: k for k, g in enumerate(fresh)}
-        held = np.zeros((len(SPLITS), len(classes)))
-        for r in self.rows:
-            held[SPLITS.index(r.split), classes.index(r.cls)] += 1
         labels = [classes.index(c) for _, c in new]
         members = [i for i in range(len(new)) if groups[old + i] in index]
         dealt = _assign_groups(
             [labels[i] for i in members], [index[groups[old + i]] for i in members], len(classes),
-            _fractions(self), seed, held=held,
+            _fractions(self), seed,
         ) if members else []
+        dealt = _every_part([sum(1 for i in members if groups[old + i] == g) for g in fresh], dealt)
         for k, g in enumerate(fresh):
             part_of_group[g] = dealt[k]
         self.rows += [
@@ -438,6 +438,22 @@ class Split:
         self.rows.sort(key=lambda r: r.path)
         self.classes = classes
         return len(new)
+
+
+def _every_part(sizes: list[int], parts: list[int]) -> list[int]:
+    """`parts` (part index per group) with every part given a group where there are enough: a
+    part left without one takes the smallest group of the part holding most groups.  A lab's few
+    reviewed slides would otherwise all fall where the per-class targets pull them (training)."""
+    parts = list(parts)
+    for empty in range(len(SPLITS)):
+        if len(parts) < len(SPLITS) or empty in parts:
+            continue
+        donor = max(range(len(SPLITS)), key=lambda p: (parts.count(p), -p))
+        if parts.count(donor) < 2:
+            continue
+        smallest = min((g for g, p in enumerate(parts) if p == donor), key=lambda g: (sizes[g], g))
+        parts[smallest] = empty
+    return parts
 
 
 def _fractions(split: Split) -> tuple[float, float, float]:
@@ -505,20 +521,17 @@ def make_split(
 
 def _assign_groups(
     labels: list[int], groups: list[int], n_classes: int, fractions: tuple[float, float, float], seed: int,
-    held: np.ndarray | None = None,
 ) -> list[int]:
     """Part index per group id: greedy, largest group first, to the part it helps most.
 
     The score of putting a group in a part is the squared error of every part's per-class count
     against its target, relative to the class size (so a small class counts as much as a large
     one); the part with the lowest score after the move wins, ties to the earlier part.
-    `held` (part, class) counts what the parts hold already (a split being extended).
     """
     n_groups = max(groups) + 1
     counts = np.zeros((n_groups, n_classes), dtype=np.int64)
     np.add.at(counts, (np.asarray(groups), np.asarray(labels)), 1)
-    start = np.zeros((len(fractions), n_classes)) if held is None else np.asarray(held, dtype=float)
-    totals = counts.sum(0).astype(float) + start.sum(0)
+    totals = counts.sum(0).astype(float)
     target = np.outer(np.asarray(fractions, dtype=float), totals)  # (part, class)
     scale = np.maximum(totals, 1.0)
 
@@ -526,7 +539,7 @@ def _assign_groups(
     random.Random(seed).shuffle(order)
     order.sort(key=lambda g: -int(counts[g].sum()))  # stable: equal sizes keep the seeded order
 
-    current = start.copy()
+    current = np.zeros((len(fractions), n_classes))
     assigned = [0] * n_groups
     for g in order:
         best, best_score = 0, float("inf")
