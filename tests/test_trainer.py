@@ -163,6 +163,10 @@ def test_resume_continues_after_the_last_epoch(tiny_run: Path, small_data: Path,
                                       *TINY[6:]])
     assert r.exit_code == NOT_VALIDATED, r.output
     assert "resuming after epoch 1" in r.output
+    # #37: a finished run keeps only what resuming needs: the optimizer's state (twice the weights)
+    # is dropped, and an extended run starts its optimizer afresh, saying so
+    assert "optimizer" not in torch.load(tiny_run / "last.pt", weights_only=True)
+    assert "was pruned when its run finished" in " ".join(r.output.split())
     assert (run / "split.csv").read_bytes() == split_before  # the run's split is reused
     with open(run / "history.csv", newline="") as fh:
         assert [row["epoch"] for row in csv.DictReader(fh)] == ["1", "2"]

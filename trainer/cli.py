@@ -134,6 +134,9 @@ def fit(
     allow_resize: Annotated[
         bool, typer.Option("--allow-resize", help="Fine-tune at another --image-size than the parent bundle's.")
     ] = False,
+    keep_checkpoint: Annotated[
+        bool, typer.Option("--keep-checkpoint", help="Keep OUT/last.pt whole (default: its optimizer state is dropped at the end).")
+    ] = False,
 ) -> None:
     """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle.
 
@@ -187,7 +190,7 @@ def fit(
         data=data.resolve(), out=out.resolve(), seed=seed, device=device, precision=precision, workers=workers,
         init="pretrained" if pretrained else (str(init_weights) if init_weights else "none"),
         split=split, ood_dir=ood_dir.resolve() if ood_dir else None,
-        weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class, int8=int8,
+        weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class, int8=int8, keep_checkpoint=keep_checkpoint,
         recipe=recipe or ("finetune" if init_bundle else None), init_bundle=init_bundle.resolve() if init_bundle else None,
         **settings,
     )

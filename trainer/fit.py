@@ -81,6 +81,8 @@ class FitConfig:
     weights_dtype: str = "float16"
     name: str | None = None
     int8: bool = True
+    keep_checkpoint: bool = False
+    """Keep last.pt whole at the end; by default its optimizer state (2/3 of it) is dropped."""
     """Add checked static int8 to the bundle (bcc-train int8) where this machine can run it."""
     limit_per_class: int | None = None
     """Use only the first N training images per class (quick trials and tests)."""
@@ -391,7 +393,11 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         # Our own checkpoint; still read with weights_only=True (tensors and numbers only).
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        elif env.main:
+            log.warning("%s was pruned when its run finished (--keep-checkpoint keeps it whole): the optimizer starts "
+                        "afresh from its weights", ckpt)
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             if "ema" not in state:
@@ -545,7 +551,20 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     from trainer.verdict import judge_bundle
 
     judge_bundle(bundle, split)  # last: it reads every figure the steps above recorded
+    if not cfg.keep_checkpoint:
+        _prune_checkpoint(out / "last.pt")
     return bundle
+
+
+def _prune_checkpoint(ckpt: Path) -> None:
+    """Drop the optimizer's state from a finished run's checkpoint: AdamW's two moments are twice
+    the weights (336 MB of convnext_tiny's last.pt), and only resuming mid-run needs them.  A run
+    extended later (`--epochs` raised) starts its optimizer afresh from the kept weights."""
+    if not ckpt.is_file():
+        return
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state.pop("optimizer", None) is not None:
+        _atomic_torch_save(state, ckpt)
 
 
 def _progress(enabled: bool):
