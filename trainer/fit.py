@@ -558,7 +558,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
 
 def _prune_checkpoint(ckpt: Path) -> None:
     """Drop the optimizer's state from a finished run's checkpoint: AdamW's two moments are twice
-    the weights (336 MB of convnext_tiny's last.pt), and only resuming mid-run needs them.  A run
+    the weights (224 of the 449 MB of a convnext_tiny run's last.pt with EMA), and only resuming mid-run needs them.  A run
     extended later (`--epochs` raised) starts its optimizer afresh from the kept weights."""
     if not ckpt.is_file():
         return
