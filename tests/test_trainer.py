@@ -97,6 +97,9 @@ def test_the_review_promise_is_kept_on_the_applications_own_predictions(tiny_run
     assert sum(flagged) / len(preds) == pytest.approx(meta.metrics["val_flagged_low_confidence"])
     # The rule: unflagged images 99% right, or else every image flagged (#37: never a share of them).
     assert sum(kept_right) >= 0.99 * len(kept_right) or all(flagged)
+    # Where the run's time went (#37), step by step, for the data person and bench/small_finetune.py.
+    assert set(meta.metrics["fit_seconds"]) == {"training", "calibration and export", "thresholds", "colour check"}
+    assert all(v >= 0 for v in meta.metrics["fit_seconds"].values())
     # And how often it would fall short on images it was not chosen on, for the data person.
     assert set(meta.metrics["val_review_short_on_halves"]) == {"fp32"}
     assert 0 <= meta.metrics["val_review_short_on_halves"]["fp32"] <= 1

@@ -531,16 +531,22 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
 
     if not env.main:
         return out / "bundle"
+    # Where a run's time goes after training (issue #37: on a lab's small fine-tune the finishing
+    # steps took about three times the training): recorded with the bundle's metrics.
+    seconds = {"training": time.perf_counter() - t_loop}
+    step = time.perf_counter()
     best = out / "best.safetensors"
     if best.is_file():
         model.load_state_dict(load_file(str(best)))
     bundle = export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, parent)
+    seconds["calibration and export"], step = time.perf_counter() - step, time.perf_counter()
     # The review threshold is settled on the application's own predictions (both numerics
     # when int8 is added): see trainer/review_threshold.py.
     from trainer.int8 import settle_for_app
 
     with_int8 = settle_for_app(bundle, cfg.data, out / "split.csv", split, workers=min(cfg.workers, 4),
                                ood_dir=cfg.ood_dir, int8=cfg.int8)
+    seconds["int8 and thresholds" if cfg.int8 else "thresholds"], step = time.perf_counter() - step, time.perf_counter()
     # The colour check's cut-off: on validation under every shift of trainer/shifts.py, in the
     # numerics the application will run.
     from trainer.colour_check import settle_colour_check
@@ -548,8 +554,12 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
 
     settle_colour_check(bundle, [cfg.data / p for p in split.paths("val")], cfg.data, validation_truth(split, meta),
                         precision="int8" if with_int8 else "fp32", workers=min(cfg.workers, 4))
+    seconds["colour check"] = time.perf_counter() - step
+    from bcc_desk.bundle import record_thresholds
     from trainer.verdict import judge_bundle
 
+    record_thresholds(bundle, {"fit_seconds": {k: round(v, 1) for k, v in seconds.items()}})
+    log.info("time: %s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     judge_bundle(bundle, split)  # last: it reads every figure the steps above recorded
     if not cfg.keep_checkpoint:
         _prune_checkpoint(out / "last.pt")

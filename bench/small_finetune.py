@@ -1,0 +1,64 @@
+"""A lab's small fine-tune (issue #37): about 200 images (50 a class) fine-tuned from the shipped
+model with the `finetune` recipe, and where its time goes: training, calibration and export,
+int8 and thresholds, the colour check (`fit_seconds` in the bundle's metrics), beside its verdict.
+
+    python bench/small_finetune.py [--data ../shared/data/all4] [--per-class 50] [--out /tmp/small-ft] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from common import ALL4, REPO, cpu_name, publish
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ALL4)
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/small-ft"))
+    ap.add_argument("--write", action="store_true", help="add the figures to bench/RESULTS.md")
+    args = ap.parse_args()
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    data = args.out / "data"
+    for cls in sorted(p for p in args.data.iterdir() if p.is_dir()):
+        (data / cls.name).mkdir(parents=True)
+        for f in sorted(cls.glob("*.jpg"))[: args.per_class]:
+            (data / cls.name / f.name).hardlink_to(f)
+    run = args.out / "run"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "trainer", "fit", str(data), "--out", str(run), "--init-bundle",
+                           str(REPO / "resources" / "models" / "default"), "--workers", "2"], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 4):
+        sys.exit(f"fit failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    meta = json.loads((run / "bundle" / "bundle.json").read_text())
+    seconds = meta["metrics"]["fit_seconds"]
+    verdict = meta["verdict"]
+    rows = [f"| {step} | {v:.0f} | {v / seconds['training']:.1f}x |" for step, v in seconds.items()]
+    lines = [
+        f"### A small fine-tune, {date.today().isoformat()}",
+        "",
+        f"Machine: {cpu_name()}, 2 cores. {args.per_class * 4} images ({args.per_class} a class of `all4`), "
+        "`bcc-train fit DATA --init-bundle resources/models/default` (recipe `finetune`: 5 epochs at 160 px), "
+        f"{wall:.0f} s in all (the process, image decoding and the split included).",
+        "",
+        "| step | seconds | against training |",
+        "|---|---:|---:|",
+        *rows,
+        "",
+        f"Verdict: {'fit for use' if verdict['fit_for_use'] else 'not validated: ' + '; '.join(verdict['reasons'])}.",
+    ]
+    publish("\n".join(lines), args.write, section="## A lab's own model")
+
+
+if __name__ == "__main__":
+    main()
