@@ -81,9 +81,9 @@ class FitConfig:
     weights_dtype: str = "float16"
     name: str | None = None
     int8: bool = True
-    keep_checkpoint: bool = False
-    """Keep last.pt whole at the end; by default its optimizer state (2/3 of it) is dropped."""
     """Add checked static int8 to the bundle (bcc-train int8) where this machine can run it."""
+    keep_checkpoint: bool = False
+    """Keep last.pt whole at the end; by default its optimizer state (half of it, with EMA) is dropped."""
     limit_per_class: int | None = None
     """Use only the first N training images per class (quick trials and tests)."""
     recipe: str | None = None
