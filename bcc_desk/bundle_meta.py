@@ -300,6 +300,12 @@ def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
     rows += lineage(meta)
     rows += [(f"provenance: {k}", format_value(v)) for k, v in meta.provenance.items() if k not in _TOLD_BY_LINEAGE]
     rows += [(f"{part} accuracy", text) for part in ("validation", "test") if (text := accuracy_text(meta.metrics, part))]
+    cv = meta.metrics.get("crossval")
+    if isinstance(cv, dict) and {"accuracy_mean", "accuracy_ci", "folds", "images", "pooled_accuracy"} <= set(cv):
+        lo, hi = cv["accuracy_ci"]
+        rows.append(("cross-validated accuracy", f"{cv['accuracy_mean']:.1%} over {cv['folds']} folds of the slides "
+                                                 f"(95% CI {lo:.1%}-{hi:.1%}); {cv['pooled_accuracy']:.1%} of all "
+                                                 f"{cv['images']} images held out"))
     return rows
 
 

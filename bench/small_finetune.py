@@ -1,6 +1,7 @@
 """A lab's small fine-tune (issue #37): about 200 images (50 a class) fine-tuned from the shipped
 model with the `finetune` recipe, and where its time goes: training, calibration and export,
-int8 and thresholds, the colour check (`fit_seconds` in the bundle's metrics), beside its verdict.
+int8 and thresholds, the colour check, cross-validation (`fit_seconds` in the bundle's metrics),
+beside its cross-validated figures and its verdict.
 
     python bench/small_finetune.py [--data ../shared/data/all4] [--per-class 50] [--out /tmp/small-ft] [--write]
 """
@@ -43,6 +44,7 @@ def main() -> None:
     meta = json.loads((run / "bundle" / "bundle.json").read_text())
     seconds = meta["metrics"]["fit_seconds"]
     verdict = meta["verdict"]
+    cv = meta["metrics"].get("crossval")
     rows = [f"| {step} | {v:.0f} | {v / seconds['training']:.1f}x |" for step, v in seconds.items()]
     lines = [
         f"### A small fine-tune, {date.today().isoformat()}",
@@ -55,6 +57,10 @@ def main() -> None:
         "|---|---:|---:|",
         *rows,
         "",
+        *([f"Cross-validated over {cv['folds']} folds of the slides: accuracy {cv['accuracy_mean']:.1%} "
+           f"(95% CI over the folds {cv['accuracy_ci'][0]:.1%}-{cv['accuracy_ci'][1]:.1%}); all {cv['images']} images held "
+           f"out {cv['pooled_accuracy']:.1%} (Wilson {cv['pooled_accuracy_ci'][0]:.1%}-{cv['pooled_accuracy_ci'][1]:.1%}); "
+           f"`crossval.md`:", "", (run / "crossval" / "crossval.md").read_text(encoding="utf-8"), ""] if cv else []),
         f"Verdict: {'fit for use' if verdict['fit_for_use'] else 'not validated: ' + '; '.join(verdict['reasons'])}.",
     ]
     publish("\n".join(lines), args.write, section="## A lab's own model")

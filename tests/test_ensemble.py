@@ -23,7 +23,7 @@ from folders import class_subset
 runner = CliRunner()
 NOT_VALIDATED = train_cli.EXIT_NOT_VALIDATED  # tiny members and their pack: never fit for use
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
-        "--hidden", "32", "--workers", "2", "--no-int8"]
+        "--hidden", "32", "--workers", "2", "--no-int8", "--cv", "0"]
 
 
 @pytest.fixture(scope="module")

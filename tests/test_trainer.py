@@ -32,7 +32,7 @@ from folders import class_subset
 runner = CliRunner()
 NOT_VALIDATED = train_cli.EXIT_NOT_VALIDATED  # a tiny model on a few dozen images: never fit for use
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
-        "--hidden", "32", "--workers", "2", "--no-int8"]
+        "--hidden", "32", "--workers", "2", "--no-int8", "--cv", "0"]  # cross-validation: its own test
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_fine_tuning_can_step_up_the_input_size_keeping_the_parents_weights(tiny
     size, make a bundle that classifies at that size."""
     parent_dir = tiny_run / "bundle"
     args = ["fit", str(small_data), "--init-bundle", str(parent_dir), "--image-size", "96", "--epochs", "1",
-            "--batch-size", "8", "--workers", "2", "--no-int8", "--out", str(tmp_path / "run")]
+            "--batch-size", "8", "--workers", "2", "--no-int8", "--cv", "0", "--out", str(tmp_path / "run")]
     # #37: not without saying so (a lab's fine-tune at 64 px from a 160-px parent lost 40 points silently)
     r = runner.invoke(train_cli.app, args)
     assert r.exit_code == 2 and "works at 64 px" in r.output and "--allow-resize" in r.output, r.output
@@ -475,3 +475,28 @@ def test_too_few_images_are_refused_before_training_and_leave_no_run_folder(all4
     assert ("too few images to train and judge a model: Benign 6, [Malignant] Pre-B 6, [Malignant] Pro-B 7, "
             "[Malignant] early Pre-B 6 (each class needs at least 10") in " ".join(r.output.split())
     assert not run.exists()
+
+
+def test_small_data_is_cross_validated_over_the_slides(small_data: Path, tmp_path: Path) -> None:
+    """#37: on a few dozen images one validation part measures nothing; --cv trains the same
+    recipe on folds of the groups, each judged at its last epoch on the fold it never saw, and the
+    bundle records the mean with its interval (the folds' models are not kept)."""
+    run = tmp_path / "run"
+    args = [a for a in TINY if a not in ("--cv", "0")]
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), *args, "--cv", "2"])
+    assert r.exit_code == NOT_VALIDATED, r.output
+    cv = load_bundle(run / "bundle").meta.metrics["crossval"]
+    assert cv["folds"] == 2 and cv["images"] == 4 * 12  # every image held out exactly once
+    assert cv["accuracy_ci"][0] <= cv["accuracy_mean"] <= cv["accuracy_ci"][1]
+    assert cv["pooled_accuracy_ci"][0] <= cv["pooled_accuracy"] <= cv["pooled_accuracy_ci"][1]
+    table = (run / "crossval" / "crossval.md").read_text(encoding="utf-8")
+    assert table.count("\n| ") == 2 and "Each fold's model at its last epoch" in table  # a row per fold
+    held = [Split.load(run / "crossval" / f"fold-{k}" / "split.csv", small_data) for k in (1, 2)]
+    assert sorted(p for s in held for p in s.paths("val")) == sorted(r.path for r in held[0].rows)
+    for s in held:  # a slide (group) never on both sides
+        assert not {r.group for r in s.rows if r.split == "val"} & {r.group for r in s.rows if r.split == "train"}
+    assert not list((run / "crossval").rglob("last.pt")) and "cross-validation" in load_bundle(run / "bundle").meta.metrics["fit_seconds"]
+    info = CliRunner().invoke(bcc_cli.app, ["info", str(run / "bundle")], env={"COLUMNS": "250"}).output
+    assert f"{cv['accuracy_mean']:.1%} over 2 folds of the slides" in info
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(tmp_path / "x"), *args, "--cv", "1"])
+    assert r.exit_code == 2 and "at least 2 folds" in r.output

@@ -137,6 +137,10 @@ def fit(
     keep_checkpoint: Annotated[
         bool, typer.Option("--keep-checkpoint", help="Keep OUT/last.pt whole (default: its optimizer state is dropped at the end).")
     ] = False,
+    cv: Annotated[
+        Optional[int],
+        typer.Option("--cv", min=0, max=20, help="Also cross-validate over K folds of the slides (0: not). Default: 5 under 1,000 images."),
+    ] = None,
 ) -> None:
     """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle.
 
@@ -148,6 +152,8 @@ def fit(
     if not data.is_dir():
         fail(f"{data} is not a folder")
     _check_ood_dir(ood_dir)
+    if cv == 1:
+        fail("--cv: 0 (no cross-validation) or at least 2 folds")
     if sum(map(bool, (pretrained, init_weights, init_bundle))) > 1:
         fail("--pretrained, --init-weights and --init-bundle exclude each other")
     try:
@@ -191,6 +197,7 @@ def fit(
         init="pretrained" if pretrained else (str(init_weights) if init_weights else "none"),
         split=split, ood_dir=ood_dir.resolve() if ood_dir else None,
         weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class, int8=int8, keep_checkpoint=keep_checkpoint,
+        cv_folds=cv,
         recipe=recipe or ("finetune" if init_bundle else None), init_bundle=init_bundle.resolve() if init_bundle else None,
         **settings,
     )

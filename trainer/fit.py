@@ -84,6 +84,11 @@ class FitConfig:
     """Add checked static int8 to the bundle (bcc-train int8) where this machine can run it."""
     keep_checkpoint: bool = False
     """Keep last.pt whole at the end; by default its optimizer state (half of it, with EMA) is dropped."""
+    cv_folds: int | None = None
+    """Cross-validate over this many folds of the slides (0: not); None: 5 for under 1,000 images
+    (trainer/crossval.py)."""
+    finish: bool = True
+    """Calibrate and write the bundle after training (a cross-validation fold only trains)."""
     limit_per_class: int | None = None
     """Use only the first N training images per class (quick trials and tests)."""
     recipe: str | None = None
@@ -531,6 +536,8 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
 
     if not env.main:
         return out / "bundle"
+    if not cfg.finish:  # a cross-validation fold: its history holds what it was trained for
+        return out
     # Where a run's time goes after training (issue #37: on a lab's small fine-tune the finishing
     # steps took about three times the training): recorded with the bundle's metrics.
     seconds = {"training": time.perf_counter() - t_loop}
@@ -556,8 +563,21 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
                         precision="int8" if with_int8 else "fp32", workers=min(cfg.workers, 4))
     seconds["colour check"] = time.perf_counter() - step
     from bcc_desk.bundle import record_thresholds
+    from trainer.crossval import cross_validate, folds_for
     from trainer.verdict import judge_bundle
 
+    if folds := folds_for(cfg, split, env.world):
+        step = time.perf_counter()
+        try:
+            result = cross_validate(cfg, split, folds, fit)
+        except (FitError, ValueError) as exc:  # the model is written: the folds only measure it
+            log.warning("no cross-validation: %s", exc)
+        else:
+            record_thresholds(bundle, {"crossval": {k: v for k, v in result.items() if k != "folds"} | {"folds": len(result["folds"])}})
+            lo, hi = result["accuracy_ci"]
+            log.info("cross-validated over %d folds of the slides: accuracy %.1f%% (95%% CI %.1f-%.1f%%); %s", folds,
+                     100 * result["accuracy_mean"], 100 * lo, 100 * hi, out / "crossval" / "crossval.md")
+        seconds["cross-validation"] = time.perf_counter() - step
     record_thresholds(bundle, {"fit_seconds": {k: round(v, 1) for k, v in seconds.items()}})
     log.info("time: %s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     judge_bundle(bundle, split)  # last: it reads every figure the steps above recorded
