@@ -345,7 +345,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         split = _split(cfg, env, out)
         if parent is not None:
             split.classes = _classes_as_parent(split.classes, parent.meta, cfg.init_bundle)
-        _check_parts(split)
+        _check_parts(split, ("train", "val") if cfg.finish else ("train",))  # a fold's slides may hold no image of a class
     except FitError:
         if created and env.main:  # a run refused before it trained leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -755,10 +755,10 @@ def _check_class_sizes(data: Path, parent: BundleMeta | None, where: Path | None
                        f"(each class needs at least {MIN_IMAGES_PER_CLASS}, for training, validation and test)")
 
 
-def _check_parts(split: Split) -> None:
-    """FitError when a class is missing from training or validation (a given split can leave one out)."""
+def _check_parts(split: Split, parts: tuple[str, ...]) -> None:
+    """FitError when a class is missing from one of `parts` (a given split can leave one out)."""
     counts = split.counts()
-    empty = [f"{c} has no {part} image" for part in ("train", "val") for c, n in counts[part].items() if n == 0]
+    empty = [f"{c} has no {part} image" for part in parts for c, n in counts[part].items() if n == 0]
     if empty:
         raise FitError(f"the split cannot train and judge every class: {'; '.join(empty)} "
                        f"(train {sum(counts['train'].values())}, val {sum(counts['val'].values())}, "
