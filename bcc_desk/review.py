@@ -32,7 +32,6 @@ from bcc_desk.prediction import Prediction, relative_location
 from bcc_desk.report import REVIEW_COLUMNS, RunInfo
 from bcc_desk.report_target import write_somewhere
 from bcc_desk.slides import SlideCount, count_slides, with_slide_consensus
-from bcc_desk.verdict import SlideVerdict, slide_verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,10 +235,6 @@ class ReviewSession:
                                                  f"after it was signed. Sign it again once it is reviewed.")
 
     # -- slides -------------------------------------------------------------------------------
-    def verdict(self, slide: str) -> SlideVerdict:
-        """The slide's verdict as it stands, reviewers' labels counted."""
-        return slide_verdict(self.slide_counts()[slide])
-
     def signature(self, slide: str) -> Signature | None:
         return self._signatures.get(slide)
 
