@@ -3,13 +3,14 @@ model with the `finetune` recipe, and where its time goes: training, calibration
 int8 and thresholds, the colour check, cross-validation (`fit_seconds` in the bundle's metrics),
 beside its cross-validated figures and its verdict.
 
-    python bench/small_finetune.py [--data ../shared/data/all4] [--per-class 50] [--out /tmp/small-ft] [--write]
+    python bench/small_finetune.py [--data ../shared/data/all4] [--per-class 50] [--cv K] [--out /tmp/small-ft] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ALL4)
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("/tmp/small-ft"))
+    ap.add_argument("--cv", type=int, help="cross-validation folds (default: fit's, 5 under 1,000 images; 0: none)")
     ap.add_argument("--write", action="store_true", help="add the figures to bench/RESULTS.md")
     args = ap.parse_args()
     if args.out.exists():
@@ -36,8 +38,12 @@ def main() -> None:
             (data / cls.name / f.name).hardlink_to(f)
     run = args.out / "run"
     t0 = time.perf_counter()
+    cv = [] if args.cv is None else ["--cv", str(args.cv)]
+    # A per-user data directory of its own: the int8 package is built afresh, as on a lab's first run.
+    env = {**os.environ, "XDG_DATA_HOME": str(args.out / "user-data")}
     proc = subprocess.run([sys.executable, "-m", "trainer", "fit", str(data), "--out", str(run), "--init-bundle",
-                           str(REPO / "resources" / "models" / "default"), "--workers", "2"], capture_output=True, text=True)
+                           str(REPO / "resources" / "models" / "default"), "--workers", "2", *cv],
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 4):
         sys.exit(f"fit failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

@@ -61,6 +61,10 @@ def test_each_failing_condition_is_named(shipped) -> None:
     assert broken.reasons == ["the review promise does not hold on validation: unflagged 93.0% (fp32), 94.0% (int8) right "
                               "with 25% flagged (at least 99% right with at most 25% flagged needed)"]
     assert broken.text.startswith("NOT VALIDATED: the review promise")
+    # Fewer than 99 validation images can never show the promise: the reason says so.
+    short = judge(dataclasses.replace(shipped, metrics=fallback), val_of(shipped, 20))
+    assert short.reasons[-1].endswith("; 80 validation images cannot show it: counting one assumed error, at least 99 "
+                                      "must be left unflagged")
     bare = judge(dataclasses.replace(shipped, metrics={}), val_of(shipped, 100))
     assert bare.reasons == ["no validation accuracy recorded", "no review promise recorded on validation"]
 
@@ -104,3 +108,29 @@ def test_a_model_not_validated_runs_only_when_told_and_every_page_says_so(tmp_pa
     run = {row[0]: row[1] for row in openpyxl.load_workbook(out)["Run"].iter_rows(min_row=2, values_only=True)}
     assert run["model verdict"] == "not recorded (a bundle from before verdicts)"
     assert openpyxl.load_workbook(out)["Images"].oddHeader.left.text is None
+
+
+def test_a_fine_tune_measured_on_enough_images_is_fit_for_use(tmp_path: Path, all4: Path, real_images) -> None:
+    """The other side of the rule, measured end to end: the shipped model fine-tuned on the
+    committed subset (one gentle epoch on 15 images a class) with 141 validation images, where its
+    promise can hold. Its verdict rests on the figures this run measured; fit exits 0."""
+    split = make_split(all4, val=0.45, test=0.05).save(tmp_path / "split.csv")
+    run = tmp_path / "run"
+    r = runner.invoke(train_cli.app, ["fit", str(all4), "--out", str(run), "--init-bundle", str(DEFAULT_MODEL_DIR),
+                                      "--split", str(split), "--epochs", "1", "--lr", "1e-6", "--limit-per-class", "15", "--cv", "0",
+                                      "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    meta = read_meta(run / "bundle")
+    assert meta.verdict is not None and meta.verdict.fit_for_use and meta.verdict.reasons == [], meta.verdict
+    assert min(meta.metrics["val_per_class"].values()) >= MIN_VAL_PER_CLASS
+    n = meta.metrics["val_images"]
+    assert wilson_interval(round(meta.metrics["val_accuracy"] * n), n)[0] >= ACCURACY_FLOOR
+    assert min(meta.metrics["val_accuracy_unflagged"].values()) >= 0.99 and meta.metrics["val_flagged_low_confidence"] <= 0.25
+    assert "NOT VALIDATED" not in r.output and "verdict: fit for use" in r.output
+    # bcc classify runs it without being told
+    root = slide_folders(tmp_path / "lab", real_images, 2, ("slide-1",), empty_file=False)
+    out = tmp_path / "r.xlsx"
+    r = runner.invoke(cli.app, ["classify", str(root), "-m", str(run / "bundle"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    run_sheet = {row[0]: row[1] for row in openpyxl.load_workbook(out)["Run"].iter_rows(min_row=2, values_only=True)}
+    assert run_sheet["model verdict"] == "fit for use"

@@ -315,7 +315,10 @@ def _scores(labels: torch.Tensor, logits: torch.Tensor) -> tuple[float, float, f
     loss = float(F.cross_entropy(logits, labels)) if len(labels) else float("nan")
     pred = logits.argmax(1)
     acc = float((pred == labels).float().mean()) if len(labels) else float("nan")
-    f1 = float(f1_score(labels.numpy(), pred.numpy(), average="macro", zero_division=0)) if len(labels) else float("nan")
+    # Macro over the classes present: a cross-validation fold whose slides hold no image of a
+    # class would otherwise count that class as an F1 of 0 (#37).
+    present = labels.unique().numpy()
+    f1 = float(f1_score(labels.numpy(), pred.numpy(), labels=present, average="macro", zero_division=0)) if len(labels) else float("nan")
     return loss, acc, f1
 
 

@@ -25,6 +25,10 @@ CALIBRATION_IMAGES = 64
 """64 measured as good as more: 32 flipped one label more on the shipped model's validation."""
 MIN_LABEL_AGREEMENT = 0.98
 MIN_OOD_AGREEMENT = 0.98
+SPARE_IMAGES = 1
+"""However small validation is, this many images may differ: on a lab's 40 images one image at
+a boundary is 2.5%, and refused int8 over it (#37).  The review and OOD thresholds are settled
+on both numerics, so the promise holds for int8 either way."""
 
 
 class Int8CheckFailed(ValueError):
@@ -66,13 +70,14 @@ def add_int8(
         raise
     check = compare_int8(reference, quantized)
     check["calibration_images"] = len(chosen)
-    check["passed"] = check["label_agreement"] >= MIN_LABEL_AGREEMENT and check["ood_agreement"] >= MIN_OOD_AGREEMENT
+    check["passed"] = _agrees(check["label_agreement"], MIN_LABEL_AGREEMENT, check["images"]) and \
+        _agrees(check["ood_agreement"], MIN_OOD_AGREEMENT, check["images"])
     if not check["passed"]:
         clear_int8_calibration(bundle_dir)
         raise Int8CheckFailed(
             f"int8 agrees with fp32 on {check['label_agreement']:.1%} of labels and {check['ood_agreement']:.1%} "
             f"of out-of-distribution flags on validation (needed {MIN_LABEL_AGREEMENT:.0%} and "
-            f"{MIN_OOD_AGREEMENT:.0%}): the bundle stays without int8"
+            f"{MIN_OOD_AGREEMENT:.0%}, or at most {SPARE_IMAGES} image apart): the bundle stays without int8"
         )
     save_int8_calibration(bundle_dir, calibration, check)
     # Labs on x86 CPUs now get int8: the review promise must hold for its numerics too.
@@ -95,6 +100,12 @@ def compare_int8(reference: list[Prediction], quantized: list[Prediction]) -> di
         "max_confidence_change": max(confidence),
         "median_confidence_change": sorted(confidence)[n // 2],
     }
+
+
+def _agrees(agreement: float, floor: float, n: int) -> bool:
+    """At least `floor` of `n` images agree, or no more than `SPARE_IMAGES` differ."""
+    differ = round((1 - agreement) * n)
+    return agreement >= floor or differ <= SPARE_IMAGES
 
 
 def _unfamiliar(p: Prediction) -> bool:

@@ -7,7 +7,8 @@ The rule, stated once (`RULE`) and stored with every verdict:
   useful model from a lucky one (the Wilson interval of 20 images right spans 84-100%);
 * the review promise holds on validation: the images left unflagged by the review threshold are
   at least 99% right in every numerics the application runs (`val_accuracy_unflagged`), with at
-  most `MAX_FLAGGED` of them flagged for low confidence;
+  most `MAX_FLAGGED` of them flagged for low confidence (counting one assumed error, so at least
+  `MIN_FOR_PROMISE` images must be left unflagged: about 132 validation images at the least);
 * the Wilson 95% lower bound of the validation accuracy is at least `ACCURACY_FLOOR`.
 
 It reads what `fit`, `ensemble` and `bcc-train int8` record in the bundle's metrics, so it judges
@@ -29,6 +30,9 @@ from trainer.split import Split
 log = logging.getLogger("bcc-train")
 
 MIN_VAL_PER_CLASS = 20
+MIN_FOR_PROMISE = 99
+"""The review threshold counts one more error than validation shows (trainer.metrics'
+`choose_review_threshold`): (0 + 1) / (99 + 1) is the first share within 1%."""
 ACCURACY_FLOOR = 0.85
 MAX_FLAGGED = 0.25
 TARGET = 0.99
@@ -57,11 +61,11 @@ def judge(meta: BundleMeta, val_classes: Sequence[str]) -> Verdict:
         if low < ACCURACY_FLOOR:
             reasons.append(f"validation accuracy {accuracy:.1%} of {n} images (95% CI from {low:.1%}), under the floor "
                            f"of {ACCURACY_FLOOR:.0%}")
-    reasons += _promise(meta.metrics)
+    reasons += _promise(meta.metrics, n)
     return Verdict(fit_for_use=not reasons, reasons=reasons, rule=RULE)
 
 
-def _promise(metrics: Mapping[str, object]) -> list[str]:
+def _promise(metrics: Mapping[str, object], n: int) -> list[str]:
     unflagged = metrics.get("val_accuracy_unflagged")
     flagged = metrics.get("val_flagged_low_confidence")
     if not isinstance(unflagged, dict) or not unflagged or not isinstance(flagged, (int, float)):
@@ -69,8 +73,12 @@ def _promise(metrics: Mapping[str, object]) -> list[str]:
     short = {k: v for k, v in unflagged.items() if not isinstance(v, (int, float)) or v < TARGET}
     if short or flagged > MAX_FLAGGED + 1e-9:
         right = ", ".join(f"{v:.1%} ({k})" if isinstance(v, (int, float)) else f"none ({k})" for k, v in unflagged.items())
-        return [f"the review promise does not hold on validation: unflagged {right} right with {flagged:.0%} flagged "
-                f"(at least {TARGET:.0%} right with at most {MAX_FLAGGED:.0%} flagged needed)"]
+        reason = (f"the review promise does not hold on validation: unflagged {right} right with {flagged:.0%} flagged "
+                  f"(at least {TARGET:.0%} right with at most {MAX_FLAGGED:.0%} flagged needed)")
+        if n < MIN_FOR_PROMISE:
+            reason += (f"; {n} validation images cannot show it: counting one assumed error, at least {MIN_FOR_PROMISE} "
+                       "must be left unflagged")
+        return [reason]
     return []
 
 
