@@ -20,6 +20,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unwritable(folder: Path, create: bool = False) -> str | None:
+    """Why nothing can be created in `folder` (made first with `create`), or None when it can."""
+    try:
+        if create:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def new_file_mode(target: Path) -> int | None:
     """The mode a file written through a private temp file (0600) should get: the mode of the file
     it replaces, else an ordinary new file's (0666 less the umask), so colleagues on a shared lab
@@ -56,8 +67,7 @@ def atomic_write(dest: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
-        with open(tmp, "rb+") as fh:  # on disk before the rename: a power cut leaves old or new, never empty
-            os.fsync(fh.fileno())
+        flush_to_disk(tmp)
         mode = new_file_mode(dest)
         if mode is not None:
             os.chmod(tmp, mode)
@@ -66,6 +76,13 @@ def atomic_write(dest: Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return dest
+
+
+def flush_to_disk(path: Path) -> None:
+    """On disk before the rename that publishes it: a power cut then leaves the old file or the
+    whole new one, never an empty one."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def write_text_atomic(dest: Path, text: str) -> Path:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from bcc_desk.bundle import Bundle, BundleError, InputSpec
-from bcc_desk.files import file_sha256
+from bcc_desk.files import file_sha256, unwritable
 from bcc_desk.logs import quiet_developer_noise
 from bcc_desk.preprocess import normalise, pad_batch  # the same numerics as every other path
 from bcc_desk.toolchain import failed_before, remember_failure
@@ -184,7 +184,7 @@ def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | 
     if earlier := failed_before(f"int8 {package}"):  # half a minute each time: not again
         raise Int8Unavailable(earlier)
     log.info("preparing int8 for this computer and model (once: about half a minute on 2 cores)")
-    if not _writable(cache):  # nothing could be kept for the child to hand over: build here, once
+    if unwritable(cache, create=True):  # nothing could be kept for the child to hand over: build here, once
         from bcc_desk.bundle import load_int8_calibration
 
         return quantize_int8(bundle.model, load_int8_calibration(bundle), bundle.meta.input, batch_size,
@@ -205,15 +205,6 @@ def int8_forward(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | 
     if forward is None:
         raise Int8Unavailable(f"the int8 build left no usable package in {cache}")
     return forward
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError:
-        return False
-    return True
 
 
 def package_key(identity: str, spec: InputSpec, batch_size: int, dtype: torch.dtype | None) -> str:

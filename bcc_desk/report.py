@@ -42,7 +42,7 @@ from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
 from bcc_desk.bundle_meta import verdict_text
-from bcc_desk.files import new_file_mode
+from bcc_desk.files import flush_to_disk, new_file_mode
 from bcc_desk.lab_records import IDENTITY_HEADINGS, LabRecords
 from bcc_desk.prediction import Prediction
 from bcc_desk.safe_text import csv_text
@@ -684,6 +684,7 @@ def _atomic_write(out: Path, write: Callable[[Path], None], fallback: Path | Non
     try:
         try:
             write(tmp)
+            flush_to_disk(tmp)
         except OSError as e:  # no space left, the folder removed or made read-only meanwhile
             raise ReportError(f"cannot write the report {out}: {e.strerror or e}") from e
         mode = new_file_mode(dest)

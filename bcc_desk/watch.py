@@ -26,7 +26,6 @@ import queue
 import sqlite3
 import stat
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver
 
-from bcc_desk.files import file_sha256
+from bcc_desk.files import file_sha256, unwritable
 from bcc_desk.images import discover_images, is_candidate
 from bcc_desk.lab_records import LabRecords, SlidesFileError, read_slides_csv
 from bcc_desk.ledger import DONE, VANISHED, Ledger, Row, storage_fault
@@ -179,15 +178,6 @@ def make_watcher(
     if pdf and site.out.suffix.lower() != ".pdf":
         watcher.report.pdf = site.out.with_suffix(".pdf")
     return watcher
-
-
-def unwritable(folder: Path) -> str | None:
-    """Why nothing can be created in `folder`, or None when it can."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as exc:
-        return exc.strerror or str(exc)
 
 
 def log_file(state: Path) -> Path:

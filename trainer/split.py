@@ -52,7 +52,7 @@ from pathlib import Path, PurePosixPath
 import imagehash
 import numpy as np
 
-from bcc_desk.files import write_text_atomic
+from bcc_desk.files import file_sha256, write_text_atomic
 from bcc_desk.images import ImageReadError, discover_images, is_candidate, open_image
 from trainer.manifest import slide_keys  # images imported from a lab's reviews know their slide
 
@@ -566,14 +566,10 @@ def data_fingerprint(data: Path, workers: int | None = None) -> str:
     paths = [p for p, _ in list_dataset(data)]
 
     def file_sha(rel: str) -> str:
-        digest = hashlib.sha256()
         try:
-            with open(root / rel, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
+            return file_sha256(root / rel)
         except OSError as exc:
             raise ValueError(f"cannot read image {rel}: {exc.strerror or exc}") from None
-        return digest.hexdigest()
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max(1, workers)) as pool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -329,20 +330,21 @@ class ImagePane(QWidget):
         self.bars.set_values(p.probabilities, p.label, review.label if review else None)
         lines = []
         if p.error:
-            lines.append(f"<b style='color:#9C0006'>{_html(label_text(p))}</b>")
+            lines.append(f"<b style='color:#9C0006'>{escape(label_text(p), quote=False)}</b>")
             lines.append("A person cannot label an image that cannot be shown.")
         else:
-            lines.append(f"Model: <b>{_html(label_text(p))}</b> ({(p.confidence or 0):.1%}, "
+            lines.append(f"Model: <b>{escape(label_text(p), quote=False)}</b> ({(p.confidence or 0):.1%}, "
                          f"margin {(p.margin or 0):.1%})")
             if p.needs_review:
-                lines.append(f"<span style='color:#a60'>\u2691 flagged: {_html(p.review_reason)}</span>")
+                lines.append(f"<span style='color:#a60'>\u2691 flagged: {escape(p.review_reason, quote=False)}</span>")
             if p.ood_score is not None:
                 lines.append(f"Unfamiliarity {p.ood_score:.2f} (above 1: unlike the training data)")
             if p.colour_score is not None:
                 lines.append(f"Colour distance {p.colour_score:.2f} (above 1: colours unlike the training slides')")
         if review is not None:
             when = review.at.astimezone().strftime("%Y-%m-%d %H:%M")
-            lines.append(f"Reviewed as <b>{_html(class_name(review.label))}</b> by {_html(review.by)} at {when}")
+            by = escape(review.by, quote=False)
+            lines.append(f"Reviewed as <b>{escape(class_name(review.label), quote=False)}</b> by {by} at {when}")
         self.info.setText("<br>".join(lines))
 
     def _image_loaded(self, path: Path, image: QImage) -> None:
@@ -430,7 +432,3 @@ def _compute_cam(source: CamSource, path: Path, label: str) -> tuple[QImage, QRe
     target = classes.index(label) if label in classes else None
     result = gradcam(model, spec, open_image(path), target)
     return colour_heatmap(result.heatmap), QRectF(*result.box), classes[result.target]
-
-
-def _html(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

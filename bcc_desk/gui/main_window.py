@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -1198,7 +1199,7 @@ class MainWindow(QMainWindow):
         readme = RESOURCES.parent / "README.md"
         doc = "Documentation: README.md in the installation folder"
         if readme.is_file():
-            doc += f": <a href=\"{QUrl.fromLocalFile(str(readme)).toString()}\">{_html(str(readme))}</a>"
+            doc += f": <a href=\"{QUrl.fromLocalFile(str(readme)).toString()}\">{escape(str(readme), quote=False)}</a>"
         return (f"<p><b>bcc-desk {__version__}</b><br>B-ALL blood smear image classifier.</p>"
                 "<p>Research software: a decision aid for trained staff, not a diagnostic device.</p>"
                 f"<p>{doc}</p><p>Keyboard shortcuts: Help \u203a Keyboard shortcuts.</p>")
@@ -1253,10 +1254,6 @@ class MainWindow(QMainWindow):
 def _plain(text: str) -> str:
     """A menu text as a sentence: no '&' mnemonics, no trailing ellipsis."""
     return text.replace("&&", "\0").replace("&", "").replace("\0", "&").rstrip("\u2026").strip()
-
-
-def _html(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _dropped_folder(event: QDragEnterEvent | QDropEvent) -> Path | None:
