@@ -354,17 +354,10 @@ def watch(
     import signal
 
     from bcc_desk.bundle import BundleError
-    from bcc_desk.ledger import LedgerError, storage_fault
     from bcc_desk.options import ClassifierOptions
-    from bcc_desk.watch import (
-        ReportFolderError,
-        WatchError,
-        WatchTiming,
-        claim_watch,
-        log_file,
-        log_to_file,
-        make_watcher,
-    )
+    from bcc_desk.watch.ledger import LedgerError, storage_fault
+    from bcc_desk.watch.site import ReportFolderError, WatchError, WatchTiming, claim_watch, log_file, log_to_file
+    from bcc_desk.watch.watcher import make_watcher
 
     try:  # before a model is loaded: a service must say so at start, not in a week
         site = claim_watch(root, out, state)  # holds the state's lock as long as it lives

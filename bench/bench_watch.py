@@ -36,7 +36,7 @@ import torch
 
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classifier import Classifier
-from bcc_desk.watch import log_file
+from bcc_desk.watch.site import log_file
 
 from bench_classify import e2e_rate
 from common import ALL4, REPO, cpu_name, publish

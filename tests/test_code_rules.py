@@ -94,7 +94,7 @@ def test_the_trainer_uses_the_application_only_through_the_bundle_and_its_prepro
 
 # Where logging may be configured: the entry points, the one set-up module, and the daemon's log
 # file (started by `bcc watch` and the app's watch, restored by the app's watch thread).
-LOGGING_SET_UP = {"bcc_desk/logs.py", "bcc_desk/cli.py", "trainer/cli.py", "bcc_desk/gui/app.py", "bcc_desk/watch.py",
+LOGGING_SET_UP = {"bcc_desk/logs.py", "bcc_desk/cli.py", "trainer/cli.py", "bcc_desk/gui/app.py", "bcc_desk/watch/site.py",
                   "bcc_desk/gui/worker.py"}
 
 

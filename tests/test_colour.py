@@ -187,7 +187,7 @@ def test_every_shift_changes_the_field_and_keeps_its_size(all4: Path) -> None:
 
 
 def test_a_ledger_from_before_the_colour_check_gains_its_column(tmp_path: Path) -> None:
-    from bcc_desk.ledger import _SCHEMA, Ledger
+    from bcc_desk.watch.ledger import _SCHEMA, Ledger
 
     root = tmp_path / "export"
     root.mkdir()

@@ -19,7 +19,7 @@ import pytest
 
 from bcc_desk.cli import EXIT_ELSEWHERE
 from bcc_desk.images import discover_images
-from bcc_desk.ledger import DONE
+from bcc_desk.watch.ledger import DONE
 
 from bundles import make_bundle
 from folders import spread_images

@@ -32,12 +32,13 @@ from bcc_desk.gui.slide_summary import TO_REVIEW_MARK
 from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIEW, REVIEWER_LABEL, UNSURE_ROLE, review_sort_key
 from bcc_desk.images import discover_images
 from bcc_desk.lab_records import SLIDES_CSV, SlideIdentity, read_slides_csv
-from bcc_desk.ledger import DONE, Ledger
 from bcc_desk.paths import RESOURCES
 from bcc_desk.prediction import REVIEW_DISAGREES
 from bcc_desk.slides import disagrees_with_slide
 from bcc_desk.verdict import DECISION_AID, slide_verdict
-from bcc_desk.watch import ReportWriter, WatchTiming, default_state, lock_state
+from bcc_desk.watch.ledger import DONE, Ledger
+from bcc_desk.watch.report_writer import ReportWriter
+from bcc_desk.watch.site import WatchTiming, default_state, lock_state
 
 from bundles import CLASSES, LABELS, make_bundle
 from folders import slide_folders, spread_images

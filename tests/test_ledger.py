@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bcc_desk.ledger import DONE, ERROR, PENDING, VANISHED, Ledger, LedgerError
 from bcc_desk.prediction import Prediction, error_prediction, relative_location
+from bcc_desk.watch.ledger import DONE, ERROR, PENDING, VANISHED, Ledger, LedgerError
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b"]
@@ -133,7 +133,7 @@ def test_a_killed_writer_leaves_every_committed_outcome_whole(root: Path, tmp_pa
         import os, sys
         from datetime import UTC, datetime
         from pathlib import Path
-        from bcc_desk.ledger import Ledger
+        from bcc_desk.watch.ledger import Ledger
         from bcc_desk.prediction import Prediction
         root = Path({str(root)!r})
         ledger = Ledger(Path({str(state)!r}), root)

@@ -25,11 +25,12 @@ from typer.testing import CliRunner
 from bcc_desk import cli
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classifier import Classifier
-from bcc_desk.ledger import DONE, ERROR, PENDING, VANISHED, Ledger
 from bcc_desk.prediction import REVIEW_DISAGREES
 from bcc_desk.report import RunInfo
-from bcc_desk.settle import READ_RETRIES
-from bcc_desk.watch import Watcher, WatchTiming, default_state, lock_state, log_file
+from bcc_desk.watch.ledger import DONE, ERROR, PENDING, VANISHED, Ledger
+from bcc_desk.watch.settle import READ_RETRIES
+from bcc_desk.watch.site import WatchTiming, default_state, lock_state, log_file
+from bcc_desk.watch.watcher import Watcher
 
 from bundles import CLASSES, LABELS, make_bundle
 from waits import all_done, report_files, report_rows, rows, wait_for

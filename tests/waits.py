@@ -11,7 +11,7 @@ from typing import TypeVar
 import openpyxl
 import pytest
 
-from bcc_desk.ledger import DONE, Ledger, Row
+from bcc_desk.watch.ledger import DONE, Ledger, Row
 
 T = TypeVar("T")
 

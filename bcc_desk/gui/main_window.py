@@ -91,7 +91,7 @@ from bcc_desk.review import Export, Review, ReviewSession
 from bcc_desk.slides import all_slides
 
 if TYPE_CHECKING:
-    from bcc_desk.watch import WatchTiming
+    from bcc_desk.watch.site import WatchTiming
 
 ALL = "__all__"
 
@@ -695,7 +695,7 @@ class MainWindow(QMainWindow):
         return self._watch is not None and not self._watch.stopping
 
     def _start_watch(self) -> None:
-        from bcc_desk.watch import WatchError, claim_watch
+        from bcc_desk.watch.site import WatchError, claim_watch
 
         root = self.root
         assert root is not None

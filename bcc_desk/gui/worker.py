@@ -30,7 +30,8 @@ from bcc_desk.messages import one_line
 if TYPE_CHECKING:
     from bcc_desk.classify_process import ClassifierProcess
     from bcc_desk.report import RunInfo
-    from bcc_desk.watch import Watcher, WatchSite, WatchTiming
+    from bcc_desk.watch.site import WatchSite, WatchTiming
+    from bcc_desk.watch.watcher import Watcher
 
 
 class ClassifyThread(QThread):
@@ -155,7 +156,8 @@ class WatchThread(QThread):
             watcher.stop()
 
     def run(self) -> None:  # the thread's body
-        from bcc_desk.watch import WatchTiming, log_file, log_to_file, make_watcher
+        from bcc_desk.watch.site import WatchTiming, log_file, log_to_file
+        from bcc_desk.watch.watcher import make_watcher
 
         logger = logging.getLogger("bcc_desk")
         level = logger.level

@@ -1,61 +1,36 @@
-"""`bcc watch`: classify every image that lands under a folder, for weeks, exactly once.
-
-One thread does the work, in a loop: take the watchdog events off a queue, decide with the
-`Settler` which files are complete, classify the ready ones in one `predict_paths` call (a
-burst becomes batches), commit each outcome to the `Ledger`.  A second thread rewrites the
-report from the ledger (`ReportWriter`), so neither a slow workbook nor one open in Excel holds
-up classification.  The observer's own threads only put events on the queue.
-
-The ledger is the truth; everything else is rebuilt from it.  On start (and after the
-observer had to be restarted, and every `RESCAN_EVERY` seconds against lost events) ROOT is
-reconciled with it: new or changed files are queued, files gone are marked vanished, files
-whose size and mtime match their row are left alone.
-
-`bcc watch` and the desktop app's "Watch this folder" start a watch the same way:
-`claim_watch` (check the folders, take the state's lock) before any model is loaded, then
-`make_watcher` (the Run sheet, the ledger) and `Watcher.run` on a thread of their own.
-"""
+"""The watch's work loop (`Watcher`): events in, settled files classified in batches, each outcome
+committed to the ledger; `make_watcher` builds one for a claimed `WatchSite`."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import logging.handlers
 import os
 import queue
 import sqlite3
 import stat
-import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
     FileSystemEvent,
 )
 from watchdog.observers.api import BaseObserver
 
-from bcc_desk.files import file_sha256, unwritable
+from bcc_desk.files import file_sha256
 from bcc_desk.images import discover_images, is_candidate
-from bcc_desk.lab_records import LabRecords, SlidesFileError, read_slides_csv
-from bcc_desk.ledger import DONE, VANISHED, Ledger, Row, storage_fault
-from bcc_desk.paths import SAMPLES_DIR, user_data_dir
+from bcc_desk.paths import SAMPLES_DIR
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import ReportError, RunInfo, locked_target, run_info
-from bcc_desk.report_target import REPORT_SUFFIXES, writer_for
-from bcc_desk.settle import COMPLETE, READ_RETRIES, SEEN, WRITING, Settler
+from bcc_desk.report import RunInfo, run_info
+from bcc_desk.watch.ledger import DONE, VANISHED, Ledger, Row, storage_fault
+from bcc_desk.watch.observer import EVENTS, EventQueue, folder_identity, make_observer
+from bcc_desk.watch.report_writer import ReportWriter
+from bcc_desk.watch.settle import COMPLETE, READ_RETRIES, SEEN, WRITING, Settler
+from bcc_desk.watch.site import WatchError, WatchSite, WatchTiming
 
 if TYPE_CHECKING:
     from bcc_desk.classifier import Classifier
@@ -63,9 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEALTH_EVERY = 1.0
+"""Seconds between checks that the observer is alive and ROOT is still the same folder."""
 PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0
 """Back-off of a watch whose ledger cannot be written (a full disk): the first retry, the longest wait."""
-"""Seconds between checks that the observer is alive and ROOT is still the same folder."""
 RESCAN_EVERY = 600.0
 """Seconds between full reconciliations: a safety net for events the kernel or share dropped."""
 MAX_CALL = 256
@@ -74,84 +49,7 @@ flow through a burst, and new events are still looked at every few seconds."""
 MAX_EVENTS = 20_000
 """Most events taken per loop turn, so that a never-ending stream cannot starve the work."""
 
-_EVENTS = [
-    FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
-    DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
-]  # no open / close-without-write events: our own reads would echo back as work
 
-
-class WatchError(Exception):
-    """The watch cannot start (state in use by another daemon, ...)."""
-
-
-class ReportFolderError(WatchError):
-    """The report cannot be written where it is asked for (the CLI adds: use --out)."""
-
-
-def default_state(root: Path) -> Path:
-    """Where the ledger of ROOT lives unless --state says otherwise (the log sits beside it)."""
-    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
-    return user_data_dir() / "watch" / key / "ledger.sqlite"
-
-
-def default_report(root: Path) -> Path:
-    """Where the report of a watch on ROOT goes unless --out says otherwise."""
-    return Path(root) / "bcc-report.xlsx"
-
-
-@dataclass(frozen=True)
-class WatchTiming:
-    """How a watch sees files arrive: system events, or polling every `interval` seconds (network
-    shares send no events); how long an unchanged file waits before it is read (`settle`, see
-    `Settler`); and how long the report waits for quiet before it is rewritten (`quiet`)."""
-
-    polling: bool = False
-    interval: float = 1.0
-    settle: float = 2.0
-    quiet: float = 1.0
-
-
-@dataclass(frozen=True)
-class WatchSite:
-    """Where one watch reads and writes, checked, with its state's lock held until `release`."""
-
-    root: Path
-    out: Path
-    state: Path
-    lock: TextIO
-
-    def release(self) -> None:
-        """Give up the lock and remove its file (a clean stop leaves nothing behind; a crash
-        leaves the file, unlocked, and the next start takes it)."""
-        path = Path(self.lock.name)
-        if os.name != "nt":
-            path.unlink(missing_ok=True)  # still locked here: no second watch can slip in between
-        self.lock.close()
-        if os.name == "nt":
-            try:
-                path.unlink(missing_ok=True)
-            except OSError:  # another process opened it meanwhile: harmless
-                pass
-
-
-def claim_watch(root: Path, out: Path | None = None, state: Path | None = None) -> WatchSite:
-    """Check ROOT and the report's folder and take the lock of the state (default: the per-user
-    ledger of ROOT; the report: `default_report`), before any model is loaded: a service must
-    say at start, not in a week, that it cannot work.  Raises WatchError with a one-line reason
-    (ReportFolderError about the report's folder)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise WatchError(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
-    root = root.resolve()
-    out = Path(out or default_report(root)).resolve()
-    if out.suffix.lower() not in REPORT_SUFFIXES:
-        raise WatchError(f"--out {out.name}: a report is .xlsx, .csv or .pdf")
-    if not out.parent.is_dir():
-        raise ReportFolderError(f"the report's folder {out.parent} does not exist")
-    if problem := unwritable(out.parent):
-        raise ReportFolderError(f"cannot write the report in {out.parent} ({problem})")
-    state = Path(state or default_state(root)).resolve()
-    return WatchSite(root, out, state, lock_state(state))
 
 
 def make_watcher(
@@ -178,80 +76,6 @@ def make_watcher(
     if pdf and site.out.suffix.lower() != ".pdf":
         watcher.report.pdf = site.out.with_suffix(".pdf")
     return watcher
-
-
-def log_file(state: Path) -> Path:
-    return Path(state).with_suffix(".log")
-
-
-def log_to_file(path: Path) -> logging.Handler:
-    """Also log to `path` (rotated at 5 MB, 3 kept: the daemon runs for weeks)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = _LogFile(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("bcc_desk")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    return handler
-
-
-class _LogFile(logging.handlers.RotatingFileHandler):
-    """The daemon's log file.  A line its disk cannot take (full: often the ledger's disk too)
-    is dropped, not answered with a traceback on the console per line: the console has it."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        super().handleError(record)
-
-
-def lock_state(state: Path) -> TextIO:
-    """Hold an exclusive lock beside the state file for the life of the daemon, so a second
-    daemon on the same ROOT cannot classify and record alongside the first.  The kernel drops
-    the lock when the process dies, however it dies."""
-    lock = Path(state).with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(lock, "a+")  # noqa: SIM115 - held open (locked) until the process ends
-    try:
-        if os.name == "nt":
-            import msvcrt
-
-            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise WatchError(f"another bcc watch (or bcc-desk) is already using the state file {state}") from None
-    return fh
-
-
-def make_observer(polling: bool, interval: float) -> tuple[BaseObserver, bool]:
-    """(observer, whether it reports closed-after-writing)."""
-    if polling:
-        from watchdog.observers.polling import PollingObserver
-
-        return PollingObserver(timeout=interval), False
-    if sys.platform.startswith("linux"):
-        from watchdog.observers.inotify import InotifyObserver
-
-        # Full events: a file moved in from outside ROOT is a move (complete), not a create.
-        return InotifyObserver(generate_full_events=True), True
-    from watchdog.observers import Observer
-
-    return Observer(), False
-
-
-class _Queue:
-    """Observer threads -> the work loop.  SimpleQueue, because `stop` may run in a signal
-    handler and only SimpleQueue.put is safe there."""
-
-    def __init__(self) -> None:
-        self.q: queue.SimpleQueue[FileSystemEvent | None] = queue.SimpleQueue()
-
-    def dispatch(self, event: FileSystemEvent) -> None:  # watchdog's handler interface
-        self.q.put(event)
 
 
 class Watcher:
@@ -291,7 +115,7 @@ class Watcher:
         self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet, review=classifier.review_slides,
                                    root=self.root)
         self.on_predictions = on_predictions
-        self._events = _Queue()
+        self._events = EventQueue()
         self._observer: BaseObserver | None = None
         self._close_events = False
         self._identity: tuple[int, int] | None = None
@@ -397,13 +221,13 @@ class Watcher:
     def _start_observer(self) -> None:
         observer, self._close_events = make_observer(self.timing.polling, self.timing.interval)
         try:
-            observer.schedule(self._events, str(self.root), recursive=True, event_filter=_EVENTS)
+            observer.schedule(self._events, str(self.root), recursive=True, event_filter=EVENTS)
             observer.start()
         except OSError as exc:
             hint = "; use --polling, or raise fs.inotify.max_user_watches" if not self.timing.polling else ""
             raise WatchError(f"cannot watch {self.root}: {exc.strerror or exc}{hint}") from None
         self._observer = observer
-        self._identity = _identity(self.root)
+        self._identity = folder_identity(self.root)
         self._next_rescan = time.monotonic() + RESCAN_EVERY
 
     def _stop_observer(self) -> None:
@@ -419,7 +243,7 @@ class Watcher:
         if now < self._next_health:
             return
         self._next_health = now + HEALTH_EVERY
-        identity = _identity(self.root)
+        identity = folder_identity(self.root)
         obs = self._observer
         if obs is not None and identity == self._identity and obs.is_alive() and all(
             e.is_alive() for e in obs.emitters
@@ -668,175 +492,3 @@ class Watcher:
         self.ledger.failed_read(rel, attempts)
         log.info("cannot read %s yet (%s); trying again", rel, p.error)
         return False
-
-
-def _identity(root: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(root)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
-class _Repeats(logging.Filter):
-    """Let the report writer's 'target is locked, wrote beside it' warning through once per
-    episode, not every few seconds while the workbook stays open."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last: str | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.threadName != ReportWriter.THREAD:
-            return True
-        message = record.getMessage()
-        if message == self.last:
-            return False
-        self.last = message
-        return True
-
-
-class ReportWriter:
-    """Rewrites the report from the ledger in a thread of its own: once ledger changes have been
-    quiet for `quiet` seconds (a burst does not rewrite it per file), at least every `max_wait`
-    seconds during a long burst (longer when the workbook grows slow to write), again as soon as
-    a locked target frees, and a last time at shutdown."""
-
-    THREAD = "bcc-report"
-    LOCK_RECHECK = 2.0
-    FAILED_RETRY = 10.0
-
-    def __init__(self, state: Path, out: Path, run: RunInfo, *, quiet: float = 1.0, max_wait: float = 5.0,
-                 review: Callable[[list[Prediction]], list[Prediction]] | None = None, root: Path | None = None) -> None:
-        self.state, self.out, self.run = Path(state), Path(out), run
-        # The ledger keeps each image's own outcome; the report flags them as their slides stand.
-        self.review = review or list
-        self.quiet, self.max_wait = quiet, max_wait
-        self._write: Callable[..., Path] = writer_for(self.out)
-        self.root = root
-        """Where `slides.csv` is read, afresh for each write (a lab fills it in as slides arrive)."""
-        self.pdf: Path | None = None
-        """A PDF report kept beside `out` (`bcc watch --pdf`), written after it each time."""
-        self.lab_name = ""
-        self._pdf_fallback: Path | None = None
-        self._slides_problem: str | None = None
-        self._cond = threading.Condition()
-        now = time.monotonic()
-        self._dirty_since: float | None = now  # the first report right away: the daemon is up
-        self._last_change = now - quiet
-        self._retry_at: float | None = None
-        self._closing = False
-        self._fallback: Path | None = None
-        self._duration = 0.0
-        self._last_end = 0.0
-        self._failure: str | None = None
-        self._filter = _Repeats()
-        self._thread = threading.Thread(target=self._loop, name=self.THREAD, daemon=True)
-        self.written: Path | None = None
-        """Where the last report went (the target, or a sibling while the target is locked)."""
-        self.writes = 0
-
-    def start(self) -> None:
-        logging.getLogger("bcc_desk.report").addFilter(self._filter)
-        self._thread.start()
-
-    def changed(self) -> None:
-        with self._cond:
-            now = time.monotonic()
-            if self._dirty_since is None:
-                self._dirty_since = now
-            self._last_change = now
-            self._cond.notify()
-
-    def close(self, finished: datetime) -> None:
-        """Write the final report (the Run sheet says when the watch ended) and stop."""
-        with self._cond:
-            self.run = replace(self.run, finished=finished)
-            self._closing = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join()
-        else:  # never started (the watch failed early): still leave a report behind
-            self._loop()
-        logging.getLogger("bcc_desk.report").removeFilter(self._filter)
-
-    def _due(self) -> float | None:
-        times = []
-        if self._dirty_since is not None:
-            burst_limit = self._dirty_since + max(self.max_wait, 5 * self._duration)
-            due = min(self._last_change + self.quiet, burst_limit)
-            # A workbook grown slow to write (weeks of images) is not rewritten back to back by a
-            # steady trickle: at most a third of the time goes into writing it.
-            times.append(max(due, self._last_end + 2 * self._duration))
-        if self._retry_at is not None:
-            times.append(self._retry_at)
-        return min(times) if times else None
-
-    def _loop(self) -> None:
-        ledger = Ledger(self.state)  # this thread's own connection
-        try:
-            while True:
-                with self._cond:
-                    while not self._closing:
-                        due, now = self._due(), time.monotonic()
-                        if due is not None and due <= now:
-                            break
-                        self._cond.wait(None if due is None else due - now)
-                    closing, dirty = self._closing, self._dirty_since is not None
-                    self._dirty_since = None
-                if dirty or closing or self._fallback is None or not locked_target(self.out):
-                    self._write_once(ledger)
-                else:
-                    self._retry_at = time.monotonic() + self.LOCK_RECHECK  # still open in Excel
-                if closing:
-                    return
-        finally:
-            ledger.close()
-
-    def _lab(self) -> LabRecords:
-        try:
-            identities = read_slides_csv(self.root) if self.root is not None else {}
-        except SlidesFileError as exc:  # said once, not at every write; the report goes on without
-            if str(exc) != self._slides_problem:
-                log.warning("%s; the report shows no patient ids until it is fixed", exc)
-            self._slides_problem = str(exc)
-            return LabRecords(lab_name=self.lab_name)
-        self._slides_problem = None
-        return LabRecords(identities=identities, lab_name=self.lab_name)
-
-    def _write_once(self, ledger: Ledger) -> None:
-        started = time.monotonic()
-        try:
-            predictions, lab = self.review(ledger.predictions()), self._lab()
-            written = self._write(predictions, self.out, self.run, fallback=self._fallback, lab=lab)
-            if self.pdf is not None:
-                from bcc_desk.pdf_report import write_pdf
-
-                pdf = write_pdf(predictions, self.pdf, self.run, fallback=self._pdf_fallback, lab=lab)
-                self._pdf_fallback = pdf if pdf != self.pdf else None
-        except Exception as exc:  # whatever it is, the daemon and the ledger go on
-            message = str(exc)
-            if message != self._failure:
-                log.error("%s; every result is kept in the ledger, trying again every %g s",
-                          message, self.FAILED_RETRY, exc_info=not isinstance(exc, (ReportError, OSError)))
-                self._failure = message
-            self._retry_at = time.monotonic() + self.FAILED_RETRY
-            return
-        self._last_end = time.monotonic()
-        self._duration = self._last_end - started
-        if self._failure is not None:
-            log.info("the report is written again: %s", written)
-            self._failure = None
-        if written != self.out:
-            self._fallback = written
-            wait = self.LOCK_RECHECK if locked_target(self.out) else self.FAILED_RETRY
-            self._retry_at = time.monotonic() + wait
-        else:
-            if self._fallback is not None:
-                log.info("the report target is free again: %s is up to date (the copy %s stays)",
-                         self.out, self._fallback.name)
-                self._filter.last = None
-            self._fallback = None
-            self._retry_at = None
-        self.written = written
-        self.writes += 1
