@@ -35,7 +35,7 @@ from bcc_desk.prediction import Prediction
 
 if TYPE_CHECKING:
     from bcc_desk.options import ClassifierOptions
-    from bcc_desk.report import RunInfo
+    from bcc_desk.run_record import RunInfo
 
 POLL_S = 0.05
 """How often a waiting caller looks at its stop flag: the latency of a cancel."""
@@ -284,7 +284,7 @@ class _Model:
 
 def _run(conn: Connection, request: int, classifier: Any, paths: list[Path], root: Path, command: str,
          stopped: Callable[[], bool], emit_interval: float) -> None:
-    from bcc_desk.report import run_info
+    from bcc_desk.run_record import run_info
 
     info = run_info(classifier, root=root, command=command)
     conn.send(("prepared", request, Prepared(len(paths), classifier.device_label, classifier.preparation(len(paths)), info)))

@@ -148,8 +148,9 @@ def classify(
     from bcc_desk.lab_records import LabRecords, SlidesFileError, read_slides_csv
     from bcc_desk.options import ClassifierOptions
     from bcc_desk.prediction import relative_location
-    from bcc_desk.report import ReportError, run_info
+    from bcc_desk.report_file import ReportError
     from bcc_desk.report_target import REPORT_SUFFIXES, write_somewhere
+    from bcc_desk.run_record import run_info
 
     started = datetime.now(timezone.utc)
     if not root.exists():

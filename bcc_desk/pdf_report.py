@@ -35,7 +35,9 @@ from reportlab.platypus.tables import Table, TableStyle
 from bcc_desk.images import ImageReadError, open_image
 from bcc_desk.lab_records import LabRecords
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import UNVALIDATED_WARNING, ExtraColumns, RunInfo, _atomic_write, _local
+from bcc_desk.report import UNVALIDATED_WARNING, ExtraColumns, _local
+from bcc_desk.report_file import atomic_report_write
+from bcc_desk.run_record import RunInfo
 from bcc_desk.safe_text import pdf_text
 from bcc_desk.slides import SlideCount, count_slides, natural_key
 from bcc_desk.verdict import DECISION_AID, slide_verdict
@@ -73,7 +75,7 @@ def write_pdf(predictions: Sequence[Prediction], out: Path, run: RunInfo, *, lab
         doc = _Doc(str(tmp), predictions, run, lab, lab.lab_name)
         doc.build(doc.story(), canvasmaker=_NumberedCanvas)
 
-    return _atomic_write(Path(out), write, fallback)
+    return atomic_report_write(Path(out), write, fallback)
 
 
 class _NumberedCanvas(Canvas):

@@ -12,7 +12,8 @@ run the classifier and often while it is still being rewritten (the folder-watch
 * **Never lose a report to a locked target.**  When the target is open in Excel or LibreOffice
   (their owner/lock files sit beside it) or cannot be replaced, the report goes to a sibling
   ``<stem> (<YYYY-mm-dd HHMMSS>)<suffix>``, a warning says where, and the written path is
-  returned, so callers compare it with the path they asked for.
+  returned, so callers compare it with the path they asked for.  Both live in `report_file`;
+  what produced the report (the Run sheet's record) in `run_record`.
 
 ``needs_review`` is written as a real boolean (TRUE/FALSE in Excel, ``TRUE``/``FALSE`` in CSV) so
 that filters and pandas read it as one.  Probabilities are numbers 0..1 shown as percentages.
@@ -21,19 +22,11 @@ that filters and pandas read it as one.  Probabilities are numbers 0..1 shown as
 from __future__ import annotations
 
 import csv
-import getpass
-import logging
 import math
-import os
-import shlex
-import socket
-import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
@@ -41,18 +34,13 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
-from bcc_desk.bundle_meta import verdict_text
-from bcc_desk.files import flush_to_disk, new_file_mode
 from bcc_desk.lab_records import IDENTITY_HEADINGS, LabRecords
 from bcc_desk.prediction import Prediction
+from bcc_desk.report_file import atomic_report_write
+from bcc_desk.run_record import RunInfo
 from bcc_desk.safe_text import csv_text
 from bcc_desk.slides import SlideCount, all_slides, count_slides, natural_key
 from bcc_desk.verdict import DECISION_AID, slide_verdict
-
-if TYPE_CHECKING:
-    from bcc_desk.classifier import Classifier
-
-log = logging.getLogger(__name__)
 
 PERCENT = "0.0%"
 DATETIME = "yyyy-mm-dd hh:mm:ss"
@@ -69,143 +57,6 @@ REVIEW_COLUMNS = ("reviewer label", "reviewed by", "reviewed at")
 
 ExtraColumns = Mapping[str, Callable[[Prediction], object]]
 """Extra per-image columns (e.g. the GUI's reviewer label/by/at): header -> value of a row."""
-
-
-class ReportError(Exception):
-    """The report could not be written at all (folder missing or not writable)."""
-
-
-@dataclass
-class RunInfo:
-    """What produced a report, so a reader months later can tell how to trust it."""
-
-    software_version: str
-    models: list[tuple[str, str]]
-    """(name, sha256) of every model that contributed."""
-    classes: list[str]
-    """Class names in the model's output order: the order of the `p:` and `n:` columns."""
-    review_threshold: float
-    ood_check: str
-    """"on", "off" or "partly" (some models carry no out-of-distribution statistics)."""
-    tta: bool
-    device: str
-    started: datetime
-    finished: datetime | None
-    """None while the run is still going (the daemon rewrites its report as it goes)."""
-    root: str
-    host: str
-    user: str
-    command: str
-    extra: dict[str, str] = field(default_factory=dict)
-    """Front-end specific facts (daemon settings, GUI session...), listed last on the Run sheet."""
-    slide_review_threshold: float | None = None
-    """The cut-off for an image that agrees with its slide; None: the slide's consensus was off."""
-    colour_check: str = "off"
-    """"on", "off" or "partly", as `ood_check`, for the colour check (`bcc_desk.colour`)."""
-    not_classified: list[str] = field(default_factory=list)
-    """Images of the run that were never classified (an interrupted run), as the file column
-    would spell them: the report lists them so that none is taken for done."""
-    model_verdict: str = "not recorded"
-    """The trainer's verdict on the model(s) (`bundle_meta.verdict_text`), one per model joined."""
-    unvalidated: bool = False
-    """A model its trainer did not find fit for use ran (`--allow-unvalidated`): every page says so."""
-
-    @property
-    def outcome(self) -> str:
-        """The Run sheet's "run": complete, still running, or interrupted after N of M images."""
-        if self.not_classified:
-            return "interrupted"
-        return "still running" if self.finished is None else "complete"
-
-    @classmethod
-    def collect(
-        cls,
-        *,
-        models: list[tuple[str, str]],
-        classes: list[str],
-        review_threshold: float,
-        ood_check: str,
-        tta: bool,
-        device: str,
-        root: str | Path,
-        command: str | None = None,
-        started: datetime | None = None,
-        finished: datetime | None = None,
-        extra: dict[str, str] | None = None,
-        slide_review_threshold: float | None = None,
-        colour_check: str = "off",
-        not_classified: Sequence[str] = (),
-        model_verdict: str = "not recorded",
-        unvalidated: bool = False,
-    ) -> RunInfo:
-        """Fill in what the machine knows (host, user, version, command line, start time)."""
-        from bcc_desk import __version__
-
-        return cls(
-            software_version=__version__,
-            models=list(models),
-            classes=list(classes),
-            review_threshold=review_threshold,
-            ood_check=ood_check,
-            tta=tta,
-            device=device,
-            started=started or datetime.now().astimezone(),
-            finished=finished,
-            root=str(root),
-            host=_safe(socket.gethostname),
-            user=_safe(getpass.getuser),
-            command=command if command is not None else shlex.join(sys.argv),
-            extra=dict(extra or {}),
-            slide_review_threshold=slide_review_threshold,
-            colour_check=colour_check,
-            not_classified=list(not_classified),
-            model_verdict=model_verdict,
-            unvalidated=unvalidated,
-        )
-
-
-def run_info(
-    classifier: Classifier,
-    *,
-    root: str | Path,
-    command: str,
-    started: datetime | None = None,
-    finished: datetime | None = None,
-    extra: dict[str, str] | None = None,
-    not_classified: Sequence[str] = (),
-) -> RunInfo:
-    """The Run sheet's record, taken from the classifier that made the predictions: its models
-    (names, sha256s), classes in output order, review threshold, out-of-distribution check, TTA
-    and numerics.  The one place every front end (classify, watch, the app's export) gets it."""
-    return RunInfo.collect(
-        models=[(b.name, b.sha256) for b in classifier.bundles], classes=list(classifier.classes),
-        review_threshold=classifier.review_threshold, ood_check=ood_check(classifier.bundles),
-        tta=classifier.tta, device=classifier.device_label, root=root, command=command,
-        started=started, finished=finished, extra=extra,
-        slide_review_threshold=classifier.slide_review_threshold if classifier.slide_consensus else None,
-        colour_check=_on_off(sum(b.meta.colour is not None for b in classifier.bundles), len(classifier.bundles)),
-        not_classified=not_classified,
-        model_verdict="; ".join(verdict_text(b.meta) for b in classifier.bundles),
-        unvalidated=any(b.meta.verdict is not None and not b.meta.verdict.fit_for_use for b in classifier.bundles),
-    )
-
-
-def ood_check(bundles: Sequence) -> str:
-    """The Run sheet's "out-of-distribution check" for these bundles: "on" when every one
-    carries the check, "off" when none does, "partly" in between."""
-    return _on_off(sum(b.meta.ood is not None for b in bundles), len(bundles))
-
-
-def _on_off(having: int, of: int) -> str:
-    return "on" if having == of else ("off" if having == 0 else "partly")
-
-
-def _safe(get: Callable[[], str]) -> str:
-    # getpass.getuser raises in containers without a passwd entry: a report is still wanted.
-    try:
-        return get() or "unknown"
-    except (OSError, KeyError, ImportError):  # getpass's failures: no passwd entry, no pwd module
-        return "unknown"
 
 
 def IMAGE_COLUMNS(classes: Sequence[str]) -> list[str]:
@@ -265,7 +116,7 @@ def write_report(
             _print_setup(ws, run)
         _save(wb, tmp)
 
-    return _atomic_write(Path(out), write, fallback)
+    return atomic_report_write(Path(out), write, fallback)
 
 
 def write_csv(
@@ -288,12 +139,7 @@ def write_csv(
             for row in rows:
                 w.writerow([_csv_value(v) for v in row.values])
 
-    return _atomic_write(Path(out), write, fallback)
-
-
-def locked_target(out: Path) -> bool:
-    """True when Excel or LibreOffice has `out` open (its owner/lock file sits beside it)."""
-    return _lock_file(Path(out)) is not None
+    return atomic_report_write(Path(out), write, fallback)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,86 +480,3 @@ def _save(wb: Workbook, path: Path) -> None:
     wb.properties.modified = datetime.now(UTC).replace(tzinfo=None)  # as openpyxl's own save
     with ZipFile(path, "w", ZIP_DEFLATED, allowZip64=True) as archive:
         ExcelWriter(wb, archive).write_data()
-
-
-def _lock_file(out: Path) -> Path | None:
-    """The Office owner file (`~$...`) or LibreOffice lock (`.~lock.<name>#`) beside `out`."""
-    name = out.name
-    candidates = [f"~${name}", f".~lock.{name}#"]
-    # Word-style owner files drop the first one or two characters of longer names; sources
-    # disagree on Excel's rule, and a false alarm only costs a sibling file while a missed lock
-    # lets Excel's next save overwrite the new report, so every form counts.
-    if len(out.stem) > 2:
-        candidates += [f"~${name[1:]}", f"~${name[2:]}"]
-    for c in candidates:
-        lock = out.with_name(c)
-        if lock.is_file():
-            return lock
-    return None
-
-
-def _sibling(out: Path) -> Path:
-    stamp = datetime.now().strftime("%Y-%m-%d %H%M%S")
-    return out.with_name(f"{out.stem} ({stamp}){out.suffix}")
-
-
-def _diversion(out: Path, fallback: Path | None) -> Path:
-    if fallback is not None:
-        fallback = Path(fallback)
-        if fallback != out and fallback.parent == out.parent and _lock_file(fallback) is None:
-            return fallback
-    return _sibling(out)
-
-
-def _atomic_write(out: Path, write: Callable[[Path], None], fallback: Path | None) -> Path:
-    """Run `write` on a temp file beside `out`, then move it into place (or beside, if locked)."""
-    folder = out.parent
-    if not folder.is_dir():
-        raise ReportError(f"cannot write the report: folder {folder} does not exist")
-    dest = out
-    lock = _lock_file(out)
-    if lock is not None:
-        dest = _diversion(out, fallback)
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=folder, prefix=f".{out.stem}.", suffix=out.suffix, delete=False
-        ) as fh:
-            tmp = Path(fh.name)
-    except OSError as e:
-        raise ReportError(f"cannot write the report in folder {folder}: {e.strerror or e}") from e
-    try:
-        try:
-            write(tmp)
-            flush_to_disk(tmp)
-        except OSError as e:  # no space left, the folder removed or made read-only meanwhile
-            raise ReportError(f"cannot write the report {out}: {e.strerror or e}") from e
-        mode = new_file_mode(dest)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        try:
-            os.replace(tmp, dest)
-        except OSError as e:
-            if dest != out:
-                raise ReportError(f"cannot write the report {dest}: {e.strerror or e}") from e
-            dest = _diversion(out, fallback)
-            try:
-                os.replace(tmp, dest)
-            except OSError as e2:
-                raise ReportError(f"cannot write the report {dest}: {e2.strerror or e2}") from e2
-            log.warning(
-                "report target %s could not be replaced (%s, open in another program?); "
-                "wrote the report to %s instead", out, e.strerror or e, dest,
-            )
-        else:
-            if lock is not None:
-                log.warning(
-                    "report target %s is open in another program (lock file %s); "
-                    "wrote the report to %s instead", out, lock.name, dest,
-                )
-    except BaseException:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
-    return dest

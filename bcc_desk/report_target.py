@@ -12,7 +12,9 @@ from pathlib import Path
 
 from bcc_desk.lab_records import LabRecords
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import ExtraColumns, ReportError, RunInfo, write_csv, write_report
+from bcc_desk.report import ExtraColumns, write_csv, write_report
+from bcc_desk.report_file import ReportError
+from bcc_desk.run_record import RunInfo
 
 log = logging.getLogger("bcc_desk.report")
 

@@ -29,8 +29,9 @@ from bcc_desk.lab_records import (
     write_slides_csv,
 )
 from bcc_desk.prediction import Prediction, relative_location
-from bcc_desk.report import REVIEW_COLUMNS, RunInfo
+from bcc_desk.report import REVIEW_COLUMNS
 from bcc_desk.report_target import write_somewhere
+from bcc_desk.run_record import RunInfo
 from bcc_desk.slides import SlideCount, count_slides, with_slide_consensus
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from bcc_desk.bundle import load_bundle
 from bcc_desk.images import discover_images
 from bcc_desk.options import ClassifierOptions
-from bcc_desk.report import run_info
 from bcc_desk.review import ReviewSession
+from bcc_desk.run_record import run_info
 
 
 def classified_session(model: Path, root: Path) -> ReviewSession:

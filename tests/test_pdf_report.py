@@ -17,7 +17,8 @@ from bcc_desk import __version__
 from bcc_desk.lab_records import LabRecords, Signature, SlideIdentity
 from bcc_desk.pdf_report import write_pdf
 from bcc_desk.prediction import Prediction, error_prediction, relative_location
-from bcc_desk.report import ReportError, RunInfo
+from bcc_desk.report_file import ReportError
+from bcc_desk.run_record import RunInfo
 from bcc_desk.verdict import DECISION_AID
 
 from conftest import ALL4, CLASSES

@@ -19,15 +19,10 @@ import pytest
 from bcc_desk import __version__
 from bcc_desk.lab_records import LabRecords, Signature, SlideIdentity
 from bcc_desk.prediction import Prediction, error_prediction, relative_location
-from bcc_desk.report import (
-    IMAGE_COLUMNS,
-    ReportError,
-    RunInfo,
-    locked_target,
-    write_csv,
-    write_report,
-)
+from bcc_desk.report import IMAGE_COLUMNS, write_csv, write_report
+from bcc_desk.report_file import ReportError, locked_target
 from bcc_desk.report_target import writer_for
+from bcc_desk.run_record import RunInfo
 from bcc_desk.verdict import DECISION_AID
 
 CLASSES = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]

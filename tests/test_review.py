@@ -13,8 +13,9 @@ from bcc_desk.bundle import load_bundle
 from bcc_desk.images import discover_images
 from bcc_desk.options import ClassifierOptions
 from bcc_desk.prediction import error_prediction
-from bcc_desk.report import RunInfo, run_info, write_report
+from bcc_desk.report import write_report
 from bcc_desk.review import REVIEW_COLUMNS, ReviewSession
+from bcc_desk.run_record import RunInfo, run_info
 from bcc_desk.slides import count_slides
 
 from bundles import LABELS, make_bundle

@@ -113,8 +113,8 @@ def test_the_review_session_settles_a_slide_again_as_it_grows() -> None:
     """The desktop app's table (watching a folder, or a batch arriving) shows the flags as the
     slide stands: a field that later turns out to disagree is flagged and its row is redrawn; a
     field that agrees with its slide is held to the slide cut-off; the slide counts follow."""
-    from bcc_desk.report import RunInfo
     from bcc_desk.review import ReviewSession
+    from bcc_desk.run_record import RunInfo
 
     info = RunInfo.collect(models=[("m", "0" * 64)], classes=["Pre-B", "Pro-B"], review_threshold=0.9,
                            ood_check="off", tta=False, device="cpu", root="/case", slide_review_threshold=0.5)

@@ -26,7 +26,7 @@ from bcc_desk import cli
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classifier import Classifier
 from bcc_desk.prediction import REVIEW_DISAGREES
-from bcc_desk.report import RunInfo
+from bcc_desk.run_record import RunInfo
 from bcc_desk.watch.ledger import DONE, ERROR, PENDING, VANISHED, Ledger
 from bcc_desk.watch.settle import READ_RETRIES
 from bcc_desk.watch.site import WatchTiming, default_state, lock_state, log_file

@@ -29,7 +29,7 @@ from bcc_desk.messages import one_line
 
 if TYPE_CHECKING:
     from bcc_desk.classify_process import ClassifierProcess
-    from bcc_desk.report import RunInfo
+    from bcc_desk.run_record import RunInfo
     from bcc_desk.watch.site import WatchSite, WatchTiming
     from bcc_desk.watch.watcher import Watcher
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from bcc_desk.lab_records import LabRecords, SlidesFileError, read_slides_csv
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import ReportError, RunInfo, locked_target
+from bcc_desk.report_file import ReportError, locked_target
 from bcc_desk.report_target import writer_for
+from bcc_desk.run_record import RunInfo
 from bcc_desk.watch.ledger import Ledger
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from bcc_desk.files import file_sha256
 from bcc_desk.images import discover_images, is_candidate
 from bcc_desk.paths import SAMPLES_DIR
 from bcc_desk.prediction import Prediction
-from bcc_desk.report import RunInfo, run_info
+from bcc_desk.run_record import RunInfo, run_info
 from bcc_desk.watch.ledger import DONE, VANISHED, Ledger, Row, storage_fault
 from bcc_desk.watch.observer import EVENTS, EventQueue, folder_identity, make_observer
 from bcc_desk.watch.report_writer import ReportWriter
