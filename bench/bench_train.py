@@ -28,9 +28,9 @@ from bcc_desk.devices import autocast
 from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import decode_images
+from trainer.dataset import list_dataset
 from trainer.fit import FitConfig, build_meta, create_model, fit
 from trainer.recipes import recipe_settings
-from trainer.split import list_dataset
 
 from common import ALL4, cpu_name, publish  # bench/ is the script's own folder
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 from bcc_desk.bundle import read_meta
+from trainer.grouping import number_block
 from trainer.review_threshold import app_predictions, validation_truth
-from trainer.split import Split, number_block
+from trainer.split import Split
 
 from common import print_table, validation_study_parser
 

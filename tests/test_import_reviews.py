@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from bcc_desk import cli as bcc_cli
 from trainer import cli as train_cli
+from trainer.grouping import group_images
 from trainer.manifest import MANIFEST, read_manifest
-from trainer.split import group_images
 
 from bundles import CLASSES, LABELS, make_bundle
 from folders import class_subset

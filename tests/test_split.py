@@ -14,15 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.split import (
-    PHASH_THRESHOLD,
-    SPLITS,
-    Split,
-    data_fingerprint,
-    list_dataset,
-    make_split,
-    number_block,
-)
+from trainer.dataset import data_fingerprint, list_dataset
+from trainer.grouping import PHASH_THRESHOLD, number_block
+from trainer.split import SPLITS, Split, make_split
 
 from conftest import ALL4, ALL4_COUNTS, CLASSES, LABELS
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from bcc_desk.bundle import Bundle, load_bundle
 from bcc_desk.classifier import Classifier, Prediction  # the trainer reaches the app through the engine
-from trainer.split import Split, list_dataset
+from trainer.dataset import list_dataset
+from trainer.split import Split
 
 
 @dataclass

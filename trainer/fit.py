@@ -34,8 +34,9 @@ from bcc_desk.files import atomic_write
 from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.data import ImageSet, decode_images
+from trainer.dataset import data_fingerprint, list_dataset
 from trainer.schedule import class_weights, epoch_cost, epoch_order, lr_factor, seconds_left, train_size
-from trainer.split import Split, data_fingerprint, list_dataset, make_split
+from trainer.split import Split, make_split
 
 log = logging.getLogger("bcc-train")
 

@@ -29,8 +29,8 @@ from bcc_desk.bundle import BundleMeta, display_name
 from bcc_desk.files import file_sha256, write_text_atomic
 from bcc_desk.images import ImageReadError, is_candidate, open_image
 from bcc_desk.report import REVIEW_COLUMNS
+from trainer.dataset import list_dataset
 from trainer.manifest import MANIFEST, ReviewImportError, manifest_text, read_manifest
-from trainer.split import list_dataset
 
 __all__ = ["ImportSummary", "ReviewImportError", "import_reviews", "read_workbook"]
 

@@ -17,22 +17,8 @@ names carry no patient id, so this is the honest stand-in for a patient-wise spl
 Images a lab imported from its own reviews (`trainer/reviews.py`) do carry their slide, and the
 images of one slide (one patient) are one group: for those the split is patient-wise.
 
-How the defaults were chosen, on `all4` (2,722 images; 64-bit phash; the distances come out even):
-
-* nearest-neighbour distance of every image: 0: 85, 2: 43, 4: 6, 6: 10, 8: 4, 10: 14, 12: 33,
-  14: 282, 16: 1023, 18: 1115, 20: 106, 22: 1 — a sparse tail of near-duplicates below the bulk;
-* consecutive file numbers in one class: distances 0-14 (64 pairs; those looked at are the same
-  field, shifted or refocused), none at 16, then 18 and up (2,642 pairs: different fields);
-* pairs at <= 12 bits: 101, of which 92 in one class (those looked at: mostly the same field; gaps
-  1-4 mostly, also 11, 12 and up to 542 apart) and 9 across classes (different fields,
-  harmless to merge); at <= 14 bits 274 pairs, 128 across classes: the hash no longer tells
-  fields apart, and with the number blocks they chain into one group of 1,410 images.
-  So 12 bits; the two same-field pairs at 14 (numbers 880/881, 772/773) share a number block.
-* the same-class pairs at <= 12 bits are 4 numbers apart or less but for 8 (62 at gap 1, 14 at 2,
-  6 at 3, 2 at 4), so blocks of 10 keep most runs of shots together even where the hash misses
-  one (the hash catches the far-apart pairs wherever they lie): every same-class
-  pair within 4 numbers and 16 bits ends up in one group.  With 12 bits and blocks of 10 the data
-  set has 259 groups (214 of 10 images, the largest 40); blocks of 5 would give 512 (largest 20).
+The listing of a data set is `trainer.dataset`; the groups, and how their defaults were chosen,
+`trainer.grouping`.
 """
 
 from __future__ import annotations
@@ -40,233 +26,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import random
 import re
-import threading
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import imagehash
 import numpy as np
 
-from bcc_desk.files import file_sha256, write_text_atomic
-from bcc_desk.images import ImageReadError, discover_images, is_candidate, open_image
+from bcc_desk.files import write_text_atomic
+from bcc_desk.images import is_candidate
+from trainer.dataset import list_dataset, sorted_classes
+from trainer.grouping import NEIGHBOUR_WINDOW, PHASH_THRESHOLD, group_images, phash_images
 from trainer.manifest import slide_keys  # images imported from a lab's reviews know their slide
-
-__all__ = [
-    "COLUMNS",
-    "NEIGHBOUR_WINDOW",
-    "PHASH_THRESHOLD",
-    "SPLITS",
-    "Split",
-    "SplitRow",
-    "data_fingerprint",
-    "group_images",
-    "list_dataset",
-    "make_split",
-    "near_duplicate_pairs",
-    "number_block",
-    "phash_images",
-]
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 COLUMNS: tuple[str, ...] = ("path", "class", "group", "split", "phash")
-
-PHASH_THRESHOLD: int = 12
-"""Largest Hamming distance (of 64 bits) at which two images count as shots of one field."""
-
-NEIGHBOUR_WINDOW: int = 10
-"""Images whose trailing file numbers share a block of this many consecutive numbers are grouped."""
-
-_TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
-
-
-# -- listing ---------------------------------------------------------------------------------------
-def list_dataset(data: Path) -> list[tuple[str, str]]:
-    """(relative posix path, class) of every image under `data`, sorted by path.
-
-    The class is the top-level folder, as in the Kaggle layout a user downloads.  Images lying
-    directly in `data` are refused rather than silently left out: they have no label, and a user
-    who pointed at one class folder instead of the data set should hear so, not train on nothing.
-    Classes come in the order a file manager shows them (see `_sorted_classes`).
-    """
-    data = Path(data)
-    if not data.exists():
-        raise ValueError(f"data folder not found: {data}")
-    if not data.is_dir():
-        raise ValueError(f"not a folder: {data} (give the folder that holds one sub-folder per class)")
-    root = data.absolute()
-    items: list[tuple[str, str]] = []
-    loose: list[str] = []
-    for path in discover_images(root):
-        rel = path.relative_to(root)
-        if len(rel.parts) == 1:
-            loose.append(rel.name)
-        else:
-            items.append((rel.as_posix(), rel.parts[0]))
-    if loose:
-        raise ValueError(
-            f"{len(loose)} image(s) lie directly in {data} (first: {loose[0]}); "
-            "put every image in a sub-folder named after its class"
-        )
-    classes = _sorted_classes({c for _, c in items})
-    if len(classes) < 2:
-        found = f": {', '.join(classes)}" if classes else ""
-        raise ValueError(f"{data} needs at least 2 class folders with images, found {len(classes)}{found}")
-    items.sort()
-    return items
-
-
-def _sorted_classes(names: Iterable[str]) -> list[str]:
-    """The order a file manager shows: letters and digits only, case-insensitive (ties by code point).
-
-    For the Kaggle folders that is Benign, [Malignant] early Pre-B, [Malignant] Pre-B,
-    [Malignant] Pro-B, the order the project's models use for their outputs; plain code-point
-    order would put "[" after "B" and "early" after "Pro", and locale collation differs by machine.
-    """
-
-    def key(name: str) -> tuple[str, str, str]:
-        folded = name.casefold()
-        return ("".join(ch for ch in folded if ch.isalnum()), folded, name)
-
-    return sorted(set(names), key=key)
-
-
-# -- perceptual hashes ------------------------------------------------------------------------------
-_PHASH_MEMO: dict[tuple[str, int, int], str] = {}
-_PHASH_LOCK = threading.Lock()
-
-
-def phash_images(data: Path, rel_paths: Sequence[str], workers: int | None = None) -> list[str]:
-    """64-bit `imagehash.phash` (16 hex digits) of each image, in the order given.
-
-    Decoding dominates, so it runs in a thread pool (Pillow releases the GIL) through the
-    application's safe reader; a large camera JPEG is decoded at a reduced scale (the hash only
-    looks at 32x32 pixels; images of 256 px and less are decoded in full, so their hash equals
-    plain `imagehash.phash(Image.open(f))`).  Results are remembered per process by
-    (file, size, mtime), so a second split of the same data does not decode again.
-    An unreadable image is a one-line `ValueError` naming it.
-    """
-    root = Path(data).absolute()
-
-    def one(rel: str) -> str:
-        path = root / rel
-        try:
-            st = path.stat()
-        except OSError as exc:
-            raise ValueError(f"cannot read image {rel}: {exc.strerror or exc}") from None
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        with _PHASH_LOCK:
-            known = _PHASH_MEMO.get(key)
-        if known is not None:
-            return known
-        try:
-            image = open_image(path, reduce_to=64)
-        except ImageReadError as exc:
-            raise ValueError(f"cannot read image {rel}: {exc}") from None
-        value = str(imagehash.phash(image))
-        with _PHASH_LOCK:
-            _PHASH_MEMO[key] = value
-        return value
-
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(one, rel_paths))
-
-
-def _popcount64(x: np.ndarray) -> np.ndarray:
-    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(x)
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
-
-
-def near_duplicate_pairs(hashes: Sequence[str], threshold: int = PHASH_THRESHOLD) -> list[tuple[int, int]]:
-    """Index pairs (i < j, sorted) whose hashes differ in at most `threshold` bits.
-
-    All pairs, by XOR and popcount on uint64 in blocks of rows: 2,722 images are 3.7 million
-    pairs, a fraction of a second, and no pair is missed the way a bucketing index could miss one.
-    """
-    h = np.array([int(x, 16) for x in hashes], dtype=np.uint64)
-    pairs: list[tuple[int, int]] = []
-    block = 512
-    for start in range(0, len(h), block):
-        rows = h[start : start + block]
-        dist = _popcount64(rows[:, None] ^ h[None, :])
-        i, j = np.nonzero(dist <= threshold)
-        i = i + start
-        keep = j > i
-        pairs.extend(zip(i[keep].tolist(), j[keep].tolist()))
-    pairs.sort()
-    return pairs
-
-
-# -- grouping ---------------------------------------------------------------------------------------
-def group_images(
-    rel_paths: Sequence[str],
-    hashes: Sequence[str],
-    threshold: int = PHASH_THRESHOLD,
-    neighbour_window: int = NEIGHBOUR_WINDOW,
-    slides: Sequence[str | None] | None = None,
-) -> list[int]:
-    """Group id per image: union-find over near-duplicate hashes, blocks of file numbers and,
-    where `slides` gives one (an image imported from a lab's review), the slide it came from.
-
-    Group ids are numbered 0, 1, ... in the order of each group's first image in `rel_paths`,
-    so they depend only on the data, never on set or dict iteration order.
-    A `neighbour_window` of 1 turns the number rule off (every block holds one number).
-    """
-    if neighbour_window < 1:
-        raise ValueError(f"neighbour_window must be at least 1, not {neighbour_window}")
-    n = len(rel_paths)
-    parent = list(range(n))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
-    for i, j in near_duplicate_pairs(hashes, threshold):
-        union(i, j)
-
-    first_in_block: dict[tuple[str, str, int], int] = {}
-    for i, rel in enumerate(rel_paths):
-        key = number_block(rel, neighbour_window)
-        if key is None:
-            continue
-        if key in first_in_block:
-            union(first_in_block[key], i)
-        else:
-            first_in_block[key] = i
-
-    # One slide is one patient: every image of it stays on one side of the split.
-    first_of_slide: dict[str, int] = {}
-    for i, slide in enumerate(slides or ()):
-        if slide is not None:
-            union(first_of_slide.setdefault(slide, i), i)
-
-    ids: dict[int, int] = {}
-    return [ids.setdefault(find(i), len(ids)) for i in range(n)]
-
-
-def number_block(rel_path: str, neighbour_window: int = NEIGHBOUR_WINDOW) -> tuple[str, str, int] | None:
-    """(folder, name prefix, block) of a file whose name ends in a number: the images of one
-    block are one group.  A series is one folder and one name prefix ("A-001" and "B-001" are
-    different fields); None for a name without a trailing number."""
-    p = PurePosixPath(rel_path)
-    match = _TRAILING_NUMBER.match(p.stem)
-    if match is None:
-        return None
-    return str(p.parent), match.group(1), int(match.group(2)) // neighbour_window
-
 
 # -- the split --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -396,7 +170,7 @@ class Split:
                 f"(first: {missing[0]}); restore them, or make a new split"
             )
         rows.sort(key=lambda r: r.path)
-        return cls(rows=rows, classes=_sorted_classes(r.cls for r in rows), seed=None)
+        return cls(rows=rows, classes=sorted_classes(r.cls for r in rows), seed=None)
 
 
     def extend(self, data: Path, seed: int = 0, workers: int | None = None) -> int:
@@ -417,7 +191,7 @@ class Split:
         paths = [r.path for r in self.rows] + [p for p, _ in new]
         hashes = [r.phash for r in self.rows] + phash_images(data, [p for p, _ in new], workers)
         groups = group_images(paths, hashes, slides=slide_keys(data, paths))
-        classes = _sorted_classes([*self.classes, *(c for _, c in new)])
+        classes = sorted_classes([*self.classes, *(c for _, c in new)])
         old = len(self.rows)
         part_of_group = {groups[i]: SPLITS.index(r.split) for i, r in enumerate(self.rows)}
         fresh = sorted({groups[i] for i in range(old, len(paths))} - set(part_of_group))
@@ -509,7 +283,7 @@ def make_split(
     paths = [p for p, _ in items]
     hashes = phash_images(data, paths, workers)
     groups = group_images(paths, hashes, threshold, neighbour_window, slide_keys(data, paths))
-    classes = _sorted_classes(c for _, c in items)
+    classes = sorted_classes(c for _, c in items)
     labels = [classes.index(c) for _, c in items]
     parts = _assign_groups(labels, groups, len(classes), (1 - val - test, val, test), seed)
     rows = [
@@ -555,26 +329,3 @@ def _assign_groups(
 
 
 # -- the data set's identity ------------------------------------------------------------------------
-def data_fingerprint(data: Path, workers: int | None = None) -> str:
-    """sha256 over the sorted (relative path, file sha256) of every image under `data`.
-
-    Identifies the exact data a model was trained on: any added, removed, renamed, moved or
-    edited image changes it.  It is the sha256 of the text `sha256sum` prints for the images
-    ("<hex>  <path>\\n" per image, sorted by path), so it can be checked without this code.
-    """
-    root = Path(data).absolute()
-    paths = [p for p, _ in list_dataset(data)]
-
-    def file_sha(rel: str) -> str:
-        try:
-            return file_sha256(root / rel)
-        except OSError as exc:
-            raise ValueError(f"cannot read image {rel}: {exc.strerror or exc}") from None
-
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        shas = list(pool.map(file_sha, paths))
-    total = hashlib.sha256()
-    for rel, sha in zip(paths, shas, strict=True):
-        total.update(f"{sha}  {rel}\n".encode())
-    return total.hexdigest()
