@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from bcc_desk.devices import autocast
 from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
+from trainer.config import FitConfig
 from trainer.data import decode_images
 from trainer.dataset import list_dataset
-from trainer.fit import FitConfig, build_meta, create_model, fit
+from trainer.fit import fit
+from trainer.model_init import build_meta, create_model
 from trainer.recipes import recipe_settings
 
 from common import ALL4, cpu_name, publish  # bench/ is the script's own folder

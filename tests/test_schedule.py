@@ -62,7 +62,7 @@ def test_class_weights_give_every_class_the_same_total() -> None:
 def test_recipes_name_real_settings_and_unknown_names_are_refused() -> None:
     from dataclasses import fields
 
-    from trainer.fit import FitConfig
+    from trainer.config import FitConfig
 
     known = {f.name for f in fields(FitConfig)}
     for name in RECIPES:

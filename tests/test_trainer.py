@@ -21,8 +21,9 @@ from bcc_desk import cli as bcc_cli
 from bcc_desk.bundle import load_bundle
 from bcc_desk.prediction import REVIEW_DISAGREES
 from trainer import cli as train_cli
+from trainer.config import FitConfig, FitError
 from trainer.evaluate import Judged, classify_items
-from trainer.fit import FitConfig, FitError, build_meta, create_model
+from trainer.model_init import build_meta, create_model
 from trainer.split import Split
 
 from bundles import CLASSES, LABELS
@@ -490,11 +491,11 @@ def test_too_few_images_are_refused_before_training_and_leave_no_run_folder(all4
 def test_a_folds_macro_f1_counts_only_the_classes_its_slides_hold() -> None:
     """A cross-validation fold whose slides hold no Pro-B image: one image called Pro-B is an error
     of its class, not a fourth class scored 0 (bench/RESULTS.md: fold 2 read 70.6% macro-F1 beside 90% right)."""
-    from trainer.fit import _scores
+    from trainer.epoch import scores
 
     labels = torch.tensor([0, 0, 1, 1])
     logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 3]), 4).float()
-    _, acc, f1 = _scores(labels, logits)
+    _, acc, f1 = scores(labels, logits)
     assert acc == 0.75 and f1 == pytest.approx((1 + 2 / 3) / 2)
 
 

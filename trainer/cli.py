@@ -145,7 +145,8 @@ def fit(
     """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle.
 
     Interrupted (Ctrl+C, a restart), the same command resumes from OUT/last.pt."""
-    from trainer.fit import FitConfig, FitError, fit as run_fit
+    from trainer.config import FitConfig, FitError
+    from trainer.fit import fit as run_fit
     from trainer.recipes import recipe_settings
     from trainer.schedule import parse_size_schedule
 

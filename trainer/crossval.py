@@ -32,7 +32,7 @@ SMALL_DATA = 1000
 FOLDS = 5
 
 
-# `cfg` below is trainer.fit's FitConfig, passed in with its `fit` (this module is imported by it).
+# `cfg` below is trainer.config's FitConfig, passed in with its `fit` (this module is imported by it).
 
 
 def folds_for(cfg: Any, split: Split, world: int) -> int:
