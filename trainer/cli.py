@@ -147,6 +147,7 @@ def fit(
     Interrupted (Ctrl+C, a restart), the same command resumes from OUT/last.pt."""
     from trainer.config import FitConfig, FitError
     from trainer.fit import fit as run_fit
+    from trainer.model_init import parent_settings
     from trainer.recipes import recipe_settings
     from trainer.schedule import parse_size_schedule
 
@@ -160,7 +161,7 @@ def fit(
     try:
         settings = recipe_settings(recipe or ("finetune" if init_bundle else None))
         if init_bundle:
-            settings.update(_parent_settings(init_bundle))
+            settings.update(parent_settings(init_bundle))
     except ValueError as exc:
         fail(str(exc))
     if init_bundle and image_size is not None and image_size != settings["image_size"]:
@@ -223,18 +224,6 @@ def _end_with_verdict(bundle: Path) -> None:
         say_verdict(verdict)
         if not verdict.fit_for_use and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise typer.Exit(EXIT_NOT_VALIDATED)
-
-
-def _parent_settings(bundle: Path) -> dict[str, object]:
-    """What a fine-tuned model takes from its parent bundle (options given still override)."""
-    from bcc_desk.bundle import BundleError, read_meta
-
-    try:
-        meta = read_meta(bundle)
-    except BundleError as exc:
-        raise ValueError(f"--init-bundle: {exc}") from None
-    return {"arch": meta.arch, "image_size": meta.input.size, "hidden": list(meta.head.hidden),
-            "dropout": meta.head.dropout}
 
 
 @app.command("import-reviews", cls=Command)

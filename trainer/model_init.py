@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bcc_desk.bundle import Bundle, BundleError, BundleMeta, BundleNet, HeadSpec, InputSpec, build_model
+from bcc_desk.bundle import Bundle, BundleError, BundleMeta, BundleNet, HeadSpec, InputSpec, build_model, read_meta
 from trainer.config import FitConfig, FitError
 
 log = logging.getLogger("bcc-train")
@@ -155,3 +155,13 @@ def load_trunk_weights(model: BundleNet, path: Path) -> None:
             f"only {len(usable)} of {len(own)} trunk tensors match"
         )
     model.trunk.load_state_dict(usable, strict=False)
+
+
+def parent_settings(bundle: Path) -> dict[str, object]:
+    """What a fine-tuned model takes from its parent bundle (options given still override)."""
+    try:
+        meta = read_meta(bundle)
+    except BundleError as exc:
+        raise ValueError(f"--init-bundle: {exc}") from None
+    return {"arch": meta.arch, "image_size": meta.input.size, "hidden": list(meta.head.hidden),
+            "dropout": meta.head.dropout}
