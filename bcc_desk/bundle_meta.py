@@ -176,8 +176,8 @@ class BundleMeta:
                     size=int(inp.get("size", 224)),
                     crop_pct=float(inp.get("crop_pct", 1.0)),
                     interpolation=str(inp.get("interpolation", "bicubic")),
-                    mean=tuple(float(v) for v in inp.get("mean", IMAGENET_MEAN)),
-                    std=tuple(float(v) for v in inp.get("std", IMAGENET_STD)),
+                    mean=_rgb(inp.get("mean", IMAGENET_MEAN), "input.mean"),
+                    std=_rgb(inp.get("std", IMAGENET_STD), "input.std"),
                 ),
                 head=HeadSpec(**(data.get("head") or {})),
                 temperature=float(data.get("temperature", 1.0)),
@@ -352,10 +352,18 @@ def read_meta(folder: Path) -> BundleMeta:
     return meta
 
 
+def _rgb(values: Any, field: str) -> tuple[float, float, float]:
+    """Three numbers, one per colour channel (ValueError naming `field` otherwise)."""
+    numbers = tuple(float(v) for v in values)
+    if len(numbers) != 3:
+        raise ValueError(f"{field} needs 3 values (red, green, blue), not {len(numbers)}")
+    return numbers[0], numbers[1], numbers[2]
+
+
 def bundle_fingerprint(folder: Path) -> tuple:
     """Changes when the bundle on disk is replaced (a retrained model saved to the same folder):
     what a cache of loaded bundles compares, without hashing the weights again."""
-    stats = []
+    stats: list[tuple[int, int] | None] = []
     for name in ("bundle.json", "model.safetensors"):
         try:
             st = (Path(folder) / name).stat()

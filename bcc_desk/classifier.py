@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +194,8 @@ class Classifier:
             self._transforms.setdefault(key, make_transform(b.meta.input))
             ood = None
             if b.ood_stats is not None and b.meta.ood is not None:
-                means, precision = b.ood_stats
-                ood = (means.to(self.device), precision.to(self.device), b.meta.ood.threshold)
+                means, inverse_cov = b.ood_stats
+                ood = (means.to(self.device), inverse_cov.to(self.device), b.meta.ood.threshold)
             self._members.append(_Member(b, key, ood=ood))
             if not lazy:
                 self._eager(self._members[-1])
@@ -231,7 +231,7 @@ class Classifier:
         colour = colour_features(tensors[self._members[0].key].numpy()) if self._colour else None
         return _Image(tensors, colour)
 
-    def _decoded(self, paths: Iterable[Path]) -> Iterator[tuple[Path, _Decoded]]:
+    def _decoded(self, paths: Iterable[Path]) -> Generator[tuple[Path, _Decoded], None, None]:
         """(path, decoded tensors or the read error), in order, decoded ahead in a thread pool."""
         lookahead = 2 * self.batch_size
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="bcc-decode")
@@ -249,7 +249,7 @@ class Classifier:
             # Also reached when the consumer stops early (GUI cancel): drop what is queued.
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _decoded_batches(self, paths: Iterable[Path]) -> Iterator[list[tuple[Path, _Decoded]]]:
+    def _decoded_batches(self, paths: Iterable[Path]) -> Generator[list[tuple[Path, _Decoded]], None, None]:
         """Lists of `batch_size` decoded images (the last may be shorter)."""
         decoded = self._decoded(paths)
         try:
@@ -291,7 +291,7 @@ class Classifier:
         paths: Sequence[Path] | Iterable[Path],
         root: Path,
         progress: ProgressCallback | None = None,
-    ) -> Iterator[Prediction]:
+    ) -> Generator[Prediction, None, None]:
         """Classify images under `root`, yielding one Prediction per path, in order."""
         # Absolute, not resolved: a symlinked image is reported where its link sits under ROOT.
         root = Path(os.path.abspath(root))
@@ -395,9 +395,9 @@ class Classifier:
                 for i, (p, r) in enumerate(good):
                     results[p] = self._record(p, root, probs[i], None if ood is None else float(ood[i]),
                                               self._colour_ratio(r.colour))
-            for p, r in batch:
-                if isinstance(r, ImageReadError):
-                    yield error_prediction(p, root, str(r), self.name, self.sha256)
+            for p, outcome in batch:
+                if isinstance(outcome, ImageReadError):
+                    yield error_prediction(p, root, str(outcome), self.name, self.sha256)
                 else:
                     yield results[p]
             done += len(batch)

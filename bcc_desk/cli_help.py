@@ -18,7 +18,8 @@ class Command(TyperCommand):
             if isinstance(p, TyperOption) and p.is_flag and p.metavar is None:
                 p.metavar = ""  # a flag takes no value: show none
 
-    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+    # typer passes its own Context; the base class names the click it vendors (typer._click).
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:  # type: ignore[override]
         pieces = [self.options_metavar] if self.options_metavar else []
         for p in self.get_params(ctx):
             if isinstance(p, TyperArgument):
@@ -28,7 +29,7 @@ class Command(TyperCommand):
                 pieces.extend(p.get_usage_pieces(ctx))
         return pieces
 
-    def get_help_option(self, ctx: typer.Context) -> TyperOption | None:
+    def get_help_option(self, ctx: typer.Context) -> TyperOption | None:  # type: ignore[override]
         option = super().get_help_option(ctx)
         if option is not None:
             option.metavar = ""

@@ -86,4 +86,7 @@ def flush_to_disk(path: Path) -> None:
 
 
 def write_text_atomic(dest: Path, text: str) -> Path:
-    return atomic_write(dest, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8", newline="")
+
+    return atomic_write(dest, write)

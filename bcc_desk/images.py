@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,7 +59,7 @@ class ImageReadError(Exception):
         super().__init__(one_line(reason, limit=None))
 
 
-def is_candidate(path: Path) -> bool:
+def is_candidate(path: PurePath) -> bool:
     """Whether a file *name* is an image worth reading.
 
     Hidden files and the temporary names of unfinished copies/downloads are refused so that

@@ -37,7 +37,7 @@ class ClassifierOptions:
         unless `allow_unvalidated`; ValueError for options the bundles or the machine refuse."""
         from bcc_desk.classifier import Classifier  # torch: only where a network runs
 
-        refuse_unvalidated([bundles] if hasattr(bundles, "meta") else list(bundles), self.allow_unvalidated)
+        refuse_unvalidated(list(bundles) if isinstance(bundles, Sequence) else [bundles], self.allow_unvalidated)
         settings = asdict(self)
         del settings["allow_unvalidated"]
         return Classifier(bundles, **settings)

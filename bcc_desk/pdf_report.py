@@ -18,6 +18,7 @@ import io
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from reportlab.graphics.shapes import Drawing, Rect
 from reportlab.lib import colors
@@ -177,7 +178,7 @@ class _Doc(BaseDocTemplate):
 
     def _gallery(self, flagged: Sequence[Prediction]) -> Table:
         """Every flagged field: thumbnail, name, label and confidence, why; rows split over pages."""
-        cells = []
+        cells: list[Any] = []  # a cell: its flowables, stacked; "" pads the last row
         for p in flagged:
             reviewed = self.lab.reviewed.get(p.path)
             lines = [f"<b>{pdf_text(Path(p.file).name)}</b>", f"{pdf_text(p.label)} {_pct(p.confidence)}",

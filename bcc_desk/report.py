@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import SupportsFloat
 
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
@@ -174,7 +175,7 @@ def _image_rows(
     return rows
 
 
-def _number(x: object) -> float | None:
+def _number(x: SupportsFloat | None) -> float | None:
     # NaN/inf would make Excel call the whole file corrupt: an empty cell says "no value".
     if x is None:
         return None
@@ -458,7 +459,7 @@ def _csv_value(v: object) -> object:
     if isinstance(v, bool):
         return "TRUE" if v else "FALSE"
     if isinstance(v, datetime):
-        return _local(v).strftime("%Y-%m-%d %H:%M:%S")
+        return (_local(v) or v).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(v, float):
         return f"{v:.4f}"
     if isinstance(v, int):

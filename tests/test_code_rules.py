@@ -1,4 +1,4 @@
-"""The code's own rules, checked on every run: the linter passes, and imports run one way
+"""The code's own rules, checked on every run: the linter and the type checker pass, and imports run one way
 (Qt only in bcc_desk/gui, the core never reaches into the trainer, no cycles, the trainer talks to
 the application through the bundle and its preprocessing)."""
 
@@ -53,6 +53,13 @@ def _graph(package: str) -> dict[str, set[str]]:
 def test_ruff_passes() -> None:
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True,
                           text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
+def test_type_hints_check() -> None:
+    """mypy over bcc_desk and trainer, as pyproject.toml configures it (#38: hints that are never
+    checked drift from the code)."""
+    proc = subprocess.run([sys.executable, "-m", "mypy"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
 
 

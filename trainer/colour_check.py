@@ -144,15 +144,15 @@ def settle_colour_check(
     threshold, broken = choose_colour_threshold(distances, right, otherwise, before)
     table = {k: shift_row([_with_colour(p, d / threshold) for p, d in zip(v, distances[k], strict=True)], truth)
              for k, v in by_shift.items()}
-    metrics: dict[str, object] = {"shift": table, "shift_precision": precision,
-                                  "val_flagged_colour": float((distances["none"] > threshold).mean())}
+    flagged = float((distances["none"] > threshold).mean())
+    metrics: dict[str, object] = {"shift": table, "shift_precision": precision, "val_flagged_colour": flagged}
     if broken:
         metrics["shift_promise_broken"] = broken
         log.warning("the colour check cannot keep the review promise under %s without flagging more than %.0f%% of "
                     "validation: this model is not safe under those shifts", ", ".join(broken), 100 * MAX_FLAGGED)
     record_thresholds(bundle_dir, metrics, colour=threshold)
     log.info("colour check cut-off %.3f (was %.3f): %.1f%% of validation flagged; under every shift the unflagged "
-             "images are %.1f%% right at worst", threshold, before, 100 * metrics["val_flagged_colour"],
+             "images are %.1f%% right at worst", threshold, before, 100 * flagged,
              100 * min(r["unflagged_accuracy"] for r in table.values()))
     return table
 
@@ -185,8 +185,9 @@ def add_colour_check(bundle_dir: Path, data: Path, split_csv: Path, workers: int
         raise ValueError(f"{split_csv} is not the split {bundle_dir} was trained with: its validation images may be training images")
     if not split.paths("val"):
         raise ValueError(f"{split_csv} has no validation images")
-    labels = [meta.class_index(split.classes[i]) for i in split.labels("train")]
-    if any(i is None for i in labels):
+    indices = [meta.class_index(split.classes[i]) for i in split.labels("train")]
+    labels = [i for i in indices if i is not None]
+    if len(labels) != len(indices):
         raise ValueError(f"the split has a class {bundle_dir} does not know")
     train = decode_images(data, split.paths("train"), labels, meta.input, workers)
     val = decode_images(data, split.paths("val"), [0] * len(split.paths("val")), meta.input, workers)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        parent = parent_bundle(cfg) if cfg.init_bundle else None  # a bad bundle fails before the split's minutes
+        parent = parent_bundle(cfg)  # a bad bundle fails before the split's minutes
         if not (out / "split.csv").is_file():  # a resumed run was checked when it started
             _check_class_sizes(cfg.data, parent.meta if parent is not None else None, cfg.init_bundle)
         split = _split(cfg, env, out)
@@ -108,7 +109,8 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
 
     ema = make_ema(model, cfg.ema_decay)
 
-    start_epoch, best_f1, history = 0, -1.0, []
+    start_epoch, best_f1 = 0, -1.0
+    history: list[dict[str, Any]] = []
     ckpt = out / "last.pt"
     if ckpt.is_file():
         # Our own checkpoint; still read with weights_only=True (tensors and numbers only).
@@ -134,7 +136,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    aug = AugmentSpec.for_training(cfg.stain, cfg.colour, tuple(cfg.zoom), cfg.trivial_augment)
+    aug = AugmentSpec.for_training(cfg.stain, cfg.colour, (cfg.zoom[0], cfg.zoom[1]), cfg.trivial_augment)
     trainee = Trainee(
         cfg=cfg, env=env, device=device, dtype=dtype, channels_last=channels_last, spec=meta.input,
         n_classes=len(classes), model=model, net=net,

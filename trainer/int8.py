@@ -90,7 +90,7 @@ def compare_int8(reference: list[Prediction], quantized: list[Prediction]) -> di
     """How int8 predictions differ from fp32 ones of the same images."""
     n = len(reference)
     flips = [i for i in range(n) if reference[i].label != quantized[i].label]
-    confidence = [abs(reference[i].confidence - quantized[i].confidence) for i in range(n)]
+    confidence = [abs((reference[i].confidence or 0.0) - (quantized[i].confidence or 0.0)) for i in range(n)]
     return {
         "images": n,
         "label_agreement": 1 - len(flips) / n,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from bcc_desk.stats import wilson_interval
 
-ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
+ArrayLike: TypeAlias = np.ndarray | torch.Tensor | Sequence[Any]
 
 # The reference study we compare against: ConvNeXt Tiny on the Taleqani Hospital B-ALL 4-class
 # peripheral blood smear data set ("Blood Cell Cancer ALL-4Class"; Aria, Ghaderzadeh, Bashash et al.

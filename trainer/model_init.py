@@ -47,9 +47,12 @@ def child_meta(cfg: FitConfig, parent: BundleMeta) -> BundleMeta:
     )
 
 
-def parent_bundle(cfg: FitConfig) -> Bundle:
+def parent_bundle(cfg: FitConfig) -> Bundle | None:
+    """The bundle `--init-bundle` names, checked against the run's network (None without one)."""
     from bcc_desk.bundle import load_bundle
 
+    if cfg.init_bundle is None:
+        return None
     try:
         parent = load_bundle(cfg.init_bundle, build=False)
     except BundleError as exc:
@@ -89,7 +92,7 @@ def create_model(cfg: FitConfig, meta: BundleMeta, parent: Bundle | None = None)
     if parent is not None:
         model = build_model(meta, drop_path_rate=cfg.drop_path)
         # Weights only: the OOD statistics belong to the parent's training data and are refitted.
-        state = {k: v.float() for k, v in parent.state.items() if not k.startswith("ood_")}
+        state = {k: v.float() for k, v in (parent.state or {}).items() if not k.startswith("ood_")}
         model.load_state_dict(state, strict=True)
         return model
     if cfg.init == "pretrained":

@@ -40,7 +40,8 @@ def _hue(degrees: float) -> Callable[[Image.Image], Image.Image]:
     return turn
 
 
-def _enhance(kind: type[ImageEnhance._Enhance], factor: float) -> Callable[[Image.Image], Image.Image]:
+def _enhance(kind: type[ImageEnhance.Color | ImageEnhance.Contrast | ImageEnhance.Brightness | ImageEnhance.Sharpness],
+             factor: float) -> Callable[[Image.Image], Image.Image]:
     return lambda img: kind(img).enhance(factor)
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, QTimer
+from PySide6.QtCore import QCoreApplication, QSettings, QTimer
 from PySide6.QtWidgets import QApplication
 
 from bcc_desk import __version__
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return app.exec()
 
 
-def _screenshot_when_done(window, out: Path, app: QApplication) -> None:
+def _screenshot_when_done(window, out: Path, app: QCoreApplication) -> None:
     """After the run: flagged first, the top image with its Grad-CAM map, then save and quit."""
 
     saved: list[bool] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from html import escape
 from pathlib import Path
 
@@ -310,8 +311,8 @@ class ImagePane(QWidget):
             return
         self.view.set_image(None, "loading\u2026")
         path = prediction.path
-        submit(self._image_pool, lambda: _load_full(path), lambda img, p=path: self._image_loaded(p, img),
-               lambda msg, p=path: self._image_failed(p, msg))
+        submit(self._image_pool, lambda: _load_full(path), partial(self._image_loaded, path),
+               partial(self._image_failed, path))
 
     def forget(self, path: Path) -> None:
         """The file at `path` has new content: drop its Grad-CAM maps, and its picture when shown
@@ -393,7 +394,7 @@ class ImagePane(QWidget):
         self._cam_busy.add(key)
         source = self._cam_source
         submit(self._cam_pool, lambda: _compute_cam(source, key[0], key[1]),
-               lambda result, k=key: self._cam_done(k, result), lambda msg, k=key: self._cam_error(k, msg))
+               partial(self._cam_done, key), partial(self._cam_error, key))
 
     def _cam_done(self, key: tuple, result: tuple[QImage, QRectF, str]) -> None:
         self._cam_busy.discard(key)

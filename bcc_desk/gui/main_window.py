@@ -16,11 +16,12 @@ Automation API (used by the tests and usable from a script):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, QUrl, Signal
 from PySide6.QtGui import (
@@ -192,7 +193,8 @@ class MainWindow(QMainWindow):
 
     # =========================================================================================
     # Construction
-    def _action(self, text: str, slot, shortcut: str | QKeySequence | None = None, tip: str = "") -> QAction:
+    def _action(self, text: str, slot, shortcut: str | QKeySequence | QKeySequence.StandardKey | None = None,
+                tip: str = "") -> QAction:
         action = QAction(text, self)
         if shortcut is not None:
             action.setShortcut(QKeySequence(shortcut))
@@ -285,21 +287,21 @@ class MainWindow(QMainWindow):
         self.class_filter = QComboBox()
         self.class_filter.setToolTip("Show one class (the model's label)")
         self.class_filter.currentIndexChanged.connect(
-            lambda _: self.proxy.set_label(self._combo_value(self.class_filter)) or self._update_counts())
+            lambda _: self._refilter(self.proxy.set_label, self._combo_value(self.class_filter)))
         self.slide_filter = QComboBox()
         self.slide_filter.setToolTip("Show one slide")
         self.slide_filter.setMinimumContentsLength(12)
         self.slide_filter.addItem("All slides", ALL)
         self.slide_filter.currentIndexChanged.connect(
-            lambda _: self.proxy.set_slide(self._combo_value(self.slide_filter)) or self._update_counts())
+            lambda _: self._refilter(self.proxy.set_slide, self._combo_value(self.slide_filter)))
         self.flagged_only = QCheckBox("Flagged only")
-        self.flagged_only.toggled.connect(lambda on: self.proxy.set_flagged_only(on) or self._update_counts())
+        self.flagged_only.toggled.connect(partial(self._refilter, self.proxy.set_flagged_only))
         self.errors_only = QCheckBox("Errors only")
-        self.errors_only.toggled.connect(lambda on: self.proxy.set_errors_only(on) or self._update_counts())
+        self.errors_only.toggled.connect(partial(self._refilter, self.proxy.set_errors_only))
         self.search = QLineEdit()
         self.search.setPlaceholderText("Search file names\u2026")
         self.search.setClearButtonEnabled(True)
-        self.search.textChanged.connect(lambda text: self.proxy.set_search(text) or self._update_counts())
+        self.search.textChanged.connect(partial(self._refilter, self.proxy.set_search))
         self.shown_label = QLabel("")
         filters = QHBoxLayout()
         filters.setContentsMargins(0, 0, 0, 0)
@@ -780,6 +782,11 @@ class MainWindow(QMainWindow):
 
     # =========================================================================================
     # Table, filters, review
+    def _refilter(self, setter: Callable[[Any], None], value: Any) -> None:
+        """Apply one filter of the table and say how many rows it shows."""
+        setter(value)
+        self._update_counts()
+
     def _combo_value(self, combo: QComboBox) -> str | None:
         value = combo.currentData()
         return None if value in (None, ALL) else str(value)
@@ -1149,8 +1156,8 @@ class MainWindow(QMainWindow):
         def walk(menu_actions: list[QAction]) -> None:  # in menu order, into sub-menus
             for action in menu_actions:
                 actions.append(action)
-                if action.menu() is not None:
-                    walk(action.menu().actions())
+                if isinstance(menu := action.menu(), QMenu):
+                    walk(menu.actions())
 
         walk(self.menuBar().actions())
         actions.extend(self.actions())  # window-wide keys that no menu shows

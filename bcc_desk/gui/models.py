@@ -18,6 +18,7 @@ from bcc_desk.options import ClassifierOptions
 
 if TYPE_CHECKING:
     from bcc_desk.bundle import Bundle, BundleNet
+    from bcc_desk.classifier import Classifier
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class ModelStore:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._bundles: dict[Path, tuple[tuple, Bundle]] = {}
-        self._classifier = None
+        self._classifier: Classifier | None = None
         self._classifier_key: tuple | None = None
         self._cam: dict[Path, tuple[tuple, BundleNet]] = {}
 

@@ -117,7 +117,7 @@ class AppSettings:
         """The user's override of the model's review threshold (None: the model's own)."""
         raw = self.q.value("model/review_threshold", "")
         try:
-            return float(raw) if raw not in ("", None) else None
+            return float(raw) if isinstance(raw, (str, int, float)) and raw != "" else None
         except (TypeError, ValueError):
             return None
 

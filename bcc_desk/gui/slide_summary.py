@@ -197,6 +197,14 @@ class SlideSummary(QWidget):
         if 0 <= row < len(names):
             self.details_requested.emit(names[row])
 
+    def _item(self, row: int, col: int) -> QTableWidgetItem:
+        """The table's cell, made on first use."""
+        item = self.table.item(row, col)
+        if item is None:
+            item = QTableWidgetItem()
+            self.table.setItem(row, col, item)
+        return item
+
     def headers(self, classes: list[str]) -> list[str]:
         return [*self.FIXED_BEFORE, *(class_name(c) for c in classes), *self.FIXED_AFTER]
 
@@ -226,21 +234,18 @@ class SlideSummary(QWidget):
             cells += [str(count.flagged), str(count.unreadable), str(count.reviewed), signature_text(signature),
                       count.note]
             for col, text in enumerate(cells):
-                item = self.table.item(r, col)
-                if item is None:
-                    item = QTableWidgetItem()
-                    self.table.setItem(r, col, item)
+                item = self._item(r, col)
                 item.setText(text)
                 item.setToolTip("")
                 item.setBackground(QBrush())
                 item.setTextAlignment((Qt.AlignmentFlag.AlignRight if col in numbers else Qt.AlignmentFlag.AlignLeft)
                                       | Qt.AlignmentFlag.AlignVCenter)
-            self.table.item(r, 1).setToolTip("\n".join(f"{h}: {v}" for h, v in identity.items() if v))
-            verdict_item = self.table.item(r, self.VERDICT)
+            self._item(r, 1).setToolTip("\n".join(f"{h}: {v}" for h, v in identity.items() if v))
+            verdict_item = self._item(r, self.VERDICT)
             if verdict.to_review:  # a person must look before signing: amber, as flagged images are
                 verdict_item.setBackground(FLAGGED_BACKGROUND)
                 verdict_item.setToolTip(verdict.review_text)
-            signed_item = self.table.item(r, len(headers) - 2)
+            signed_item = self._item(r, len(headers) - 2)
             signed_item.setToolTip(f"signed by {signature.by} at {signature.at.astimezone():%Y-%m-%d %H:%M:%S %Z}"
                                    if signature else "not signed")
         self.table.setUpdatesEnabled(True)

@@ -19,6 +19,7 @@ from watchdog.events import (
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
+    FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
 
@@ -44,11 +45,12 @@ def make_observer(polling: bool, interval: float) -> tuple[BaseObserver, bool]:
     return Observer(), False
 
 
-class EventQueue:
+class EventQueue(FileSystemEventHandler):
     """Observer threads -> the work loop.  SimpleQueue, because `stop` may run in a signal
     handler and only SimpleQueue.put is safe there."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.q: queue.SimpleQueue[FileSystemEvent | None] = queue.SimpleQueue()
 
     def dispatch(self, event: FileSystemEvent) -> None:  # watchdog's handler interface

@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 SEEN, WRITING, COMPLETE = "seen", "writing", "complete"
 READ_RETRIES = 3
@@ -41,22 +42,25 @@ class _Entry:
     not_before: float = 0.0
 
 
-class Settler:
+K = TypeVar("K", bound=Hashable)
+
+
+class Settler(Generic[K]):
     """Files not yet ready, keyed by whatever the caller uses (relative paths)."""
 
     def __init__(self, settle: float, stall: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.settle = settle
         self.stall = stall if stall is not None else max(30.0, 10 * settle)
         self._clock = clock
-        self._pending: dict[Hashable, _Entry] = {}
+        self._pending: dict[K, _Entry] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def waiting(self) -> list[Hashable]:
+    def waiting(self) -> list[K]:
         return list(self._pending)
 
-    def note(self, key: Hashable, st: os.stat_result, evidence: str = SEEN) -> bool:
+    def note(self, key: K, st: os.stat_result, evidence: str = SEEN) -> bool:
         """Record what an event or scan said about a file; True when it is new here."""
         now = self._clock()
         e = self._pending.get(key)
@@ -74,10 +78,10 @@ class Settler:
             e.complete = False  # written again after it was complete: settle anew
         return False
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, key: K) -> None:
         self._pending.pop(key, None)
 
-    def retry(self, key: Hashable) -> int:
+    def retry(self, key: K) -> int:
         """Count a failed read and space the next try; returns the failures so far."""
         e = self._pending[key]
         e.attempts += 1
@@ -85,12 +89,12 @@ class Settler:
         return e.attempts
 
     def ready(
-        self, stat: Callable[[Hashable], os.stat_result | None]
-    ) -> tuple[list[tuple[Hashable, os.stat_result]], list[Hashable]]:
+        self, stat: Callable[[K], os.stat_result | None]
+    ) -> tuple[list[tuple[K, os.stat_result]], list[K]]:
         """(files ready now with their current stat, files that disappeared)."""
         now = self._clock()
-        ready: list[tuple[Hashable, os.stat_result]] = []
-        gone: list[Hashable] = []
+        ready: list[tuple[K, os.stat_result]] = []
+        gone: list[K] = []
         for key, e in list(self._pending.items()):
             if now < e.not_before or now < e.changed + self._wait(e):
                 continue

@@ -124,7 +124,7 @@ def lock_state(state: Path) -> TextIO:
     lock.parent.mkdir(parents=True, exist_ok=True)
     fh = open(lock, "a+")  # noqa: SIM115 - held open (locked) until the process ends
     try:
-        if os.name == "nt":
+        if sys.platform == "win32":
             import msvcrt
 
             msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)

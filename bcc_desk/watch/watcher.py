@@ -111,7 +111,7 @@ class Watcher:
         self.state = Path(state)
         self.timing = timing
         self.ledger = Ledger(self.state, self.root)
-        self.settler = Settler(timing.settle)
+        self.settler: Settler[str] = Settler(timing.settle)
         self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet, review=classifier.review_slides,
                                    root=self.root)
         self.on_predictions = on_predictions
@@ -343,7 +343,7 @@ class Watcher:
         # A scan or create that finds the file as recorded needs no work; a write or close does
         # (the same size and mtime tick can hide new content).
         if (scan or evidence == SEEN) and row is not None and row.matches(st) and self._current(row):
-            if row.state == VANISHED:
+            if row.state == VANISHED and row.outcome is not None:  # not None: `_current`
                 self.ledger.refresh(rel, st, row.outcome)
                 self.report.changed()
             self.settler.forget(rel)
@@ -422,8 +422,7 @@ class Watcher:
         if not todo:
             return
         log.debug("classifying %d images", len(todo))
-        small = self.single is not None and 2 * len(todo) < self.classifier.batch_size
-        engine = self.single if small else self.classifier
+        engine = self.single if self.single is not None and 2 * len(todo) < self.classifier.batch_size else self.classifier
         predictions = engine.predict_paths([self.root / rel for rel, _, _ in todo], self.root)
         recorded: list[Prediction] = []
         try:
