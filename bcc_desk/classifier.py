@@ -37,7 +37,7 @@ from bcc_desk.prediction import (
 )
 from bcc_desk.preprocess import make_transform, normalise, pad_batch
 from bcc_desk.quantize import Int8Unavailable, int8_forward, int8_package_ready
-from bcc_desk.slides import with_slide_consensus
+from bcc_desk.review_policy import ReviewPolicy
 from bcc_desk.toolchain import compile_blocker, failure_reason, remember_compile_failure
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Classifier:
     """One or several bundles (an ensemble, probabilities averaged) ready to classify images.
 
     `review_threshold` overrides the bundles' own (the strictest of them by default).
-    `slide_consensus`: `review_slides` flags an image that disagrees with its slide (off: every
+    `slide_consensus`: `review_policy` flags an image that disagrees with its slide (off: every
     image is judged alone, for folders that mix patients)."""
 
     def __init__(
@@ -404,14 +404,10 @@ class Classifier:
             if progress is not None:
                 progress(done, total)
 
-    def review_slides(self, predictions: Sequence[Prediction]) -> list[Prediction]:
-        """`predictions` flagged as their slides now stand (`bcc_desk.slides.with_slide_consensus`):
-        an image that disagrees with its slide is flagged, one that agrees is held to the slide
-        cut-off, one alone to the bundle's own.  Run it again whenever a slide has grown.  With
-        the consensus off, `predictions` as they are (each flagged alone when it was made)."""
-        if not self.slide_consensus:
-            return list(predictions)
-        return with_slide_consensus(predictions, self.review_threshold, self.slide_review_threshold)
+    @property
+    def review_policy(self) -> ReviewPolicy:
+        """How this run's predictions are flagged once their slides are known (`ReviewPolicy.apply`)."""
+        return ReviewPolicy(self.review_threshold, self.slide_review_threshold if self.slide_consensus else None)
 
     def _colour_ratio(self, features: np.ndarray | None) -> float | None:
         """The image's colour distance over the cut-off (>1: unlike training); None without a check."""

@@ -197,7 +197,7 @@ def classify(
         interrupted = True
         console.print(Text.assemble(("interrupted", "yellow"), f": writing the report for the {len(predictions)} images done"))
 
-    predictions = classifier.review_slides(predictions)  # a slide's consensus needs all of its images
+    predictions = classifier.review_policy.apply(predictions)  # a slide's consensus needs all of its images
     done = {p.path for p in predictions}
     run = run_info(classifier, root=folder, command=shlex.join(["bcc", *sys.argv[1:]]), started=started,
                    finished=datetime.now(timezone.utc),

@@ -32,7 +32,7 @@ from bcc_desk.prediction import Prediction, relative_location
 from bcc_desk.report import REVIEW_COLUMNS
 from bcc_desk.report_target import write_somewhere
 from bcc_desk.run_record import RunInfo
-from bcc_desk.slides import SlideCount, count_slides, with_slide_consensus
+from bcc_desk.slides import SlideCount, count_slides
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +167,13 @@ class ReviewSession:
         return list(replaced.values())
 
     def _review_slides(self, slides: set[str]) -> None:
-        """Flag the rows of `slides` as those slides now stand (`with_slide_consensus`, with the
+        """Flag the rows of `slides` as those slides now stand (`ReviewPolicy.apply`, with the
         thresholds of the run that made them): a new image can change what its slide agrees on."""
         info = self.run_info
-        if info is None or info.slide_review_threshold is None:  # the consensus is off
+        if info is None or not info.review_policy.consensus:
             return
         rows = [i for i, p in enumerate(self._rows) if p.slide in slides]
-        now = with_slide_consensus([self._rows[i] for i in rows], info.review_threshold, info.slide_review_threshold)
+        now = info.review_policy.apply([self._rows[i] for i in rows])
         moved = [i for i, p in zip(rows, now, strict=True) if p is not self._rows[i]]
         for i, p in zip(rows, now, strict=True):
             self._rows[i] = p

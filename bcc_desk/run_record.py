@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bcc_desk.bundle_meta import verdict_text
+from bcc_desk.review_policy import ReviewPolicy
 
 if TYPE_CHECKING:
     from bcc_desk.classifier import Classifier
@@ -53,6 +54,12 @@ class RunInfo:
     """The trainer's verdict on the model(s) (`bundle_meta.verdict_text`), one per model joined."""
     unvalidated: bool = False
     """A model its trainer did not find fit for use ran (`--allow-unvalidated`): every page says so."""
+
+    @property
+    def review_policy(self) -> ReviewPolicy:
+        """The rule the run's images were flagged by, as recorded (the app's review session
+        applies it again as slides grow)."""
+        return ReviewPolicy(self.review_threshold, self.slide_review_threshold)
 
     @property
     def outcome(self) -> str:
@@ -126,7 +133,7 @@ def run_info(
         review_threshold=classifier.review_threshold, ood_check=ood_check(classifier.bundles),
         tta=classifier.tta, device=classifier.device_label, root=root, command=command,
         started=started, finished=finished, extra=extra,
-        slide_review_threshold=classifier.slide_review_threshold if classifier.slide_consensus else None,
+        slide_review_threshold=classifier.review_policy.in_slide,
         colour_check=_on_off(sum(b.meta.colour is not None for b in classifier.bundles), len(classifier.bundles)),
         not_classified=not_classified,
         model_verdict="; ".join(verdict_text(b.meta) for b in classifier.bundles),

@@ -11,6 +11,7 @@ import openpyxl
 import pytest
 from typer.testing import CliRunner
 
+from bcc_desk.bundle import load_bundle
 from bcc_desk.cli import app
 from bcc_desk.prediction import REVIEW_DISAGREES, REVIEW_LOW_CONFIDENCE, REVIEW_UNFAMILIAR, Prediction, error_prediction
 from bcc_desk.slides import disagrees_with_slide, with_slide_consensus
@@ -62,6 +63,28 @@ def test_flags_follow_the_slide_as_it_fills_up_and_keep_the_other_reasons() -> N
     lone = _pred("s2", "y.jpg", "Benign", 0.6)
     assert with_slide_consensus([bad, lone], alone, in_slide) == [bad, replace(
         lone, needs_review=True, review_reason=REVIEW_LOW_CONFIDENCE)]
+
+
+def test_one_review_policy_from_the_classifier_to_the_run_record(tmp_path: Path) -> None:
+    """#38: every front end flags through `ReviewPolicy.apply`; the policy the classifier makes is
+    the one its run record keeps (the app's review session applies that again), and with the
+    consensus off each image stays as it was flagged alone."""
+    from bcc_desk.classifier import Classifier
+    from bcc_desk.review_policy import ReviewPolicy
+    from bcc_desk.run_record import run_info
+
+    from bundles import make_bundle
+
+    bundle = make_bundle(tmp_path / "m")
+    two = [_pred("s1", "1.jpg", "Pro-B", 0.99), _pred("s1", "2.jpg", "Pre-B", 0.99)]
+    for consensus in (True, False):
+        clf = Classifier(load_bundle(bundle), device="cpu", compile=False, slide_consensus=consensus)
+        policy = clf.review_policy
+        assert policy == run_info(clf, root=tmp_path, command="test").review_policy
+        assert policy.consensus is consensus and policy.alone == clf.review_threshold
+        flagged = [p.review_reason for p in policy.apply(two)]
+        assert flagged == ([REVIEW_DISAGREES] * 2 if consensus else ["", ""])
+    assert ReviewPolicy(0.9, 0.5).apply(two) == with_slide_consensus(two, 0.9, 0.5)
 
 
 @pytest.fixture(scope="module")

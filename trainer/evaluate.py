@@ -91,7 +91,7 @@ def classify_items(bundle: Bundle | Path, on: Judged) -> Classified:
     # they must not act as slides (their consensus would know the answer): the split's groups
     # stand in for slides; without a split each image is judged alone.
     slides = [f"group {g}" for g in groups] if groups is not None else [p.file for p in preds]
-    preds = clf.review_slides([replace(p, slide=s) for p, s in zip(preds, slides, strict=True)])
+    preds = clf.review_policy.apply([replace(p, slide=s) for p, s in zip(preds, slides, strict=True)])
     errors = [p for p in preds if not p.ok]
     if errors:
         raise ValueError(f"{len(errors)} images could not be read (first: {errors[0].file}: {errors[0].error})")

@@ -112,7 +112,7 @@ class Watcher:
         self.timing = timing
         self.ledger = Ledger(self.state, self.root)
         self.settler: Settler[str] = Settler(timing.settle)
-        self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet, review=classifier.review_slides,
+        self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet, review=classifier.review_policy.apply,
                                    root=self.root)
         self.on_predictions = on_predictions
         self._events = EventQueue()
