@@ -169,21 +169,21 @@ def test_each_filter(done: MainWindow) -> None:
     window = done
     rows = window.predictions()
     label = next(p.label for p in rows if p.label)
-    window.set_filters(label=label)
+    window.filters.set_filters(label=label)
     assert window.visible_predictions() and all(p.label == label for p in window.visible_predictions())
     assert len(window.visible_predictions()) == sum(p.label == label for p in rows)
-    window.set_filters(slide="slide-10")
+    window.filters.set_filters(slide="slide-10")
     assert {p.slide for p in window.visible_predictions()} == {"slide-10"}
     assert len(window.visible_predictions()) == sum(p.slide == "slide-10" for p in rows)
-    window.set_filters(flagged_only=True)
+    window.filters.set_filters(flagged_only=True)
     assert len(window.visible_predictions()) == sum(p.needs_review for p in rows)
-    window.set_filters(errors_only=True)
+    window.filters.set_filters(errors_only=True)
     assert {p.file for p in window.visible_predictions()} == {"slide-2/empty.jpg", "slide-10/=cut short.jpg"}
-    window.set_filters(search="CUT SH")
+    window.filters.set_filters(search="CUT SH")
     assert [p.file for p in window.visible_predictions()] == ["slide-10/=cut short.jpg"]
-    window.set_filters(slide="slide-1", search="benign")
+    window.filters.set_filters(slide="slide-1", search="benign")
     assert all(p.slide == "slide-1" and "benign" in p.file.lower() for p in window.visible_predictions())
-    assert "shown" in window.shown_label.text()
+    assert "shown" in window.filters.shown_label.text()
     window.clear_filters()
     assert len(window.visible_predictions()) == len(rows)
 
@@ -404,7 +404,7 @@ def test_watching_shows_arriving_images_live_and_records_them(qtbot, window: Mai
     by_file = {p.file: p for p in window.predictions()}
     assert by_file["slide-2/copy of it.jpg"].label == by_file[f"slide-1/{original.name}"].label
     qtbot.waitUntil(lambda: "slide-3" in window.summary.slides, timeout=5_000)
-    assert window.slide_filter.findData("slide-3") >= 0
+    assert window.filters.slide_filter.findData("slide-3") >= 0
     # A file written again with other content: its row is updated, still one row.
     content = real_images[CLASSES[3]][2].read_bytes()
     original.write_bytes(content)
@@ -609,7 +609,7 @@ def test_class_names_are_written_one_way_everywhere(done: MainWindow) -> None:
             assert in_pane == in_table
     assert [a.text() for a in window.review_actions] == [f"Reviewed as {c}" for c in classes]
     assert [b.text() for b in window.image_pane.class_buttons] == [f"{i + 1} {c}" for i, c in enumerate(classes)]
-    assert [window.class_filter.itemText(i) for i in range(1, window.class_filter.count())] == classes
+    assert [window.filters.class_filter.itemText(i) for i in range(1, window.filters.class_filter.count())] == classes
     summary = window.summary.table
     headers = [summary.horizontalHeaderItem(c).text() for c in range(summary.columnCount())]
     assert all(c in headers for c in classes)

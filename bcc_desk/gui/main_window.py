@@ -16,14 +16,12 @@ Automation API (used by the tests and usable from a script):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from functools import partial
-from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, QUrl, Signal
+from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, Signal
 from PySide6.QtGui import (
     QAction,
     QCloseEvent,
@@ -32,19 +30,13 @@ from PySide6.QtGui import (
     QKeySequence,
 )
 from PySide6.QtWidgets import (
-    QAbstractButton,
     QAbstractItemView,
-    QCheckBox,
-    QComboBox,
     QDialog,
-    QDialogButtonBox,
     QDockWidget,
     QFileDialog,
-    QHBoxLayout,
     QHeaderView,
     QInputDialog,
     QLabel,
-    QLineEdit,
     QMainWindow,
     QMenu,
     QMessageBox,
@@ -52,18 +44,16 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSplitter,
     QTableView,
-    QTableWidget,
-    QTableWidgetItem,
-    QToolBar,
     QVBoxLayout,
     QWidget,
 )
 
-from bcc_desk import __version__
 from bcc_desk.bundle_meta import BundleError, BundleMeta, read_meta, verdict_text
 from bcc_desk.classify_process import ClassifierProcess
 from bcc_desk.colour import colour_advice
 from bcc_desk.gui.delegates import ConfidenceDelegate
+from bcc_desk.gui.filter_bar import FilterBar
+from bcc_desk.gui.help_dialogs import about_box, keyboard_shortcuts, shortcuts_dialog
 from bcc_desk.gui.image_pane import ImagePane
 from bcc_desk.gui.jobs import submit
 from bcc_desk.gui.model_dialog import ModelDialog
@@ -86,7 +76,6 @@ from bcc_desk.gui.table_model import (
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
 from bcc_desk.lab_records import Signature, SlideIdentity
-from bcc_desk.paths import RESOURCES
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Export, Review, ReviewSession
 from bcc_desk.slides import all_slides
@@ -94,7 +83,6 @@ from bcc_desk.slides import all_slides
 if TYPE_CHECKING:
     from bcc_desk.watch.site import WatchTiming
 
-ALL = "__all__"
 
 
 class MainWindow(QMainWindow):
@@ -216,7 +204,7 @@ class MainWindow(QMainWindow):
         self.flagged_first_action = self._action("&Flagged first", self.flagged_first, "Ctrl+R",
                                                  "Sort flagged images first, least confident on top")
         self.clear_filters_action = self._action("Clear filters", self.clear_filters, "Ctrl+Shift+F")
-        self.find_action = self._action("Search file names", lambda: self.search.setFocus(), QKeySequence.StandardKey.Find)
+        self.find_action = self._action("Search file names", lambda: self.filters.search.setFocus(), QKeySequence.StandardKey.Find)
         self.watch_action = self._action("&Watch this folder", self.set_watching, None,
                                          "Classify images as they arrive in the open folder, as bcc watch does")
         self.watch_action.setCheckable(True)
@@ -284,31 +272,8 @@ class MainWindow(QMainWindow):
         tools.addAction(self.export_action)
 
     def _build_central(self) -> None:
-        self.class_filter = QComboBox()
-        self.class_filter.setToolTip("Show one class (the model's label)")
-        self.class_filter.currentIndexChanged.connect(
-            lambda _: self._refilter(self.proxy.set_label, self._combo_value(self.class_filter)))
-        self.slide_filter = QComboBox()
-        self.slide_filter.setToolTip("Show one slide")
-        self.slide_filter.setMinimumContentsLength(12)
-        self.slide_filter.addItem("All slides", ALL)
-        self.slide_filter.currentIndexChanged.connect(
-            lambda _: self._refilter(self.proxy.set_slide, self._combo_value(self.slide_filter)))
-        self.flagged_only = QCheckBox("Flagged only")
-        self.flagged_only.toggled.connect(partial(self._refilter, self.proxy.set_flagged_only))
-        self.errors_only = QCheckBox("Errors only")
-        self.errors_only.toggled.connect(partial(self._refilter, self.proxy.set_errors_only))
-        self.search = QLineEdit()
-        self.search.setPlaceholderText("Search file names\u2026")
-        self.search.setClearButtonEnabled(True)
-        self.search.textChanged.connect(partial(self._refilter, self.proxy.set_search))
-        self.shown_label = QLabel("")
-        filters = QHBoxLayout()
-        filters.setContentsMargins(0, 0, 0, 0)
-        for w in (self.class_filter, self.slide_filter, self.flagged_only, self.errors_only):
-            filters.addWidget(w)
-        filters.addWidget(self.search, 1)
-        filters.addWidget(self.shown_label)
+        self.filters = FilterBar(self.proxy)
+        self.filters.changed.connect(self._update_counts)
 
         self.table = QTableView()
         self.table.setModel(self.proxy)
@@ -337,7 +302,7 @@ class MainWindow(QMainWindow):
         left = QWidget()
         left_layout = QVBoxLayout(left)
         left_layout.setContentsMargins(4, 4, 0, 4)
-        left_layout.addLayout(filters)
+        left_layout.addWidget(self.filters)
         left_layout.addWidget(self.table, 1)
 
         self.image_pane = ImagePane()
@@ -417,7 +382,7 @@ class MainWindow(QMainWindow):
         # The setting until a run says what it became (e.g. 'cpu (int8+fp32)'): finding out here
         # would load torch into this process, which never runs a network to classify.
         self.device_label.setText(f"device: {choice.device}")
-        self._fill_class_filter()
+        self.filters.set_classes(self.classes)
         self._build_review_actions()
         self.image_pane.set_classes(self.classes)
         first = choice.model_dirs[0] if choice.model_dirs else None
@@ -546,11 +511,7 @@ class MainWindow(QMainWindow):
             self._notify(problem)  # a bad slides.csv: the run goes on, without identities
         self.image_pane.show_prediction(None, None)
         self._update_review_enabled()
-        self.slide_filter.blockSignals(True)
-        self.slide_filter.clear()
-        self.slide_filter.addItem("All slides", ALL)
-        self.slide_filter.blockSignals(False)
-        self.proxy.set_slide(None)
+        self.filters.clear_slides()
         self._slides_seen = set()
         self.settings.add_recent_folder(root)
         self.setWindowTitle(f"bcc-desk \u2014 {root}")
@@ -582,7 +543,7 @@ class MainWindow(QMainWindow):
         assert info is not None  # set before `prepared`
         if info.classes != self.classes:
             self.classes = list(info.classes)
-            self._fill_class_filter()
+            self.filters.set_classes(self.classes)
             self._build_review_actions()
             self.image_pane.set_classes(self.classes)
         note = f"; {preparing} first" if preparing else ""
@@ -607,7 +568,7 @@ class MainWindow(QMainWindow):
         if new_slides:
             self._slides_seen |= new_slides
             for slide in sorted(new_slides):
-                self.slide_filter.addItem(slide, slide)
+                self.filters.add_slide(slide)
         if not had_rows and self.proxy.rowCount():
             self.table.selectRow(0)
             self.table.setFocus()
@@ -782,27 +743,6 @@ class MainWindow(QMainWindow):
 
     # =========================================================================================
     # Table, filters, review
-    def _refilter(self, setter: Callable[[Any], None], value: Any) -> None:
-        """Apply one filter of the table and say how many rows it shows."""
-        setter(value)
-        self._update_counts()
-
-    def _combo_value(self, combo: QComboBox) -> str | None:
-        value = combo.currentData()
-        return None if value in (None, ALL) else str(value)
-
-    def _fill_class_filter(self) -> None:
-        current = self._combo_value(self.class_filter)
-        self.class_filter.blockSignals(True)
-        self.class_filter.clear()
-        self.class_filter.addItem("All classes", ALL)
-        for c in self.classes:
-            self.class_filter.addItem(class_name(c), c)
-        index = self.class_filter.findData(current) if current else 0
-        self.class_filter.setCurrentIndex(max(0, index))
-        self.class_filter.blockSignals(False)
-        self.proxy.set_label(self._combo_value(self.class_filter))
-
     def _build_review_actions(self) -> None:
         for action in self.review_actions:
             self.removeAction(action)
@@ -832,23 +772,8 @@ class MainWindow(QMainWindow):
         for action in self.review_actions:
             action.setEnabled(enabled)
 
-    def set_filters(
-        self,
-        label: str | None = None,
-        slide: str | None = None,
-        flagged_only: bool = False,
-        errors_only: bool = False,
-        search: str = "",
-    ) -> None:
-        """Set every filter at once through the widgets (what a user's clicks do)."""
-        self.class_filter.setCurrentIndex(max(0, self.class_filter.findData(label)) if label else 0)
-        self.slide_filter.setCurrentIndex(max(0, self.slide_filter.findData(slide)) if slide else 0)
-        self.flagged_only.setChecked(flagged_only)
-        self.errors_only.setChecked(errors_only)
-        self.search.setText(search)
-
     def clear_filters(self) -> None:
-        self.set_filters()
+        self.filters.set_filters()
 
     def flagged_first(self) -> None:
         """One click to the images that need a person: flagged first, least confident on top."""
@@ -934,7 +859,7 @@ class MainWindow(QMainWindow):
         # Unreadable images are flagged too (a person must look), as the CLI counts them.
         self.counts_label.setText(f"{total} images \u00b7 {counts.flagged} flagged ({counts.unreadable} unreadable) "
                                   f"\u00b7 {counts.reviewed} reviewed")
-        self.shown_label.setText(f"{self.proxy.rowCount()} of {total} shown")
+        self.filters.show_count(self.proxy.rowCount(), total)
 
     def _ask_reviewer(self) -> None:
         name, ok = QInputDialog.getText(self, "Reviewer", "Name recorded with each review and sign-off:",
@@ -1149,74 +1074,20 @@ class MainWindow(QMainWindow):
             box.open()
 
     def keyboard_shortcuts(self) -> list[tuple[str, str]]:
-        """(keys, what they do) for every shortcut the window has now, read from its actions and
-        buttons themselves so the list cannot go stale."""
-        actions: list[QAction] = []
-
-        def walk(menu_actions: list[QAction]) -> None:  # in menu order, into sub-menus
-            for action in menu_actions:
-                actions.append(action)
-                if isinstance(menu := action.menu(), QMenu):
-                    walk(menu.actions())
-
-        walk(self.menuBar().actions())
-        actions.extend(self.actions())  # window-wide keys that no menu shows
-        for tools in self.findChildren(QToolBar):
-            actions.extend(tools.actions())
-        found: list[tuple[str, str]] = []
-        for action in actions:
-            for keys in action.shortcuts():
-                found.append((keys.toString(QKeySequence.SequenceFormat.NativeText), _plain(action.text())))
-        for button in self.findChildren(QAbstractButton):  # e.g. the image pane's Grad-CAM toggle
-            if not button.shortcut().isEmpty():
-                what = _plain(button.text()) + (f": {button.toolTip()}" if button.toolTip() else "")
-                found.append((button.shortcut().toString(QKeySequence.SequenceFormat.NativeText), what))
-        return list(dict.fromkeys(found))  # an action in a menu and a toolbar once
+        """(keys, what they do) for every shortcut the window has now (`help_dialogs`)."""
+        return keyboard_shortcuts(self)
 
     def show_shortcuts(self) -> None:
         """Help > Keyboard shortcuts: a small non-modal table of `keyboard_shortcuts()`."""
         if self.shortcuts_dialog is not None:
             self.shortcuts_dialog.close()
-        shortcuts = self.keyboard_shortcuts()
-        dialog = QDialog(self)
-        dialog.setWindowTitle("Keyboard shortcuts \u2014 bcc-desk")
-        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-        table = QTableWidget(len(shortcuts), 2, dialog)
-        table.setObjectName("shortcuts")
-        table.setHorizontalHeaderLabels(["Keys", "Action"])
-        table.verticalHeader().setVisible(False)
-        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
-        table.horizontalHeader().setStretchLastSection(True)
-        for r, (keys, what) in enumerate(shortcuts):
-            table.setItem(r, 0, QTableWidgetItem(keys))
-            table.setItem(r, 1, QTableWidgetItem(what))
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close, dialog)
-        buttons.rejected.connect(dialog.close)
-        layout = QVBoxLayout(dialog)
-        layout.addWidget(table)
-        layout.addWidget(buttons)
-        dialog.resize(480, 420)
+        dialog = shortcuts_dialog(self, self.keyboard_shortcuts())
         dialog.destroyed.connect(lambda _=None: setattr(self, "shortcuts_dialog", None))
         self.shortcuts_dialog = dialog
         dialog.show()
 
-    def about_text(self) -> str:
-        """The About box's text (rich text), with a link to the documentation shipped with it."""
-        readme = RESOURCES.parent / "README.md"
-        doc = "Documentation: README.md in the installation folder"
-        if readme.is_file():
-            doc += f": <a href=\"{QUrl.fromLocalFile(str(readme)).toString()}\">{escape(str(readme), quote=False)}</a>"
-        return (f"<p><b>bcc-desk {__version__}</b><br>B-ALL blood smear image classifier.</p>"
-                "<p>Research software: a decision aid for trained staff, not a diagnostic device.</p>"
-                f"<p>{doc}</p><p>Keyboard shortcuts: Help \u203a Keyboard shortcuts.</p>")
-
     def _about(self) -> None:
-        box = QMessageBox(QMessageBox.Icon.Information, "About bcc-desk", self.about_text(),
-                          QMessageBox.StandardButton.Ok, self)
-        box.setTextFormat(Qt.TextFormat.RichText)
-        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)  # the link opens
-        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box = about_box(self)
         box.destroyed.connect(lambda _=None: setattr(self, "about_box", None))
         self.about_box = box
         box.open()
@@ -1256,11 +1127,6 @@ class MainWindow(QMainWindow):
         self.thumbnails.wait()
         self._export_pool.waitForDone()
         self.image_pane.shutdown()
-
-
-def _plain(text: str) -> str:
-    """A menu text as a sentence: no '&' mnemonics, no trailing ellipsis."""
-    return text.replace("&&", "\0").replace("&", "").replace("\0", "&").rstrip("\u2026").strip()
 
 
 def _dropped_folder(event: QDragEnterEvent | QDropEvent) -> Path | None:
