@@ -1,4 +1,4 @@
-"""bench/gpu.py on a CPU, as a GPU session uses it: pack -> run --dry-run -> join, and join's refusals.
+"""tools/gpu/gpu.py on a CPU, as a GPU session uses it: pack -> run --dry-run -> join, and join's refusals.
 
 About a minute of CPU: a tiny real fit (convnext_atto at 64 px, one epoch), its evaluation and
 `bcc classify`, each as the subprocess the GPU machine runs."""
@@ -21,7 +21,7 @@ from bcc_desk.bundle import load_bundle
 from conftest import CLASSES, OOD_DEV, REPO
 from folders import class_subset
 
-GPU = REPO / "bench" / "gpu.py"
+GPU = REPO / "tools" / "gpu" / "gpu.py"
 MiB = 1 << 20
 
 

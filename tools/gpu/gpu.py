@@ -4,9 +4,9 @@ A GPU machine is lent for a few minutes, with no network, a copy of this working
 most, the carried folders included) and an empty folder `$OUT` whose files come back (each at most
 16 MiB, at most 8 of them, 64 MiB in all).  So the work is split in three steps:
 
-    python bench/gpu.py pack [--split RUN/split.csv] [--wheels]     # here: data into .gpu/
-    python3 bench/gpu.py run [--epochs N]                           # there: everything, into $OUT
-    python bench/gpu.py join FILES_AT [--dest runs/gpu]             # here: parts -> a bundle
+    python tools/gpu/gpu.py pack [--split RUN/split.csv] [--wheels]     # here: data into .gpu/
+    python3 tools/gpu/gpu.py run [--epochs N]                           # there: everything, into $OUT
+    python tools/gpu/gpu.py join FILES_AT [--dest runs/gpu]             # here: parts -> a bundle
 
 `pack` copies the train and validation images of a split (default: the split `bcc-train fit`
 makes of ../shared/data/all4 with seed 0; or `--split RUN/split.csv` of an earlier run) into
@@ -57,11 +57,11 @@ one-line error (exit 1).
 
 How a session with a GPU uses it:
 
-    python bench/gpu.py pack --wheels
+    python tools/gpu/gpu.py pack --wheels
     mv resources/models/default /tmp/bcc-default-model   # ~64 MB: the tree would be over 64 MiB
-    # device call, carrying [".gpu", ".whl"]:  python3 bench/gpu.py run
+    # device call, carrying [".gpu", ".whl"]:  python3 tools/gpu/gpu.py run
     mv /tmp/bcc-default-model resources/models/default
-    python bench/gpu.py join FILES_AT
+    python tools/gpu/gpu.py join FILES_AT
     bcc-train evaluate runs/gpu/bundle ../shared/data/all4 --split .gpu/split-full.csv --part test
 
 Two caveats of the packed data: the bundle's provenance records the train+val split's sha256
@@ -92,7 +92,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 PACK = REPO / ".gpu"
 WHEELS = REPO / ".whl"
