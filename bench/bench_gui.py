@@ -177,7 +177,7 @@ def part_stall(model: Path, folder: Path, tmp: Path) -> dict:
     loop.exec()
     finished = time.perf_counter()
     process_cpu = time.process_time() - process_cpu
-    child_cpu = cpu_seconds(window.engine.pid)
+    child_cpu = cpu_seconds(window.desk.engine.pid)
     timer.stop()
     reviewer.stop()
     gc.callbacks.remove(on_gc)
@@ -226,7 +226,7 @@ def part_memory(model: Path, n: int, tmp: Path) -> dict:
 
     def sample() -> None:
         samples.append(proc_status("VmRSS"))
-        pid = window.engine.pid
+        pid = window.desk.engine.pid
         if pid is not None:
             child["pid"] = pid
             child["hwm"] = max(child.get("hwm", 0), proc_status("VmHWM", pid))

@@ -125,6 +125,27 @@ def done(qtbot, window: MainWindow, slides: Path) -> MainWindow:
 # Opening and classifying
 
 
+def test_the_desk_classifies_and_exports_without_a_window(qtbot, bundle: Path, slides: Path, settings: QSettings,
+                                                          tmp_path: Path) -> None:
+    """#38: the run, the session and the export live in the Desk (no widget); a window only shows
+    what its signals say."""
+    from bcc_desk.gui.desk import Desk
+    from bcc_desk.gui.settings import AppSettings
+
+    desk = Desk(AppSettings(settings), ModelChoice((bundle,), device="cpu", compile=False), confirm=lambda: True)
+    arrived: list[int] = []
+    desk.rows_arrived.connect(lambda predictions, replaced, first: arrived.append(len(predictions)))
+    try:
+        with qtbot.waitSignal(desk.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
+            desk.open_folder(slides.resolve())
+        completed, total, _ = finished.args
+        assert completed and total == len(desk.session) == sum(arrived) and not desk.is_running()
+        written = desk.export_report(tmp_path / "r.xlsx")
+        assert written == tmp_path / "r.xlsx" and not desk.session.unexported_reviews
+    finally:
+        desk.shutdown()
+
+
 def test_open_folder_classifies_every_image(qtbot, done: MainWindow, slides: Path) -> None:
     window = done
     expected = {p.relative_to(slides).as_posix() for p in discover_images(slides)}
@@ -311,8 +332,8 @@ def test_a_crash_of_the_classifier_process_is_one_message_and_keeps_the_rows(qtb
     window.error_shown.connect(messages.append)
 
     def kill_once(_n: int) -> None:
-        if window.engine.pid is not None and not messages:
-            os.kill(window.engine.pid, signal.SIGKILL)
+        if window.desk.engine.pid is not None and not messages:
+            os.kill(window.desk.engine.pid, signal.SIGKILL)
 
     window.rows_added.connect(kill_once)
     with qtbot.waitSignal(window.classification_finished, timeout=RUN_TIMEOUT_MS) as blocker:
@@ -328,7 +349,7 @@ def test_a_crash_of_the_classifier_process_is_one_message_and_keeps_the_rows(qtb
 
 def test_the_classifier_process_ends_with_the_window(qtbot, window: MainWindow, slides: Path) -> None:
     assert run(qtbot, window, slides) is True
-    pid = window.engine.pid
+    pid = window.desk.engine.pid
     assert pid is not None
     window.close()
     qtbot.waitUntil(lambda: not Path(f"/proc/{pid}").exists()
@@ -348,7 +369,7 @@ def watched(tmp_path: Path, real_images) -> Path:
 def start_watching(qtbot, window: MainWindow, folder: Path) -> None:
     """Open and classify `folder`, then turn the toggle on as a click does (fast settings)."""
     assert run(qtbot, window, folder) is True
-    window.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
+    window.desk.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
     assert window.watch_action.isEnabled() and not window.watch_action.isChecked()
     window.watch_action.trigger()
     assert window.watch_action.isChecked() and window.is_watching()
@@ -431,7 +452,7 @@ def test_an_empty_folder_watched_and_exported_records_the_model_that_classified(
     empty = tmp_path / "empty export"
     empty.mkdir()
     assert run(qtbot, window, empty) is False  # "no images found"
-    window.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
+    window.desk.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
     window.watch_action.trigger()
     assert window.is_watching()
     (empty / "slide-1").mkdir()
@@ -476,7 +497,7 @@ def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, mak
     qtbot.waitUntil(lambda: window.model.row_of(new) is not None, timeout=WATCH_TIMEOUT_MS)
     with qtbot.waitSignal(window.watch_stopped, timeout=30_000):
         window.watch_action.trigger()  # off
-    assert not window.watch_action.isChecked() and not window.is_watching() and window._watch is None
+    assert not window.watch_action.isChecked() and not window.is_watching() and window.desk.watch_thread is None
     assert not window.watch_label.isVisible() and window.watch_action.isEnabled()
     assert watch_threads() == []  # observer, emitters, report writer: all gone
     lock_state(default_state(watched)).close()  # the ledger's lock is free again
@@ -489,10 +510,10 @@ def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, mak
     window.watch_action.trigger()
     assert window.is_watching()
     window.close()
-    assert not window.isVisible() and window._watch is None and watch_threads() == []
+    assert not window.isVisible() and window.desk.watch_thread is None and watch_threads() == []
     assert settings.value("watch/folder") == str(watched)
     again = make_window()
-    again.watch_timing = WatchTiming(settle=0.3)
+    again.desk.watch_timing = WatchTiming(settle=0.3)
     assert run(qtbot, again, watched) is True
     assert again.is_watching() and again.watch_action.isChecked()
     with qtbot.waitSignal(again.watch_stopped, timeout=30_000):
@@ -510,7 +531,7 @@ def test_a_ledger_in_use_by_bcc_watch_is_one_message_and_the_toggle_off(qtbot, w
         window.watch_action.trigger()
     finally:
         held.close()
-    assert not window.watch_action.isChecked() and not window.is_watching() and window._watch is None
+    assert not window.watch_action.isChecked() and not window.is_watching() and window.desk.watch_thread is None
     assert len(messages) == 1 and "already using the state file" in messages[0] and str(watched) in messages[0]
     assert window.watch_action.isEnabled() and watch_threads() == []
 

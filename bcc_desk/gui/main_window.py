@@ -15,13 +15,12 @@ Automation API (used by the tests and usable from a script):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QSettings, Qt, QThreadPool, QTimer, Signal
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import (
     QAction,
     QCloseEvent,
@@ -49,15 +48,15 @@ from PySide6.QtWidgets import (
 )
 
 from bcc_desk.bundle_meta import BundleError, BundleMeta, read_meta, verdict_text
-from bcc_desk.classify_process import ClassifierProcess
 from bcc_desk.colour import colour_advice
 from bcc_desk.gui.delegates import ConfidenceDelegate
+from bcc_desk.gui.desk import Desk
 from bcc_desk.gui.filter_bar import FilterBar
 from bcc_desk.gui.help_dialogs import about_box, keyboard_shortcuts, shortcuts_dialog
 from bcc_desk.gui.image_pane import ImagePane
 from bcc_desk.gui.jobs import submit
 from bcc_desk.gui.model_dialog import ModelDialog
-from bcc_desk.gui.models import ModelChoice, ModelStore, not_validated, unvalidated_question
+from bcc_desk.gui.models import ModelChoice, not_validated, unvalidated_question
 from bcc_desk.gui.palette import ERROR_TEXT, class_name
 from bcc_desk.gui.settings import AppSettings
 from bcc_desk.gui.slide_summary import SlideDetailsDialog, SlideSummary
@@ -74,14 +73,13 @@ from bcc_desk.gui.table_model import (
     PredictionTableModel,
 )
 from bcc_desk.gui.thumbnails import ThumbnailCache
-from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
 from bcc_desk.lab_records import Signature, SlideIdentity
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Export, Review, ReviewSession
 from bcc_desk.slides import all_slides
 
 if TYPE_CHECKING:
-    from bcc_desk.watch.site import WatchTiming
+    pass
 
 
 
@@ -111,9 +109,6 @@ class MainWindow(QMainWindow):
         super().__init__(parent)
         self.settings = AppSettings(settings)
         self.ask_before_close = ask_before_close
-        self.store = ModelStore()  # the watch's and Grad-CAM's models, in this process
-        self.engine = ClassifierProcess()
-        """Where folders are classified: a process of its own, started by the first run."""
         if choice is None:
             dirs = [Path(d) for d in model_dirs] if model_dirs else self.settings.model_dirs
             choice = ModelChoice(
@@ -123,26 +118,12 @@ class MainWindow(QMainWindow):
                 review_threshold=self.settings.review_threshold,
                 slide_consensus=self.settings.slide_consensus,
             )
-        self.choice = choice
-        self.session = ReviewSession()
-        """The rows, reviews and run record the window shows (and the export writes)."""
+        self.desk = Desk(self.settings, choice, self._confirm_choice, self)
+        """The run, the watch, the export and the session they fill; the window shows them."""
         self.session.slide_changed.connect(self._slide_changed)
         self.session.signature_cleared.connect(self._signature_cleared)
         self.slide_dialog: SlideDetailsDialog | None = None
-        self._thread: ClassifyThread | None = None
-        self._pending_root: Path | None = None
-        self._completed = False
-        self._total = 0
-        self._started_at = 0.0
         self._slides_seen: set[str] = set()
-        self._export_pool = QThreadPool(self)
-        self._export_pool.setMaxThreadCount(1)
-        self._watch: WatchThread | None = None
-        # Watched when the app was last closed: watched again once it is opened and classified.
-        self._resume_watch: Path | None = Path(self.settings.watched_folder) if self.settings.watched_folder else None
-        self.watch_timing: WatchTiming | None = None
-        """How the watch sees files arrive; None: `bcc watch`'s defaults (a file complete after
-        2 s unchanged, the report rewritten after 1 s without a new result)."""
 
         self.setWindowTitle("bcc-desk")
         self.setAcceptDrops(True)
@@ -161,9 +142,20 @@ class MainWindow(QMainWindow):
         self._build_central()
         self._build_dock()
         self._build_status()
+        self._connect_desk()
         self._apply_choice(self.choice)
         self._restore_layout()
         self._set_running(False)
+
+    @property
+    def session(self) -> ReviewSession:
+        """The rows, reviews and run record the window shows (and the export writes)."""
+        return self.desk.session
+
+    @property
+    def choice(self) -> ModelChoice:
+        """The model, device and options of the next run and of the watch."""
+        return self.desk.choice
 
     @property
     def root(self) -> Path | None:
@@ -362,7 +354,7 @@ class MainWindow(QMainWindow):
     # Model choice
     def _apply_choice(self, choice: ModelChoice) -> None:
         """Show what `choice` means before anything is loaded (bundle.json only: instant)."""
-        self.choice = choice
+        self.desk.choice = choice
         try:
             metas = [read_meta(d) for d in choice.model_dirs]
         except BundleError as exc:
@@ -386,11 +378,11 @@ class MainWindow(QMainWindow):
         self._build_review_actions()
         self.image_pane.set_classes(self.classes)
         first = choice.model_dirs[0] if choice.model_dirs else None
-        self.image_pane.set_cam_source((lambda: self.store.cam_model(first)) if first and metas else None)
+        self.image_pane.set_cam_source((lambda: self.desk.store.cam_model(first)) if first and metas else None)
         # torch's import and the weights load now, while the user picks a folder (not for a model
         # that cannot run until the user confirms it)
         if metas and (choice.allow_unvalidated or not unvalidated):
-            self.engine.prepare(choice.model_dirs, choice.options())
+            self.desk.engine.prepare(choice.model_dirs, choice.options())
 
     def choose_model(self) -> None:
         dialog = ModelDialog(self.choice, self.settings.known_models, self)
@@ -420,9 +412,7 @@ class MainWindow(QMainWindow):
             self.settings.tta = choice.tta
             self.settings.review_threshold = choice.review_threshold
             self.settings.slide_consensus = choice.slide_consensus
-        if self.is_watching():  # the watch goes on with the new model
-            self._stop_watch()
-            self._start_watch()
+        self.desk.restart_watch()  # a watch goes on with the new model
 
     def unconfirmed(self, choice: ModelChoice | None = None) -> list[BundleMeta]:
         """The bundles of `choice` (default: the one in use) that their trainer did not find fit
@@ -475,20 +465,7 @@ class MainWindow(QMainWindow):
         root = Path(path).expanduser()
         if not root.exists():
             raise FileNotFoundError(f"no such folder: {root}")
-        root = root.resolve()
-        if not self._confirm_choice():
-            return
-        if self.is_watching():
-            if root == self.root:  # the same folder again: watch it again once classified
-                self._resume_watch = root
-            else:
-                self.settings.watched_folder = ""
-            self._stop_watch()
-        if self._thread is not None:
-            self._pending_root = root
-            self._thread.cancel()
-            return
-        self._start(root)
+        self.desk.open_folder(root.resolve())
 
     def rerun(self) -> None:
         if self.root is not None:
@@ -496,72 +473,51 @@ class MainWindow(QMainWindow):
 
     def cancel(self) -> None:
         """Stop the run; the images classified so far stay in the table."""
-        self._pending_root = None
-        if self._thread is not None:
-            self._thread.cancel()
+        if self.desk.cancel():
             self.statusBar().showMessage("Cancelling\u2026")
 
     def is_running(self) -> bool:
-        return self._thread is not None
+        return self.desk.is_running()
 
-    def _start(self, root: Path) -> None:
-        if not self._confirm_choice():  # a run that waited for another, the model changed since
-            return
-        if problem := self.session.start(root):  # the same folder again keeps the reviews made so far
-            self._notify(problem)  # a bad slides.csv: the run goes on, without identities
+    def _connect_desk(self) -> None:
+        desk = self.desk
+        desk.run_starting.connect(self._run_starting)
+        desk.prepared.connect(self._prepared)
+        desk.classes_changed.connect(self._classes_changed)
+        desk.rows_arrived.connect(self._rows_arrived)
+        desk.device_changed.connect(lambda device: self.device_label.setText(f"device: {device}"))
+        desk.notice.connect(self._notify)
+        desk.running_changed.connect(self._set_running)
+        desk.run_finished.connect(self._run_finished)
+        desk.watch_changed.connect(self._update_watch_action)
+        desk.watch_starting.connect(self._watch_starting)
+        desk.watch_started.connect(self._watch_started)
+        desk.watch_stop_asked.connect(self._watch_stopping)
+        desk.watch_ended.connect(self._watch_ended)
+
+    def _run_starting(self, root: Path) -> None:
         self.image_pane.show_prediction(None, None)
         self._update_review_enabled()
         self.filters.clear_slides()
         self._slides_seen = set()
-        self.settings.add_recent_folder(root)
         self.setWindowTitle(f"bcc-desk \u2014 {root}")
-        self._completed = False
-        self._total = 0
-        self._started_at = time.monotonic()
         self.progress.setRange(0, 0)  # busy until the images are counted
         self.statusBar().showMessage(f"Loading the model and looking for images in {root}\u2026")
-        freeze_heap()  # torch, Qt and the window: long-lived, never worth a full GC pass again
-        thread = ClassifyThread(root, self.choice, self.engine, parent=self)
-        thread.prepared.connect(self._prepared)
-        thread.batch.connect(self._batch)
-        thread.failed.connect(self._failed)
-        thread.ended.connect(self._ended)
-        thread.device_changed.connect(self._device_changed)
-        thread.finished.connect(self._thread_finished)
-        self._thread = thread
-        self._set_running(True)
-        thread.start()
 
     def _prepared(self, total: int, device: str, preparing: str) -> None:
-        thread = self._thread
-        assert thread is not None
-        self._total = total
         self.progress.setRange(0, total)
         self.progress.setValue(0)
         self.device_label.setText(f"device: {device}")
-        info = self.session.run_info = thread.run_info  # what made these rows: the Run sheet says so
-        assert info is not None  # set before `prepared`
-        if info.classes != self.classes:
-            self.classes = list(info.classes)
-            self.filters.set_classes(self.classes)
-            self._build_review_actions()
-            self.image_pane.set_classes(self.classes)
         note = f"; {preparing} first" if preparing else ""
         self.statusBar().showMessage(f"Classifying {total} images on {device}{note}\u2026")
 
-    def _device_changed(self, device: str) -> None:
-        self.device_label.setText(f"device: {device}")
-        if self._thread is not None:
-            self.session.run_info = self._thread.run_info
+    def _classes_changed(self) -> None:
+        self.filters.set_classes(self.classes)
+        self._build_review_actions()
+        self.image_pane.set_classes(self.classes)
 
-    def _batch(self, predictions: list[Prediction]) -> None:
-        self._add_rows(predictions)
-        self.progress.setValue(self.model.rowCount())
-
-    def _add_rows(self, predictions: list[Prediction]) -> None:
+    def _rows_arrived(self, predictions: list[Prediction], replaced: list[Prediction], first: bool) -> None:
         """New rows, or new predictions for images already in the table (one row per image)."""
-        had_rows = self.model.rowCount() > 0
-        replaced = self.session.add(predictions)
         if replaced:
             self._refresh_replaced(replaced)
         new_slides = {p.slide for p in predictions} - self._slides_seen
@@ -569,12 +525,16 @@ class MainWindow(QMainWindow):
             self._slides_seen |= new_slides
             for slide in sorted(new_slides):
                 self.filters.add_slide(slide)
-        if not had_rows and self.proxy.rowCount():
+        if first and self.proxy.rowCount():
             self.table.selectRow(0)
             self.table.setFocus()
         if not self._summary_timer.isActive():
             self._summary_timer.start()
         self._update_counts()
+        if self.is_running():
+            self.progress.setValue(self.model.rowCount())
+        else:
+            self.export_action.setEnabled(self.model.rowCount() > 0)
         self.rows_added.emit(len(predictions))
 
     def _refresh_replaced(self, replaced: list[Prediction]) -> None:
@@ -589,38 +549,16 @@ class MainWindow(QMainWindow):
         if shown is not None and any(old.path == shown.path for old in replaced):
             self._show_current()
 
-    def _failed(self, message: str) -> None:
-        self._notify(message)
-
-    def _ended(self, completed: bool) -> None:
-        self._completed = completed
-
-    def _thread_finished(self) -> None:
-        thread = self._thread
-        self._thread = None
-        if thread is not None:
-            thread.wait()
-            thread.deleteLater()
-        done = self.model.rowCount()
-        self.session.finish(self._completed)
-        self._set_running(False)
+    def _run_finished(self, completed: bool, total: int, seconds: float) -> None:
         self._refresh_summary()
-        seconds = time.monotonic() - self._started_at
-        if self._completed:
+        done = self.model.rowCount()
+        if completed:
             self.statusBar().showMessage(f"Classified {done} images in {seconds:.0f} s.", 15000)
         elif done:
-            self.statusBar().showMessage(f"Stopped after {done} of {self._total} images.", 15000)
+            self.statusBar().showMessage(f"Stopped after {done} of {total} images.", 15000)
         if advice := colour_advice(self.session.predictions()):  # another lab's stain or camera: say what to do
             self._notify(advice)
-        completed = self._completed
         self.classification_finished.emit(completed)
-        if self._pending_root is not None:
-            root, self._pending_root = self._pending_root, None
-            self._start(root)
-        elif self._resume_watch is not None and self._resume_watch == self.root:
-            self._resume_watch = None
-            if completed and self.root.is_dir():
-                self._start_watch()
 
     def _set_running(self, running: bool) -> None:
         self.progress.setVisible(running)
@@ -638,107 +576,37 @@ class MainWindow(QMainWindow):
         are classified, once complete, by `bcc watch`'s watcher with the chosen model, recorded
         in its per-user ledger and report (FOLDER/bcc-report.xlsx), and shown as they come.
         Asked during a run, the watch starts when the run has completed."""
-        if not on:
-            self._resume_watch = None
-            self.settings.watched_folder = ""
-            self._stop_watch()
-            return
-        if self.is_watching():
-            return
-        if self.root is None or not self.root.is_dir():
-            self._update_watch_action()
-            self._notify("Open a folder first: only a folder can be watched")
-            return
-        if self._thread is not None:
-            self._resume_watch = self.root
-            return
-        self._start_watch()
+        self.desk.set_watching(on)
 
     def is_watching(self) -> bool:
-        return self._watch is not None and not self._watch.stopping
+        return self.desk.is_watching()
 
-    def _start_watch(self) -> None:
-        from bcc_desk.watch.site import WatchError, claim_watch
-
-        root = self.root
-        assert root is not None
-        if not self._confirm_choice():
-            self.settings.watched_folder = ""
-            self._update_watch_action()
-            return
-        old = self._watch
-        if old is not None:  # still finishing (turned off a moment ago): it holds the lock
-            old.stop()
-            old.wait()
-            self._watch = None
-        try:
-            site = claim_watch(root)  # at once: the per-user ledger in use by a bcc watch daemon, ...
-        except WatchError as exc:
-            self.settings.watched_folder = ""
-            self._update_watch_action()
-            self._notify(f"Cannot watch {root}: {exc}")
-            return
-        thread = WatchThread(site, self.choice, self.store, timing=self.watch_timing, parent=self)
-        thread.started_watching.connect(self._watch_started)
-        thread.batch.connect(self._watch_batch)
-        thread.failed.connect(self._watch_failed)
-        thread.ended.connect(self._watch_ended)
-        self._watch = thread
-        self.settings.watched_folder = str(root)
+    def _watch_starting(self, root: Path, report: Path, ledger: Path) -> None:
         self.watch_label.setText("Watching: starting\u2026")
-        self.watch_label.setToolTip(f"Folder: {root}\nReport: {site.out}\nLedger: {site.state}")
+        self.watch_label.setToolTip(f"Folder: {root}\nReport: {report}\nLedger: {ledger}")
         self.watch_label.setVisible(True)
         self.statusBar().showMessage(f"Loading the model to watch {root}\u2026")
-        self._update_watch_action()
-        thread.start()
 
-    def _stop_watch(self) -> None:
-        """Ask the watch to end; it finishes the images in hand and writes its report on its own
-        thread, and `_watch_ended` joins it."""
-        thread = self._watch
-        if thread is None or thread.stopping:
-            return
-        thread.stop()
-        self.watch_label.setText("Watching: stopping\u2026")
-        self.statusBar().showMessage("Stopping the watch (the images in hand, then the report)\u2026")
-        self._update_watch_action()
-
-    def _watch_started(self, device: str) -> None:
-        thread = self._watch
-        if thread is None or thread.stopping:
-            return
-        # From now on rows come from the watch's classifier (after a model switch: the new one).
-        self.session.run_info = thread.run_info
+    def _watch_started(self, root: Path, device: str, report: Path) -> None:
         self.watch_label.setText("\u25c9 Watching")
         self.statusBar().showMessage(
-            f"Watching {thread.root} on {device}: new images are classified as they arrive; report {thread.site.out}",
-            15000)
+            f"Watching {root} on {device}: new images are classified as they arrive; report {report}", 15000)
 
-    def _watch_batch(self, root: Path, predictions: list[Prediction]) -> None:
-        if root != self.root:  # a watch of the folder open before, finishing its last images
-            return
-        self._add_rows(predictions)
-        self.export_action.setEnabled(self.model.rowCount() > 0 and self._thread is None)
+    def _watch_stopping(self) -> None:
+        self.watch_label.setText("Watching: stopping\u2026")
+        self.statusBar().showMessage("Stopping the watch (the images in hand, then the report)\u2026")
 
-    def _watch_failed(self, message: str) -> None:
-        self.settings.watched_folder = ""
-        self._notify(f"The watch stopped: {message}")
-
-    def _watch_ended(self, thread: WatchThread) -> None:
-        thread.wait()
-        thread.deleteLater()
-        if self._watch is thread:
-            self._watch = None
+    def _watch_ended(self, root: Path, current: bool) -> None:
+        if current:
             self.watch_label.setVisible(False)
             if not self.statusBar().currentMessage().startswith("The watch stopped"):
-                self.statusBar().showMessage(f"Stopped watching {thread.root}.", 15000)
-            self._update_watch_action()
+                self.statusBar().showMessage(f"Stopped watching {root}.", 15000)
         self.watch_stopped.emit()
 
     def _update_watch_action(self) -> None:
-        stopping = self._watch is not None and self._watch.stopping
         folder = self.root is not None and self.root.is_dir()
-        self.watch_action.setEnabled(self.is_watching() or (folder and self._thread is None and not stopping))
+        self.watch_action.setEnabled(self.is_watching()
+                                     or (folder and not self.is_running() and not self.desk.watch_stopping()))
         self.watch_action.setChecked(self.is_watching())
 
     # =========================================================================================
@@ -955,40 +823,18 @@ class MainWindow(QMainWindow):
     # =========================================================================================
     # Export
     def default_report_path(self) -> Path | None:
-        if self.root is None:
-            return None
-        folder = self.root if self.root.is_dir() else self.root.parent
-        if self._watch is not None and self._watch.root == folder:
-            return folder / "bcc-review.xlsx"  # bcc-report.xlsx is the watch's, rewritten from its ledger
-        return folder / "bcc-report.xlsx"
-
-    def _check_export_target(self, out: Path) -> None:
-        """The watch rewrites its report from its ledger: reviews exported over it would be lost."""
-        if self._watch is not None and out.resolve() == self._watch.site.out:
-            raise ValueError(f"{out.name} is the watch's report, rewritten from its ledger as images arrive: "
-                             "export the reviews to another file")
+        return self.desk.default_report_path()
 
     def snapshot(self) -> Export:
-        """What an export writes now: the session's snapshot, with the lab's name (File \u203a Lab
-        name) for the PDF's header.  Raises ValueError when there is nothing to export."""
-        export = self.session.snapshot()
-        return replace(export, lab=replace(export.lab, lab_name=self.settings.lab_name))
+        """What an export writes now (`Desk.snapshot`).  Raises ValueError when there is nothing."""
+        return self.desk.snapshot()
 
     def export_report(self, path: Path | str | None = None) -> Path:
         """Write the report by the path's suffix (.xlsx, .csv: the Images rows, .pdf: a page per
         slide) with the review columns and the slides' identities, verdicts and sign-offs; return
         the path written (beside the asked one when that is open in Excel).  Raises ReportError,
         or ValueError for another suffix."""
-        out = Path(path) if path is not None else self.default_report_path()
-        if out is None:
-            raise ValueError("nothing to export: open a folder first")
-        self._check_export_target(out)
-        snapshot = self.snapshot()
-        written, diverted = snapshot.write(out)
-        self.session.exported(snapshot)  # wherever it went, a file holds the reviews
-        if diverted:
-            self._notify(f"{diverted}; the report was written to {written} instead")
-        return written
+        return self.desk.export_report(path)
 
     def _choose_export(self) -> None:
         try:
@@ -1005,12 +851,12 @@ class MainWindow(QMainWindow):
         if out.suffix.lower() not in filters.values():  # no suffix, or another: the chosen type's
             out = out.with_name(out.name + filters.get(chosen, ".xlsx"))
         try:
-            self._check_export_target(out)
+            self.desk.check_export_target(out)
         except ValueError as exc:
             self._notify(str(exc))
             return
         self.statusBar().showMessage(f"Writing {out}\u2026")
-        submit(self._export_pool, lambda: snapshot.write(out), lambda result: self._exported(snapshot, out, *result),
+        submit(self.desk.export_pool, lambda: snapshot.write(out), lambda result: self._exported(snapshot, out, *result),
                lambda reason: self._notify(f"{reason}; the reviews are kept: export again elsewhere"))
 
     def _exported(self, snapshot: Export, asked: Path, written: Path, diverted: str | None) -> None:
@@ -1103,7 +949,7 @@ class MainWindow(QMainWindow):
                 return
             if answer == QMessageBox.StandardButton.Save:
                 self._choose_export()
-                self._export_pool.waitForDone()
+                self.desk.export_pool.waitForDone()
         self.shutdown()
         self.settings.save_window_state(self.saveGeometry(), self.saveState(), self.splitter.saveState())
         self.settings.sync()
@@ -1112,20 +958,9 @@ class MainWindow(QMainWindow):
     def shutdown(self) -> None:
         """Stop the run, the watch and the helper threads (closing the window does this; the
         folder watched now is watched again when next opened)."""
-        self._pending_root = None
-        thread = self._thread
-        if thread is not None:
-            thread.cancel()
-            thread.wait()
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.stop()
-            watch.wait()  # the report is finalised by the watcher before its thread ends
-            self.watch_label.setVisible(False)
-            self._update_watch_action()
-        self.engine.close()
+        self.desk.shutdown()
+        self.watch_label.setVisible(False)
         self.thumbnails.wait()
-        self._export_pool.waitForDone()
         self.image_pane.shutdown()
 
 
