@@ -159,9 +159,9 @@ def test_open_folder_classifies_every_image(qtbot, done: MainWindow, slides: Pat
     # The window is idle again, shows what ran where, and the slide summary is filled in.
     assert not window.is_running() and not window.progress.isVisible()
     assert "cpu" in window.device_label.text()
-    assert list(window.summary.slides) == ["slide-1", "slide-2", "slide-10"]
-    assert sum(s.images for s in window.summary.slides.values()) == len(expected)
-    assert window.summary.table.rowCount() == 3
+    assert list(window.slides.summary.slides) == ["slide-1", "slide-2", "slide-10"]
+    assert sum(s.images for s in window.slides.summary.slides.values()) == len(expected)
+    assert window.slides.summary.table.rowCount() == 3
     assert f"{len(expected)} images" in window.counts_label.text()
     # The first row is selected and shown large; thumbnails arrive for the rows on screen.
     qtbot.waitUntil(lambda: window.image_pane.view.has_image(), timeout=10_000)
@@ -231,7 +231,7 @@ def test_review_by_keys_and_by_api(qtbot, done: MainWindow) -> None:
     # The image pane shows the review, and the slide summary counts the reviewed label.
     window.table.selectRow(0)
     assert LABELS[1] in window.image_pane.info.text()
-    qtbot.waitUntil(lambda: sum(s.reviewed for s in window.summary.slides.values()) == 1, timeout=5_000)
+    qtbot.waitUntil(lambda: sum(s.reviewed for s in window.slides.summary.slides.values()) == 1, timeout=5_000)
     # By API: a file as the table shows it, or an absolute path.
     window.set_review("slide-1/" + next(p.path.name for p in window.predictions() if p.slide == "slide-1"), LABELS[0])
     window.set_review(second.path, LABELS[2])
@@ -424,7 +424,7 @@ def test_watching_shows_arriving_images_live_and_records_them(qtbot, window: Mai
     assert len(files) == len(set(files)) == len(before) + 2
     by_file = {p.file: p for p in window.predictions()}
     assert by_file["slide-2/copy of it.jpg"].label == by_file[f"slide-1/{original.name}"].label
-    qtbot.waitUntil(lambda: "slide-3" in window.summary.slides, timeout=5_000)
+    qtbot.waitUntil(lambda: "slide-3" in window.slides.summary.slides, timeout=5_000)
     assert window.filters.slide_filter.findData("slide-3") >= 0
     # A file written again with other content: its row is updated, still one row.
     content = real_images[CLASSES[3]][2].read_bytes()
@@ -631,7 +631,7 @@ def test_class_names_are_written_one_way_everywhere(done: MainWindow) -> None:
     assert [a.text() for a in window.review_actions] == [f"Reviewed as {c}" for c in classes]
     assert [b.text() for b in window.image_pane.class_buttons] == [f"{i + 1} {c}" for i, c in enumerate(classes)]
     assert [window.filters.class_filter.itemText(i) for i in range(1, window.filters.class_filter.count())] == classes
-    summary = window.summary.table
+    summary = window.slides.summary.table
     headers = [summary.horizontalHeaderItem(c).text() for c in range(summary.columnCount())]
     assert all(c in headers for c in classes)
     reviewed = next(p for p in window.predictions() if p.error is None)
@@ -713,14 +713,14 @@ def test_settings_are_remembered(qtbot, make_window, settings: QSettings, bundle
     assert window.session.run_info.slide_review_threshold is None  # the Run sheet says it was off
     assert [p.needs_review for p in window.predictions()] == [p.error is not None or p.confidence < 0.8
                                                                for p in window.predictions()]
-    window.summary_dock.hide()  # the layout is part of what is remembered
+    window.slides.hide()  # the layout is part of what is remembered
     window.close()
     again = make_window(choice=None)
     assert again.choice.model_dirs == (bundle,) and again.choice.tta and again.choice.review_threshold == 0.8
     assert not again.choice.slide_consensus
     assert again.settings.recent_folders[0] == str(slides.resolve())
     assert again.settings.last_folder == str(slides.resolve())
-    assert again.summary_dock.isHidden()
+    assert again.slides.isHidden()
     assert all(settings.value(f"window/{k}") is not None for k in ("geometry", "state", "splitter"))
     again.recent_menu.aboutToShow.emit()
     assert str(slides.resolve()) in [a.text() for a in again.recent_menu.actions()]
@@ -851,9 +851,9 @@ def test_a_folder_in_another_labs_colours_says_what_to_do(qtbot, make_window, al
     window.error_shown.connect(messages.append)
     assert run(qtbot, window, root) is True
     assert any("of 16 images have colours unlike the slides this model was trained on" in m for m in messages)
-    notes = {s: c.note for s, c in window.summary.slides.items()}
+    notes = {s: c.note for s, c in window.slides.summary.slides.items()}
     assert notes["stained"].startswith("8 of 8 fields: colours unlike training") and notes["ours"] == ""
-    table = window.summary.table
+    table = window.slides.summary.table
     assert table.horizontalHeaderItem(table.columnCount() - 1).text() == "Note"
     assert table.item(list(notes).index("stained"), table.columnCount() - 1).text() == notes["stained"]
 
@@ -882,14 +882,14 @@ def lab_done(qtbot, window: MainWindow, lab_folder: Path) -> MainWindow:
 
 def _slide_cells(window: MainWindow) -> dict[str, dict[str, QTableWidgetItem]]:
     """The slide pane's cells: slide -> header -> item."""
-    table = window.summary.table
+    table = window.slides.summary.table
     headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
     return {table.item(r, 0).text(): {h: table.item(r, c) for c, h in enumerate(headers)} for r in range(table.rowCount())}
 
 
 def test_the_slide_pane_shows_each_slides_verdict_and_identity(lab_done: MainWindow) -> None:
     window = lab_done
-    table = window.summary.table
+    table = window.slides.summary.table
     headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
     assert headers == ["Slide", "Patient id", "Verdict", "To review", "Images", *window.classes,
                        "Flagged", "Unreadable", "Reviewed", "Signed", "Note"]
@@ -910,11 +910,11 @@ def test_the_slide_pane_shows_each_slides_verdict_and_identity(lab_done: MainWin
     # The patient id from the folder's slides.csv; slide-B has none.
     assert cells["slide-A"]["Patient id"].text() == PATIENT and cells["slide-B"]["Patient id"].text() == ""
     assert "accession: ACC-1" in cells["slide-A"]["Patient id"].toolTip()
-    aid = window.summary.decision_aid
+    aid = window.slides.summary.decision_aid
     assert aid.text() == DECISION_AID and aid.isVisible()
-    assert window.summary.signed_label.text() == "0 of 2 slides signed"
+    assert window.slides.summary.signed_label.text() == "0 of 2 slides signed"
     # Nothing selected: the slide actions are off.
-    assert not any(a.isEnabled() for a in (window.slide_details_action, window.sign_action, window.unsign_action))
+    assert not any(a.isEnabled() for a in (window.slides.details_action, window.slides.sign_action, window.slides.unsign_action))
 
 
 def test_a_slides_details_edited_in_the_dialog_are_written_to_slides_csv(qtbot, lab_done: MainWindow, lab_folder: Path,
@@ -922,10 +922,10 @@ def test_a_slides_details_edited_in_the_dialog_are_written_to_slides_csv(qtbot, 
     window = lab_done
     csv_path = lab_folder / SLIDES_CSV
     before = csv_path.read_bytes()
-    window.summary.select_slide("slide-B")
-    assert window.selected_slide() == "slide-B" and window.slide_details_action.isEnabled()
-    window.slide_details_action.trigger()
-    dialog = window.slide_dialog
+    window.slides.summary.select_slide("slide-B")
+    assert window.slides.selected_slide() == "slide-B" and window.slides.details_action.isEnabled()
+    window.slides.details_action.trigger()
+    dialog = window.slides.dialog
     assert dialog is not None and dialog.isVisible() and dialog.slide == "slide-B"
     dialog.patient_id.setText("  P-77 ")
     dialog.accession.setText("ACC-9")
@@ -948,18 +948,18 @@ def test_a_slides_details_edited_in_the_dialog_are_written_to_slides_csv(qtbot, 
     assert csv_path.read_bytes() == before and "slide-B" not in window.session.identities
     # Now it saves: slides.csv holds both slides, and the pane shows the new patient id.
     dialog.buttons.button(QDialogButtonBox.StandardButton.Ok).click()
-    qtbot.waitUntil(lambda: window.slide_dialog is None, timeout=5_000)
+    qtbot.waitUntil(lambda: window.slides.dialog is None, timeout=5_000)
     written = read_slides_csv(lab_folder)
     assert written["slide-B"] == SlideIdentity("P-77", "ACC-9", "2026-11-30", "bone marrow aspirate")
     assert written["slide-A"].patient_id == PATIENT
     assert _slide_cells(window)["slide-B"]["Patient id"].text() == "P-77"
-    assert window.selected_slide() == "slide-B"  # the refresh kept the selection
+    assert window.slides.selected_slide() == "slide-B"  # the refresh kept the selection
     # A double-click on a row opens that slide's dialog, filled in.
-    table = window.summary.table
+    table = window.slides.summary.table
     rect = table.visualItemRect(table.item(0, 0))
     qtbot.mouseClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())  # a real double-click's first
     qtbot.mouseDClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
-    dialog = window.slide_dialog
+    dialog = window.slides.dialog
     assert dialog is not None and dialog.slide == "slide-A" and dialog.patient_id.text() == PATIENT
     dialog.reject()
 
@@ -969,20 +969,20 @@ def test_signing_a_slide_and_a_later_review_clearing_it(qtbot, lab_done: MainWin
     window.settings.reviewer = "Dr Ada Lovelace"  # Review > Reviewer name: signs as reviews are
     messages: list[str] = []
     window.error_shown.connect(messages.append)
-    window.summary.select_slide("slide-A")
-    assert window.sign_action.isEnabled() and not window.unsign_action.isEnabled()
-    window.sign_action.trigger()
+    window.slides.summary.select_slide("slide-A")
+    assert window.slides.sign_action.isEnabled() and not window.slides.unsign_action.isEnabled()
+    window.slides.sign_action.trigger()
     signature = window.session.signature("slide-A")
     assert signature is not None and signature.by == "Dr Ada Lovelace"
     cells = _slide_cells(window)
     assert cells["slide-A"]["Signed"].text() == f"Dr Ada Lovelace, {signature.at.astimezone():%Y-%m-%d %H:%M}"
     assert cells["slide-B"]["Signed"].text() == ""
-    assert window.summary.signed_label.text() == "1 of 2 slides signed"
-    assert window.unsign_action.isEnabled() and not window.sign_action.isEnabled()
+    assert window.slides.summary.signed_label.text() == "1 of 2 slides signed"
+    assert window.slides.unsign_action.isEnabled() and not window.slides.sign_action.isEnabled()
     # "Remove signature", and signing again.
-    window.unsign_action.trigger()
+    window.slides.unsign_action.trigger()
     assert window.session.signature("slide-A") is None and _slide_cells(window)["slide-A"]["Signed"].text() == ""
-    window.sign_slide("slide-A")
+    window.slides.sign("slide-A")
     assert not messages
     # A review changed in the signed slide afterwards: the signature goes, and the window says so.
     image = next(p for p in window.predictions() if p.slide == "slide-A" and p.error is None)
@@ -990,8 +990,8 @@ def test_signing_a_slide_and_a_later_review_clearing_it(qtbot, lab_done: MainWin
     assert len(messages) == 1 and "slide-A" in messages[0] and "cleared" in messages[0]
     assert window.session.signature("slide-A") is None
     assert _slide_cells(window)["slide-A"]["Signed"].text() == ""
-    assert window.summary.signed_label.text() == "0 of 2 slides signed"
-    assert window.sign_action.isEnabled() and not window.unsign_action.isEnabled()
+    assert window.slides.summary.signed_label.text() == "0 of 2 slides signed"
+    assert window.slides.sign_action.isEnabled() and not window.slides.unsign_action.isEnabled()
     # A review in an unsigned slide clears nothing and says nothing.
     window.set_review(next(p.path for p in window.predictions() if p.slide == "slide-B"), LABELS[1])
     assert len(messages) == 1
@@ -1004,7 +1004,7 @@ def test_export_to_pdf_and_the_signature_in_the_workbook(qtbot, lab_done: MainWi
     window.lab_name_action.trigger()  # File > Lab name...
     assert window.settings.lab_name == "St Elsewhere Haematology"
     assert window.snapshot().lab.lab_name == "St Elsewhere Haematology"
-    window.sign_slide("slide-A")
+    window.slides.sign("slide-A")
     xlsx = window.export_report(tmp_path / "review.xlsx")
     ws = openpyxl.load_workbook(xlsx)["Slides"]
     header = [c.value for c in ws[1]]

@@ -9,8 +9,9 @@ Automation API (used by the tests and usable from a script):
     window.set_review("slide/img.jpg", "Benign")
     window.export_report(path)                  # -> the path written (the CLI's writer)
     window.set_watching(True)                   # "Watch this folder": bcc watch's watcher, live rows
-    window.set_slide_identity("slide-1", SlideIdentity(patient_id="P-1"))  # written to FOLDER/slides.csv
-    window.sign_slide("slide-1")                # signed by the reviewer, now; unsign_slide removes it
+    window.slides.set_identity("slide-1", SlideIdentity(patient_id="P-1"))  # written to FOLDER/slides.csv
+    window.slides.sign("slide-1")               # signed by the reviewer, now; slides.unsign removes it
+    window.desk                                 # the run, the watch, the export: no widgets
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QDialog,
-    QDockWidget,
     QFileDialog,
     QHeaderView,
     QInputDialog,
@@ -59,7 +59,7 @@ from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice, not_validated, unvalidated_question
 from bcc_desk.gui.palette import ERROR_TEXT, class_name
 from bcc_desk.gui.settings import AppSettings
-from bcc_desk.gui.slide_summary import SlideDetailsDialog, SlideSummary
+from bcc_desk.gui.slide_dock import SlideDock
 from bcc_desk.gui.table_model import (
     CONFIDENCE,
     ERROR,
@@ -73,7 +73,6 @@ from bcc_desk.gui.table_model import (
     PredictionTableModel,
 )
 from bcc_desk.gui.thumbnails import ThumbnailCache
-from bcc_desk.lab_records import Signature, SlideIdentity
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Export, Review, ReviewSession
 from bcc_desk.slides import all_slides
@@ -122,7 +121,6 @@ class MainWindow(QMainWindow):
         """The run, the watch, the export and the session they fill; the window shows them."""
         self.session.slide_changed.connect(self._slide_changed)
         self.session.signature_cleared.connect(self._signature_cleared)
-        self.slide_dialog: SlideDetailsDialog | None = None
         self._slides_seen: set[str] = set()
 
         self.setWindowTitle("bcc-desk")
@@ -203,13 +201,6 @@ class MainWindow(QMainWindow):
         self.reviewer_action = self._action("Reviewer &name\u2026", self._ask_reviewer)
         self.lab_name_action = self._action("&Lab name\u2026", self._ask_lab_name, None,
                                             "The lab's name, printed at the head of the PDF report")
-        self.slide_details_action = self._action("Slide &details\u2026", lambda: self.edit_slide_details(), None,
-                                                 "Patient id, accession, specimen date and note of the selected slide "
-                                                 "(kept in the folder's slides.csv)")
-        self.sign_action = self._action("&Sign slide", lambda: self._sign_from_ui(), None,
-                                        "Sign the selected slide as reviewed, with the reviewer's name and the time now")
-        self.unsign_action = self._action("Remove si&gnature", lambda: self._unsign_from_ui(), None,
-                                          "Remove the selected slide's signature")
         self.quit_action = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit)
         self.clear_review_action = self._action("Clear the reviewed label", lambda: self.review_selected(None), "0")
         self.review_actions: list[QAction] = []
@@ -307,17 +298,11 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(self.splitter)
 
     def _build_dock(self) -> None:
-        self.summary = SlideSummary()
-        self.summary.add_actions([self.slide_details_action, self.sign_action, self.unsign_action])
-        self.summary.slide_selected.connect(lambda _slide: self._update_slide_actions())
-        self.summary.details_requested.connect(self.edit_slide_details)
-        self._update_slide_actions()
-        dock = QDockWidget("Slides", self)
-        dock.setObjectName("slides-dock")
-        dock.setWidget(self.summary)
-        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, dock)
-        self.view_menu.addAction(dock.toggleViewAction())
-        self.summary_dock = dock
+        self.slides = SlideDock(self.session, self.settings, self)
+        self.slides.notice.connect(self._notify)
+        self.slides.status.connect(lambda message: self.statusBar().showMessage(message, 15000))
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.slides)
+        self.view_menu.addAction(self.slides.toggleViewAction())
 
     def _build_status(self) -> None:
         status = self.statusBar()
@@ -626,7 +611,7 @@ class MainWindow(QMainWindow):
         self.review_menu.addAction(self.clear_review_action)
         self.addAction(self.clear_review_action)
         self.review_menu.addSeparator()
-        for action in (self.slide_details_action, self.sign_action, self.unsign_action):
+        for action in self.slides.actions_on_slide():
             self.review_menu.addAction(action)
         self.review_menu.addSeparator()
         self.review_menu.addAction(self.reviewer_action)
@@ -717,12 +702,11 @@ class MainWindow(QMainWindow):
         self._update_review_enabled()
 
     def _refresh_summary(self) -> None:
-        self.summary.refresh(self.classes, self.session.slide_counts(), self.session.lab_records())
+        self.slides.refresh(self.classes)
         self._update_counts()
-        self._update_slide_actions()
 
     def _update_counts(self) -> None:
-        counts = all_slides(self.summary.slides)
+        counts = all_slides(self.slides.summary.slides)
         total = self.model.rowCount()
         # Unreadable images are flagged too (a person must look), as the CLI counts them.
         self.counts_label.setText(f"{total} images \u00b7 {counts.flagged} flagged ({counts.unreadable} unreadable) "
@@ -736,83 +720,12 @@ class MainWindow(QMainWindow):
             self.settings.reviewer = name
 
     # =========================================================================================
-    # Slides: identity and sign-off (kept by the session; the slide pane shows them)
-    def selected_slide(self) -> str | None:
-        """The slide selected in the slide pane (None for none)."""
-        return self.summary.selected_slide()
-
-    def _slide_or_selected(self, slide: str | None) -> str:
-        slide = slide if slide is not None else self.selected_slide()
-        if slide is None:
-            raise ValueError("select a slide in the Slides pane first")
-        return slide
-
-    def set_slide_identity(self, slide: str, identity: SlideIdentity) -> Path | None:
-        """Give `slide` its identity, written to the folder's slides.csv (returns its path).
-        Raises SlidesFileError for a bad field and OSError when the file cannot be written; the
-        identity is then unchanged."""
-        return self.session.set_identity(slide, identity)
-
-    def edit_slide_details(self, slide: str | None = None) -> SlideDetailsDialog | None:
-        """Open the identity dialog of `slide` (default: the selected one), non-modal; its OK
-        saves through `set_slide_identity`.  Returns the dialog (None when no slide is chosen)."""
-        try:
-            slide = self._slide_or_selected(slide)
-        except ValueError as exc:
-            self._notify(str(exc))
-            return None
-        if self.slide_dialog is not None:
-            self.slide_dialog.close()
-        dialog = SlideDetailsDialog(slide, self.session.identities.get(slide, SlideIdentity()),
-                                    lambda identity: self._save_identity(slide, identity), self)
-        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-        dialog.destroyed.connect(lambda _=None: setattr(self, "slide_dialog", None))
-        self.slide_dialog = dialog
-        dialog.open()
-        return dialog
-
-    def _save_identity(self, slide: str, identity: SlideIdentity) -> None:
-        path = self.set_slide_identity(slide, identity)
-        if path is not None:
-            self.statusBar().showMessage(f"Slide {slide}: details saved in {path}", 15000)
-
-    def sign_slide(self, slide: str | None = None) -> Signature:
-        """Sign `slide` (default: the selected one) as reviewed: the reviewer's name (Review \u203a
-        Reviewer name, or the login name) and the time now.  A review changed afterwards in the
-        slide clears the signature.  Raises ValueError for no such slide."""
-        slide = self._slide_or_selected(slide)
-        signature = self.session.sign(slide, self.settings.reviewer)
-        self.statusBar().showMessage(f"Slide {slide} signed by {signature.by}.", 15000)
-        return signature
-
-    def unsign_slide(self, slide: str | None = None) -> None:
-        """Remove the signature of `slide` (default: the selected one)."""
-        self.session.unsign(self._slide_or_selected(slide))
-
-    def _sign_from_ui(self) -> None:
-        try:
-            self.sign_slide()
-        except ValueError as exc:
-            self._notify(str(exc))
-
-    def _unsign_from_ui(self) -> None:
-        try:
-            self.unsign_slide()
-        except ValueError as exc:
-            self._notify(str(exc))
-
+    # Slides: identity and sign-off (kept by the session; the Slides dock shows and edits them)
     def _slide_changed(self, _slide: str) -> None:
         self._refresh_summary()  # one person's edit, not a stream of rows: at once
 
     def _signature_cleared(self, _slide: str, message: str) -> None:
         self._notify(message)  # the pane is refreshed already: `slide_changed` came first
-
-    def _update_slide_actions(self) -> None:
-        slide = self.selected_slide()
-        signed = slide is not None and self.session.signature(slide) is not None
-        self.slide_details_action.setEnabled(slide is not None)
-        self.sign_action.setEnabled(slide is not None and not signed)
-        self.unsign_action.setEnabled(signed)
 
     def _ask_lab_name(self) -> None:
         name, ok = QInputDialog.getText(self, "Lab name", "The lab's name, printed at the head of the PDF report:",
