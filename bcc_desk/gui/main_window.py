@@ -30,10 +30,8 @@ from PySide6.QtGui import (
     QKeySequence,
 )
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QDialog,
     QFileDialog,
-    QHeaderView,
     QInputDialog,
     QLabel,
     QMainWindow,
@@ -42,14 +40,12 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSplitter,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
 
 from bcc_desk.bundle_meta import BundleError, BundleMeta, read_meta, verdict_text
 from bcc_desk.colour import colour_advice
-from bcc_desk.gui.delegates import ConfidenceDelegate
 from bcc_desk.gui.desk import Desk
 from bcc_desk.gui.filter_bar import FilterBar
 from bcc_desk.gui.help_dialogs import about_box, keyboard_shortcuts, shortcuts_dialog
@@ -60,18 +56,8 @@ from bcc_desk.gui.models import ModelChoice, not_validated, unvalidated_question
 from bcc_desk.gui.palette import ERROR_TEXT, class_name
 from bcc_desk.gui.settings import AppSettings
 from bcc_desk.gui.slide_dock import SlideDock
-from bcc_desk.gui.table_model import (
-    CONFIDENCE,
-    ERROR,
-    FILE,
-    LABEL,
-    NEEDS_REVIEW,
-    REVIEWER_LABEL,
-    SLIDE,
-    THUMB,
-    PredictionFilter,
-    PredictionTableModel,
-)
+from bcc_desk.gui.table_model import PredictionFilter, PredictionTableModel
+from bcc_desk.gui.table_view import PredictionTable
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Export, Review, ReviewSession
@@ -258,27 +244,7 @@ class MainWindow(QMainWindow):
         self.filters = FilterBar(self.proxy)
         self.filters.changed.connect(self._update_counts)
 
-        self.table = QTableView()
-        self.table.setModel(self.proxy)
-        self.table.setSortingEnabled(True)
-        self.table.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # discovery order until asked
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setWordWrap(False)
-        self.table.setAlternatingRowColors(False)
-        vertical = self.table.verticalHeader()
-        vertical.setSectionResizeMode(QHeaderView.ResizeMode.Fixed)  # no per-row measuring
-        vertical.setDefaultSectionSize(self.thumbnails.size + 4)
-        vertical.setVisible(False)
-        header = self.table.horizontalHeader()
-        header.setSectionsMovable(True)
-        header.setStretchLastSection(True)
-        for col, width in ((THUMB, self.thumbnails.size + 8), (FILE, 220), (SLIDE, 110), (LABEL, 150),
-                           (CONFIDENCE, 110), (NEEDS_REVIEW, 130), (REVIEWER_LABEL, 150), (ERROR, 160)):
-            self.table.setColumnWidth(col, width)
-        self.confidence_delegate = ConfidenceDelegate(self.table)
-        self.table.setItemDelegateForColumn(CONFIDENCE, self.confidence_delegate)
+        self.table = PredictionTable(self.model, self.proxy, self.thumbnails.size)
         self.table.selectionModel().currentRowChanged.connect(lambda current, _: self._show_current())
         self.model.dataChanged.connect(self._source_changed)
 
@@ -374,7 +340,7 @@ class MainWindow(QMainWindow):
         if dialog.exec() != ModelDialog.DialogCode.Accepted:
             return
         choice = dialog.choice()
-        if unconfirmed := self.unconfirmed(choice):
+        if unconfirmed := choice.unconfirmed():
             if not self.confirm_unvalidated(unconfirmed):
                 return  # the model in use stays
             choice = replace(choice, allow_unvalidated=True)
@@ -399,17 +365,6 @@ class MainWindow(QMainWindow):
             self.settings.slide_consensus = choice.slide_consensus
         self.desk.restart_watch()  # a watch goes on with the new model
 
-    def unconfirmed(self, choice: ModelChoice | None = None) -> list[BundleMeta]:
-        """The bundles of `choice` (default: the one in use) that their trainer did not find fit
-        for use and that the user has not confirmed running; empty when it may run as it is."""
-        choice = choice or self.choice
-        if choice.allow_unvalidated:
-            return []
-        try:
-            return not_validated([read_meta(d) for d in choice.model_dirs])
-        except BundleError:
-            return []  # not a usable model at all: the run says why
-
     def confirm_unvalidated(self, metas: list[BundleMeta]) -> bool:
         """Ask whether to run the bundles `metas` although they are not validated (Yes/No, No by
         default); True for Yes.  While asked, the box is `unvalidated_box`."""
@@ -427,7 +382,7 @@ class MainWindow(QMainWindow):
     def _confirm_choice(self) -> bool:
         """Whether the model in use may run: validated, confirmed already, or confirmed now (for
         this session).  Declined: a message says why nothing runs and how to run it anyway."""
-        unconfirmed = self.unconfirmed()
+        unconfirmed = self.choice.unconfirmed()
         if not unconfirmed:
             return True
         if self.confirm_unvalidated(unconfirmed):
@@ -630,15 +585,11 @@ class MainWindow(QMainWindow):
 
     def flagged_first(self) -> None:
         """One click to the images that need a person: flagged first, least confident on top."""
-        self.table.sortByColumn(NEEDS_REVIEW, Qt.SortOrder.AscendingOrder)
-        if self.proxy.rowCount():
-            self.table.selectRow(0)
-            self.table.scrollToTop()
-        self.table.setFocus()
+        self.table.flagged_first()
 
     def visible_predictions(self) -> list[Prediction]:
         """The rows as the table shows them now (filters and sort applied)."""
-        return [self.model.prediction(self.proxy.source_row(r)) for r in range(self.proxy.rowCount())]
+        return self.table.shown()
 
     def predictions(self) -> list[Prediction]:
         return self.session.predictions()
@@ -646,18 +597,10 @@ class MainWindow(QMainWindow):
     def reviews(self) -> dict[Path, Review]:
         return self.session.reviews()
 
-    def _selected_source_rows(self) -> list[int]:
-        rows = sorted({self.proxy.mapToSource(i).row() for i in self.table.selectionModel().selectedRows()})
-        if not rows:
-            current = self.table.currentIndex()
-            if current.isValid():
-                rows = [self.proxy.mapToSource(current).row()]
-        return rows
-
     def review_selected(self, label: str | None) -> None:
         """Give the selected image(s) a reviewed label (None clears it); with one image
         selected, move on to the next row so a reviewer can go key, key, key."""
-        rows = self._selected_source_rows()
+        rows = self.table.selected_source_rows()
         if label is not None:  # unreadable images in a wider selection keep no label
             rows = [r for r in rows if self.model.prediction(r).error is None]
         if not rows:
@@ -665,10 +608,7 @@ class MainWindow(QMainWindow):
         for row in rows:
             self._set_review_row(row, label)
         if len(rows) == 1:
-            current = self.table.currentIndex()
-            next_row = current.row() + 1 if current.isValid() else 0
-            if next_row < self.proxy.rowCount():
-                self.table.selectRow(next_row)
+            self.table.select_next()
 
     def set_review(self, target: int | str | Path, label: str | None) -> None:
         """Set the reviewed label of one image: `target` is a row of the (unsorted) model, the
@@ -693,11 +633,10 @@ class MainWindow(QMainWindow):
                 self.image_pane.update_review(self.model.review(row))
 
     def _show_current(self) -> None:
-        current = self.table.currentIndex()
-        if not current.isValid():
+        row = self.table.current_source_row()
+        if row is None:
             self.image_pane.show_prediction(None, None)
         else:
-            row = self.proxy.mapToSource(current).row()
             self.image_pane.show_prediction(self.model.prediction(row), self.model.review(row))
         self._update_review_enabled()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bcc_desk.bundle_meta import BundleMeta, InputSpec, bundle_fingerprint
+from bcc_desk.bundle_meta import BundleError, BundleMeta, InputSpec, bundle_fingerprint, read_meta
 from bcc_desk.options import ClassifierOptions
 
 if TYPE_CHECKING:
@@ -44,6 +44,16 @@ class ModelChoice:
     def same_bundles(self, other: ModelChoice) -> bool:
         """Whether `other` runs the same bundle folders (in any order): a confirmation carries over."""
         return {Path(d).resolve() for d in self.model_dirs} == {Path(d).resolve() for d in other.model_dirs}
+
+    def unconfirmed(self) -> list[BundleMeta]:
+        """Its bundles that their trainer did not find fit for use and that the user has not
+        confirmed running; empty when it may run as it is (or is no usable model: the run says why)."""
+        if self.allow_unvalidated:
+            return []
+        try:
+            return not_validated([read_meta(d) for d in self.model_dirs])
+        except BundleError:
+            return []
 
     def options(self) -> ClassifierOptions:
         """The engine's options for this choice (the same names `bcc classify` uses)."""
