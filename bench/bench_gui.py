@@ -209,7 +209,7 @@ def part_stall(model: Path, folder: Path, tmp: Path) -> dict:
         "gc_max_pause_ms": 1000 * max(gc_pauses, default=0.0),
         "load_before": load_before,
         "load_after": load_after,
-        "device": window.device_label.text(),
+        "device": window.status_area.device_label.text(),
     }
 
 
@@ -275,7 +275,7 @@ def part_memory(model: Path, n: int, tmp: Path) -> dict:
         "tree_rss_peak_mb": child.get("tree", 0) / 2**20,
         "report_bytes": out.stat().st_size,
         "thumbnails_cached": len(window.thumbnails),
-        "device": window.device_label.text(),
+        "device": window.status_area.device_label.text(),
     }
 
 

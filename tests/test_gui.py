@@ -157,12 +157,12 @@ def test_open_folder_classifies_every_image(qtbot, done: MainWindow, slides: Pat
     assert "empty" in bad["slide-2/empty.jpg"] and "truncated" in bad["slide-10/=cut short.jpg"]
     assert {p.slide for p in rows} == {"slide-1", "slide-2", "slide-10"}
     # The window is idle again, shows what ran where, and the slide summary is filled in.
-    assert not window.is_running() and not window.progress.isVisible()
-    assert "cpu" in window.device_label.text()
+    assert not window.is_running() and not window.status_area.progress.isVisible()
+    assert "cpu" in window.status_area.device_label.text()
     assert list(window.slides.summary.slides) == ["slide-1", "slide-2", "slide-10"]
     assert sum(s.images for s in window.slides.summary.slides.values()) == len(expected)
     assert window.slides.summary.table.rowCount() == 3
-    assert f"{len(expected)} images" in window.counts_label.text()
+    assert f"{len(expected)} images" in window.status_area.counts_label.text()
     # The first row is selected and shown large; thumbnails arrive for the rows on screen.
     qtbot.waitUntil(lambda: window.image_pane.view.has_image(), timeout=10_000)
     qtbot.waitUntil(lambda: len(window.thumbnails) > 0, timeout=10_000)
@@ -413,7 +413,7 @@ def test_watching_shows_arriving_images_live_and_records_them(qtbot, window: Mai
     shutil.copy(original, copy)
     qtbot.waitUntil(lambda: all((row := window.model.row_of(p)) is not None and window.model.prediction(row).label
                                 for p in (new, copy)), timeout=WATCH_TIMEOUT_MS)
-    assert "Watching" in window.watch_label.text() and window.watch_label.isVisible()
+    assert "Watching" in window.status_area.watch_label.text() and window.status_area.watch_label.isVisible()
     # The ledger has them done; every row (the ones re-recorded at the start included) is the
     # ledger's outcome, and no image has two rows.
     qtbot.waitUntil(lambda: shown_as_in_ledger(window, state), timeout=WATCH_TIMEOUT_MS)
@@ -475,7 +475,7 @@ def test_switching_the_model_while_watching_records_the_new_one(
     second = make_bundle(tmp_path / "second", seed=1, review_threshold=0.8)
     with qtbot.waitSignal(window.watch_stopped, timeout=30_000):
         window.set_choice(ModelChoice((second,), device="cpu", tta=True, compile=False))  # the watch goes on
-    qtbot.waitUntil(lambda: window.is_watching() and "Watching" in window.watch_label.text(),
+    qtbot.waitUntil(lambda: window.is_watching() and "Watching" in window.status_area.watch_label.text(),
                     timeout=WATCH_TIMEOUT_MS)
     new = watched / "slide-1" / "after the switch.jpg"
     shutil.copy(real_images[CLASSES[3]][1], new)
@@ -498,7 +498,7 @@ def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, mak
     with qtbot.waitSignal(window.watch_stopped, timeout=30_000):
         window.watch_action.trigger()  # off
     assert not window.watch_action.isChecked() and not window.is_watching() and window.desk.watch_thread is None
-    assert not window.watch_label.isVisible() and window.watch_action.isEnabled()
+    assert not window.status_area.watch_label.isVisible() and window.watch_action.isEnabled()
     assert watch_threads() == []  # observer, emitters, report writer: all gone
     lock_state(default_state(watched)).close()  # the ledger's lock is free again
     run_sheet = dict(openpyxl.load_workbook(watched / "bcc-report.xlsx", read_only=True)["Run"]
@@ -692,7 +692,7 @@ def test_ensemble_with_tta_runs(qtbot, make_window, bundle: Path, slides: Path, 
     second = make_bundle(tmp_path / "second", seed=1)
     window = make_window(choice=ModelChoice((bundle, second), device="cpu", tta=True, review_threshold=0.9,
                                             compile=False))
-    assert "ensemble" in window.model_label.text() and "TTA" in window.model_label.text()
+    assert "ensemble" in window.status_area.model_label.text() and "TTA" in window.status_area.model_label.text()
     assert run(qtbot, window, slides) is True
     good = [p for p in window.predictions() if p.error is None]
     assert all("+" in p.model for p in good)
@@ -1108,7 +1108,7 @@ def test_declining_a_model_that_is_not_validated_keeps_the_model_in_use(qtbot, w
     assert asked == [f"Model test-convnext_atto-2 is not validated: {UNFIT_REASON}. Its labels cannot be trusted. "
                      "Run it anyway? Every page of its reports will say so."]
     assert window.choice == before and window.settings.model_dirs == remembered
-    assert "NOT VALIDATED" not in window.model_label.text()
+    assert "NOT VALIDATED" not in window.status_area.model_label.text()
 
 
 def test_a_confirmed_model_that_is_not_validated_runs_and_every_page_says_so(qtbot, window: MainWindow, unfit_bundle: Path,
@@ -1120,7 +1120,7 @@ def test_a_confirmed_model_that_is_not_validated_runs_and_every_page_says_so(qtb
     window.model_action.trigger()
     assert len(asked) == 1
     assert window.choice.model_dirs == (unfit_bundle,) and window.choice.allow_unvalidated
-    assert "NOT VALIDATED" in window.model_label.text() and UNFIT_REASON in window.model_label.toolTip()
+    assert "NOT VALIDATED" in window.status_area.model_label.text() and UNFIT_REASON in window.status_area.model_label.toolTip()
     # The model is remembered; the confirmation is not (it holds for this session).
     assert window.settings.model_dirs == [unfit_bundle]
     settings.sync()
@@ -1138,7 +1138,7 @@ def test_a_window_started_with_a_model_that_is_not_validated_asks_before_its_fir
     qtbot, make_window, unfit_bundle: Path, few: Path, tmp_path: Path
 ) -> None:
     window = make_window(choice=None, model_dirs=[unfit_bundle])  # as `bcc-desk -m FOLDER`, or remembered
-    assert not window.choice.allow_unvalidated and "NOT VALIDATED" in window.model_label.text()
+    assert not window.choice.allow_unvalidated and "NOT VALIDATED" in window.status_area.model_label.text()
     messages: list[str] = []
     window.error_shown.connect(messages.append)
     answers: list[bool] = [False, True]

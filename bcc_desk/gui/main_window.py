@@ -33,11 +33,9 @@ from PySide6.QtWidgets import (
     QDialog,
     QFileDialog,
     QInputDialog,
-    QLabel,
     QMainWindow,
     QMenu,
     QMessageBox,
-    QProgressBar,
     QPushButton,
     QSplitter,
     QVBoxLayout,
@@ -53,9 +51,10 @@ from bcc_desk.gui.image_pane import ImagePane
 from bcc_desk.gui.jobs import submit
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.models import ModelChoice, not_validated, unvalidated_question
-from bcc_desk.gui.palette import ERROR_TEXT, class_name
+from bcc_desk.gui.palette import class_name
 from bcc_desk.gui.settings import AppSettings
 from bcc_desk.gui.slide_dock import SlideDock
+from bcc_desk.gui.status_area import StatusArea
 from bcc_desk.gui.table_model import PredictionFilter, PredictionTableModel
 from bcc_desk.gui.table_view import PredictionTable
 from bcc_desk.gui.thumbnails import ThumbnailCache
@@ -271,24 +270,7 @@ class MainWindow(QMainWindow):
         self.view_menu.addAction(self.slides.toggleViewAction())
 
     def _build_status(self) -> None:
-        status = self.statusBar()
-        self.counts_label = QLabel("")
-        self.progress = QProgressBar()
-        self.progress.setMaximumWidth(220)
-        self.progress.setFormat("%v / %m")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop classifying; the images done so far stay (Esc)")
-        self.cancel_button.clicked.connect(self.cancel)
-        self.device_label = QLabel("")
-        self.model_label = QLabel("")
-        self.watch_label = QLabel("")
-        self.watch_label.setVisible(False)
-        status.addPermanentWidget(self.watch_label)
-        status.addPermanentWidget(self.counts_label)
-        status.addPermanentWidget(self.progress)
-        status.addPermanentWidget(self.cancel_button)
-        status.addPermanentWidget(self.model_label)
-        status.addPermanentWidget(self.device_label)
+        self.status_area = StatusArea(self.statusBar(), self.cancel)
 
     def _restore_layout(self) -> None:
         geometry, state, splitter = self.settings.window_state()
@@ -310,21 +292,15 @@ class MainWindow(QMainWindow):
             metas = [read_meta(d) for d in choice.model_dirs]
         except BundleError as exc:
             self.classes = []
-            self.model_label.setText("no usable model")
             self._notify(f"model: {exc}")
             metas = []
         unvalidated = not_validated(metas)
         if metas:
             self.classes = list(metas[0].labels)  # the names the classifier will report
-            names = " + ".join(m.name for m in metas)
-            extras = [x for x, on in (("NOT VALIDATED", bool(unvalidated)), ("TTA", choice.tta), ("ensemble", len(metas) > 1))
-                      if on]
-            self.model_label.setText(f"model: {names}" + (f" ({', '.join(extras)})" if extras else ""))
-        self.model_label.setStyleSheet(f"color: {ERROR_TEXT.name()}; font-weight: bold" if unvalidated else "")
-        self.model_label.setToolTip("\n".join(f"{m.name}: {verdict_text(m)}" for m in unvalidated))
+        self.status_area.show_model(metas, unvalidated, choice.tta)
         # The setting until a run says what it became (e.g. 'cpu (int8+fp32)'): finding out here
         # would load torch into this process, which never runs a network to classify.
-        self.device_label.setText(f"device: {choice.device}")
+        self.status_area.show_device(choice.device)
         self.filters.set_classes(self.classes)
         self._build_review_actions()
         self.image_pane.set_classes(self.classes)
@@ -425,7 +401,7 @@ class MainWindow(QMainWindow):
         desk.prepared.connect(self._prepared)
         desk.classes_changed.connect(self._classes_changed)
         desk.rows_arrived.connect(self._rows_arrived)
-        desk.device_changed.connect(lambda device: self.device_label.setText(f"device: {device}"))
+        desk.device_changed.connect(self.status_area.show_device)
         desk.notice.connect(self._notify)
         desk.running_changed.connect(self._set_running)
         desk.run_finished.connect(self._run_finished)
@@ -441,13 +417,12 @@ class MainWindow(QMainWindow):
         self.filters.clear_slides()
         self._slides_seen = set()
         self.setWindowTitle(f"bcc-desk \u2014 {root}")
-        self.progress.setRange(0, 0)  # busy until the images are counted
+        self.status_area.show_progress(0, 0)  # busy until the images are counted
         self.statusBar().showMessage(f"Loading the model and looking for images in {root}\u2026")
 
     def _prepared(self, total: int, device: str, preparing: str) -> None:
-        self.progress.setRange(0, total)
-        self.progress.setValue(0)
-        self.device_label.setText(f"device: {device}")
+        self.status_area.show_progress(0, total)
+        self.status_area.show_device(device)
         note = f"; {preparing} first" if preparing else ""
         self.statusBar().showMessage(f"Classifying {total} images on {device}{note}\u2026")
 
@@ -472,7 +447,7 @@ class MainWindow(QMainWindow):
             self._summary_timer.start()
         self._update_counts()
         if self.is_running():
-            self.progress.setValue(self.model.rowCount())
+            self.status_area.show_progress(self.model.rowCount())
         else:
             self.export_action.setEnabled(self.model.rowCount() > 0)
         self.rows_added.emit(len(predictions))
@@ -501,8 +476,7 @@ class MainWindow(QMainWindow):
         self.classification_finished.emit(completed)
 
     def _set_running(self, running: bool) -> None:
-        self.progress.setVisible(running)
-        self.cancel_button.setVisible(running)
+        self.status_area.show_running(running)
         self.cancel_action.setEnabled(running)
         self.rerun_action.setEnabled(not running and self.root is not None)
         has_rows = self.model.rowCount() > 0
@@ -522,23 +496,21 @@ class MainWindow(QMainWindow):
         return self.desk.is_watching()
 
     def _watch_starting(self, root: Path, report: Path, ledger: Path) -> None:
-        self.watch_label.setText("Watching: starting\u2026")
-        self.watch_label.setToolTip(f"Folder: {root}\nReport: {report}\nLedger: {ledger}")
-        self.watch_label.setVisible(True)
+        self.status_area.show_watch("Watching: starting\u2026", self.status_area.watch_tooltip(root, report, ledger))
         self.statusBar().showMessage(f"Loading the model to watch {root}\u2026")
 
     def _watch_started(self, root: Path, device: str, report: Path) -> None:
-        self.watch_label.setText("\u25c9 Watching")
+        self.status_area.show_watch("\u25c9 Watching")
         self.statusBar().showMessage(
             f"Watching {root} on {device}: new images are classified as they arrive; report {report}", 15000)
 
     def _watch_stopping(self) -> None:
-        self.watch_label.setText("Watching: stopping\u2026")
+        self.status_area.show_watch("Watching: stopping\u2026")
         self.statusBar().showMessage("Stopping the watch (the images in hand, then the report)\u2026")
 
     def _watch_ended(self, root: Path, current: bool) -> None:
         if current:
-            self.watch_label.setVisible(False)
+            self.status_area.show_watch(None)
             if not self.statusBar().currentMessage().startswith("The watch stopped"):
                 self.statusBar().showMessage(f"Stopped watching {root}.", 15000)
         self.watch_stopped.emit()
@@ -647,9 +619,7 @@ class MainWindow(QMainWindow):
     def _update_counts(self) -> None:
         counts = all_slides(self.slides.summary.slides)
         total = self.model.rowCount()
-        # Unreadable images are flagged too (a person must look), as the CLI counts them.
-        self.counts_label.setText(f"{total} images \u00b7 {counts.flagged} flagged ({counts.unreadable} unreadable) "
-                                  f"\u00b7 {counts.reviewed} reviewed")
+        self.status_area.show_counts(total, counts)
         self.filters.show_count(self.proxy.rowCount(), total)
 
     def _ask_reviewer(self) -> None:
@@ -811,7 +781,7 @@ class MainWindow(QMainWindow):
         """Stop the run, the watch and the helper threads (closing the window does this; the
         folder watched now is watched again when next opened)."""
         self.desk.shutdown()
-        self.watch_label.setVisible(False)
+        self.status_area.show_watch(None)
         self.thumbnails.wait()
         self.image_pane.shutdown()
 
