@@ -37,6 +37,13 @@ class InputSpec:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    channels: str = "rgb"
+    """What the network sees of a pixel: 'rgb', or 'hue-free' (its brightest and darkest channel
+    and their difference, each standardised per image: `preprocess.normalise`), which no hue
+    rotation, brightness or contrast change of the whole field can move (issue #35)."""
+
+
+INPUT_CHANNELS = ("rgb", "hue-free")
 
 
 @dataclass
@@ -178,6 +185,7 @@ class BundleMeta:
                     interpolation=str(inp.get("interpolation", "bicubic")),
                     mean=_rgb(inp.get("mean", IMAGENET_MEAN), "input.mean"),
                     std=_rgb(inp.get("std", IMAGENET_STD), "input.std"),
+                    channels=_channels(inp.get("channels", "rgb")),
                 ),
                 head=HeadSpec(**(data.get("head") or {})),
                 temperature=float(data.get("temperature", 1.0)),
@@ -358,6 +366,14 @@ def _rgb(values: Any, field: str) -> tuple[float, float, float]:
     if len(numbers) != 3:
         raise ValueError(f"{field} needs 3 values (red, green, blue), not {len(numbers)}")
     return numbers[0], numbers[1], numbers[2]
+
+
+def _channels(value: Any) -> str:
+    """A known `InputSpec.channels` (a bundle from newer software that sees its input otherwise
+    must not be run as if it were RGB)."""
+    if value not in INPUT_CHANNELS:
+        raise ValueError(f"input.channels {value!r} is not one of {', '.join(INPUT_CHANNELS)}")
+    return str(value)
 
 
 def bundle_fingerprint(folder: Path) -> tuple:

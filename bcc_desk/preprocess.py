@@ -43,6 +43,8 @@ def make_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
 def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 (or 0..255 float) batch -> the network's normalised float input.  Shared with the
     trainer, so training and inference can never normalise differently."""
+    if spec.channels == "hue-free":
+        return hue_free(batch)
     shape = (1, 3, 1, 1)
     mean = torch.tensor(spec.mean, device=batch.device).view(shape) * 255
     std = torch.tensor(spec.std, device=batch.device).view(shape) * 255
@@ -54,3 +56,22 @@ def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
     if len(batch) >= size:
         return batch
     return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])
+
+
+def hue_free(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0..255 float) RGB batch -> per pixel its brightest channel, its darkest and their
+    difference (HSV's value, V(1 - S) and chroma), centred on their image's means and scaled by
+    their pooled spread.
+
+    A hue rotation keeps every pixel's brightest and darkest channel, and a brightness or
+    contrast change of the whole field scales or shifts them, which the standardisation takes
+    out: what is left is the cells' pattern of light, dark and saturated, not the colours each
+    class of this data set was photographed in (issue #35, recipe.md run 21).  Greyscale leaves
+    no chroma; the colour check flags it before anyone reads the label."""
+    x = batch.float()
+    brightest, darkest = x.amax(dim=1), x.amin(dim=1)
+    planes = torch.stack([brightest, darkest, brightest - darkest], dim=1)
+    # One scale for the three planes (their pooled spread), so the planes keep their proportions
+    # and a plane with little spread of its own has its noise left small, not blown up.
+    centred = planes - planes.mean(dim=(2, 3), keepdim=True)
+    return centred / centred.std(dim=(1, 2, 3), keepdim=True).clamp_min(1.0)

@@ -21,6 +21,7 @@ def make_bundle(
     dtype: torch.dtype = torch.float32,
     ood_threshold: float | None = None,
     ood_features: str = "pooled",
+    channels: str = "rgb",
     **meta: object,
 ) -> Path:
     """Save a random-weight bundle; with `ood_threshold`, unit OOD statistics around zero."""
@@ -29,7 +30,7 @@ def make_bundle(
         name=f"test-{arch}-{seed}",
         arch=arch,
         classes=list(classes or CLASSES),
-        input=InputSpec(size=size),
+        input=InputSpec(size=size, channels=channels),
         head=HeadSpec(hidden=hidden or [], dropout=0.1 if hidden else 0.0),
         ood=OODSpec(threshold=ood_threshold, features=ood_features) if ood_threshold is not None else None,
         provenance={"test": True, "seed": seed},

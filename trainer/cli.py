@@ -112,6 +112,10 @@ def fit(
         Optional[float],
         typer.Option(min=0.0, max=2.0, help="Colour augmentation (hue, white balance, greyscale); 1: recipe colour's. (default 0)"),
     ] = None,
+    channels: Annotated[
+        Optional[str],
+        typer.Option(help="What the network sees: rgb, or hue-free (no hue: brightest and darkest channel, standardised). (default rgb)"),
+    ] = None,
     mixup: Annotated[Optional[float], typer.Option(min=0.0, help="Mixup alpha, 0 off. (default 0)")] = None,
     cutmix: Annotated[Optional[float], typer.Option(min=0.0, help="CutMix alpha, 0 off. (default 0)")] = None,
     trivial_augment: Annotated[
@@ -145,6 +149,7 @@ def fit(
     """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle.
 
     Interrupted (Ctrl+C, a restart), the same command resumes from OUT/last.pt."""
+    from bcc_desk.bundle_meta import INPUT_CHANNELS
     from trainer.config import FitConfig, FitError
     from trainer.fit import fit as run_fit
     from trainer.model_init import parent_settings
@@ -175,7 +180,7 @@ def fit(
         "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "optimizer": optimizer, "warmup_epochs": warmup_epochs, "image_size": image_size, "dropout": dropout,
         "drop_path": drop_path, "label_smoothing": label_smoothing, "ema_decay": ema_decay, "balance": balance,
-        "stain": stain, "colour": colour, "mixup": mixup, "cutmix": cutmix, "trivial_augment": trivial_augment,
+        "stain": stain, "colour": colour, "channels": channels, "mixup": mixup, "cutmix": cutmix, "trivial_augment": trivial_augment,
         "hidden": None if hidden is None else ([hidden] if hidden else []),
     }
     settings.update({k: v for k, v in given.items() if v is not None})
@@ -192,6 +197,8 @@ def fit(
         fail(f"--optimizer must be adam or adamw, not {settings['optimizer']!r}")
     if settings.get("balance", "none") not in ("sampler", "loss", "none"):
         fail(f"--balance must be sampler, loss or none, not {settings['balance']!r}")
+    if settings.get("channels", "rgb") not in INPUT_CHANNELS:
+        fail(f"--channels must be {' or '.join(INPUT_CHANNELS)}, not {settings['channels']!r}")
     if weights_dtype not in ("float16", "float32", "bfloat16"):
         fail("--weights-dtype must be float16, bfloat16 or float32")
     cfg = FitConfig(

@@ -28,7 +28,8 @@ def build_meta(cfg: FitConfig, classes: list[str]) -> BundleMeta:
         arch=cfg.arch,
         classes=classes,
         # The fields are whole 224-px images: resize to the input size, no centre crop.
-        input=InputSpec(size=cfg.image_size, crop_pct=1.0, interpolation="bicubic", mean=mean, std=std),
+        input=InputSpec(size=cfg.image_size, crop_pct=1.0, interpolation="bicubic", mean=mean, std=std,
+                        channels=cfg.channels),
         head=HeadSpec(hidden=list(cfg.hidden), dropout=cfg.dropout),
         # Written out, so that a lab can rename a class in bundle.json without retraining.
         display_names=BundleMeta(name="", arch=cfg.arch, classes=classes).labels,
@@ -41,7 +42,7 @@ def child_meta(cfg: FitConfig, parent: BundleMeta) -> BundleMeta:
     calibration and the OOD check are fitted again at export."""
     return BundleMeta(
         name=cfg.name or f"{parent.name}-ft-{datetime.now(timezone.utc):%Y%m%d-%H%M}",
-        arch=parent.arch, classes=list(parent.classes), input=replace(parent.input, size=cfg.image_size),
+        arch=parent.arch, classes=list(parent.classes), input=replace(parent.input, size=cfg.image_size, channels=cfg.channels),
         head=parent.head,
         display_names=list(parent.labels),
     )
@@ -166,5 +167,5 @@ def parent_settings(bundle: Path) -> dict[str, object]:
         meta = read_meta(bundle)
     except BundleError as exc:
         raise ValueError(f"--init-bundle: {exc}") from None
-    return {"arch": meta.arch, "image_size": meta.input.size, "hidden": list(meta.head.hidden),
+    return {"arch": meta.arch, "image_size": meta.input.size, "channels": meta.input.channels, "hidden": list(meta.head.hidden),
             "dropout": meta.head.dropout}

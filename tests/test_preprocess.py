@@ -1,0 +1,92 @@
+"""The network's input: one function for training and inference, and the hue-free input's promise
+(no hue rotation, brightness or contrast change of the whole field moves it), on real fields."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bcc_desk.bundle import InputSpec
+from bcc_desk.bundle_meta import BundleMeta
+from bcc_desk.preprocess import make_transform, normalise
+from trainer.shifts import SHIFTS_BY_NAME
+
+from conftest import ALL4, CLASSES
+
+HUE_FREE = InputSpec(size=224, channels="hue-free")
+
+
+def _fields(n: int = 4) -> list[Image.Image]:
+    paths = [sorted((ALL4 / c).glob("*.jpg"))[7] for c in CLASSES][:n]
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def _input(images: list[Image.Image], spec: InputSpec) -> torch.Tensor:
+    transform = make_transform(spec)
+    return normalise(torch.stack([transform(im) for im in images]), spec)
+
+
+@pytest.mark.parametrize("shift", ["hue +20", "hue -20", "hue +40", "brightness x0.8", "contrast x0.7"])
+def test_hue_free_input_does_not_see_a_shift_of_the_whole_field(shift):
+    fields = _fields()
+    moved = [SHIFTS_BY_NAME[shift].apply(im) for im in fields]
+    same = _input(fields, HUE_FREE) - _input(moved, HUE_FREE)
+    rgb = _input(fields, InputSpec(size=224)) - _input(moved, InputSpec(size=224))
+    # 8-bit rounding and clipping of the shifted file move single pixels by a grey level or two;
+    # the RGB input moves by a large share of its spread
+    hue_free = float(same.abs().mean() / _input(fields, HUE_FREE).std(dim=(2, 3)).mean())
+    ours = _input(fields, InputSpec(size=224))
+    assert hue_free < 0.03, (shift, hue_free)
+    assert float(rgb.abs().mean() / ours.std(dim=(2, 3)).mean()) > 4 * hue_free
+
+
+def test_hue_free_input_still_tells_nuclei_from_background():
+    """Not a constant: the planes keep the field's pattern (a network can learn cells from it)."""
+    x = _input(_fields(1), HUE_FREE)[0]
+    assert x.shape == (3, 224, 224)
+    assert float(x.std()) == pytest.approx(1.0, abs=1e-3)
+    for plane in x:
+        assert float(plane.std()) > 0.1 and abs(float(plane.mean())) < 1e-4
+
+
+def test_greyscale_leaves_no_chroma_for_the_colour_check_to_explain():
+    grey = SHIFTS_BY_NAME["greyscale"].apply(_fields(1)[0])
+    x = _input([grey], HUE_FREE)[0]
+    assert float(x[2].abs().max()) == 0.0  # no chroma anywhere: flat, not noise blown up
+
+
+def test_the_input_channels_travel_in_bundle_json_and_an_unknown_one_is_refused():
+    meta = BundleMeta(name="m", arch="convnext_tiny", classes=["a", "b"], input=HUE_FREE)
+    assert BundleMeta.from_json(meta.to_json()).input.channels == "hue-free"
+    data = meta.to_json()
+    data["input"] = {**data["input"], "channels": "lab"}
+    with pytest.raises(ValueError, match="input.channels 'lab'"):
+        BundleMeta.from_json(data)
+    old = meta.to_json()
+    del old["input"]["channels"]  # bundles written before the field: RGB
+    assert BundleMeta.from_json(old).input == replace(HUE_FREE, channels="rgb")
+
+
+def test_training_and_inference_give_a_hue_free_network_the_same_input(tmp_path, all4):
+    """The trainer's path (its decoded images through `normalise`, as `trainer.epoch` feeds the
+    network) and the application's classifier give the same probabilities for the same files."""
+    from bcc_desk.bundle import load_bundle
+    from bcc_desk.classifier import Classifier
+    from trainer.data import decode_images
+
+    from bundles import make_bundle
+
+    bundle = load_bundle(make_bundle(tmp_path / "hue-free", size=64, channels="hue-free"))
+    assert bundle.meta.input.channels == "hue-free"
+    paths = [sorted((all4 / c).glob("*.jpg"))[0] for c in CLASSES]
+    decoded = decode_images(all4, [p.relative_to(all4).as_posix() for p in paths], [0] * len(paths), bundle.meta.input)
+    with torch.no_grad():
+        trained = torch.softmax(bundle.model(normalise(decoded.images, bundle.meta.input)).float(), dim=1)
+    clf = Classifier(bundle, slide_consensus=False, compile=False, precision="fp32", device="cpu")
+    served = [p.probabilities for p in clf.predict_paths(paths, all4)]
+    for row, probs in zip(trained, served):
+        np.testing.assert_allclose([probs[label] for label in bundle.meta.labels], row.numpy(), atol=1e-5)
