@@ -370,9 +370,9 @@ def start_watching(qtbot, window: MainWindow, folder: Path) -> None:
     """Open and classify `folder`, then turn the toggle on as a click does (fast settings)."""
     assert run(qtbot, window, folder) is True
     window.desk.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
-    assert window.watch_action.isEnabled() and not window.watch_action.isChecked()
-    window.watch_action.trigger()
-    assert window.watch_action.isChecked() and window.is_watching()
+    assert window.menus.watch_action.isEnabled() and not window.menus.watch_action.isChecked()
+    window.menus.watch_action.trigger()
+    assert window.menus.watch_action.isChecked() and window.is_watching()
 
 
 def ledger_outcomes(state: Path) -> dict:
@@ -435,7 +435,7 @@ def test_watching_shows_arriving_images_live_and_records_them(qtbot, window: Mai
                     timeout=WATCH_TIMEOUT_MS)
     assert window.model.rowCount() == len(before) + 2
     # Exporting the reviews never goes over the watch's report (it is rewritten from the ledger).
-    assert window.default_report_path() == watched / "bcc-review.xlsx"
+    assert window.desk.default_report_path() == watched / "bcc-review.xlsx"
     with pytest.raises(ValueError, match="watch's report"):
         window.export_report(watched / "bcc-report.xlsx")
 
@@ -453,7 +453,7 @@ def test_an_empty_folder_watched_and_exported_records_the_model_that_classified(
     empty.mkdir()
     assert run(qtbot, window, empty) is False  # "no images found"
     window.desk.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
-    window.watch_action.trigger()
+    window.menus.watch_action.trigger()
     assert window.is_watching()
     (empty / "slide-1").mkdir()
     shutil.copy(real_images[CLASSES[2]][0], empty / "slide-1" / "arrived.jpg")
@@ -496,9 +496,9 @@ def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, mak
     shutil.copy(real_images[CLASSES[2]][3], new)
     qtbot.waitUntil(lambda: window.model.row_of(new) is not None, timeout=WATCH_TIMEOUT_MS)
     with qtbot.waitSignal(window.watch_stopped, timeout=30_000):
-        window.watch_action.trigger()  # off
-    assert not window.watch_action.isChecked() and not window.is_watching() and window.desk.watch_thread is None
-    assert not window.status_area.watch_label.isVisible() and window.watch_action.isEnabled()
+        window.menus.watch_action.trigger()  # off
+    assert not window.menus.watch_action.isChecked() and not window.is_watching() and window.desk.watch_thread is None
+    assert not window.status_area.watch_label.isVisible() and window.menus.watch_action.isEnabled()
     assert watch_threads() == []  # observer, emitters, report writer: all gone
     lock_state(default_state(watched)).close()  # the ledger's lock is free again
     run_sheet = dict(openpyxl.load_workbook(watched / "bcc-report.xlsx", read_only=True)["Run"]
@@ -507,7 +507,7 @@ def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, mak
     assert settings.value("watch/folder", "") == ""
     # On again, then the window closed while watching: the watch ends with it, and the folder is
     # watched again when it is next opened.
-    window.watch_action.trigger()
+    window.menus.watch_action.trigger()
     assert window.is_watching()
     window.close()
     assert not window.isVisible() and window.desk.watch_thread is None and watch_threads() == []
@@ -515,7 +515,7 @@ def test_turning_the_watch_off_stops_it_and_the_window_closes_cleanly(qtbot, mak
     again = make_window()
     again.desk.watch_timing = WatchTiming(settle=0.3)
     assert run(qtbot, again, watched) is True
-    assert again.is_watching() and again.watch_action.isChecked()
+    assert again.is_watching() and again.menus.watch_action.isChecked()
     with qtbot.waitSignal(again.watch_stopped, timeout=30_000):
         again.set_watching(False)
     assert watch_threads() == []
@@ -528,12 +528,12 @@ def test_a_ledger_in_use_by_bcc_watch_is_one_message_and_the_toggle_off(qtbot, w
     assert run(qtbot, window, watched) is True
     held = lock_state(default_state(watched))  # a bcc watch daemon running on the same folder
     try:
-        window.watch_action.trigger()
+        window.menus.watch_action.trigger()
     finally:
         held.close()
-    assert not window.watch_action.isChecked() and not window.is_watching() and window.desk.watch_thread is None
+    assert not window.menus.watch_action.isChecked() and not window.is_watching() and window.desk.watch_thread is None
     assert len(messages) == 1 and "already using the state file" in messages[0] and str(watched) in messages[0]
-    assert window.watch_action.isEnabled() and watch_threads() == []
+    assert window.menus.watch_action.isEnabled() and watch_threads() == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ def test_unreadable_image_shows_its_reason_and_cannot_be_labelled(qtbot, done: M
     assert cell.data() in _pane_text(window)
     qtbot.waitUntil(lambda: "cannot show" in pane.view._message.toPlainText(), timeout=10_000)
     # It cannot be given a class: the actions, their keys and the pane's buttons are off.
-    assert window.review_actions and not any(a.isEnabled() for a in window.review_actions)
+    assert window.menus.review_actions and not any(a.isEnabled() for a in window.menus.review_actions)
     assert pane.class_buttons and not any(b.isEnabled() for b in pane.class_buttons)
     qtbot.keyClick(window.table, Qt.Key.Key_2)
     assert bad.path not in window.reviews()
@@ -603,7 +603,7 @@ def test_unreadable_image_shows_its_reason_and_cannot_be_labelled(qtbot, done: M
     # A readable image again: everything back on, and the keys work.
     good = next(p for p in window.visible_predictions() if p.error is None)
     _select_file(window, good.file)
-    assert all(a.isEnabled() for a in window.review_actions) and all(b.isEnabled() for b in pane.class_buttons)
+    assert all(a.isEnabled() for a in window.menus.review_actions) and all(b.isEnabled() for b in pane.class_buttons)
     qtbot.keyClick(window.table, Qt.Key.Key_2)
     assert window.reviews()[good.path].label == window.classes[1]
     # A selection that takes in unreadable images labels only the readable ones.
@@ -628,7 +628,7 @@ def test_class_names_are_written_one_way_everywhere(done: MainWindow) -> None:
             assert in_table == p.label and in_pane.startswith(f"Model: {in_table} (")
         else:
             assert in_pane == in_table
-    assert [a.text() for a in window.review_actions] == [f"Reviewed as {c}" for c in classes]
+    assert [a.text() for a in window.menus.review_actions] == [f"Reviewed as {c}" for c in classes]
     assert [b.text() for b in window.image_pane.class_buttons] == [f"{i + 1} {c}" for i, c in enumerate(classes)]
     assert [window.filters.class_filter.itemText(i) for i in range(1, window.filters.class_filter.count())] == classes
     summary = window.slides.summary.table
@@ -641,8 +641,8 @@ def test_class_names_are_written_one_way_everywhere(done: MainWindow) -> None:
 
 
 def test_help_lists_every_shortcut_and_links_the_documentation(qtbot, window: MainWindow) -> None:
-    window.shortcuts_action.trigger()
-    dialog = window.shortcuts_dialog
+    window.menus.shortcuts_action.trigger()
+    dialog = window.menus.shortcuts_dialog
     assert dialog is not None and dialog.isVisible()
     table = dialog.findChild(QTableWidget, "shortcuts")
     listed = {(table.item(r, 0).text(), table.item(r, 1).text()) for r in range(table.rowCount())}
@@ -657,8 +657,8 @@ def test_help_lists_every_shortcut_and_links_the_documentation(qtbot, window: Ma
     assert keys and keys <= {k for k, _ in listed}
     dialog.close()
     # About: where the documentation is, as a link to the README shipped with the app.
-    window.about_action.trigger()
-    box = window.about_box
+    window.menus.about_action.trigger()
+    box = window.menus.about_box
     assert box is not None and box.isVisible()
     assert "Documentation: README.md in the installation folder" in box.text()
     readme = RESOURCES.parent / "README.md"
@@ -722,8 +722,8 @@ def test_settings_are_remembered(qtbot, make_window, settings: QSettings, bundle
     assert again.settings.last_folder == str(slides.resolve())
     assert again.slides.isHidden()
     assert all(settings.value(f"window/{k}") is not None for k in ("geometry", "state", "splitter"))
-    again.recent_menu.aboutToShow.emit()
-    assert str(slides.resolve()) in [a.text() for a in again.recent_menu.actions()]
+    again.menus.recent_menu.aboutToShow.emit()
+    assert str(slides.resolve()) in [a.text() for a in again.menus.recent_menu.actions()]
 
 
 def test_dropping_a_folder_opens_it(qtbot, window: MainWindow, slides: Path) -> None:
@@ -1000,10 +1000,10 @@ def test_signing_a_slide_and_a_later_review_clearing_it(qtbot, lab_done: MainWin
 def test_export_to_pdf_and_the_signature_in_the_workbook(qtbot, lab_done: MainWindow, tmp_path: Path,
                                                          monkeypatch) -> None:
     window = lab_done
-    monkeypatch.setattr("bcc_desk.gui.main_window.QInputDialog.getText", lambda *a, **k: ("  St Elsewhere  Haematology ", True))
-    window.lab_name_action.trigger()  # File > Lab name...
+    monkeypatch.setattr("bcc_desk.gui.window_menus.QInputDialog.getText", lambda *a, **k: ("  St Elsewhere  Haematology ", True))
+    window.menus.lab_name_action.trigger()  # File > Lab name...
     assert window.settings.lab_name == "St Elsewhere Haematology"
-    assert window.snapshot().lab.lab_name == "St Elsewhere Haematology"
+    assert window.desk.snapshot().lab.lab_name == "St Elsewhere Haematology"
     window.slides.sign("slide-A")
     xlsx = window.export_report(tmp_path / "review.xlsx")
     ws = openpyxl.load_workbook(xlsx)["Slides"]
@@ -1020,9 +1020,9 @@ def test_export_to_pdf_and_the_signature_in_the_workbook(qtbot, lab_done: MainWi
     assert b"St Elsewhere Haematology" in pdf.read_bytes()  # the lab's name (in the document's info too)
     # Through the export dialog: the PDF type chosen and a name typed without a suffix.
     chosen = tmp_path / "from the dialog"
-    monkeypatch.setattr("bcc_desk.gui.main_window.QFileDialog.getSaveFileName",
+    monkeypatch.setattr("bcc_desk.gui.export_dialog.QFileDialog.getSaveFileName",
                         lambda *a, **k: (str(chosen), "PDF report (*.pdf)"))
-    window.export_action.trigger()
+    window.menus.export_action.trigger()
     qtbot.waitUntil(lambda: "Report written" in window.statusBar().currentMessage(), timeout=30_000)
     assert chosen.with_name(chosen.name + ".pdf").read_bytes().startswith(b"%PDF")
     assert not window.session.unexported_reviews
@@ -1058,7 +1058,7 @@ def _pick_in_dialog(monkeypatch, folder: Path) -> None:
             dialog.list.item(i).setCheckState(Qt.CheckState.Checked if listed == folder else Qt.CheckState.Unchecked)
         return ModelDialog.DialogCode.Accepted
 
-    monkeypatch.setattr("bcc_desk.gui.main_window.ModelDialog.exec", accept)
+    monkeypatch.setattr("bcc_desk.gui.model_picker.ModelDialog.exec", accept)
 
 
 def _answer_unvalidated(window: MainWindow, button, asked: list[str]) -> None:
@@ -1066,7 +1066,7 @@ def _answer_unvalidated(window: MainWindow, button, asked: list[str]) -> None:
     tries = itertools.count()
 
     def click() -> None:
-        box = window.unvalidated_box
+        box = window.models.unvalidated_box
         if box is None:
             if next(tries) < 500:
                 QTimer.singleShot(10, click)
@@ -1104,7 +1104,7 @@ def test_declining_a_model_that_is_not_validated_keeps_the_model_in_use(qtbot, w
     _pick_in_dialog(monkeypatch, unfit_bundle)
     asked: list[str] = []
     _answer_unvalidated(window, QMessageBox.StandardButton.No, asked)
-    window.model_action.trigger()  # Model > Model...
+    window.menus.model_action.trigger()  # Model > Model...
     assert asked == [f"Model test-convnext_atto-2 is not validated: {UNFIT_REASON}. Its labels cannot be trusted. "
                      "Run it anyway? Every page of its reports will say so."]
     assert window.choice == before and window.settings.model_dirs == remembered
@@ -1117,7 +1117,7 @@ def test_a_confirmed_model_that_is_not_validated_runs_and_every_page_says_so(qtb
     _pick_in_dialog(monkeypatch, unfit_bundle)
     asked: list[str] = []
     _answer_unvalidated(window, QMessageBox.StandardButton.Yes, asked)
-    window.model_action.trigger()
+    window.menus.model_action.trigger()
     assert len(asked) == 1
     assert window.choice.model_dirs == (unfit_bundle,) and window.choice.allow_unvalidated
     assert "NOT VALIDATED" in window.status_area.model_label.text() and UNFIT_REASON in window.status_area.model_label.toolTip()
@@ -1143,7 +1143,7 @@ def test_a_window_started_with_a_model_that_is_not_validated_asks_before_its_fir
     window.error_shown.connect(messages.append)
     answers: list[bool] = [False, True]
     asked: list[list] = []
-    window.confirm_unvalidated = lambda metas: asked.append(metas) or answers.pop(0)
+    window.models.confirm_unvalidated = lambda metas: asked.append(metas) or answers.pop(0)
     window.open_folder(few)  # declined: nothing runs
     assert [m.name for m in asked[0]] == ["test-convnext_atto-2"]
     assert not window.is_running() and window.root is None and window.model.rowCount() == 0

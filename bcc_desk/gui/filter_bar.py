@@ -75,8 +75,11 @@ class FilterBar(QWidget):
         self.slide_filter.blockSignals(False)
         self.proxy.set_slide(None)
 
-    def add_slide(self, slide: str) -> None:
-        self.slide_filter.addItem(slide, slide)
+    def add_slides(self, slides: set[str]) -> None:
+        """List the slides not listed yet (in name order within each batch)."""
+        for slide in sorted(slides):
+            if self.slide_filter.findData(slide) < 0:
+                self.slide_filter.addItem(slide, slide)
 
     def set_filters(
         self,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import partial
 from html import escape
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PySide6.QtCore import QRectF, Qt, QThreadPool, Signal
@@ -34,6 +35,9 @@ from bcc_desk.gui.palette import class_colour, class_name, label_text
 from bcc_desk.gui.thumbnails import pil_to_qimage
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Review
+
+if TYPE_CHECKING:
+    from bcc_desk.gui.table_model import PredictionTableModel
 
 CamSource = Callable[[], tuple]
 """Called on a pool thread: (network, InputSpec, classes) of the model to explain."""
@@ -321,6 +325,19 @@ class ImagePane(QWidget):
             del self._cam_cache[key]
         if self._prediction is not None and self._prediction.path == path:
             self.view.set_image(None)
+
+    def rows_changed(self, model: PredictionTableModel, first: int, last: int) -> None:
+        """Rows `first`..`last` of `model` changed: follow the image shown, if among them (its
+        review, or its flags settled again as its slide grew)."""
+        shown = self.prediction
+        row = model.row_of(shown.path) if shown is not None else None
+        if row is None or not first <= row <= last:
+            return
+        now = model.prediction(row)
+        if now is not shown:
+            self.show_prediction(now, model.review(row))
+        else:
+            self.update_review(model.review(row))
 
     def update_review(self, review: Review | None) -> None:
         p = self._prediction

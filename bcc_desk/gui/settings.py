@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSettings
+from PySide6.QtWidgets import QMainWindow, QSplitter
 
+from bcc_desk.gui.models import ModelChoice
 from bcc_desk.paths import APP_NAME, DEFAULT_MODEL_DIR
 
 MAX_RECENT = 10
@@ -125,6 +127,19 @@ class AppSettings:
     def review_threshold(self, value: float | None) -> None:
         self.q.setValue("model/review_threshold", "" if value is None else float(value))
 
+    def choice(self, model_dirs: list[Path] | None = None) -> ModelChoice:
+        """The remembered model and options (`model_dirs`, given, overrides the folders)."""
+        return ModelChoice(model_dirs=tuple(model_dirs or self.model_dirs), device=self.device, tta=self.tta,
+                           review_threshold=self.review_threshold, slide_consensus=self.slide_consensus)
+
+    def remember_choice(self, choice: ModelChoice) -> None:
+        """All of `choice` but `allow_unvalidated`: a confirmation holds for one session only."""
+        self.model_dirs = list(choice.model_dirs)
+        self.device = choice.device
+        self.tta = choice.tta
+        self.review_threshold = choice.review_threshold
+        self.slide_consensus = choice.slide_consensus
+
     # -- review -------------------------------------------------------------------------------
     @property
     def reviewer(self) -> str:
@@ -156,13 +171,19 @@ class AppSettings:
         self.q.setValue("watch/folder", folder)
 
     # -- window -------------------------------------------------------------------------------
-    def window_state(self) -> tuple[QByteArray | None, QByteArray | None, QByteArray | None]:
-        return self._bytes("window/geometry"), self._bytes("window/state"), self._bytes("window/splitter")
+    def restore_window(self, window: QMainWindow, splitter: QSplitter) -> None:
+        """The window's size, docks and splitter as last closed (a first start: 1400 x 880)."""
+        geometry, state, split = self._bytes("window/geometry"), self._bytes("window/state"), self._bytes("window/splitter")
+        if geometry is None:
+            window.resize(1400, 880)
+        for restore, saved in ((window.restoreGeometry, geometry), (window.restoreState, state), (splitter.restoreState, split)):
+            if saved is not None:
+                restore(saved)
 
-    def save_window_state(self, geometry: QByteArray, state: QByteArray, splitter: QByteArray) -> None:
-        self.q.setValue("window/geometry", geometry)
-        self.q.setValue("window/state", state)
-        self.q.setValue("window/splitter", splitter)
+    def save_window(self, window: QMainWindow, splitter: QSplitter) -> None:
+        self.q.setValue("window/geometry", window.saveGeometry())
+        self.q.setValue("window/state", window.saveState())
+        self.q.setValue("window/splitter", splitter.saveState())
 
     def sync(self) -> None:
         self.q.sync()

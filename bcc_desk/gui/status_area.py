@@ -1,5 +1,6 @@
 """The status bar's permanent widgets: the watch, the counts, a run's progress with its Cancel
-button, the model in use and the device.  What they say comes from the window's handlers."""
+button, the model in use and the device, and the messages a watch's steps leave in the bar.
+What they say comes from the window and the Desk's signals."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class StatusArea:
     """Labels, progress and Cancel, added to `bar` in the order a reader scans them."""
 
     def __init__(self, bar: QStatusBar, cancel: Callable[[], None]) -> None:
+        self.bar = bar
         self.counts_label = QLabel("")
         self.progress = QProgressBar()
         self.progress.setMaximumWidth(220)
@@ -71,3 +73,38 @@ class StatusArea:
 
     def watch_tooltip(self, root: Path, report: Path, ledger: Path) -> str:
         return f"Folder: {root}\nReport: {report}\nLedger: {ledger}"
+
+    # A run's and a watch's steps (the Desk's signals)
+    def run_starting(self, root: Path) -> None:
+        self.show_progress(0, 0)  # busy until the images are counted
+        self.bar.showMessage(f"Loading the model and looking for images in {root}\u2026")
+
+    def prepared(self, total: int, device: str, preparing: str) -> None:
+        self.show_progress(0, total)
+        self.show_device(device)
+        note = f"; {preparing} first" if preparing else ""
+        self.bar.showMessage(f"Classifying {total} images on {device}{note}\u2026")
+
+    def run_finished(self, completed: bool, done: int, total: int, seconds: float) -> None:
+        if completed:
+            self.bar.showMessage(f"Classified {done} images in {seconds:.0f} s.", 15000)
+        elif done:
+            self.bar.showMessage(f"Stopped after {done} of {total} images.", 15000)
+
+    def watch_starting(self, root: Path, report: Path, ledger: Path) -> None:
+        self.show_watch("Watching: starting\u2026", self.watch_tooltip(root, report, ledger))
+        self.bar.showMessage(f"Loading the model to watch {root}\u2026")
+
+    def watch_started(self, root: Path, device: str, report: Path) -> None:
+        self.show_watch("\u25c9 Watching")
+        self.bar.showMessage(f"Watching {root} on {device}: new images are classified as they arrive; report {report}", 15000)
+
+    def watch_stopping(self) -> None:
+        self.show_watch("Watching: stopping\u2026")
+        self.bar.showMessage("Stopping the watch (the images in hand, then the report)\u2026")
+
+    def watch_ended(self, root: Path, current: bool) -> None:
+        if current:
+            self.show_watch(None)
+            if not self.bar.currentMessage().startswith("The watch stopped"):
+                self.bar.showMessage(f"Stopped watching {root}.", 15000)
