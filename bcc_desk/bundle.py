@@ -295,7 +295,7 @@ def record_thresholds(
     colour: float | None = None,
 ) -> BundleMeta:
     """Set the review thresholds and/or the out-of-distribution and colour ones (and the temperature) of the bundle at
-    `folder` (the trainer settles them on the application's own predictions), record how they were
+    `folder` (the trainer chooses them on the application's own predictions), record how they were
     chosen and drop the `forget` metrics they made stale; the weights are untouched."""
     folder = Path(folder)
     meta = read_meta(folder)

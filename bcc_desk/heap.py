@@ -19,7 +19,7 @@ def keep_freed_memory() -> bool:
 
     glibc tunes these two thresholds itself, but only up to the largest block freed so far: a
     fresh process running a compiled network took 5,000-10,000 page faults per batch and ran ~7%
-    slower than a warmed-up one (bench/RESULTS.md).  These are the values its own tuning settles
+    slower than a warmed-up one (bench/RESULTS.md).  These are the values its own tuning reaches
     on at most (mmap threshold at its 32 MB ceiling, trim threshold twice that).  A no-op
     (False) off glibc."""
     if not sys.platform.startswith("linux"):

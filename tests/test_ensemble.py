@@ -78,7 +78,7 @@ def test_the_ensemble_is_one_bundle_that_averages_its_members_and_flags_by_its_o
     assert meta.temperature != 1.0 and "val_ece_after" in meta.metrics
     assert meta.review_threshold == meta.metrics["review_threshold_by_precision"]["fp32"]
     assert meta.ood is not None and "ood_dev_flagged" in meta.metrics and meta.metrics["val_flagged_ood"] <= 0.05
-    # The colour check profiled again for the pack, its cut-off settled under every shift.
+    # The colour check profiled again for the pack, its cut-off chosen under every shift.
     assert meta.colour is not None and "shift" in meta.metrics
 
     shown = runner.invoke(bcc_cli.app, ["info", str(out)], env={"COLUMNS": "200"}).output

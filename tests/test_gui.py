@@ -806,7 +806,7 @@ def test_qt_calls_cannot_free_none() -> None:
         assert min(sys.getrefcount(x) for x in (None, True, False)) > 2**39
 
 
-def test_the_image_pane_follows_a_flag_settled_again_as_the_slide_grows(qtbot, done: MainWindow) -> None:
+def test_the_image_pane_follows_a_flag_judged_again_as_the_slide_grows(qtbot, done: MainWindow) -> None:
     """The selected field's pane says why it is flagged as its slide now stands: when more fields
     of another label join the slide (a camera still exporting), the field disagrees with it."""
     window = done

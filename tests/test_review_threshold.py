@@ -1,4 +1,4 @@
-"""The review threshold is settled on every numerics a lab may run, the strictest kept."""
+"""The review threshold is chosen on every numerics a lab may run, the strictest kept."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from bcc_desk.bundle import load_bundle, read_meta
 from bcc_desk.prediction import Prediction
-from trainer.review_threshold import ood_predictions, settle_thresholds
+from trainer.review_threshold import choose_thresholds, ood_predictions
 
 from bundles import make_bundle
 from conftest import OOD_DEV
@@ -33,7 +33,7 @@ def test_the_stricter_numerics_sets_the_threshold_and_the_weights_stay(tmp_path:
     conf = [0.90 + 0.00045 * i for i in range(200)]  # 0.90 .. 0.98955
     fp32 = [_prediction("Pro-B" if i < 3 else "Benign", c) for i, c in enumerate(conf)]
     int8 = [_prediction("Pro-B" if i < 3 else "Benign", 0.92 if i == 2 else c) for i, c in enumerate(conf)]
-    threshold = settle_thresholds(bundle, truth, {"fp32": fp32, "int8": int8})
+    threshold = choose_thresholds(bundle, truth, {"fp32": fp32, "int8": int8})
     meta = read_meta(bundle)
     chosen = meta.metrics["review_threshold_by_precision"]
     assert chosen["fp32"] < 0.905 and chosen["int8"] > 0.92 and threshold == meta.review_threshold == chosen["int8"]
@@ -47,7 +47,7 @@ def test_the_stricter_numerics_sets_the_threshold_and_the_weights_stay(tmp_path:
 def test_predictions_that_do_not_match_the_images_are_refused(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "b")
     with pytest.raises(ValueError, match="3 fp32 predictions for 2 validation images"):
-        settle_thresholds(bundle, ["Benign", "Pro-B"], {"fp32": [_prediction("Benign", 0.9)] * 3})
+        choose_thresholds(bundle, ["Benign", "Pro-B"], {"fp32": [_prediction("Benign", 0.9)] * 3})
 
 
 def test_the_unfamiliar_check_flags_at_most_5_percent_of_validation_in_every_numerics(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_the_unfamiliar_check_flags_at_most_5_percent_of_validation_in_every_num
     int8 = [_prediction("Benign", 0.99, 1.02 if i in (93, 94) else r) for i, r in enumerate(ratios)]
     foreign = {"fp32": [_prediction("Benign", 0.5, r) for r in (1.01, 3.0, 4.0, 5.0)],
                "int8": [_prediction("Benign", 0.5, r) for r in (1.01, 3.0, 4.0, 5.0)]}
-    settle_thresholds(bundle, ["Benign"] * 100, {"fp32": fp32, "int8": int8}, foreign)
+    choose_thresholds(bundle, ["Benign"] * 100, {"fp32": fp32, "int8": int8}, foreign)
     meta = read_meta(bundle)
     assert meta.ood is not None and 10.2 <= meta.ood.threshold < 12.0
     for preds in (fp32, int8):
@@ -74,10 +74,10 @@ def test_the_unfamiliar_check_flags_at_most_5_percent_of_validation_in_every_num
     # Settled again with nothing foreign to measure: fit's choice is never lowered, and no stale
     # catch rate is left behind when the threshold had to rise.
     again = shutil.copytree(make_bundle(tmp_path / "src2", ood_threshold=10.0), tmp_path / "c")
-    settle_thresholds(again, ["Benign"] * 100, {"int8": int8})
+    choose_thresholds(again, ["Benign"] * 100, {"int8": int8})
     assert read_meta(again).ood.threshold > 10.0 and "ood_dev_flagged" not in read_meta(again).metrics
     low = shutil.copytree(make_bundle(tmp_path / "src3", ood_threshold=20.0), tmp_path / "d")
-    settle_thresholds(low, ["Benign"] * 100, {"fp32": [_prediction("Benign", 0.99, r / 2) for r in ratios]})
+    choose_thresholds(low, ["Benign"] * 100, {"fp32": [_prediction("Benign", 0.99, r / 2) for r in ratios]})
     assert read_meta(low).ood.threshold == 20.0
 
 
@@ -112,27 +112,27 @@ def test_app_predictions_of_an_ensemble_with_tta_average_what_its_members_say(tm
     assert any(abs(p.confidence - q.confidence) > 1e-6 for p, q in zip(plain, alone[0]))  # the views count
 
 
-def test_settling_with_the_groups_records_how_often_the_promise_falls_short_on_held_out_halves(tmp_path: Path) -> None:
+def test_choosing_with_the_groups_records_how_often_the_promise_falls_short_on_held_out_halves(tmp_path: Path) -> None:
     """Always right: never short.  Right as often as it says, with errors up to the top: often short."""
     truth = ["Benign"] * 400
     groups = [i // 4 for i in range(400)]
     conf = [0.5 + 0.5 * (i + 1) / 400 for i in range(400)]
     right = make_bundle(tmp_path / "right")
-    settle_thresholds(right, truth, {"fp32": [_prediction("Benign", c) for c in conf]}, groups=groups)
+    choose_thresholds(right, truth, {"fp32": [_prediction("Benign", c) for c in conf]}, groups=groups)
     assert read_meta(right).metrics["val_review_short_on_halves"] == {"fp32": 0.0}
     wrong_at_the_top = [_prediction("Pro-B" if i % 50 == 49 else "Benign", c) for i, c in enumerate(conf)]
     shaky = make_bundle(tmp_path / "shaky")
-    settle_thresholds(shaky, truth, {"fp32": wrong_at_the_top, "int8": wrong_at_the_top}, groups=groups)
+    choose_thresholds(shaky, truth, {"fp32": wrong_at_the_top, "int8": wrong_at_the_top}, groups=groups)
     short = read_meta(shaky).metrics["val_review_short_on_halves"]
     assert set(short) == {"fp32", "int8"} and short["fp32"] == short["int8"] > 0.2
     plain = make_bundle(tmp_path / "plain")
-    settle_thresholds(plain, truth, {"fp32": wrong_at_the_top})
+    choose_thresholds(plain, truth, {"fp32": wrong_at_the_top})
     assert "val_review_short_on_halves" not in read_meta(plain).metrics  # without groups: not measured
-    settle_thresholds(plain, truth, {"fp32": wrong_at_the_top}, groups=[0] * 400)
+    choose_thresholds(plain, truth, {"fp32": wrong_at_the_top}, groups=[0] * 400)
     assert "val_review_short_on_halves" not in read_meta(plain).metrics  # one group: nothing to hold out
 
 
-def test_settling_names_the_slide_whose_confident_errors_decide_the_shortfall(tmp_path: Path, caplog) -> None:
+def test_choosing_names_the_slide_whose_confident_errors_decide_the_shortfall(tmp_path: Path, caplog) -> None:
     """Errors cluster in a slide (a benign slide that looks leukaemic): the data person is told
     which group of validation images decides how often the promise falls short, by file name."""
     groups = [i // 10 for i in range(400)]
@@ -141,7 +141,7 @@ def test_settling_names_the_slide_whose_confident_errors_decide_the_shortfall(tm
                            file=f"Benign/WBC-Benign-{i:03d}.jpg") for i in range(400)]
     bundle = make_bundle(tmp_path / "b")
     with caplog.at_level("INFO", logger="bcc-train"):
-        settle_thresholds(bundle, ["Benign"] * 400, {"fp32": predictions}, groups=groups)
+        choose_thresholds(bundle, ["Benign"] * 400, {"fp32": predictions}, groups=groups)
     assert read_meta(bundle).metrics["val_review_deciding_groups"] == {"fp32": [[12, 1.0, 0.0]]}
     assert "Benign/WBC-Benign-120.jpg … Benign/WBC-Benign-129.jpg (10 images) is short on 100%" in caplog.text
 
@@ -157,7 +157,7 @@ def test_with_the_slides_an_image_agreeing_with_its_slide_gets_its_own_cut_off(t
     conf = [0.55 + 0.44 * i / 400 for i in range(400)]
     predictions = [_prediction("Pro-B" if i in odd else "Benign", 0.99 if i in odd else c) for i, c in enumerate(conf)]
     bundle = make_bundle(tmp_path / "b")
-    settle_thresholds(bundle, ["Benign"] * 400, {"fp32": predictions}, groups=groups)
+    choose_thresholds(bundle, ["Benign"] * 400, {"fp32": predictions}, groups=groups)
     meta = read_meta(bundle)
     assert meta.slide_review_threshold == 0.5 < meta.review_threshold
     assert meta.metrics["val_disagreeing_with_slide"] == 4 / 400
@@ -166,11 +166,11 @@ def test_with_the_slides_an_image_agreeing_with_its_slide_gets_its_own_cut_off(t
 
     misread = [replace(p, label="Pro-B") if groups[i] == 5 else p for i, p in enumerate(predictions)]
     whole = make_bundle(tmp_path / "whole")
-    settle_thresholds(whole, ["Benign"] * 400, {"fp32": misread}, groups=groups)
+    choose_thresholds(whole, ["Benign"] * 400, {"fp32": misread}, groups=groups)
     cut = read_meta(whole).slide_review_threshold
     kept = [i for i in range(400) if i not in odd and conf[i] >= cut]
     wrong = [i for i in kept if groups[i] == 5]
     assert cut > 0.6 and (len(wrong) + 1) / (len(kept) + 1) <= 0.01  # the promise, one error assumed
     plain = make_bundle(tmp_path / "plain")  # without slides: one cut-off for every image
-    settle_thresholds(plain, ["Benign"] * 400, {"fp32": predictions})
+    choose_thresholds(plain, ["Benign"] * 400, {"fp32": predictions})
     assert read_meta(plain).slide_review_threshold == read_meta(plain).review_threshold

@@ -40,7 +40,7 @@ def _pred(slide: str, name: str, label: str, confidence: float, reason: str = ""
 
 
 def test_flags_follow_the_slide_as_it_fills_up_and_keep_the_other_reasons() -> None:
-    """A daemon's slide grows image by image: the flags are settled again each time, so a flag
+    """A daemon's slide grows image by image: the flags are judged again each time, so a flag
     comes and goes with the slide; low confidence is judged by the slide cut-off once the image
     has company, by the model's own cut-off while it is alone; unfamiliar stays."""
     alone, in_slide = 0.9, 0.5
@@ -132,7 +132,7 @@ def test_bcc_classify_flags_the_field_that_disagrees_with_its_slide(mixed_slide:
     assert run["slide consensus"].startswith("off")
 
 
-def test_the_review_session_settles_a_slide_again_as_it_grows() -> None:
+def test_the_review_session_judges_a_slide_again_as_it_grows() -> None:
     """The desktop app's table (watching a folder, or a batch arriving) shows the flags as the
     slide stands: a field that later turns out to disagree is flagged and its row is redrawn; a
     field that agrees with its slide is held to the slide cut-off; the slide counts follow."""

@@ -89,7 +89,7 @@ def _val_predictions(run: Path, data: Path, precision: str = "fp32") -> tuple[li
 
 def test_the_review_promise_is_kept_on_the_applications_own_predictions(tiny_run: Path, small_data: Path) -> None:
     """What the bundle says it flags on validation is what `bcc classify` flags there: the
-    threshold is settled on the application's reader, not on the trainer's own pass."""
+    threshold is chosen on the application's reader, not on the trainer's own pass."""
     meta = load_bundle(tiny_run / "bundle").meta
     preds, truth = _val_predictions(tiny_run, small_data)
     flagged = [p.confidence < meta.review_threshold for p in preds]
@@ -409,7 +409,7 @@ def test_an_interrupted_run_says_how_to_resume_and_then_repeats_an_uninterrupted
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_fit_profiles_the_training_colours_and_settles_the_check_under_every_shift(tiny_run: Path) -> None:
+def test_fit_profiles_the_training_colours_and_chooses_the_checks_cut_off_under_every_shift(tiny_run: Path) -> None:
     from trainer.colour_check import MAX_FLAGGED
     from trainer.shifts import SHIFTS
 

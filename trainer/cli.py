@@ -304,7 +304,7 @@ def int8(
     images: Annotated[int, typer.Option(min=8, help="Validation images stored for calibration.")] = 64,
     seed: int = 0,
     ood_dir: Annotated[
-        Optional[Path], typer.Option("--ood-dir", help="Images from another lab: measure the settled out-of-distribution check.")
+        Optional[Path], typer.Option("--ood-dir", help="Images from another lab: measure the chosen out-of-distribution check.")
     ] = None,
 ) -> None:
     """Add static int8 (about 2x bf16 on x86 CPUs) to BUNDLE, checked against fp32 on validation;
@@ -405,7 +405,7 @@ def ensemble(
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the ensemble's bundle.", show_default=False)],
     name: Annotated[Optional[str], typer.Option(help="The model's name (default: the members' joined by '+').")] = None,
     ood_dir: Annotated[
-        Optional[Path], typer.Option("--ood-dir", help="Images from another lab: measure the settled out-of-distribution check.")
+        Optional[Path], typer.Option("--ood-dir", help="Images from another lab: measure the chosen out-of-distribution check.")
     ] = None,
     int8: Annotated[bool, typer.Option(help="Add static int8 (x86 CPUs), checked against fp32 on validation.")] = True,
 ) -> None:

@@ -126,7 +126,7 @@ def choose_colour_threshold(
     return t, broken(t)
 
 
-def settle_colour_check(
+def choose_colour_cutoff(
     bundle_dir: Path, paths: Sequence[Path], root: Path, truth: Sequence[str], precision: str = "fp32", workers: int = 2,
 ) -> dict[str, dict[str, float | int]]:
     """Classify validation under every shift, choose the colour check's cut-off
@@ -134,7 +134,7 @@ def settle_colour_check(
     bundle, and return the table."""
     meta = read_meta(bundle_dir)
     if meta.colour is None:
-        raise ValueError(f"{bundle_dir} has no colour profile to settle")
+        raise ValueError(f"{bundle_dir} has no colour profile to choose a cut-off for")
     by_shift = shifted_predictions(bundle_dir, paths, root, precision=precision, workers=workers)
     before = meta.colour.threshold
     distances = {k: np.array([p.colour_score for p in v], dtype=np.float64) * before for k, v in by_shift.items()}
@@ -169,7 +169,7 @@ def _with_colour(p: Prediction, ratio: float) -> Prediction:
 
 def add_colour_check(bundle_dir: Path, data: Path, split_csv: Path, workers: int = 2) -> dict[str, dict[str, float | int]]:
     """`bcc-train colour-check`: profile the colours of the training images of `split_csv` (the
-    bundle's own split), settle the cut-off on its validation images under every shift, in the
+    bundle's own split), choose the cut-off on its validation images under every shift, in the
     numerics the application runs here; returns the shift table."""
     from bcc_desk.classifier import int8_checked
     from bcc_desk.quantize import int8_unavailable_reason
@@ -194,5 +194,5 @@ def add_colour_check(bundle_dir: Path, data: Path, split_csv: Path, workers: int
     record_colour_profile(bundle_dir, fit_colour_check(train.images, train.labels, val.images, len(meta.classes)))
     bundle = load_bundle(bundle_dir, build=False)
     int8 = int8_checked(bundle) and int8_unavailable_reason(torch.device("cpu")) is None
-    return settle_colour_check(bundle_dir, [data / p for p in split.paths("val")], data, validation_truth(split, meta),
+    return choose_colour_cutoff(bundle_dir, [data / p for p in split.paths("val")], data, validation_truth(split, meta),
                                precision="int8" if int8 else "fp32", workers=workers)

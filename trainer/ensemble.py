@@ -5,7 +5,7 @@ is sure of fewer wrong answers than any one of them (Lakshminarayanan et al. 201
 review rule's promise rests on.  `bcc classify -m A -m B` runs bundles as an ensemble too, but
 flags with the strictest of their own thresholds, each chosen for one network alone.  Packed into
 one bundle the ensemble gets its own temperature and its own review and out-of-distribution
-thresholds, chosen on validation the way `fit` chooses a single network's and then settled on the
+thresholds, chosen on validation the way `fit` chooses a single network's and then chosen on the
 application's numerics, and it runs wherever a bundle does: one name, one sha256, int8.
 """
 
@@ -30,7 +30,7 @@ from bcc_desk.bundle import (
     save_bundle,
 )
 from trainer.colour_check import add_colour_check
-from trainer.int8 import settle_for_app
+from trainer.int8 import finish_for_app
 from trainer.metrics import (
     choose_ood_threshold,
     choose_review_threshold,
@@ -50,7 +50,7 @@ def build_ensemble(
     ood_dir: Path | None = None, int8: bool = True, workers: int = 2,
 ) -> Path:
     """Pack the bundles `members` (one architecture, head, input and class list, all trained on
-    the split `split_csv` of `data`) into a new bundle in `out`, calibrate it and settle its
+    the split `split_csv` of `data`) into a new bundle in `out`, calibrate it and choose its
     thresholds on the split's validation images.  Returns `out`.  A problem is a one-line
     ValueError (or BundleError) before anything is written."""
     out, data = Path(out), Path(data)
@@ -93,8 +93,8 @@ def build_ensemble(
     del model, state, bundles
     try:
         _calibrate(out, data, split, workers)
-        settle_for_app(out, data, Path(split_csv), split, workers=workers, ood_dir=ood_dir, int8=int8)
-        if colour:  # profiled again at the ensemble's input size, its cut-off settled for the ensemble
+        finish_for_app(out, data, Path(split_csv), split, workers=workers, ood_dir=ood_dir, int8=int8)
+        if colour:  # profiled again at the ensemble's input size, its cut-off chosen for the ensemble
             add_colour_check(out, data, Path(split_csv), workers=workers)
         judge_bundle(out, split)
     except BaseException:
@@ -108,7 +108,7 @@ def build_ensemble(
 
 def _check_members(bundles: Sequence[Bundle], split: Split, split_csv: Path) -> None:
     """Refuse members that cannot be averaged, or whose training saw the validation images that
-    will settle the ensemble."""
+    will tune the ensemble."""
     ref = bundles[0]
     seen: dict[str, Path] = {}
     for b in bundles:
@@ -129,7 +129,7 @@ def _check_members(bundles: Sequence[Bundle], split: Split, split_csv: Path) -> 
                 raise ValueError(f"{b.path} and {ref.path} differ in their {what}: {mine} against {theirs}")
         if b.meta.provenance.get("split_sha256") != split.sha256():
             raise ValueError(f"{b.path} was not trained on the split {split_csv}: its validation images, which "
-                             "settle the ensemble, may have been its training images")
+                             "tune the ensemble, may have been its training images")
 
 
 def _summary(meta: BundleMeta) -> dict[str, object]:
@@ -141,7 +141,7 @@ def _summary(meta: BundleMeta) -> dict[str, object]:
 def _calibrate(bundle_dir: Path, data: Path, split: Split, workers: int) -> None:
     """One fp32 pass of the ensemble over validation: its temperature (its outputs are
     log-probabilities, and an average of calibrated members is usually under-confident), then the
-    review and out-of-distribution thresholds `fit` would choose, which the settling refines."""
+    review and out-of-distribution thresholds `fit` would choose, which the finishing steps refine."""
     meta = read_meta(bundle_dir)
     predictions = app_predictions(bundle_dir, [data / p for p in split.paths("val")], data, "fp32", workers)
     labels = meta.labels

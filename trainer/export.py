@@ -66,7 +66,7 @@ def export_bundle(
         "val_flagged_ood": float((torch.as_tensor(val_scores) > ood_threshold).float().mean()),
     }
     # ood_dev_flagged (with --ood-dir) is measured after export, in the application's own numerics
-    # (`trainer/review_threshold.py`), once the threshold is settled on them.
+    # (`trainer/review_threshold.py`), once the threshold is chosen on them.
     meta.metrics = metrics
     meta.provenance = {
         "data_fingerprint": data_fingerprint(cfg.data),

@@ -196,19 +196,19 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         model.load_state_dict(load_file(str(best)))
     bundle = export_bundle(cfg, meta, model, train, val, split, device, dtype, channels_last, parent)
     seconds["calibration and export"], step = time.perf_counter() - step, time.perf_counter()
-    # The review threshold is settled on the application's own predictions (both numerics
+    # The review threshold is chosen on the application's own predictions (both numerics
     # when int8 is added): see trainer/review_threshold.py.
-    from trainer.int8 import settle_for_app
+    from trainer.int8 import finish_for_app
 
-    with_int8 = settle_for_app(bundle, cfg.data, out / "split.csv", split, workers=min(cfg.workers, 4),
+    with_int8 = finish_for_app(bundle, cfg.data, out / "split.csv", split, workers=min(cfg.workers, 4),
                                ood_dir=cfg.ood_dir, int8=cfg.int8)
     seconds["int8 and thresholds" if cfg.int8 else "thresholds"], step = time.perf_counter() - step, time.perf_counter()
     # The colour check's cut-off: on validation under every shift of trainer/shifts.py, in the
     # numerics the application will run.
-    from trainer.colour_check import settle_colour_check
+    from trainer.colour_check import choose_colour_cutoff
     from trainer.review_threshold import validation_truth
 
-    settle_colour_check(bundle, [cfg.data / p for p in split.paths("val")], cfg.data, validation_truth(split, meta),
+    choose_colour_cutoff(bundle, [cfg.data / p for p in split.paths("val")], cfg.data, validation_truth(split, meta),
                         precision="int8" if with_int8 else "fp32", workers=min(cfg.workers, 4))
     seconds["colour check"] = time.perf_counter() - step
     from bcc_desk.bundle import record_thresholds

@@ -16,7 +16,7 @@ from bcc_desk.bundle import clear_int8_calibration, read_meta, save_int8_calibra
 from bcc_desk.classifier import Prediction
 from bcc_desk.images import open_image
 from bcc_desk.preprocess import make_transform
-from trainer.review_threshold import app_predictions, ood_predictions, settle_thresholds, validation_truth
+from trainer.review_threshold import app_predictions, choose_thresholds, ood_predictions, validation_truth
 from trainer.split import Split
 
 log = logging.getLogger("bcc-train")
@@ -27,7 +27,7 @@ MIN_LABEL_AGREEMENT = 0.98
 MIN_OOD_AGREEMENT = 0.98
 SPARE_IMAGES = 1
 """However small validation is, this many images may differ: on a lab's 40 images one image at
-a boundary is 2.5%, and refused int8 over it (#37).  The review and OOD thresholds are settled
+a boundary is 2.5%, and refused int8 over it (#37).  The review and OOD thresholds are chosen
 on both numerics, so the promise holds for int8 either way."""
 
 
@@ -39,9 +39,9 @@ def add_int8(
     bundle_dir: Path, data: Path, split_csv: Path, images: int = CALIBRATION_IMAGES, seed: int = 0, workers: int = 2,
     ood_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Store calibration images in the bundle, check int8 on the validation split and settle the
+    """Store calibration images in the bundle, check int8 on the validation split and choose the
     review and out-of-distribution thresholds on both numerics (`review_threshold`; `ood_dir`:
-    foreign images to measure the settled check on); return the check (also recorded in
+    foreign images to measure the chosen check on); return the check (also recorded in
     bundle.json).  Raises Int8CheckFailed, BundleError, ValueError."""
     bundle_dir, data = Path(bundle_dir), Path(data)
     split = Split.load(Path(split_csv), data)
@@ -81,7 +81,7 @@ def add_int8(
         )
     save_int8_calibration(bundle_dir, calibration, check)
     # Labs on x86 CPUs now get int8: the review promise must hold for its numerics too.
-    settle_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": reference, "int8": quantized},
+    choose_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": reference, "int8": quantized},
                       ood_predictions(bundle_dir, ood_dir, ("fp32", "int8"), workers), split.groups("val"))
     return check
 
@@ -112,7 +112,7 @@ def _unfamiliar(p: Prediction) -> bool:
     return p.ood_score is not None and p.ood_score > 1.0
 
 
-def settle_for_app(
+def finish_for_app(
     bundle_dir: Path, data: Path, split_csv: Path, split: Split, workers: int = 2, ood_dir: Path | None = None,
     int8: bool = True,
 ) -> bool:
@@ -121,7 +121,7 @@ def settle_for_app(
     good), else on fp32 alone.  Returns whether int8 was added."""
     from bcc_desk.bundle import BundleError
     from bcc_desk.quantize import int8_unavailable_reason
-    from trainer.review_threshold import settle_on_fp32
+    from trainer.review_threshold import choose_thresholds_on_fp32
 
     if int8:
         if reason := int8_unavailable_reason(torch.device("cpu")):
@@ -134,5 +134,5 @@ def settle_for_app(
             else:
                 log.info("int8 added: %.1f%% of validation labels as fp32", 100 * check["label_agreement"])
                 return True
-    settle_on_fp32(bundle_dir, data, split, workers=workers, ood_dir=ood_dir)
+    choose_thresholds_on_fp32(bundle_dir, data, split, workers=workers, ood_dir=ood_dir)
     return False

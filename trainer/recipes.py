@@ -34,7 +34,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     # Fine-tuning a bundle (`--init-bundle`) on a lab's reviewed images added to its data: a short
     # schedule at a tenth of the learning rate, so the model adapts without forgetting; no EMA
-    # (too few steps for it to settle).  The network and head come from the parent, and its input
+    # (too few steps for it to converge).  The network and head come from the parent, and its input
     # size unless `--image-size` gives another (a resolution step, run 9 in recipe.md).
     "finetune": {
         "epochs": 5, "batch_size": 32, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05,

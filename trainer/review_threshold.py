@@ -1,4 +1,4 @@
-"""The review and out-of-distribution thresholds, settled on the numerics a lab runs.
+"""The review and out-of-distribution thresholds, chosen on the numerics a lab runs.
 
 `fit` first chooses the threshold on its own validation pass (the training reader, fp32 or bf16).
 The application decodes images with its own reader and, on x86 CPUs, runs static int8: small
@@ -7,7 +7,7 @@ the images it does not flag are at least 99% right") then held for the trainer's
 for what `bcc classify` gives (98.9% for the default model).  So once the bundle is written the
 threshold is chosen again from the application's own predictions on validation, once per
 precision the bundle ships for (fp32; int8 when it carries a checked calibration), and the
-strictest of them is kept.  The out-of-distribution threshold is settled the same way: `fit`
+strictest of them is kept.  The out-of-distribution threshold is chosen the same way: `fit`
 chose it to flag 5% of its own validation pass, and int8 moved one image of the shipped v4 model
 across it (5.1% flagged in `bcc classify`), so it is raised where any numerics would flag more.
 """
@@ -53,18 +53,18 @@ def app_predictions(bundle_dir: Path | Sequence[Path], paths: list[Path], root: 
     return [p for p in predictions if p.ok]
 
 
-def settle_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2, ood_dir: Path | None = None) -> float:
-    """`settle_thresholds` for a bundle without int8: on fp32 predictions alone."""
+def choose_thresholds_on_fp32(bundle_dir: Path, data: Path, split: Split, workers: int = 2, ood_dir: Path | None = None) -> float:
+    """`choose_thresholds` for a bundle without int8: on fp32 predictions alone."""
     meta = read_meta(bundle_dir)
     predictions = app_predictions(bundle_dir, [Path(data) / p for p in split.paths("val")], Path(data), "fp32", workers)
-    return settle_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": predictions},
+    return choose_thresholds(bundle_dir, validation_truth(split, meta), {"fp32": predictions},
                              ood_predictions(bundle_dir, ood_dir, ("fp32",), workers), split.groups("val"))
 
 
 def ood_predictions(bundle_dir: Path, ood_dir: Path | None, precisions: Sequence[str], workers: int = 2
                     ) -> dict[str, list[Prediction]]:
     """The application's predictions on the foreign images of `ood_dir` (none without one), per
-    precision: how many the settled out-of-distribution check still catches.  An unreadable one is
+    precision: how many the chosen out-of-distribution check still catches.  An unreadable one is
     left out: it must not cost the bundle its thresholds or its int8."""
     if ood_dir is None or read_meta(bundle_dir).ood is None:
         return {}
@@ -86,20 +86,20 @@ def validation_truth(split: Split, meta: BundleMeta) -> list[str]:
     return truth
 
 
-def settle_thresholds(
+def choose_thresholds(
     bundle_dir: Path, truth: Sequence[str], by_precision: Mapping[str, Sequence[Prediction]],
     ood_dev: Mapping[str, Sequence[Prediction]] | None = None, groups: Sequence[int] | None = None,
 ) -> float:
     """Write into the bundle the strictest review threshold chosen (`choose_review_threshold`)
     on each precision's validation predictions; record each choice and the share flagged; and
-    settle the out-of-distribution threshold on the same predictions (`settle_ood_threshold`).
+    choose the out-of-distribution threshold on the same predictions (`raise_ood_threshold`).
     With the images' `groups` (the split's, standing in for slides), also choose the cut-off for
     an image that agrees with its slide (`BundleMeta.slide_review_threshold`) and record how often
     each rule's promise falls short on held-out halves of validation (`review_rule_on_halves`),
     for the data person to judge how far it will hold.  Returns the review threshold now in the
     bundle (for an image alone)."""
     if not by_precision:
-        raise ValueError("no validation predictions to settle the review threshold on")
+        raise ValueError("no validation predictions to choose the review threshold on")
     chosen: dict[str, float] = {}
     scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for precision, predictions in by_precision.items():
@@ -116,7 +116,7 @@ def settle_thresholds(
 
     meta = read_meta(bundle_dir)
     before, ood_before = meta.review_threshold, meta.ood.threshold if meta.ood else None
-    ood_after = settle_ood_threshold(bundle_dir, by_precision, ood_dev or {})
+    ood_after = raise_ood_threshold(bundle_dir, by_precision, ood_dev or {})
     metrics: dict[str, object] = {
         "review_threshold_by_precision": chosen,  # what each numerics alone would have chosen
         "val_flagged_low_confidence": max(flagged.values()),
@@ -163,7 +163,7 @@ def settle_thresholds(
     return threshold
 
 
-def settle_ood_threshold(
+def raise_ood_threshold(
     bundle_dir: Path, by_precision: Mapping[str, Sequence[Prediction]], ood_dev: Mapping[str, Sequence[Prediction]]
 ) -> float | None:
     """Raise the bundle's out-of-distribution threshold where the application's validation
@@ -193,7 +193,7 @@ def settle_ood_threshold(
 
 
 def _unfamiliar(predictions: Sequence[Prediction], scored_at: float | None, threshold: float | None) -> np.ndarray:
-    """Which predictions the settled out-of-distribution check flags (none without a check)."""
+    """Which predictions the chosen out-of-distribution check flags (none without a check)."""
     if scored_at is None or threshold is None:
         return np.zeros(len(predictions), bool)
     return _ood_distances(predictions, scored_at) > threshold

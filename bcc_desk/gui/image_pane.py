@@ -328,7 +328,7 @@ class ImagePane(QWidget):
 
     def rows_changed(self, model: PredictionTableModel, first: int, last: int) -> None:
         """Rows `first`..`last` of `model` changed: follow the image shown, if among them (its
-        review, or its flags settled again as its slide grew)."""
+        review, or its flags judged again as its slide grew)."""
         shown = self.prediction
         row = model.row_of(shown.path) if shown is not None else None
         if row is None or not first <= row <= last:
