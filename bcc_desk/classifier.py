@@ -160,20 +160,11 @@ class Classifier:
         self.tta = tta
         self.workers = max(1, workers)
         self.classes = members[0].labels  # the names a user reads (bundle.labels), in output order
-        self.review_threshold = (
-            review_threshold
-            if review_threshold is not None
-            else max(b.meta.review_threshold for b in members)
-        )
-        self.slide_consensus = slide_consensus
         # An image that agrees with its slide has its own cut-off (the slide's consensus flags the
         # others); a threshold given by the user holds for every image.
-        self.slide_review_threshold = (
-            review_threshold
-            if review_threshold is not None
-            else max(b.meta.review_threshold if b.meta.slide_review_threshold is None else b.meta.slide_review_threshold
-                     for b in members)
-        )
+        cut_offs = ReviewPolicy.of_bundles([b.meta for b in members], review_threshold)
+        self.review_threshold, self.slide_review_threshold = cut_offs.alone, cut_offs.in_slide
+        self.slide_consensus = slide_consensus
         self.bundles = members
         self.name = "+".join(b.name for b in members)
         self.sha256 = "+".join(b.sha256 for b in members)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bcc_desk.bundle_meta import BundleMeta
 from bcc_desk.prediction import Prediction
 from bcc_desk.slides import with_slide_consensus
 
@@ -25,6 +26,15 @@ class ReviewPolicy:
 
     alone: float
     in_slide: float | None = None
+
+    @classmethod
+    def of_bundles(cls, metas: Sequence[BundleMeta], threshold: float | None = None, consensus: bool = True) -> ReviewPolicy:
+        """The bundles' own cut-offs (an ensemble's members: the strictest of each), or the user's
+        `threshold` for every image; `consensus` off judges every image alone."""
+        if threshold is not None:
+            return cls(threshold, threshold if consensus else None)
+        in_slide = max(m.review_threshold if m.slide_review_threshold is None else m.slide_review_threshold for m in metas)
+        return cls(max(m.review_threshold for m in metas), in_slide if consensus else None)
 
     @property
     def consensus(self) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bcc_desk.bundle import read_meta
-from bcc_desk.slides import with_slide_consensus
+from bcc_desk.review_policy import ReviewPolicy
 from trainer.colour_check import shift_row, shifted_predictions
 from trainer.review_threshold import validation_truth
 from trainer.shifts import SHIFTS
@@ -45,10 +45,9 @@ def main() -> None:
     # The split's groups stand in for slides (the class folders must not: their consensus would
     # know the answer), as `bcc-train evaluate` does.
     slides = [f"group {g}" for g in split.groups("val")]
-    in_slide = meta.review_threshold if meta.slide_review_threshold is None else meta.slide_review_threshold
+    policy = ReviewPolicy.of_bundles([meta])  # the product's default: the slide's consensus on
     alone = {k: shift_row(v, truth) for k, v in by_shift.items()}
-    in_slides = {k: shift_row(with_slide_consensus([replace(p, slide=s) for p, s in zip(v, slides, strict=True)],
-                                                   meta.review_threshold, in_slide), truth)
+    in_slides = {k: shift_row(policy.apply([replace(p, slide=s) for p, s in zip(v, slides, strict=True)]), truth)
                  for k, v in by_shift.items()}
 
     lines = [
