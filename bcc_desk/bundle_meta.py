@@ -297,7 +297,8 @@ def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
         ("architecture", meta.arch),
         ("classes", ", ".join(meta.labels)),
         ("class folders", ", ".join(meta.classes)),
-        ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"),
+        ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"
+                  + (", hue-free (the network does not see the field's hue or brightness)" if meta.input.channels == "hue-free" else "")),
         ("head", f"hidden {meta.head.hidden or 'none'}, dropout {meta.head.dropout:g}"),
         ("temperature", f"{meta.temperature:.4g}"),
         ("review threshold", threshold),

@@ -90,3 +90,27 @@ def test_training_and_inference_give_a_hue_free_network_the_same_input(tmp_path,
     served = [p.probabilities for p in clf.predict_paths(paths, all4)]
     for row, probs in zip(trained, served):
         np.testing.assert_allclose([probs[label] for label in bundle.meta.labels], row.numpy(), atol=1e-5)
+
+
+def test_bcc_info_says_the_network_does_not_see_hue(tmp_path):
+    from typer.testing import CliRunner
+
+    from bcc_desk import cli
+
+    from bundles import make_bundle
+
+    r = CliRunner().invoke(cli.app, ["info", str(make_bundle(tmp_path / "m", channels="hue-free"))], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    assert "hue-free (the network does not see the field's hue or brightness)" in " ".join(r.output.split())
+
+
+def test_fit_refuses_an_unknown_input_in_one_line_before_any_work(tmp_path, all4):
+    from typer.testing import CliRunner
+
+    from trainer import cli as train_cli
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_cli.app, ["fit", str(all4), "--out", str(out), "--channels", "lab"], env={"COLUMNS": "200"})
+    assert r.exit_code == 2
+    assert "--channels must be rgb or hue-free, not 'lab'" in " ".join(r.output.split())
+    assert not out.exists()  # nothing written
