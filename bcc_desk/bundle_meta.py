@@ -237,6 +237,11 @@ def _verdict(data: Any) -> Verdict:
                    rule=str(data.get("rule", "")))
 
 
+def not_validated(metas: list[BundleMeta]) -> list[BundleMeta]:
+    """The bundles whose trainer found them not fit for use (a bundle from before verdicts is not one)."""
+    return [m for m in metas if m.verdict is not None and not m.verdict.fit_for_use]
+
+
 def verdict_text(meta: BundleMeta) -> str:
     """The bundle's verdict as a report states it."""
     return meta.verdict.text if meta.verdict is not None else "not recorded (a bundle from before verdicts)"

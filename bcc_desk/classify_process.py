@@ -34,7 +34,7 @@ from bcc_desk.messages import one_line
 from bcc_desk.prediction import Prediction
 
 if TYPE_CHECKING:
-    from bcc_desk.options import ClassifierOptions
+    from bcc_desk.options import RunSpec
     from bcc_desk.run_record import RunInfo
 
 POLL_S = 0.05
@@ -90,26 +90,25 @@ class ClassifierProcess:
         """The child's process id while it runs (None before the first request, after close)."""
         return self._process.pid if self._process is not None and self._process.is_alive() else None
 
-    def prepare(self, model_dirs: Sequence[Path], options: ClassifierOptions) -> None:
+    def prepare(self, spec: RunSpec) -> None:
         """Start the child now (if it is not running) and have it load this model in the
         background, so that the first folder does not wait for torch's import and the weights.
         Returns at once; a model that cannot be loaded is reported by the request that uses it."""
         with self._lock:
             conn = self._ensure_started()
             with contextlib.suppress(OSError):  # a child that died is noticed by the next request
-                conn.send(("prepare", [str(d) for d in model_dirs], options))
+                conn.send(("prepare", spec))
 
     def classify(
         self,
-        model_dirs: Sequence[Path],
-        options: ClassifierOptions,
+        spec: RunSpec,
         paths: Sequence[Path],
         root: Path,
         *,
         command: str,
         stop: Callable[[], bool] = lambda: False,
     ) -> Iterator[Prepared | Rows]:
-        """Classify `paths` (reported relative to `root`) with the bundles in `model_dirs`: first
+        """Classify `paths` (reported relative to `root`) with `spec`'s bundles and options: first
         a `Prepared`, then `Rows` until every path has its prediction.  Returns early, at once,
         when `stop()` turns true or the caller stops iterating.  Raises ClassifyFailed or
         ClassifierCrashed; one request at a time."""
@@ -117,8 +116,7 @@ class ClassifierProcess:
             conn = self._ensure_started()
             self._request += 1
             request = self._request
-            conn.send(("classify", request, [str(d) for d in model_dirs], options,
-                       [str(p) for p in paths], str(root), command))
+            conn.send(("classify", request, spec, [str(p) for p in paths], str(root), command))
         process = self._process
         finished = False
         try:
@@ -224,16 +222,16 @@ def _serve(conn: Connection, cancelled: Any, emit_interval: float) -> None:
         except (EOFError, OSError):
             return
         if message[0] == "prepare":
-            _, model_dirs, options = message
+            _, spec = message
             try:
-                for _ in model.get(model_dirs, options).predict_paths([], Path.cwd()):  # loads a kept int8 package
+                for _ in model.get(spec).predict_paths([], Path.cwd()):  # loads a kept int8 package
                     pass
             except Exception:  # noqa: BLE001 - the request that needs this model will say what is wrong
                 model.forget()
             continue
         if message[0] != "classify":
             return
-        _, request, model_dirs, options, paths, root, command = message
+        _, request, spec, paths, root, command = message
 
         def stopped(request: int = request) -> bool:
             return cancelled.value >= request
@@ -242,7 +240,7 @@ def _serve(conn: Connection, cancelled: Any, emit_interval: float) -> None:
             if stopped():  # cancelled before it got here: not even the model is loaded for it
                 conn.send(("done", request, None))
                 continue
-            _run(conn, request, model.get(model_dirs, options), [Path(p) for p in paths], Path(root), command,
+            _run(conn, request, model.get(spec), [Path(p) for p in paths], Path(root), command,
                  stopped, emit_interval)
         except (BrokenPipeError, ConnectionResetError):
             return  # the parent has gone
@@ -266,15 +264,13 @@ class _Model:
         self.key: tuple | None = None
         self.classifier: Any = None
 
-    def get(self, model_dirs: list[str], options: ClassifierOptions) -> Any:
-        from bcc_desk.bundle import load_bundle
+    def get(self, spec: RunSpec) -> Any:
         from bcc_desk.bundle_meta import bundle_fingerprint
 
-        wanted = (tuple(model_dirs), options, tuple(bundle_fingerprint(Path(d)) for d in model_dirs))
+        wanted = (spec, tuple(bundle_fingerprint(Path(d)) for d in spec.model_dirs))
         if wanted != self.key:
             self.forget()  # the old network goes before the new one is built
-            # As `bcc classify`: the classifier builds the network only if it runs one (not a kept int8 package).
-            self.classifier = options.build([load_bundle(d, build=False) for d in model_dirs])
+            self.classifier = spec.build()
             self.key = wanted
         return self.classifier
 

@@ -13,9 +13,10 @@ import shlex
 import sqlite3
 import sys
 import tempfile
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -27,6 +28,9 @@ from bcc_desk import __version__
 from bcc_desk.cli_help import DEVICE_CHOICES, PRECISION_CHOICES, Command
 from bcc_desk.logs import quiet_developer_noise
 from bcc_desk.paths import DEFAULT_MODEL_DIR
+
+if TYPE_CHECKING:
+    from bcc_desk.options import RunSpec
 
 app = typer.Typer(
     name="bcc",
@@ -51,6 +55,15 @@ LAB_NAME = typer.Option("--lab-name", envvar="BCC_LAB_NAME", help="The lab's nam
 ALLOW_UNVALIDATED = typer.Option(
     "--allow-unvalidated",
     help="Run a model its trainer did not find fit for use (bcc info shows the verdict); every report page says so.")
+# The RunSpec's flags, declared once for classify and watch; `_run_spec` reads them by the names of
+# ClassifierOptions' fields, so a new option is its field, its flag here, and its line in each signature.
+MODEL = typer.Option("--model", "-m", metavar="BUNDLE", help="Model bundle folder; repeat for an ensemble. Default: the shipped model.")
+DEVICE = typer.Option(metavar=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu.")
+PRECISION = typer.Option(metavar=PRECISION_CHOICES, help="auto: the fastest that keeps the labels.")
+BATCH_SIZE = typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch. Default: 8 on CPU, 64 on GPU.")
+TTA = typer.Option("--tta", help="Average over the 8 right-angle rotations and mirror images (8x slower).")
+REVIEW_THRESHOLD = typer.Option(min=0.0, max=1.0, help="Flag images whose confidence is below this. Default: the model's.")
+WORKERS = typer.Option(min=1, max=64, help="Image decoding threads.")
 
 _report_written = False
 """Set once `classify` has its report on disk: what is left of the process is only teardown."""
@@ -81,19 +94,25 @@ def _root(
         logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))
 
 
-def _load_models(models: list[Path]):
+def _run_spec(ctx: typer.Context) -> RunSpec:
+    """The command's model folders (`--model`, else the shipped model) and its ClassifierOptions,
+    from its parameters of the same names."""
+    from bcc_desk.options import ClassifierOptions, RunSpec
+
+    models = ctx.params.get("model") or []
+    if not models and not (DEFAULT_MODEL_DIR / "bundle.json").is_file():
+        fail(f"no default model is installed at {DEFAULT_MODEL_DIR}; pass --model BUNDLE, or train one with: "
+             "bcc-train fit DATA --out RUN")
+    options = ClassifierOptions(**{f.name: ctx.params[f.name] for f in fields(ClassifierOptions) if f.name in ctx.params})
+    return RunSpec(tuple(models or [DEFAULT_MODEL_DIR]), options)
+
+
+def _load_models(spec: RunSpec):
     from bcc_desk.bundle import BundleError, load_bundle
 
-    if not models:
-        if not (DEFAULT_MODEL_DIR / "bundle.json").is_file():
-            fail(
-                f"no default model is installed at {DEFAULT_MODEL_DIR}; pass --model BUNDLE, "
-                "or train one with: bcc-train fit DATA --out RUN"
-            )
-        models = [DEFAULT_MODEL_DIR]
     try:
         # The classifier builds the networks: not at all when it runs a kept int8 package.
-        return [load_bundle(m, build=False) for m in models]
+        return [load_bundle(m, build=False) for m in spec.model_dirs]
     except BundleError as exc:
         fail(str(exc))
 
@@ -107,10 +126,7 @@ def _load_models(models: list[Path]):
 def classify(
     ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="Folder of slide folders (or one image).", show_default=False)],
-    model: Annotated[
-        Optional[list[Path]],
-        typer.Option("--model", "-m", metavar="BUNDLE", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
-    ] = None,
+    model: Annotated[Optional[list[Path]], MODEL] = None,
     out: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", help="Report file: .xlsx, .csv or .pdf. Default: ROOT/bcc-report.xlsx (.csv with --csv)."),
@@ -119,18 +135,13 @@ def classify(
     pdf: Annotated[bool, PDF_OPTION] = False,
     lab_name: Annotated[str, LAB_NAME] = "",
     allow_unvalidated: Annotated[bool, ALLOW_UNVALIDATED] = False,
-    device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu.")] = "auto",
-    precision: Annotated[str, typer.Option(metavar=PRECISION_CHOICES, help="auto: the fastest that keeps the labels.")] = "auto",
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch. Default: 8 on CPU, 64 on GPU.")
-    ] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 right-angle rotations and mirror images (8x slower).")] = False,
-    review_threshold: Annotated[
-        Optional[float],
-        typer.Option(min=0.0, max=1.0, help="Flag images whose confidence is below this. Default: the model's."),
-    ] = None,
+    device: Annotated[str, DEVICE] = "auto",
+    precision: Annotated[str, PRECISION] = "auto",
+    batch_size: Annotated[Optional[int], BATCH_SIZE] = None,
+    tta: Annotated[bool, TTA] = False,
+    review_threshold: Annotated[Optional[float], REVIEW_THRESHOLD] = None,
     slide_consensus: Annotated[bool, SLIDE_CONSENSUS] = True,
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Image decoding threads.")] = 2,
+    workers: Annotated[int, WORKERS] = 2,
     compile: Annotated[
         Optional[bool],
         typer.Option(
@@ -146,7 +157,6 @@ def classify(
     from bcc_desk.colour import colour_advice
     from bcc_desk.images import discover_images
     from bcc_desk.lab_records import LabRecords, SlidesFileError, read_slides_csv
-    from bcc_desk.options import ClassifierOptions
     from bcc_desk.prediction import relative_location
     from bcc_desk.report_file import ReportError
     from bcc_desk.report_target import REPORT_SUFFIXES, write_somewhere
@@ -174,15 +184,14 @@ def classify(
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as exc:
         fail(f"cannot write the report in {out.parent} ({exc.strerror or exc}); choose another place with --out")
-    bundles = _load_models(model or [])
+    spec = _run_spec(ctx)
+    bundles = _load_models(spec)
     if quiet:  # nothing but errors, for this command only (a caller's logging is left as it was)
         logger = logging.getLogger("bcc_desk")
         ctx.call_on_close(lambda level=logger.level: logger.setLevel(level))
         logger.setLevel(logging.ERROR)
     try:
-        classifier = ClassifierOptions(device=device, precision=precision, batch_size=batch_size, tta=tta,
-                                       review_threshold=review_threshold, slide_consensus=slide_consensus,
-                                       workers=workers, compile=compile, allow_unvalidated=allow_unvalidated).build(bundles)
+        classifier = spec.options.build(bundles)
     except (ValueError, BundleError) as exc:
         fail(str(exc))
 
@@ -311,6 +320,7 @@ def info(
 
 @app.command(cls=Command)
 def watch(
+    ctx: typer.Context,
     root: Annotated[Path, typer.Argument(help="Folder to watch (one sub-folder per slide).", show_default=False)],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Report (.xlsx, .csv or .pdf), kept up to date. Default: ROOT/bcc-report.xlsx.")
@@ -318,10 +328,7 @@ def watch(
     pdf: Annotated[bool, PDF_OPTION] = False,
     lab_name: Annotated[str, LAB_NAME] = "",
     allow_unvalidated: Annotated[bool, ALLOW_UNVALIDATED] = False,
-    model: Annotated[
-        list[Path] | None,
-        typer.Option("--model", "-m", metavar="BUNDLE", help="Model bundle folder; repeat for an ensemble. Default: the shipped model."),
-    ] = None,
+    model: Annotated[list[Path] | None, MODEL] = None,
     state: Annotated[
         Path | None,
         typer.Option(help="Ledger file (SQLite); the log is written beside it. Default: per ROOT in the user data folder."),
@@ -334,15 +341,13 @@ def watch(
         float,
         typer.Option(min=0.05, help="Seconds a file must stay unchanged to count as complete, where the system does not report closes."),
     ] = 2.0,
-    device: Annotated[str, typer.Option(metavar=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu.")] = "auto",
-    precision: Annotated[str, typer.Option(metavar=PRECISION_CHOICES, help="auto: the fastest that keeps the labels.")] = "auto",
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, max=4096, help="Images per batch.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 rotations and mirror images (8x slower).")] = False,
-    review_threshold: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, help="Flag images below this confidence. Default: the model's.")
-    ] = None,
+    device: Annotated[str, DEVICE] = "auto",
+    precision: Annotated[str, PRECISION] = "auto",
+    batch_size: Annotated[int | None, BATCH_SIZE] = None,
+    tta: Annotated[bool, TTA] = False,
+    review_threshold: Annotated[float | None, REVIEW_THRESHOLD] = None,
     slide_consensus: Annotated[bool, SLIDE_CONSENSUS] = True,
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Image decoding threads.")] = 2,
+    workers: Annotated[int, WORKERS] = 2,
     compile: Annotated[
         bool,
         typer.Option(
@@ -355,7 +360,6 @@ def watch(
     import signal
 
     from bcc_desk.bundle import BundleError
-    from bcc_desk.options import ClassifierOptions
     from bcc_desk.watch.ledger import LedgerError, storage_fault
     from bcc_desk.watch.site import ReportFolderError, WatchError, WatchTiming, claim_watch, log_file, log_to_file
     from bcc_desk.watch.watcher import make_watcher
@@ -367,12 +371,11 @@ def watch(
     except WatchError as exc:
         fail(str(exc))
     log_to_file(log_file(site.state))
-    bundles = _load_models(model or [])
     # Compiled once at start (the watcher does it before it says ready), not by call size: a
     # burst arrives file by file, so its calls rarely reach classify's threshold.
-    options = ClassifierOptions(device=device, precision=precision, batch_size=batch_size, tta=tta,
-                                review_threshold=review_threshold, slide_consensus=slide_consensus, workers=workers,
-                                compile=compile, allow_unvalidated=allow_unvalidated)
+    spec = _run_spec(ctx)
+    bundles = _load_models(spec)
+    options = spec.options
     try:
         classifier = options.build(bundles)
         single = options.for_single_images().build(bundles) if compile else None

@@ -1,13 +1,17 @@
-"""How to run the bundles, as every front end states it: `bcc classify`'s and `bcc watch`'s
-options, the app's model choice.  No torch here: the desktop app builds these in a process that
-never loads a network, and its classifier process builds the `Classifier` from them.
+"""What a run classifies with, as every front end states it: `RunSpec` (the bundle folders and
+`ClassifierOptions`), from `bcc classify`'s and `bcc watch`'s options, the app's settings and its
+model dialog.  No torch here: the desktop app builds these in a process that never loads a
+network, and its classifier process builds the `Classifier` from them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bcc_desk.bundle_meta import BundleError, BundleMeta, not_validated, read_meta
 
 if TYPE_CHECKING:
     from bcc_desk.bundle import Bundle
@@ -48,11 +52,44 @@ class ClassifierOptions:
         return replace(self, compile=False, precision="auto" if self.precision == "int8" else self.precision)
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """The bundle folders (several: an ensemble) and how to run them: the one object the CLI, the
+    app's settings, its model dialog, window, Desk and classifier process pass whole.  A new
+    option is a `ClassifierOptions` field, its flag and its widget, nothing else."""
+
+    model_dirs: tuple[Path, ...]
+    options: ClassifierOptions = field(default_factory=ClassifierOptions)
+
+    def build(self) -> Classifier:
+        """Load the bundles and build their Classifier (`ClassifierOptions.build`).  As `bcc
+        classify` does: the network is built only if it runs (not for a kept int8 package)."""
+        from bcc_desk.bundle import load_bundle  # torch: only where a network runs
+
+        return self.options.build([load_bundle(d, build=False) for d in self.model_dirs])
+
+    def with_options(self, **changes: Any) -> RunSpec:
+        return replace(self, options=replace(self.options, **changes))
+
+    def same_bundles(self, other: RunSpec) -> bool:
+        """Whether `other` runs the same bundle folders (in any order): a confirmation carries over."""
+        return {Path(d).resolve() for d in self.model_dirs} == {Path(d).resolve() for d in other.model_dirs}
+
+    def unconfirmed(self) -> list[BundleMeta]:
+        """Its bundles that their trainer did not find fit for use and that the user has not
+        confirmed running (`options.allow_unvalidated`); empty when it may run as it is (or is no
+        usable model: the run says why)."""
+        if self.options.allow_unvalidated:
+            return []
+        try:
+            return not_validated([read_meta(d) for d in self.model_dirs])
+        except BundleError:
+            return []
+
+
 def refuse_unvalidated(bundles: Sequence[Bundle], allow: bool) -> None:
     """BundleError naming the first bundle whose trainer found it not fit for use, and why,
     unless `allow` (a bundle from before verdicts runs, its reports saying so)."""
-    from bcc_desk.bundle_meta import BundleError
-
     for bundle in bundles:
         verdict = bundle.meta.verdict
         if verdict is not None and not verdict.fit_for_use and not allow:

@@ -16,7 +16,7 @@ import pytest
 from bcc_desk.bundle import load_bundle
 from bcc_desk.classify_process import ClassifierCrashed, ClassifierProcess, ClassifyFailed, Prepared, Rows
 from bcc_desk.images import discover_images
-from bcc_desk.options import ClassifierOptions
+from bcc_desk.options import ClassifierOptions, RunSpec
 
 from bundles import LABELS, make_bundle
 from folders import spread_images
@@ -66,7 +66,7 @@ def wait_gone(pid: int, seconds: float = 60.0) -> bool:
 
 def test_same_predictions_as_the_classifier_in_process(engine, bundle: Path, folder: Path) -> None:
     paths = discover_images(folder)[:40] + [folder / "slide-0" / "broken.jpg"]
-    messages = list(engine.classify([bundle], OPTIONS, paths, folder, command="bcc-desk case"))
+    messages = list(engine.classify(RunSpec((bundle,), OPTIONS), paths, folder, command="bcc-desk case"))
     first, rows = messages[0], messages[1:]
     in_process = OPTIONS.build(load_bundle(bundle))
     # The same numerics as in this process: fp32 on an AVX2-only CPU, bf16 where the CPU has it.
@@ -85,14 +85,14 @@ def test_cancel_returns_and_the_next_request_gets_only_its_own_rows(engine, bund
     paths = discover_images(folder)
     stop = False
     seen = 0
-    for message in engine.classify([bundle], OPTIONS, paths, folder, command="x", stop=lambda: stop):
+    for message in engine.classify(RunSpec((bundle,), OPTIONS), paths, folder, command="x", stop=lambda: stop):
         if isinstance(message, Rows):
             seen += len(message.predictions)
             stop = True
     assert 0 < seen < len(paths)
     pid = engine.pid
     small = paths[:7]
-    rows = [p for m in engine.classify([bundle], OPTIONS, small, folder, command="x") if isinstance(m, Rows)
+    rows = [p for m in engine.classify(RunSpec((bundle,), OPTIONS), small, folder, command="x") if isinstance(m, Rows)
             for p in m.predictions]
     assert [p.path for p in rows] == small
     assert engine.pid == pid  # the same child, its model still loaded
@@ -102,14 +102,14 @@ def test_a_killed_child_is_one_error_and_the_next_request_starts_another(engine,
     paths = discover_images(folder)
     kept = []
     with pytest.raises(ClassifierCrashed, match="SIGKILL") as crash:
-        for message in engine.classify([bundle], OPTIONS, paths, folder, command="x"):
+        for message in engine.classify(RunSpec((bundle,), OPTIONS), paths, folder, command="x"):
             if isinstance(message, Rows):
                 kept += message.predictions
                 if engine.pid is not None and len(kept) < len(paths):
                     os.kill(engine.pid, signal.SIGKILL)
     assert "stopped unexpectedly" in str(crash.value) and "\n" not in str(crash.value)
     assert 0 < len(kept) < len(paths) and engine.pid is None
-    rows = [p for m in engine.classify([bundle], OPTIONS, paths[:3], folder, command="x") if isinstance(m, Rows)
+    rows = [p for m in engine.classify(RunSpec((bundle,), OPTIONS), paths[:3], folder, command="x") if isinstance(m, Rows)
             for p in m.predictions]
     assert [p.path for p in rows] == paths[:3] and engine.pid is not None
 
@@ -119,16 +119,16 @@ def test_a_bad_model_is_a_one_line_failure_and_the_child_stays(engine, bundle: P
     (tmp_path / "bad" / "bundle.json").write_text("{ not json")
     paths = discover_images(folder)[:3]
     with pytest.raises(ClassifyFailed) as failed:
-        list(engine.classify([tmp_path / "bad"], OPTIONS, paths, folder, command="x"))
+        list(engine.classify(RunSpec((tmp_path / "bad",), OPTIONS), paths, folder, command="x"))
     assert "bundle.json" in str(failed.value) and "\n" not in str(failed.value)
     pid = engine.pid
-    rows = [m for m in engine.classify([bundle], OPTIONS, paths, folder, command="x") if isinstance(m, Rows)]
+    rows = [m for m in engine.classify(RunSpec((bundle,), OPTIONS), paths, folder, command="x") if isinstance(m, Rows)]
     assert sum(len(m.predictions) for m in rows) == 3 and engine.pid == pid
 
 
 def test_close_ends_the_child(bundle: Path, folder: Path) -> None:
     engine = ClassifierProcess()
-    list(engine.classify([bundle], OPTIONS, discover_images(folder)[:2], folder, command="x"))
+    list(engine.classify(RunSpec((bundle,), OPTIONS), discover_images(folder)[:2], folder, command="x"))
     pid = engine.pid
     assert pid is not None and alive(pid)
     engine.close()
@@ -142,14 +142,14 @@ def test_the_child_never_outlives_its_parent(bundle: Path, folder: Path, tmp_pat
     script.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from bcc_desk.options import ClassifierOptions
+        from bcc_desk.options import ClassifierOptions, RunSpec
         from bcc_desk.classify_process import ClassifierProcess, Rows
         from bcc_desk.images import discover_images
 
         if __name__ == "__main__":
             engine = ClassifierProcess()
             folder = Path({str(folder)!r})
-            for message in engine.classify([Path({str(bundle)!r})], ClassifierOptions(device="cpu", compile=False),
+            for message in engine.classify(RunSpec((Path({str(bundle)!r}),), ClassifierOptions(device="cpu", compile=False)),
                                            discover_images(folder) * 20, folder, command="x"):
                 if isinstance(message, Rows):
                     print(engine.pid, flush=True)
@@ -170,13 +170,13 @@ def test_a_prepared_model_is_the_one_used_and_a_bad_one_is_said_by_the_request(e
                                                                                tmp_path: Path) -> None:
     """The app asks for its model as the window opens; the first folder then finds it loaded."""
     (tmp_path / "bad").mkdir()
-    engine.prepare([tmp_path / "bad"], OPTIONS)  # not a bundle: nothing to say until it is used
-    engine.prepare([bundle], OPTIONS)
+    engine.prepare(RunSpec((tmp_path / "bad",), OPTIONS))  # not a bundle: nothing to say until it is used
+    engine.prepare(RunSpec((bundle,), OPTIONS))
     pid = engine.pid
     assert pid is not None
     paths = discover_images(folder)[:4]
-    rows = [p for m in engine.classify([bundle], OPTIONS, paths, folder, command="x") if isinstance(m, Rows)
+    rows = [p for m in engine.classify(RunSpec((bundle,), OPTIONS), paths, folder, command="x") if isinstance(m, Rows)
             for p in m.predictions]
     assert [p.path for p in rows] == paths and engine.pid == pid
     with pytest.raises(ClassifyFailed, match="bundle"):
-        list(engine.classify([tmp_path / "bad"], OPTIONS, paths, folder, command="x"))
+        list(engine.classify(RunSpec((tmp_path / "bad",), OPTIONS), paths, folder, command="x"))

@@ -268,3 +268,19 @@ def test_an_interrupted_run_says_how_far_it_got(model: Path, lab_folder: Path, t
     assert run["run"].startswith(f"interrupted after 3 of {total} images")
     assert run["not classified"] == total - 3 and run["finished"] != "still running"
     assert len(_rows(wb["Not classified"])) == total - 3
+
+
+def test_every_classifier_option_is_a_flag_of_classify_and_watch() -> None:
+    """`RunSpec`'s options are read from the commands' parameters by name: a field without its
+    flag would silently keep its default in `bcc classify` or `bcc watch`."""
+    from dataclasses import fields
+
+    import typer.main
+
+    from bcc_desk.options import ClassifierOptions
+
+    group = typer.main.get_command(cli.app)
+    for name in ("classify", "watch"):
+        flags = {p.name for p in group.commands[name].params}  # type: ignore[attr-defined]
+        assert {f.name for f in fields(ClassifierOptions)} <= flags, name
+        assert "model" in flags

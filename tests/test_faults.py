@@ -257,11 +257,11 @@ def test_the_apps_export_onto_a_full_disk_goes_to_the_fallback_with_one_message(
     from PySide6.QtCore import QSettings
 
     from bcc_desk.gui import MainWindow
-    from bcc_desk.gui.models import ModelChoice
+    from bcc_desk.options import ClassifierOptions, RunSpec
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     case = spread_images(tmp_path / "case", sorted(all4.glob("*/*.jpg"))[:12], 12, lambda k: f"slide-{k % 2}")
-    window = MainWindow(choice=ModelChoice((model,), device="cpu", compile=False), ask_before_close=False,
+    window = MainWindow(spec=RunSpec((model,), ClassifierOptions(device="cpu", compile=False)), ask_before_close=False,
                         settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
     qtbot.addWidget(window)
     messages: list[str] = []

@@ -26,7 +26,7 @@ from watchdog.utils import BaseThread
 from bcc_desk.bundle import load_bundle
 from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
-from bcc_desk.gui.models import ModelChoice
+from bcc_desk.options import ClassifierOptions, RunSpec
 from bcc_desk.gui.palette import ERROR_TEXT, FLAGGED_BACKGROUND
 from bcc_desk.gui.slide_summary import TO_REVIEW_MARK
 from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIEW, REVIEWER_LABEL, UNSURE_ROLE, review_sort_key
@@ -94,7 +94,7 @@ def settings(tmp_path: Path) -> QSettings:
 @pytest.fixture()
 def make_window(qtbot, bundle: Path, settings: QSettings):
     def make(**kwargs) -> MainWindow:
-        kwargs.setdefault("choice", ModelChoice((bundle,), device="cpu", compile=False))
+        kwargs.setdefault("spec", RunSpec((bundle,), ClassifierOptions(device="cpu", compile=False)))
         window = MainWindow(settings=settings, ask_before_close=False, **kwargs)
         qtbot.addWidget(window)
         window.show()
@@ -132,7 +132,7 @@ def test_the_desk_classifies_and_exports_without_a_window(qtbot, bundle: Path, s
     from bcc_desk.gui.desk import Desk
     from bcc_desk.gui.settings import AppSettings
 
-    desk = Desk(AppSettings(settings), ModelChoice((bundle,), device="cpu", compile=False), confirm=lambda: True)
+    desk = Desk(AppSettings(settings), RunSpec((bundle,), ClassifierOptions(device="cpu", compile=False)), confirm=lambda: True)
     arrived: list[int] = []
     desk.rows_arrived.connect(lambda predictions, replaced, first: arrived.append(len(predictions)))
     try:
@@ -474,7 +474,7 @@ def test_switching_the_model_while_watching_records_the_new_one(
     start_watching(qtbot, window, watched)
     second = make_bundle(tmp_path / "second", seed=1, review_threshold=0.8)
     with qtbot.waitSignal(window.watch_stopped, timeout=30_000):
-        window.set_choice(ModelChoice((second,), device="cpu", tta=True, compile=False))  # the watch goes on
+        window.set_spec(RunSpec((second,), ClassifierOptions(device="cpu", tta=True, compile=False)))  # the watch goes on
     qtbot.waitUntil(lambda: window.is_watching() and "Watching" in window.status_area.watch_label.text(),
                     timeout=WATCH_TIMEOUT_MS)
     new = watched / "slide-1" / "after the switch.jpg"
@@ -668,7 +668,7 @@ def test_help_lists_every_shortcut_and_links_the_documentation(qtbot, window: Ma
 
 def test_model_dialog_shows_metadata_and_builds_an_ensemble(qtbot, bundle: Path, tmp_path: Path) -> None:
     second = make_bundle(tmp_path / "second", seed=1)
-    dialog = ModelDialog(ModelChoice((bundle,)), known=[second])
+    dialog = ModelDialog(RunSpec((bundle,)), known=[second])
     qtbot.addWidget(dialog)
     folders = dialog.listed_folders()
     assert bundle.resolve() in folders and second.resolve() in folders
@@ -682,16 +682,16 @@ def test_model_dialog_shows_metadata_and_builds_an_ensemble(qtbot, bundle: Path,
     dialog.threshold.setValue(75)
     assert dialog.slide_consensus.isChecked()  # on unless a lab's folders mix patients
     dialog.slide_consensus.setChecked(False)
-    choice = dialog.choice()
-    assert set(choice.model_dirs) == {bundle.resolve(), second.resolve()}
-    assert choice.tta and choice.review_threshold == pytest.approx(0.75)
-    assert not choice.slide_consensus and not choice.options().slide_consensus
+    spec = dialog.spec()
+    assert set(spec.model_dirs) == {bundle.resolve(), second.resolve()}
+    assert spec.options.tta and spec.options.review_threshold == pytest.approx(0.75)
+    assert not spec.options.slide_consensus
 
 
 def test_ensemble_with_tta_runs(qtbot, make_window, bundle: Path, slides: Path, tmp_path: Path) -> None:
     second = make_bundle(tmp_path / "second", seed=1)
-    window = make_window(choice=ModelChoice((bundle, second), device="cpu", tta=True, review_threshold=0.9,
-                                            compile=False))
+    window = make_window(spec=RunSpec((bundle, second), ClassifierOptions(device="cpu", tta=True, review_threshold=0.9,
+                                                                          compile=False)))
     assert "ensemble" in window.status_area.model_label.text() and "TTA" in window.status_area.model_label.text()
     assert run(qtbot, window, slides) is True
     good = [p for p in window.predictions() if p.error is None]
@@ -707,7 +707,7 @@ def test_ensemble_with_tta_runs(qtbot, make_window, bundle: Path, slides: Path, 
 
 def test_settings_are_remembered(qtbot, make_window, settings: QSettings, bundle: Path, slides: Path) -> None:
     window = make_window()
-    window.set_choice(ModelChoice((bundle,), device="cpu", tta=True, review_threshold=0.8, slide_consensus=False),
+    window.set_spec(RunSpec((bundle,), ClassifierOptions(device="cpu", tta=True, review_threshold=0.8, slide_consensus=False)),
                       remember=True)
     assert run(qtbot, window, slides) is True
     assert window.session.run_info.slide_review_threshold is None  # the Run sheet says it was off
@@ -715,9 +715,9 @@ def test_settings_are_remembered(qtbot, make_window, settings: QSettings, bundle
                                                                for p in window.predictions()]
     window.slides.hide()  # the layout is part of what is remembered
     window.close()
-    again = make_window(choice=None)
-    assert again.choice.model_dirs == (bundle,) and again.choice.tta and again.choice.review_threshold == 0.8
-    assert not again.choice.slide_consensus
+    again = make_window(spec=None)
+    assert again.spec.model_dirs == (bundle,) and again.spec.options.tta and again.spec.options.review_threshold == 0.8
+    assert not again.spec.options.slide_consensus
     assert again.settings.recent_folders[0] == str(slides.resolve())
     assert again.settings.last_folder == str(slides.resolve())
     assert again.slides.isHidden()
@@ -741,7 +741,7 @@ def test_a_bad_model_is_a_message_not_a_crash(qtbot, make_window, slides: Path, 
     shutil.copytree(make_bundle(tmp_path / "ok"), broken)
     (broken / "model.safetensors").write_bytes(b"not weights")
     messages: list[str] = []
-    window = make_window(choice=ModelChoice((broken,), device="cpu", compile=False))
+    window = make_window(spec=RunSpec((broken,), ClassifierOptions(device="cpu", compile=False)))
     window.error_shown.connect(messages.append)
     assert run(qtbot, window, slides) is False
     assert messages and "sha256" in messages[-1]
@@ -771,11 +771,11 @@ def test_the_apps_own_process_never_loads_torch_to_classify(bundle: Path, slides
         from PySide6.QtCore import QEventLoop, QSettings
         from PySide6.QtWidgets import QApplication
         from bcc_desk.gui import MainWindow
-        from bcc_desk.gui.models import ModelChoice
+        from bcc_desk.options import ClassifierOptions, RunSpec
 
         if __name__ == "__main__":
             app = QApplication([])
-            window = MainWindow(choice=ModelChoice((Path({str(bundle)!r}),), device="cpu"), ask_before_close=False,
+            window = MainWindow(spec=RunSpec((Path({str(bundle)!r}),), ClassifierOptions(device="cpu")), ask_before_close=False,
                                 settings=QSettings({str(tmp_path / "s.ini")!r}, QSettings.Format.IniFormat))
             window.show()
             loop = QEventLoop()
@@ -846,7 +846,7 @@ def test_a_folder_in_another_labs_colours_says_what_to_do(qtbot, make_window, al
         for c in CLASSES:
             for p in sorted((all4 / c).glob("*.jpg"))[40:42]:
                 shift.apply(open_image(p)).save(root / slide / f"{p.stem}.png")
-    window = make_window(choice=ModelChoice((coloured,), device="cpu", compile=False))
+    window = make_window(spec=RunSpec((coloured,), ClassifierOptions(device="cpu", compile=False)))
     messages: list[str] = []
     window.error_shown.connect(messages.append)
     assert run(qtbot, window, root) is True
@@ -1081,7 +1081,7 @@ def _answer_unvalidated(window: MainWindow, button, asked: list[str]) -> None:
 def test_the_model_dialog_marks_a_model_that_is_not_validated(qtbot, bundle: Path, unfit_bundle: Path) -> None:
     from bcc_desk.gui.model_dialog import NOT_VALIDATED_MARK
 
-    dialog = ModelDialog(ModelChoice((unfit_bundle,), allow_unvalidated=True), known=[bundle])
+    dialog = ModelDialog(RunSpec((unfit_bundle,), ClassifierOptions(allow_unvalidated=True)), known=[bundle])
     qtbot.addWidget(dialog)
     folders = dialog.listed_folders()
     unfit = dialog.list.item(folders.index(unfit_bundle))
@@ -1091,23 +1091,23 @@ def test_the_model_dialog_marks_a_model_that_is_not_validated(qtbot, bundle: Pat
     dialog.list.setCurrentItem(unfit)
     assert "NOT VALIDATED: " + UNFIT_REASON in dialog.details.toPlainText()
     # The confirmation holds while the same bundles stay ticked, and goes with another bundle.
-    assert dialog.choice().allow_unvalidated
+    assert dialog.spec().options.allow_unvalidated
     fit.setCheckState(Qt.CheckState.Checked)
-    assert not dialog.choice().allow_unvalidated and not dialog.choice().options().allow_unvalidated
+    assert not dialog.spec().options.allow_unvalidated
     fit.setCheckState(Qt.CheckState.Unchecked)
-    assert dialog.choice().allow_unvalidated and dialog.choice().options().allow_unvalidated
+    assert dialog.spec().options.allow_unvalidated
 
 
 def test_declining_a_model_that_is_not_validated_keeps_the_model_in_use(qtbot, window: MainWindow, unfit_bundle: Path,
                                                                          monkeypatch) -> None:
-    before, remembered = window.choice, window.settings.model_dirs
+    before, remembered = window.spec, window.settings.model_dirs
     _pick_in_dialog(monkeypatch, unfit_bundle)
     asked: list[str] = []
     _answer_unvalidated(window, QMessageBox.StandardButton.No, asked)
     window.menus.model_action.trigger()  # Model > Model...
     assert asked == [f"Model test-convnext_atto-2 is not validated: {UNFIT_REASON}. Its labels cannot be trusted. "
                      "Run it anyway? Every page of its reports will say so."]
-    assert window.choice == before and window.settings.model_dirs == remembered
+    assert window.spec == before and window.settings.model_dirs == remembered
     assert "NOT VALIDATED" not in window.status_area.model_label.text()
 
 
@@ -1119,7 +1119,7 @@ def test_a_confirmed_model_that_is_not_validated_runs_and_every_page_says_so(qtb
     _answer_unvalidated(window, QMessageBox.StandardButton.Yes, asked)
     window.menus.model_action.trigger()
     assert len(asked) == 1
-    assert window.choice.model_dirs == (unfit_bundle,) and window.choice.allow_unvalidated
+    assert window.spec.model_dirs == (unfit_bundle,) and window.spec.options.allow_unvalidated
     assert "NOT VALIDATED" in window.status_area.model_label.text() and UNFIT_REASON in window.status_area.model_label.toolTip()
     # The model is remembered; the confirmation is not (it holds for this session).
     assert window.settings.model_dirs == [unfit_bundle]
@@ -1137,8 +1137,8 @@ def test_a_confirmed_model_that_is_not_validated_runs_and_every_page_says_so(qtb
 def test_a_window_started_with_a_model_that_is_not_validated_asks_before_its_first_run(
     qtbot, make_window, unfit_bundle: Path, few: Path, tmp_path: Path
 ) -> None:
-    window = make_window(choice=None, model_dirs=[unfit_bundle])  # as `bcc-desk -m FOLDER`, or remembered
-    assert not window.choice.allow_unvalidated and "NOT VALIDATED" in window.status_area.model_label.text()
+    window = make_window(spec=None, model_dirs=[unfit_bundle])  # as `bcc-desk -m FOLDER`, or remembered
+    assert not window.spec.options.allow_unvalidated and "NOT VALIDATED" in window.status_area.model_label.text()
     messages: list[str] = []
     window.error_shown.connect(messages.append)
     answers: list[bool] = [False, True]
@@ -1148,8 +1148,8 @@ def test_a_window_started_with_a_model_that_is_not_validated_asks_before_its_fir
     assert [m.name for m in asked[0]] == ["test-convnext_atto-2"]
     assert not window.is_running() and window.root is None and window.model.rowCount() == 0
     assert messages and "not validated" in messages[-1] and UNFIT_REASON in messages[-1] and "Model" in messages[-1]
-    assert not window.choice.allow_unvalidated
+    assert not window.spec.options.allow_unvalidated
     assert run(qtbot, window, few) is True  # confirmed this time
-    assert len(asked) == 2 and window.choice.allow_unvalidated
+    assert len(asked) == 2 and window.spec.options.allow_unvalidated
     assert window.model.rowCount() == len(discover_images(few))
     assert run_sheet(window.export_report(tmp_path / "r.xlsx"))["model verdict"].startswith("NOT VALIDATED")

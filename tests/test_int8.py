@@ -176,13 +176,16 @@ def test_a_failed_int8_build_falls_back_to_bf16_with_its_reason(
     assert not list((tmp_path / "cache").glob("*.pt2"))
 
 
-def test_the_desktop_app_takes_int8_where_bcc_classify_does(int8_bundle: Path) -> None:
+def test_the_desktop_app_takes_int8_where_bcc_classify_does(int8_bundle: Path, tmp_path: Path) -> None:
     """The app classifies in its own process (bcc_desk.classify_process), where the int8
-    package's hold on the GIL cannot freeze the window: its model choice asks for what
-    `bcc classify` would run."""
-    from bcc_desk.gui.models import ModelChoice
+    package's hold on the GIL cannot freeze the window: its remembered model and options ask
+    for what `bcc classify` would run."""
+    from PySide6.QtCore import QSettings
 
-    app = ModelChoice((int8_bundle,), compile=True).options().build(load_bundle(int8_bundle))
+    from bcc_desk.gui.settings import AppSettings
+
+    remembered = AppSettings(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat)).run_spec([int8_bundle])
+    app = remembered.with_options(compile=True).build()
     cli = ClassifierOptions(compile=True).build(load_bundle(int8_bundle))
     assert app.int8 and cli.int8 and app.autocast_dtype == cli.autocast_dtype
 

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 from PySide6.QtCore import QObject, QThreadPool, Signal
 
 from bcc_desk.classify_process import ClassifierProcess
-from bcc_desk.gui.models import ModelChoice, ModelStore
+from bcc_desk.gui.models import ModelStore
 from bcc_desk.gui.settings import AppSettings
 from bcc_desk.gui.worker import ClassifyThread, WatchThread, freeze_heap
+from bcc_desk.options import RunSpec
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Export, ReviewSession
 
@@ -54,12 +55,12 @@ class Desk(QObject):
     """A watch of this folder (Path) has ended and written its last report; True when it was the
     folder's watch (not one of a folder open before, finishing)."""
 
-    def __init__(self, settings: AppSettings, choice: ModelChoice, confirm: Callable[[], bool],
+    def __init__(self, settings: AppSettings, spec: RunSpec, confirm: Callable[[], bool],
                  parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.settings = settings
-        self.choice = choice
-        """The model, device and options the next run and the watch use (the window sets it)."""
+        self.spec = spec
+        """The model, device and options the next run and the watch use (`ModelPicker` sets it)."""
         self.confirm = confirm
         self.session = ReviewSession()
         """The rows, reviews and run record the window shows (and the export writes)."""
@@ -123,7 +124,7 @@ class Desk(QObject):
         self._started_at = time.monotonic()
         self.run_starting.emit(root)
         freeze_heap()  # torch, Qt and the window: long-lived, never worth a full GC pass again
-        thread = ClassifyThread(root, self.choice, self.engine, parent=self)
+        thread = ClassifyThread(root, self.spec, self.engine, parent=self)
         thread.prepared.connect(self._prepared)
         thread.batch.connect(self.add_rows)
         thread.failed.connect(self.notice.emit)
@@ -228,7 +229,7 @@ class Desk(QObject):
             self.watch_changed.emit()
             self.notice.emit(f"Cannot watch {root}: {exc}")
             return
-        thread = WatchThread(site, self.choice, self.store, timing=self.watch_timing, parent=self)
+        thread = WatchThread(site, self.spec, self.store, timing=self.watch_timing, parent=self)
         thread.started_watching.connect(self._watch_started)
         thread.batch.connect(self._watch_batch)
         thread.failed.connect(self._watch_failed)

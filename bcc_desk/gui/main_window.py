@@ -31,7 +31,6 @@ from bcc_desk.gui.export_dialog import choose_export
 from bcc_desk.gui.filter_bar import FilterBar
 from bcc_desk.gui.image_pane import ImagePane
 from bcc_desk.gui.model_picker import ModelPicker
-from bcc_desk.gui.models import ModelChoice
 from bcc_desk.gui.settings import AppSettings
 from bcc_desk.gui.slide_dock import SlideDock
 from bcc_desk.gui.status_area import StatusArea
@@ -39,6 +38,7 @@ from bcc_desk.gui.table_model import PredictionFilter, PredictionTableModel
 from bcc_desk.gui.table_view import PredictionTable
 from bcc_desk.gui.thumbnails import ThumbnailCache
 from bcc_desk.gui.window_menus import WindowMenus
+from bcc_desk.options import RunSpec
 from bcc_desk.prediction import Prediction
 from bcc_desk.review import Review, ReviewSession
 from bcc_desk.slides import all_slides
@@ -61,18 +61,18 @@ class MainWindow(QMainWindow):
         model_dirs: Sequence[Path | str] | None = None,
         settings: QSettings | None = None,
         *,
-        choice: ModelChoice | None = None,
+        spec: RunSpec | None = None,
         ask_before_close: bool = True,
         parent: QWidget | None = None,
     ) -> None:
-        """`model_dirs` (or a full `choice`) overrides the remembered model for this window;
+        """`model_dirs` (or a whole `spec`) overrides the remembered model for this window;
         `settings` replaces the per-user QSettings (tests pass one on a temporary file)."""
         super().__init__(parent)
         self.settings = AppSettings(settings)
         self.ask_before_close = ask_before_close
-        if choice is None:
-            choice = self.settings.choice([Path(d) for d in model_dirs] if model_dirs else None)
-        self.desk = Desk(self.settings, choice, lambda: self.models.confirm_choice(), self)
+        if spec is None:
+            spec = self.settings.run_spec([Path(d) for d in model_dirs] if model_dirs else None)
+        self.desk = Desk(self.settings, spec, lambda: self.models.confirm_choice(), self)
         """The run, the watch, the export and the session they fill; the window shows them."""
         self.models = ModelPicker(self, self.desk, self.settings, self.notify)
         """The model choice: what it shows, the dialog, the question before an unvalidated model."""
@@ -103,7 +103,7 @@ class MainWindow(QMainWindow):
         self.status_area = StatusArea(self.statusBar(), self.cancel)
         self._connect_desk()
         self.models.applied.connect(self._show_model)
-        self.models.apply(self.choice)
+        self.models.apply(self.spec)
         self.settings.restore_window(self, self.splitter)
         self._set_running(False)
 
@@ -113,9 +113,9 @@ class MainWindow(QMainWindow):
         return self.desk.session
 
     @property
-    def choice(self) -> ModelChoice:
+    def spec(self) -> RunSpec:
         """The model, device and options of the next run and of the watch."""
-        return self.desk.choice
+        return self.desk.spec
 
     @property
     def root(self) -> Path | None:
@@ -166,20 +166,20 @@ class MainWindow(QMainWindow):
     # =========================================================================================
     # Model choice (`ModelPicker`)
     def _show_model(self, metas: list[BundleMeta], unvalidated: list[BundleMeta]) -> None:
-        self.status_area.show_model(metas, unvalidated, self.choice.tta)
+        self.status_area.show_model(metas, unvalidated, self.spec.options.tta)
         # The setting until a run says what it became (e.g. 'cpu (int8+fp32)'): finding out here
         # would load torch into this process, which never runs a network to classify.
-        self.status_area.show_device(self.choice.device)
+        self.status_area.show_device(self.spec.options.device)
         self.show_classes()
-        first = self.choice.model_dirs[0] if metas else None
+        first = self.spec.model_dirs[0] if metas else None
         self.image_pane.set_cam_source((lambda: self.desk.store.cam_model(first)) if first else None)
 
-    def set_choice(self, choice: ModelChoice, remember: bool = False) -> None:
+    def set_spec(self, spec: RunSpec, remember: bool = False) -> None:
         """Use another model/ensemble/device/TTA/threshold from the next run on.  A bundle its
-        trainer did not find fit for use runs only with `choice.allow_unvalidated`, or once the
-        user confirms it (`confirm_unvalidated`, asked by the next run); that confirmation is never
-        remembered."""
-        self.models.set_choice(choice, remember)
+        trainer did not find fit for use runs only with `spec.options.allow_unvalidated`, or once
+        the user confirms it (`confirm_unvalidated`, asked by the next run); that confirmation is
+        never remembered."""
+        self.models.set_spec(spec, remember)
 
     def confirm_unvalidated(self, metas: list[BundleMeta]) -> bool:
         """Ask whether to run `metas` although not validated; while asked: `models.unvalidated_box`."""

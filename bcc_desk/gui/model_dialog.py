@@ -10,6 +10,7 @@ verified when a folder is classified.
 from __future__ import annotations
 
 from dataclasses import replace
+from html import escape
 from pathlib import Path
 
 from PySide6.QtCore import Qt
@@ -30,9 +31,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from bcc_desk.bundle_meta import BundleError, BundleMeta, describe, format_value, read_meta, verdict_text
-from bcc_desk.gui.models import ModelChoice, not_validated
+from bcc_desk.bundle_meta import BundleError, BundleMeta, describe, format_value, not_validated, read_meta, verdict_text
 from bcc_desk.gui.palette import ERROR_TEXT
+from bcc_desk.options import RunSpec
 from bcc_desk.paths import DEFAULT_MODEL_DIR
 
 _PATH_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -45,40 +46,37 @@ def describe_html(meta: BundleMeta, folder: Path) -> str:
     `bcc info` shows, the review threshold and metrics as percentages like the threshold box."""
     rows = [("folder", str(folder)), *describe(meta, percent=True)]
     metrics = [(k, format_value(v, percent=True)) for k, v in meta.metrics.items()]
-    html = [f"<h3>{_esc(meta.name)}</h3>"]
+    html = [f"<h3>{escape(meta.name)}</h3>"]
     if not_validated([meta]):
-        html.append(f"<p style='color:{ERROR_TEXT.name()}'><b>{_esc(verdict_text(meta))}</b><br>Its labels cannot be "
+        html.append(f"<p style='color:{ERROR_TEXT.name()}'><b>{escape(verdict_text(meta))}</b><br>Its labels cannot be "
                     "trusted; the app asks before it runs it, and every page of its reports says so.</p>")
     html.append("<table cellspacing='2'>")
-    html += [f"<tr><td><b>{_esc(k)}</b></td><td>{_esc(v)}</td></tr>" for k, v in rows]
+    html += [f"<tr><td><b>{escape(k)}</b></td><td>{escape(v)}</td></tr>" for k, v in rows]
     html.append("</table><h4>Metrics (val_: the validation split, test_: the test split)</h4><table cellspacing='2'>")
-    html += [f"<tr><td><b>{_esc(k)}</b></td><td align='right'>{_esc(v)}</td></tr>" for k, v in metrics]
+    html += [f"<tr><td><b>{escape(k)}</b></td><td align='right'>{escape(v)}</td></tr>" for k, v in metrics]
     if not metrics:
         html.append("<tr><td>none recorded</td></tr>")
     html.append("</table>")
     return "".join(html)
 
 
-def _esc(text: str) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 class ModelDialog(QDialog):
     """Tick one bundle, or several for an ensemble; the details show the selected one."""
 
-    def __init__(self, choice: ModelChoice, known: list[Path], parent: QWidget | None = None) -> None:
+    def __init__(self, spec: RunSpec, known: list[Path], parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Model")
-        self._initial = choice
+        self._initial = spec
+        options = spec.options
         self.resize(760, 520)
         self.list = QListWidget()
         self.list.currentItemChanged.connect(self._show_details)
         self.details = QTextBrowser()
         add = QPushButton("Add bundle folder\u2026")
         add.clicked.connect(self._browse)
-        chosen = {Path(d).resolve() for d in choice.model_dirs}
+        chosen = {Path(d).resolve() for d in spec.model_dirs}
         folders: list[Path] = []
-        for folder in [DEFAULT_MODEL_DIR, *known, *choice.model_dirs]:
+        for folder in [DEFAULT_MODEL_DIR, *known, *spec.model_dirs]:
             folder = Path(folder).resolve()
             if folder not in folders:
                 folders.append(folder)
@@ -88,22 +86,22 @@ class ModelDialog(QDialog):
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
         self.device.setEditable(True)  # cuda:1 and the like
-        self.device.setCurrentText(choice.device)
+        self.device.setCurrentText(options.device)
         self.tta = QCheckBox("Test-time augmentation (average of 8 rotations and mirror images; 8x slower)")
-        self.tta.setChecked(choice.tta)
+        self.tta.setChecked(options.tta)
         self.own_threshold = QCheckBox("Use the model's review threshold")
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.0, 100.0)
         self.threshold.setSuffix(" %")
         self.threshold.setDecimals(1)
         self.own_threshold.toggled.connect(lambda on: self.threshold.setEnabled(not on))
-        self.own_threshold.setChecked(choice.review_threshold is None)
-        if choice.review_threshold is not None:
-            self.threshold.setValue(choice.review_threshold * 100)
-        self.threshold.setEnabled(choice.review_threshold is not None)
+        self.own_threshold.setChecked(options.review_threshold is None)
+        if options.review_threshold is not None:
+            self.threshold.setValue(options.review_threshold * 100)
+        self.threshold.setEnabled(options.review_threshold is not None)
         self.slide_consensus = QCheckBox("Flag an image that disagrees with most of its slide "
                                          "(each folder one patient's slide; untick where a folder mixes patients)")
-        self.slide_consensus.setChecked(choice.slide_consensus)
+        self.slide_consensus.setChecked(options.slide_consensus)
 
         form = QFormLayout()
         form.addRow("Device", self.device)
@@ -184,17 +182,17 @@ class ModelDialog(QDialog):
     def listed_folders(self) -> list[Path]:
         return [Path(self.list.item(i).data(_PATH_ROLE)) for i in range(self.list.count())]
 
-    def choice(self) -> ModelChoice:
-        """The choice as set now; a confirmation to run unvalidated bundles carries over only
-        while the same bundles stay ticked."""
-        choice = ModelChoice(
-            model_dirs=tuple(self.checked_folders()),
+    def spec(self) -> RunSpec:
+        """The model and options as set now (the others as they were); a confirmation to run
+        unvalidated bundles carries over only while the same bundles stay ticked."""
+        spec = RunSpec(tuple(self.checked_folders()), replace(
+            self._initial.options,
             device=self.device.currentText().strip() or "auto",
             tta=self.tta.isChecked(),
             review_threshold=None if self.own_threshold.isChecked() else self.threshold.value() / 100,
             slide_consensus=self.slide_consensus.isChecked(),
-        )
-        return replace(choice, allow_unvalidated=self._initial.allow_unvalidated and choice.same_bundles(self._initial))
+        ))
+        return spec.with_options(allow_unvalidated=self._initial.options.allow_unvalidated and spec.same_bundles(self._initial))
 
     def _accept(self) -> None:
         folders = self.checked_folders()

@@ -14,7 +14,7 @@ from pathlib import Path
 from PySide6.QtCore import QByteArray, QSettings
 from PySide6.QtWidgets import QMainWindow, QSplitter
 
-from bcc_desk.gui.models import ModelChoice
+from bcc_desk.options import ClassifierOptions, RunSpec
 from bcc_desk.paths import APP_NAME, DEFAULT_MODEL_DIR
 
 MAX_RECENT = 10
@@ -127,18 +127,20 @@ class AppSettings:
     def review_threshold(self, value: float | None) -> None:
         self.q.setValue("model/review_threshold", "" if value is None else float(value))
 
-    def choice(self, model_dirs: list[Path] | None = None) -> ModelChoice:
+    def run_spec(self, model_dirs: list[Path] | None = None) -> RunSpec:
         """The remembered model and options (`model_dirs`, given, overrides the folders)."""
-        return ModelChoice(model_dirs=tuple(model_dirs or self.model_dirs), device=self.device, tta=self.tta,
-                           review_threshold=self.review_threshold, slide_consensus=self.slide_consensus)
+        return RunSpec(tuple(model_dirs or self.model_dirs),
+                       ClassifierOptions(device=self.device, tta=self.tta, review_threshold=self.review_threshold,
+                                         slide_consensus=self.slide_consensus))
 
-    def remember_choice(self, choice: ModelChoice) -> None:
-        """All of `choice` but `allow_unvalidated`: a confirmation holds for one session only."""
-        self.model_dirs = list(choice.model_dirs)
-        self.device = choice.device
-        self.tta = choice.tta
-        self.review_threshold = choice.review_threshold
-        self.slide_consensus = choice.slide_consensus
+    def remember(self, spec: RunSpec) -> None:
+        """The folders and the options the model dialog sets; never `allow_unvalidated` (a
+        confirmation holds for one session only)."""
+        self.model_dirs = list(spec.model_dirs)
+        self.device = spec.options.device
+        self.tta = spec.options.tta
+        self.review_threshold = spec.options.review_threshold
+        self.slide_consensus = spec.options.slide_consensus
 
     # -- review -------------------------------------------------------------------------------
     @property

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, QThread, Signal
 
-from bcc_desk.gui.models import ModelChoice, ModelStore
+from bcc_desk.gui.models import ModelStore
 from bcc_desk.messages import one_line
+from bcc_desk.options import RunSpec
 
 if TYPE_CHECKING:
     from bcc_desk.classify_process import ClassifierProcess
@@ -53,13 +54,13 @@ class ClassifyThread(QThread):
     def __init__(
         self,
         root: Path,
-        choice: ModelChoice,
+        spec: RunSpec,
         engine: ClassifierProcess,
         parent: QObject | None = None,
     ) -> None:
         super().__init__(parent)
         self.root = Path(root)
-        self.choice = choice
+        self.spec = spec
         self.engine = engine
         self._cancel = threading.Event()
         self.device_label = ""
@@ -92,7 +93,7 @@ class ClassifyThread(QThread):
             return False
         done = 0
         try:
-            for message in self.engine.classify(self.choice.model_dirs, self.choice.options(), paths, folder,
+            for message in self.engine.classify(self.spec, paths, folder,
                                                 command=shlex.join(["bcc-desk", str(self.root)]),
                                                 stop=self._cancel.is_set):
                 if isinstance(message, Prepared):
@@ -129,7 +130,7 @@ class WatchThread(QThread):
     def __init__(
         self,
         site: WatchSite,
-        choice: ModelChoice,
+        spec: RunSpec,
         store: ModelStore,
         *,
         timing: WatchTiming | None = None,
@@ -138,7 +139,7 @@ class WatchThread(QThread):
         super().__init__(parent)
         self.site = site
         self.root = site.root
-        self.choice = replace(choice, compile=False)
+        self.spec = spec.with_options(compile=False)
         self.store = store
         self.timing = timing  # None: the daemon's defaults
         self.stopping = False
@@ -163,7 +164,7 @@ class WatchThread(QThread):
         level = logger.level
         handler = None
         try:
-            classifier = self.store.classifier(self.choice)
+            classifier = self.store.classifier(self.spec)
             freeze_heap()
             with self._lock:
                 if self.stopping:
