@@ -26,12 +26,12 @@ from watchdog.utils import BaseThread
 from bcc_desk.bundle import load_bundle
 from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
-from bcc_desk.options import ClassifierOptions, RunSpec
 from bcc_desk.gui.palette import ERROR_TEXT, FLAGGED_BACKGROUND
 from bcc_desk.gui.slide_summary import TO_REVIEW_MARK
 from bcc_desk.gui.table_model import CONFIDENCE, ERROR, FILE, LABEL, NEEDS_REVIEW, REVIEWER_LABEL, UNSURE_ROLE, review_sort_key
 from bcc_desk.images import discover_images
 from bcc_desk.lab_records import SLIDES_CSV, SlideIdentity, read_slides_csv
+from bcc_desk.options import ClassifierOptions, RunSpec
 from bcc_desk.paths import RESOURCES
 from bcc_desk.prediction import REVIEW_DISAGREES
 from bcc_desk.slides import disagrees_with_slide
