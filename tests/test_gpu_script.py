@@ -46,7 +46,8 @@ def session(tmp_path_factory, all4: Path) -> dict[str, Path]:
     pack, out, joined = root / "pack", root / "out", root / "joined"
     r = script("pack", "--data", data, "--ood", OOD_DEV, "--dest", pack)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = script("run", "--dry-run", "--pack", pack, "--out", out, "--work", root / "work")
+    r = script("run", "--dry-run", "--pack", pack, "--out", out, "--work", root / "work",
+               "--fit-args=--channels hue-free")
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     assert "| fit | ok (the bundle is not validated) |" in r.stdout  # figures.md is printed at the end
     r = script("join", out, "--dest", joined)
@@ -95,6 +96,7 @@ def test_join_rebuilds_a_bundle_that_load_bundle_accepts(session: dict[str, Path
     bundle = load_bundle(joined / "bundle")
     assert bundle.meta.arch == "convnext_atto" and bundle.meta.classes == CLASSES
     assert bundle.meta.provenance["recipe"]["recipe"] == "gpu"
+    assert bundle.meta.input.channels == "hue-free"  # --fit-args reached bcc-train fit
     # The small files came back in results.tar.gz and are unpacked beside the bundle.
     assert len(split_rows(joined / "history.csv")) == 1
     metrics = json.loads((joined / "metrics.json").read_text())

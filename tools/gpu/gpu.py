@@ -43,7 +43,9 @@ Time: the device command may run 600 s and the whole lend is 15 minutes, start-u
 `--budget` (560 s) bounds every step together.  The tests get at most `--tests-timeout` (150 s;
 0 skips them), the fit what is left but `--reserve` (150 s), after compiling (about a minute) and
 decoding the images.  The gpu recipe's 200 epochs may well not fit: pass `--epochs N`, and read the
-seconds per epoch in figures.md before the next lend.  A fit cut short is exported all the same,
+seconds per epoch in figures.md before the next lend.  `--fit-args` passes more `bcc-train fit`
+options as one string (issue #35's next GPU run: `--fit-args="--channels hue-free"`, recipe.md
+run 21).  A fit cut short is exported all the same,
 but with its learning-rate schedule unfinished (the salvage step says so).
 
 `run --dry-run` does all of it on a CPU with tiny settings (convnext_atto at 64 px, one epoch, 4
@@ -79,6 +81,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -432,6 +435,7 @@ def fit_argv(args: argparse.Namespace, run: Path, epochs: int | None) -> list[st
             "--workers", str(args.workers), "--no-int8", "--cv", "0"]  # the GPU's minutes go to the one model
     if args.dry_run:
         argv += DRY_FIT
+    argv += shlex.split(args.fit_args)  # e.g. the next recipe's `--channels hue-free --colour 1`
     if epochs is not None:
         argv += ["--epochs", str(epochs)]  # the last --epochs given wins
     return argv
@@ -802,6 +806,7 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("--work", type=Path, help="scratch folder (default: a new one in /tmp)")
     rn.add_argument("--recipe", default="gpu")
     rn.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    rn.add_argument("--fit-args", default="", help="more bcc-train fit options, one string (e.g. '--channels hue-free')")
     rn.add_argument("--device", default="cuda")
     rn.add_argument("--workers", type=int, help="fit's decoding threads (default: the CPUs, at most 16)")
     rn.add_argument("--classify-workers", type=int, nargs="+", help="bcc classify runs (default: 2 and 8 threads)")
