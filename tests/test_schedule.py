@@ -73,3 +73,19 @@ def test_recipes_name_real_settings_and_unknown_names_are_refused() -> None:
     assert recipe_settings(None) == {}
     with pytest.raises(ValueError, match="unknown recipe 'fast'; choose one of: study, cpu, gpu"):
         recipe_settings("fast")
+
+
+def test_a_zoom_range_is_read_and_a_bad_one_refused_in_one_line(tmp_path, all4) -> None:
+    from typer.testing import CliRunner
+
+    from trainer import cli as train_cli
+    from trainer.schedule import parse_zoom
+
+    assert parse_zoom("0.8,1.25") == (0.8, 1.25) and parse_zoom(" 1 , 1.15") == (1.0, 1.15)
+    for bad in ("1.25,0.8", "0.1,1", "0.8", "a,b", "0.8,1,1.2"):
+        with pytest.raises(ValueError, match="--zoom"):
+            parse_zoom(bad)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_cli.app, ["fit", str(all4), "--out", str(out), "--zoom", "1.25,0.8"], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "--zoom: '1.25,0.8' must satisfy" in " ".join(r.output.split())
+    assert not out.exists()

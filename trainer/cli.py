@@ -116,6 +116,10 @@ def fit(
         Optional[str],
         typer.Option(help="What the network sees: rgb, or hue-free (no hue: brightest and darkest channel, standardised). (default rgb)"),
     ] = None,
+    zoom: Annotated[
+        Optional[str],
+        typer.Option(help="Random zoom range MIN,MAX (below 1: cells smaller, as at a lower magnification). (default 1,1.15)"),
+    ] = None,
     mixup: Annotated[Optional[float], typer.Option(min=0.0, help="Mixup alpha, 0 off. (default 0)")] = None,
     cutmix: Annotated[Optional[float], typer.Option(min=0.0, help="CutMix alpha, 0 off. (default 0)")] = None,
     trivial_augment: Annotated[
@@ -154,7 +158,7 @@ def fit(
     from trainer.fit import fit as run_fit
     from trainer.model_init import parent_settings
     from trainer.recipes import recipe_settings
-    from trainer.schedule import parse_size_schedule
+    from trainer.schedule import parse_size_schedule, parse_zoom
 
     if not data.is_dir():
         fail(f"{data} is not a folder")
@@ -197,6 +201,11 @@ def fit(
         fail(f"--optimizer must be adam or adamw, not {settings['optimizer']!r}")
     if settings.get("balance", "none") not in ("sampler", "loss", "none"):
         fail(f"--balance must be sampler, loss or none, not {settings['balance']!r}")
+    if zoom is not None:
+        try:
+            settings["zoom"] = parse_zoom(zoom)
+        except ValueError as exc:
+            fail(str(exc))
     if settings.get("channels", "rgb") not in INPUT_CHANNELS:
         fail(f"--channels must be {' or '.join(INPUT_CHANNELS)}, not {settings['channels']!r}")
     if weights_dtype not in ("float16", "float32", "bfloat16"):

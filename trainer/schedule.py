@@ -72,3 +72,15 @@ def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Loss weights that give every class the same total weight (balance='loss')."""
     counts = torch.bincount(labels.cpu(), minlength=n_classes).clamp(min=1).float()
     return counts.sum() / (n_classes * counts)
+
+
+def parse_zoom(text: str) -> tuple[float, float]:
+    """'0.8,1.25' -> (0.8, 1.25): the random zoom range (below 1: cells smaller, as at a lower
+    magnification; above 1: larger)."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--zoom: {text!r} is not MIN,MAX (e.g. 0.8,1.25)") from None
+    if not 0.5 <= low <= high <= 2.0:
+        raise ValueError(f"--zoom: {text!r} must satisfy 0.5 <= MIN <= MAX <= 2 (e.g. 0.8,1.25)")
+    return low, high
