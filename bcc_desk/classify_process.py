@@ -14,6 +14,10 @@ while the window only unpickles finished predictions.
 * A child that dies (killed, out of memory, a crash in native code) raises `ClassifierCrashed`
   with the reason; the predictions already delivered stand and the next request starts a new child.
 * The child ends with its parent: on `close`, and by itself when the parent process is gone.
+* Requests from several threads (a folder's run, the app's watch) take turns: one network, one
+  request at a time, each waiting for the one before it (or for its own `stop`).
+* `ChildClassifier` is the child's classifier as the watch's `Watcher` uses one, so the app's watch
+  runs the network here too and the window's process never imports torch.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +56,7 @@ class Prepared:
     """What happens before the first batch, worth showing (compiling, building int8), or None."""
     run_info: RunInfo
     """The Run sheet's record of the classifier that makes the predictions."""
+    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,8 @@ class ClassifierProcess:
         self._conn: Connection | None = None
         self._cancelled: Any = None  # shared: the highest request number to drop
         self._request = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pipe's sending end and the request counter
+        self._turn = threading.Lock()  # held by the request being served, from its send to its end
 
     @property
     def pid(self) -> int | None:
@@ -111,7 +117,17 @@ class ClassifierProcess:
         """Classify `paths` (reported relative to `root`) with `spec`'s bundles and options: first
         a `Prepared`, then `Rows` until every path has its prediction.  Returns early, at once,
         when `stop()` turns true or the caller stops iterating.  Raises ClassifyFailed or
-        ClassifierCrashed; one request at a time."""
+        ClassifierCrashed.  A request made while another is served waits for its turn."""
+        while not self._turn.acquire(timeout=POLL_S):
+            if stop():
+                return
+        try:
+            yield from self._serve_request(spec, paths, root, command, stop)
+        finally:
+            self._turn.release()
+
+    def _serve_request(self, spec: RunSpec, paths: Sequence[Path], root: Path, command: str,
+                       stop: Callable[[], bool]) -> Iterator[Prepared | Rows]:
         with self._lock:
             conn = self._ensure_started()
             self._request += 1
@@ -227,7 +243,7 @@ def _serve(conn: Connection, cancelled: Any, emit_interval: float) -> None:
                 for _ in model.get(spec).predict_paths([], Path.cwd()):  # loads a kept int8 package
                     pass
             except Exception:  # noqa: BLE001 - the request that needs this model will say what is wrong
-                model.forget()
+                model.forget(spec)
             continue
         if message[0] != "classify":
             return
@@ -258,24 +274,31 @@ def _exit_with(sentinel: int) -> None:
 
 
 class _Model:
-    """The child's one classifier, kept while neither the choice nor a bundle on disk changes."""
+    """The child's classifiers, each kept while neither its choice nor a bundle on disk changes.
+
+    Two: the app's folder run (compiled) and its watch (uncompiled) take turns on the same model,
+    and each would otherwise rebuild (and recompile) the other's network at every turn."""
+
+    KEEP = 2
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.classifier: Any = None
+        self.classifiers: dict[RunSpec, tuple[tuple, Any]] = {}  # oldest use first
 
     def get(self, spec: RunSpec) -> Any:
         from bcc_desk.bundle_meta import bundle_fingerprint
 
-        wanted = (spec, tuple(bundle_fingerprint(Path(d)) for d in spec.model_dirs))
-        if wanted != self.key:
-            self.forget()  # the old network goes before the new one is built
-            self.classifier = spec.build()
-            self.key = wanted
-        return self.classifier
+        stamp = tuple(bundle_fingerprint(Path(d)) for d in spec.model_dirs)
+        kept = self.classifiers.pop(spec, None)
+        if kept is None or kept[0] != stamp:
+            kept = None  # a bundle replaced on disk: its old network goes before the new is built
+            while len(self.classifiers) >= self.KEEP:
+                del self.classifiers[next(iter(self.classifiers))]
+            kept = (stamp, spec.build())
+        self.classifiers[spec] = kept
+        return kept[1]
 
-    def forget(self) -> None:
-        self.key = self.classifier = None
+    def forget(self, spec: RunSpec) -> None:
+        self.classifiers.pop(spec, None)
 
 
 def _run(conn: Connection, request: int, classifier: Any, paths: list[Path], root: Path, command: str,
@@ -283,7 +306,8 @@ def _run(conn: Connection, request: int, classifier: Any, paths: list[Path], roo
     from bcc_desk.run_record import run_info
 
     info = run_info(classifier, root=root, command=command)
-    conn.send(("prepared", request, Prepared(len(paths), classifier.device_label, classifier.preparation(len(paths)), info)))
+    conn.send(("prepared", request, Prepared(len(paths), classifier.device_label, classifier.preparation(len(paths)), info,
+                                             classifier.batch_size)))
     pending: list[Prediction] = []
     last = time.monotonic()
     predictions = classifier.predict_paths(paths, root)
@@ -300,3 +324,37 @@ def _run(conn: Connection, request: int, classifier: Any, paths: list[Path], roo
     if pending:
         conn.send(("rows", request, Rows(pending, classifier.device_label)))
     conn.send(("done", request, None))
+
+
+class ChildClassifier:
+    """The child's classifier for `spec`, as the watch's `Watcher` uses a `Classifier`: each
+    `predict_paths` call is one request to `engine` (waiting for its turn behind a folder's run).
+    Built by asking the child (which loads the model) for the run's record; raises as `classify`.
+    `stop()` true: a call waiting for its turn, or under way, ends early (the rest stay pending)."""
+
+    def __init__(self, engine: ClassifierProcess, spec: RunSpec, root: Path, *, command: str,
+                 stop: Callable[[], bool] = lambda: False) -> None:
+        self.engine, self.spec, self.command, self.stop = engine, spec, command, stop
+        prepared = next((m for m in engine.classify(spec, [], root, command=command, stop=stop)
+                         if isinstance(m, Prepared)), None)
+        if prepared is None:
+            raise ClassifyFailed("stopped before the model was loaded")
+        self.info = prepared.run_info
+        self.device_label = prepared.device
+        self.batch_size = prepared.batch_size
+        self.compile = spec.options.compile
+        self.sha256 = "+".join(sha for _, sha in self.info.models)
+        self.review_policy = self.info.review_policy
+
+    def run_info(self, *, root: Path, command: str, extra: dict[str, str] | None = None) -> RunInfo:
+        """The Run sheet's record (the child's), for `root` and `command`."""
+        from datetime import datetime
+
+        return replace(self.info, root=str(root), command=command, extra=dict(extra or {}),
+                       started=datetime.now().astimezone(), device=self.device_label)
+
+    def predict_paths(self, paths: Sequence[Path], root: Path) -> Generator[Prediction, None, None]:
+        for message in self.engine.classify(self.spec, paths, root, command=self.command, stop=self.stop):
+            if isinstance(message, Rows):
+                self.device_label = message.device
+                yield from message.predictions

@@ -107,16 +107,6 @@ def _run_spec(ctx: typer.Context) -> RunSpec:
     return RunSpec(tuple(models or [DEFAULT_MODEL_DIR]), options)
 
 
-def _load_models(spec: RunSpec):
-    from bcc_desk.bundle import BundleError, load_bundle
-
-    try:
-        # The classifier builds the networks: not at all when it runs a kept int8 package.
-        return [load_bundle(m, build=False) for m in spec.model_dirs]
-    except BundleError as exc:
-        fail(str(exc))
-
-
 @app.command(
     cls=Command,
     epilog=("Exit codes: 0 done; 1 nothing could be classified; 2 a usage error; 3 done, but the report's folder "
@@ -185,13 +175,12 @@ def classify(
     except OSError as exc:
         fail(f"cannot write the report in {out.parent} ({exc.strerror or exc}); choose another place with --out")
     spec = _run_spec(ctx)
-    bundles = _load_models(spec)
     if quiet:  # nothing but errors, for this command only (a caller's logging is left as it was)
         logger = logging.getLogger("bcc_desk")
         ctx.call_on_close(lambda level=logger.level: logger.setLevel(level))
         logger.setLevel(logging.ERROR)
     try:
-        classifier = spec.options.build(bundles)
+        classifier = spec.build()
     except (ValueError, BundleError) as exc:
         fail(str(exc))
 
@@ -374,11 +363,9 @@ def watch(
     # Compiled once at start (the watcher does it before it says ready), not by call size: a
     # burst arrives file by file, so its calls rarely reach classify's threshold.
     spec = _run_spec(ctx)
-    bundles = _load_models(spec)
-    options = spec.options
     try:
-        classifier = options.build(bundles)
-        single = options.for_single_images().build(bundles) if compile else None
+        classifier = spec.build()
+        single = spec.options.for_single_images().build(classifier.bundles) if compile else None
     except (ValueError, BundleError) as exc:
         fail(str(exc))
     try:

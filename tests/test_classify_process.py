@@ -180,3 +180,35 @@ def test_a_prepared_model_is_the_one_used_and_a_bad_one_is_said_by_the_request(e
     assert [p.path for p in rows] == paths and engine.pid == pid
     with pytest.raises(ClassifyFailed, match="bundle"):
         list(engine.classify(RunSpec((tmp_path / "bad",), OPTIONS), paths, folder, command="x"))
+
+
+def test_a_watch_and_a_folder_run_take_turns_each_getting_its_own_predictions(engine, bundle: Path,
+                                                                              folder: Path) -> None:
+    """The app's watch (a `ChildClassifier`) and a folder's run share one child: requests from two
+    threads at once each get every one of their own predictions, in order; a watch told to stop
+    while waiting for its turn returns at once with nothing."""
+    import threading
+
+    from bcc_desk.classify_process import ChildClassifier
+
+    spec = RunSpec((bundle,), OPTIONS)
+    paths = discover_images(folder)
+    watch = ChildClassifier(engine, spec, folder, command="bcc-desk case")
+    assert watch.sha256 == load_bundle(bundle).sha256 and watch.batch_size > 0
+    assert watch.review_policy.alone == pytest.approx(0.6)
+    run: list = []
+    thread = threading.Thread(target=lambda: run.extend(engine.classify(spec, paths[:200], folder, command="run")))
+    thread.start()
+    watched = list(watch.predict_paths(paths[200:230], folder))  # while the run holds the child, or after it
+    thread.join(120)
+    assert [p.path for p in watched] == paths[200:230] and all(p.label for p in watched)
+    assert [p.path for m in run if isinstance(m, Rows) for p in m.predictions] == paths[:200]
+    # A watch stopping while a run holds the child does not wait for the run.
+    stopped = threading.Event()
+    waiting = ChildClassifier(engine, spec, folder, command="bcc-desk case", stop=stopped.is_set)
+    running = engine.classify(spec, paths, folder, command="run")
+    next(running)  # the run has the child now
+    stopped.set()
+    started = time.monotonic()
+    assert list(waiting.predict_paths(paths[:5], folder)) == [] and time.monotonic() - started < 2
+    running.close()

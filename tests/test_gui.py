@@ -761,36 +761,61 @@ def test_command_line_and_light_import(tmp_path: Path) -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_the_apps_own_process_never_loads_torch_to_classify(bundle: Path, slides: Path, tmp_path: Path) -> None:
+def test_the_apps_own_process_never_loads_torch_to_classify_or_watch(bundle: Path, slides: Path, tmp_path: Path,
+                                                                     real_images) -> None:
     """The network runs in the classifier process: the window's process stays small (torch alone
-    is ~500 MB) through opening a folder, classifying it, reviewing and exporting."""
+    is ~500 MB) through opening a folder, classifying it, watching it while an image arrives,
+    reviewing and exporting."""
+    folder = tmp_path / "slides"
+    shutil.copytree(slides, folder)
+    arrived = folder / "slide-1" / "arrived.jpg"
     script = tmp_path / "app.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
+        import shutil, sys
         from pathlib import Path
-        from PySide6.QtCore import QEventLoop, QSettings
+        from PySide6.QtCore import QEventLoop, QSettings, QTimer
         from PySide6.QtWidgets import QApplication
         from bcc_desk.gui import MainWindow
         from bcc_desk.options import ClassifierOptions, RunSpec
+        from bcc_desk.watch.site import WatchTiming
+
+        def wait_until(ready):
+            loop = QEventLoop()
+            timer = QTimer(interval=50)
+            timer.timeout.connect(lambda: ready() and loop.quit())
+            timer.start()
+            QTimer.singleShot(300_000, loop.quit)
+            loop.exec()
+            return ready()
 
         if __name__ == "__main__":
             app = QApplication([])
             window = MainWindow(spec=RunSpec((Path({str(bundle)!r}),), ClassifierOptions(device="cpu")), ask_before_close=False,
                                 settings=QSettings({str(tmp_path / "s.ini")!r}, QSettings.Format.IniFormat))
             window.show()
-            loop = QEventLoop()
             finished = []
-            window.classification_finished.connect(lambda ok: finished.append(ok) or loop.quit())
-            window.open_folder({str(slides)!r})
-            loop.exec()
+            window.classification_finished.connect(finished.append)
+            window.open_folder({str(folder)!r})
+            wait_until(lambda: finished)
+            window.desk.watch_timing = WatchTiming(settle=0.3, quiet=0.2)
+            window.set_watching(True)
+            wait_until(lambda: "Watching" in window.status_area.watch_label.text())
+            shutil.copy({str(real_images[CLASSES[2]][0])!r}, {str(arrived)!r})
+            arrived = Path({str(arrived)!r})
+            watched = wait_until(lambda: (row := window.model.row_of(arrived)) is not None
+                                 and window.model.prediction(row).label is not None)
+            stopped = []
+            window.watch_stopped.connect(lambda: stopped.append(True))
+            window.set_watching(False)
+            wait_until(lambda: stopped)
             window.set_review(0, window.classes[1])
             window.export_report({str(tmp_path / "r.xlsx")!r})
             window.close()
-            print(finished, len(window.predictions()), [m for m in ("torch", "timm") if m in sys.modules])
+            print(finished, watched, len(window.predictions()), [m for m in ("torch", "timm") if m in sys.modules])
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=True)
-    assert out.stdout.split("\n")[-2] == f"[True] {len(discover_images(slides))} []"
-    assert (tmp_path / "r.xlsx").exists()
+    assert out.stdout.split("\n")[-2] == f"[True] True {len(discover_images(slides)) + 1} []"
+    assert (tmp_path / "r.xlsx").exists() and (folder / "bcc-report.xlsx").exists()  # the review, the watch's report
 
 
 def test_qt_calls_cannot_free_none() -> None:

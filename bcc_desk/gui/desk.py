@@ -64,9 +64,9 @@ class Desk(QObject):
         self.confirm = confirm
         self.session = ReviewSession()
         """The rows, reviews and run record the window shows (and the export writes)."""
-        self.store = ModelStore()  # the watch's and Grad-CAM's models, in this process
+        self.store = ModelStore()  # Grad-CAM's models: the one use of torch in this process
         self.engine = ClassifierProcess()
-        """Where folders are classified: a process of its own, started by the first run."""
+        """Where folders and the watch are classified: a process of its own, started by the first run."""
         self.watch_timing: WatchTiming | None = None
         """How the watch sees files arrive; None: `bcc watch`'s defaults (a file complete after
         2 s unchanged, the report rewritten after 1 s without a new result)."""
@@ -229,7 +229,7 @@ class Desk(QObject):
             self.watch_changed.emit()
             self.notice.emit(f"Cannot watch {root}: {exc}")
             return
-        thread = WatchThread(site, self.spec, self.store, timing=self.watch_timing, parent=self)
+        thread = WatchThread(site, self.spec, self.engine, timing=self.watch_timing, parent=self)
         thread.started_watching.connect(self._watch_started)
         thread.batch.connect(self._watch_batch)
         thread.failed.connect(self._watch_failed)

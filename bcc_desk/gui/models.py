@@ -1,8 +1,8 @@
-"""Loaded model bundles and the classifier built from them, for the app's watch and Grad-CAM.
+"""Loaded model bundles for the app's Grad-CAM (the runs and the watch classify in the classifier process).
 
 Loading a bundle (hashing ~60 MB of weights, building the timm network) takes a second or two,
-so it happens off the UI thread and only once per bundle: a second folder, or a Grad-CAM request,
-reuses what is loaded.  No Qt in here; the threads that call it are Qt's.
+so it happens off the UI thread and only once per bundle: a second Grad-CAM request reuses what
+is loaded.  No Qt in here; the threads that call it are Qt's.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bcc_desk.bundle_meta import BundleMeta, InputSpec, bundle_fingerprint
-from bcc_desk.options import RunSpec
 
 if TYPE_CHECKING:
     from bcc_desk.bundle import Bundle, BundleNet
-    from bcc_desk.classifier import Classifier
 
 
 def unvalidated_question(metas: list[BundleMeta]) -> str:
@@ -29,13 +27,11 @@ def unvalidated_question(metas: list[BundleMeta]) -> str:
 
 
 class ModelStore:
-    """Thread-safe cache: bundles by folder, the current classifier, Grad-CAM copies."""
+    """Thread-safe cache: bundles by folder, Grad-CAM copies."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._bundles: dict[Path, tuple[tuple, Bundle]] = {}
-        self._classifier: Classifier | None = None
-        self._classifier_key: tuple | None = None
         self._cam: dict[Path, tuple[tuple, BundleNet]] = {}
 
     def bundle(self, folder: Path) -> Bundle:
@@ -46,22 +42,11 @@ class ModelStore:
             cached = self._bundles.get(folder)
             if cached is not None and cached[0] == stamp:
                 return cached[1]
-            from bcc_desk.bundle import load_bundle  # torch: only the watch and Grad-CAM get here
+            from bcc_desk.bundle import load_bundle  # torch: only Grad-CAM gets here
 
             bundle = load_bundle(folder)
             self._bundles[folder] = (stamp, bundle)
             return bundle
-
-    def classifier(self, spec: RunSpec):
-        """A `Classifier` for `spec`, reused while it (and the bundles) stay the same."""
-        # torch-heavy; only worker threads get here
-        with self._lock:
-            bundles = [self.bundle(d) for d in spec.model_dirs]
-            key = (spec, tuple(id(b) for b in bundles))
-            if self._classifier is None or self._classifier_key != key:
-                self._classifier = spec.options.build(bundles)
-                self._classifier_key = key
-            return self._classifier
 
     def cam_model(self, folder: Path) -> tuple[BundleNet, InputSpec, list[str]]:
         """A private copy of a bundle's network for Grad-CAM.

@@ -9,7 +9,8 @@ Cancelling ends the thread at once; the images done so far stay in the table, an
 process is one message.
 
 `WatchThread` runs `bcc watch`'s own `Watcher` (ledger, settle rules, report) on the open folder
-and hands each batch it records to the UI.
+and hands each batch it records to the UI; its network is the same classifier process's (a
+`ChildClassifier`), taking turns with the folder's runs, so this process never imports torch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, QThread, Signal
 
-from bcc_desk.gui.models import ModelStore
 from bcc_desk.messages import one_line
 from bcc_desk.options import RunSpec
 
@@ -115,8 +115,9 @@ class ClassifyThread(QThread):
 
 class WatchThread(QThread):
     """A watch of one folder, `bcc watch`'s `Watcher` on `site` (claimed, its lock held, by the
-    caller), until `stop`.  The network runs uncompiled: images arrive one at a time, and a
-    compiled network costs a whole batch per call.  The lock is released when the thread ends."""
+    caller), until `stop`, classifying in `engine`'s process.  The network runs uncompiled: images
+    arrive one at a time, and a compiled network costs a whole batch per call.  The lock is
+    released when the thread ends."""
 
     started_watching = Signal(str)
     """the device label: the model is loaded and the watch is starting"""
@@ -131,7 +132,7 @@ class WatchThread(QThread):
         self,
         site: WatchSite,
         spec: RunSpec,
-        store: ModelStore,
+        engine: ClassifierProcess,
         *,
         timing: WatchTiming | None = None,
         parent: QObject | None = None,
@@ -140,10 +141,11 @@ class WatchThread(QThread):
         self.site = site
         self.root = site.root
         self.spec = spec.with_options(compile=False)
-        self.store = store
+        self.engine = engine
         self.timing = timing  # None: the daemon's defaults
         self.stopping = False
         self._lock = threading.Lock()
+        self._stop = threading.Event()  # a call waiting for the classifier's turn ends early
         self._watcher: Watcher | None = None
         self.run_info: RunInfo | None = None
         """The watch's Run sheet record (its classifier's), set before `started_watching`."""
@@ -153,10 +155,12 @@ class WatchThread(QThread):
         with self._lock:
             self.stopping = True
             watcher = self._watcher
+            self._stop.set()
         if watcher is not None:
             watcher.stop()
 
     def run(self) -> None:  # the thread's body
+        from bcc_desk.classify_process import ChildClassifier
         from bcc_desk.watch.site import WatchTiming, log_file, log_to_file
         from bcc_desk.watch.watcher import make_watcher
 
@@ -164,14 +168,14 @@ class WatchThread(QThread):
         level = logger.level
         handler = None
         try:
-            classifier = self.store.classifier(self.spec)
-            freeze_heap()
+            command = shlex.join(["bcc-desk", str(self.root)])
+            classifier = ChildClassifier(self.engine, self.spec, self.root, command=command, stop=self._stop.is_set)
             with self._lock:
                 if self.stopping:
                     return
                 handler = log_to_file(log_file(self.site.state))  # beside the ledger, as bcc watch does
                 self._watcher = make_watcher(
-                    self.site, classifier, command=shlex.join(["bcc-desk", str(self.root)]), mode="bcc-desk",
+                    self.site, classifier, command=command, mode="bcc-desk",
                     timing=self.timing or WatchTiming(), on_predictions=self._recorded,
                 )
             self.run_info = self._watcher.report.run

@@ -10,11 +10,11 @@ import queue
 import sqlite3
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from watchdog.events import (
     FileSystemEvent,
@@ -25,17 +25,39 @@ from bcc_desk.files import file_sha256
 from bcc_desk.images import discover_images, is_candidate
 from bcc_desk.paths import SAMPLES_DIR
 from bcc_desk.prediction import Prediction
-from bcc_desk.run_record import RunInfo, run_info
+from bcc_desk.review_policy import ReviewPolicy
+from bcc_desk.run_record import RunInfo
 from bcc_desk.watch.ledger import DONE, VANISHED, Ledger, Row, storage_fault
 from bcc_desk.watch.observer import EVENTS, EventQueue, folder_identity, make_observer
 from bcc_desk.watch.report_writer import ReportWriter
 from bcc_desk.watch.settle import COMPLETE, READ_RETRIES, SEEN, WRITING, Settler
 from bcc_desk.watch.site import WatchError, WatchSite, WatchTiming
 
-if TYPE_CHECKING:
-    from bcc_desk.classifier import Classifier
-
 log = logging.getLogger(__name__)
+
+
+class WatchEngine(Protocol):
+    """What the watch needs of a classifier: a `Classifier`, or the app's `ChildClassifier` (the
+    same network in the app's classifier process)."""
+
+    @property
+    def device_label(self) -> str: ...
+
+    @property
+    def compile(self) -> bool | None: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def review_policy(self) -> ReviewPolicy: ...
+
+    def predict_paths(self, paths: Sequence[Path], root: Path) -> Generator[Prediction, None, None]: ...
+
+    def run_info(self, *, root: Path, command: str, extra: dict[str, str] | None = None) -> RunInfo: ...
 
 HEALTH_EVERY = 1.0
 """Seconds between checks that the observer is alive and ROOT is still the same folder."""
@@ -54,11 +76,11 @@ MAX_EVENTS = 20_000
 
 def make_watcher(
     site: WatchSite,
-    classifier: Classifier,
+    classifier: WatchEngine,
     *,
     command: str,
     mode: str = "bcc watch",
-    single: Classifier | None = None,
+    single: WatchEngine | None = None,
     timing: WatchTiming = WatchTiming(),
     on_predictions: Callable[[list[Prediction]], None] | None = None,
     pdf: bool = False,
@@ -68,7 +90,7 @@ def make_watcher(
     (`mode`, `command`), how it watches and where its ledger is.  Raises LedgerError when the
     state file cannot be used.  `pdf`: keep a PDF report beside the report too; `lab_name` heads it."""
     observer = f"polling every {timing.interval:g} s" if timing.polling else "native (system events)"
-    run = run_info(classifier, root=site.root, command=command, extra={
+    run = classifier.run_info(root=site.root, command=command, extra={
         "mode": mode, "observer": observer, "settle time": f"{timing.settle:g} s", "ledger": str(site.state)})
     watcher = Watcher(site.root, site.out, classifier, site.state, run, single=single, timing=timing,
                       on_predictions=on_predictions)
@@ -96,11 +118,11 @@ class Watcher:
         self,
         root: Path,
         out: Path,
-        classifier: Classifier,
+        classifier: WatchEngine,
         state: Path,
         run_info: RunInfo,
         *,
-        single: Classifier | None = None,
+        single: WatchEngine | None = None,
         timing: WatchTiming = WatchTiming(),
         on_predictions: Callable[[list[Prediction]], None] | None = None,
     ) -> None:
