@@ -153,12 +153,9 @@ def fit(
     """Split DATA (grouped, stratified 70/15/15), train, calibrate, and write OUT/bundle.
 
     Interrupted (Ctrl+C, a restart), the same command resumes from OUT/last.pt."""
-    from bcc_desk.bundle_meta import INPUT_CHANNELS
     from trainer.config import FitConfig, FitError
     from trainer.fit import fit as run_fit
-    from trainer.model_init import parent_settings
-    from trainer.recipes import recipe_settings
-    from trainer.schedule import parse_size_schedule, parse_zoom
+    from trainer.recipes import fit_settings
 
     if not data.is_dir():
         fail(f"{data} is not a folder")
@@ -167,47 +164,19 @@ def fit(
         fail("--cv: 0 (no cross-validation) or at least 2 folds")
     if sum(map(bool, (pretrained, init_weights, init_bundle))) > 1:
         fail("--pretrained, --init-weights and --init-bundle exclude each other")
-    try:
-        settings = recipe_settings(recipe or ("finetune" if init_bundle else None))
-        if init_bundle:
-            settings.update(parent_settings(init_bundle))
-    except ValueError as exc:
-        fail(str(exc))
-    if init_bundle and image_size is not None and image_size != settings["image_size"]:
-        if not allow_resize:  # a lab's small fine-tune at another size quietly loses what the parent learned
-            fail(f"--image-size {image_size}: {init_bundle.name} works at {settings['image_size']} px; fine-tuning at another "
-                 "size needs --allow-resize (recipe.md run 9 stepped a model up that way, on the whole data set)")
-        logging.getLogger("bcc-train").warning(
-            "fine-tuning at %d px a model trained at %d px (--allow-resize): judge it by its verdict and a comparison",
-            image_size, settings["image_size"])
     given = {
         "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "optimizer": optimizer, "warmup_epochs": warmup_epochs, "image_size": image_size, "dropout": dropout,
         "drop_path": drop_path, "label_smoothing": label_smoothing, "ema_decay": ema_decay, "balance": balance,
         "stain": stain, "colour": colour, "channels": channels, "mixup": mixup, "cutmix": cutmix, "trivial_augment": trivial_augment,
         "hidden": None if hidden is None else ([hidden] if hidden else []),
+        "size_schedule": size_schedule, "zoom": zoom,
     }
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if image_size is not None and size_schedule is None:
-        # A recipe's schedule leads up to the recipe's own size: another --image-size trains at
-        # that size throughout unless a schedule is given with it.
-        settings.pop("size_schedule", None)
-    if size_schedule is not None:
-        try:
-            settings["size_schedule"] = parse_size_schedule(size_schedule)
-        except ValueError as exc:
-            fail(str(exc))
-    if settings.get("optimizer", "adamw") not in ("adam", "adamw"):
-        fail(f"--optimizer must be adam or adamw, not {settings['optimizer']!r}")
-    if settings.get("balance", "none") not in ("sampler", "loss", "none"):
-        fail(f"--balance must be sampler, loss or none, not {settings['balance']!r}")
-    if zoom is not None:
-        try:
-            settings["zoom"] = parse_zoom(zoom)
-        except ValueError as exc:
-            fail(str(exc))
-    if settings.get("channels", "rgb") not in INPUT_CHANNELS:
-        fail(f"--channels must be {' or '.join(INPUT_CHANNELS)}, not {settings['channels']!r}")
+    try:
+        settings = fit_settings(recipe or ("finetune" if init_bundle else None), given, init_bundle=init_bundle,
+                                allow_resize=allow_resize)
+    except ValueError as exc:
+        fail(str(exc))
     if weights_dtype not in ("float16", "float32", "bfloat16"):
         fail("--weights-dtype must be float16, bfloat16 or float32")
     cfg = FitConfig(

@@ -7,6 +7,8 @@ behind each is in docs/default-model/recipe.md: only the validation split chose 
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -68,3 +70,43 @@ def recipe_settings(name: str | None) -> dict[str, Any]:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
     return dict(RECIPES[name])
+
+
+def fit_settings(recipe: str | None, given: dict[str, Any], *, init_bundle: Path | None = None,
+                 allow_resize: bool = False) -> dict[str, Any]:
+    """`recipe`'s settings (a fine-tune's parent's over them), with the options the user `given`
+    (None: not given) over both; `size_schedule` and `zoom` as typed (`96@1,112@31`, `0.8,1.25`).
+    Raises ValueError with the one line a user reads for a value that cannot be used."""
+    from bcc_desk.bundle_meta import INPUT_CHANNELS
+    from trainer.model_init import parent_settings
+    from trainer.schedule import parse_size_schedule, parse_zoom
+
+    settings = recipe_settings(recipe)
+    if init_bundle:
+        settings.update(parent_settings(init_bundle))
+    image_size = given.get("image_size")
+    if init_bundle and image_size is not None and image_size != settings["image_size"]:
+        if not allow_resize:  # a lab's small fine-tune at another size quietly loses what the parent learned
+            raise ValueError(f"--image-size {image_size}: {init_bundle.name} works at {settings['image_size']} px; "
+                             "fine-tuning at another size needs --allow-resize (recipe.md run 9 stepped a model up "
+                             "that way, on the whole data set)")
+        logging.getLogger("bcc-train").warning(
+            "fine-tuning at %d px a model trained at %d px (--allow-resize): judge it by its verdict and a comparison",
+            image_size, settings["image_size"])
+    typed = {k: given.get(k) for k in ("size_schedule", "zoom")}
+    settings.update({k: v for k, v in given.items() if v is not None and k not in typed})
+    if image_size is not None and typed["size_schedule"] is None:
+        # A recipe's schedule leads up to the recipe's own size: another --image-size trains at
+        # that size throughout unless a schedule is given with it.
+        settings.pop("size_schedule", None)
+    if typed["size_schedule"] is not None:
+        settings["size_schedule"] = parse_size_schedule(typed["size_schedule"])
+    if typed["zoom"] is not None:
+        settings["zoom"] = parse_zoom(typed["zoom"])
+    if settings.get("optimizer", "adamw") not in ("adam", "adamw"):
+        raise ValueError(f"--optimizer must be adam or adamw, not {settings['optimizer']!r}")
+    if settings.get("balance", "none") not in ("sampler", "loss", "none"):
+        raise ValueError(f"--balance must be sampler, loss or none, not {settings['balance']!r}")
+    if settings.get("channels", "rgb") not in INPUT_CHANNELS:
+        raise ValueError(f"--channels must be {' or '.join(INPUT_CHANNELS)}, not {settings['channels']!r}")
+    return settings
