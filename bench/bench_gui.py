@@ -4,12 +4,14 @@
 
 Each measurement runs in a fresh process (offscreen Qt, the real window, the shipped model by
 default); the app classifies in its classifier process, as a user's would:
-  * rate and stalls: N real images in 8 slide folders.  `bcc classify` first builds the int8
-            package once in a private per-user data directory (as on a lab computer); then R
-            rounds alternate the app and `bcc classify` on the same folder, both loading that
-            kept package.  The app's time runs from opening the folder to its last row (the
-            window already open); `bcc classify`'s is its whole process, start-up and report
-            included.  Medians and their ratio; target: the app at >= 0.9 of `bcc classify`.
+  * rate and stalls: N real images (default 400) in S slide folders (default 1).  `bcc classify`
+            first builds the int8 package once in a private per-user data directory (as on a lab
+            computer); then R rounds alternate the app and `bcc classify` on the same folder,
+            both loading that kept package.  The app's time runs from launching its process to
+            its last row, the folder opened as soon as the window is shown (the classifier
+            process starts with the window and loads the model meanwhile); `bcc classify`'s is its whole
+            process, start-up and report included.  Medians and their ratio; target: the app at
+            >= 0.9 of `bcc classify` (issue #38: 400 images in one folder).
             Meanwhile a QTimer ticks every 50 ms on the UI thread (table sorted flagged-first,
             scrolled to the newest row after every batch, a new row selected every second as a
             reviewer would); the longest gap minus the 50 ms is the longest stall.  Target
@@ -122,7 +124,9 @@ def part_stall(model: Path, folder: Path, tmp: Path) -> dict:
 
     from PySide6.QtCore import QEventLoop, QTimer
 
+    launched = float(os.environ.get("BENCH_LAUNCHED", time.time()))
     app, window = _window(model, tmp)
+    shown_s = time.time() - launched  # process start, imports, the window built and shown
     ticks: list[float] = []
     cpu: list[float] = []  # the UI thread's own CPU time at each tick
 
@@ -134,8 +138,6 @@ def part_stall(model: Path, folder: Path, tmp: Path) -> dict:
     timer.setInterval(TICK_MS)
     timer.timeout.connect(tick)
     timer.start()
-    _wait(app, 3.0)
-    idle = ticks[:]
     # Where a long gap comes from: the UI thread's own work, a garbage-collector pass (which
     # stops every thread), or neither (waiting for the GIL or for a CPU on a busy machine).
     gc_pauses: list[float] = []
@@ -178,6 +180,10 @@ def part_stall(model: Path, folder: Path, tmp: Path) -> dict:
     finished = time.perf_counter()
     process_cpu = time.process_time() - process_cpu
     child_cpu = cpu_seconds(window.desk.engine.pid)
+    run_ticks = ticks[:]
+    _wait(app, 3.0)  # after the run: the timer's own jitter, with nothing to do
+    idle = ticks[len(run_ticks):]
+    ticks[:] = run_ticks
     timer.stop()
     reviewer.stop()
     gc.callbacks.remove(on_gc)
@@ -195,11 +201,14 @@ def part_stall(model: Path, folder: Path, tmp: Path) -> dict:
         "images": rows,
         "seconds": finished - started,
         "rate_e2e": rows / (finished - started),
+        "shown_s": shown_s,
+        "app_s": shown_s + finished - started,
+        "rate_window": rows / (shown_s + finished - started),
         "app_cpu_s": process_cpu,
         "classifier_cpu_s": child_cpu,
         "images_per_s": rows / (finished - first_row[0]) if first_row else 0.0,
         "first_row_s": (first_row[0] - started) if first_row else None,
-        "idle_max_gap_ms": 1000 * max(gaps(idle)),
+        "idle_max_gap_ms": 1000 * max(gaps(idle), default=0.0),
         "max_gap_ms": 1000 * max(all_gaps),
         "max_gap_rows_ms": 1000 * max(during_rows) if during_rows else None,
         "p99_gap_ms": 1000 * statistics.quantiles(all_gaps, n=100)[98],
@@ -285,26 +294,28 @@ def run_part(part: str, model: Path, arg: str, data_home: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-gui-") as tmp:
         result = Path(tmp) / "result.json"
         subprocess.run([sys.executable, __file__, "--part", part, "--arg", arg, "--model", str(model),
-                        "--result", str(result)], check=True, env={**os.environ, "XDG_DATA_HOME": str(data_home)})
+                        "--result", str(result)], check=True,
+                       env={**os.environ, "XDG_DATA_HOME": str(data_home), "BENCH_LAUNCHED": repr(time.time())})
         return json.loads(result.read_text())
 
 
-def rate_and_stalls(model: Path, n: int, rounds: int) -> dict:
+def rate_and_stalls(model: Path, n: int, slides: int, rounds: int) -> dict:
     """The app and `bcc classify` alternated on one folder, the int8 package kept (see above)."""
     from bench_classify import e2e_rate  # torch: kept out of the app's measured process
     with tempfile.TemporaryDirectory(prefix="bench-gui-rate-") as tmp:
         work = Path(tmp)
-        folder = make_folder(work / "folder", n, slides=8)
+        folder = make_folder(work / "folder", n, slides=slides)
         data = work / "data"
         first_cli = e2e_rate(model, folder, n, work / "first.xlsx", data)  # builds the int8 package
         apps, clis = [], []
         for _ in range(rounds):
             apps.append(run_part("stall", model, str(folder), data))
             clis.append(e2e_rate(model, folder, n, work / "cli.xlsx", data))
-    app_rate = statistics.median(a["rate_e2e"] for a in apps)
+    app_rate = statistics.median(a["rate_window"] for a in apps)
     cli_rate = statistics.median(clis)
     worst = max(apps, key=lambda a: a["max_gap_ms"])
-    return {**worst, "rounds": rounds, "app_rates": [a["rate_e2e"] for a in apps], "cli_rates": clis,
+    return {**worst, "rounds": rounds, "slides": slides, "app_rates": [a["rate_window"] for a in apps], "cli_rates": clis,
+            "app_seconds": [a["app_s"] for a in apps], "shown_seconds": [a["shown_s"] for a in apps],
             "app_rate": app_rate, "cli_rate": cli_rate, "ratio": app_rate / cli_rate, "first_cli": first_cli,
             "max_gaps_ms": [a["max_gap_ms"] for a in apps]}
 
@@ -326,14 +337,16 @@ def markdown(stall: dict | None, memory: dict | None, model: Path) -> str:
     if stall:
         rates = ", ".join(f"{a:.1f} / {c:.1f}" for a, c in zip(stall["app_rates"], stall["cli_rates"], strict=True))
         lines += [
-            (f"**Rate against `bcc classify`** on the same {stall['images']} real images in 8 slide folders, "
+            (f"**Rate against `bcc classify`** on the same {stall['images']} real images in {stall['slides']} slide "
+            "folder(s), "
             f"int8 package kept (built by a first `bcc classify`: {stall['first_cli']:.1f} images/s end to end), "
             f"{stall['rounds']} rounds alternated (app / CLI, images/s: {rates}):"),
             "",
             "| measure | images/s |",
             "|---|---:|",
             f"| `bcc classify`, whole process (start-up, model load, report), median | {stall['cli_rate']:.1f} |",
-            f"| app, opening the folder to the last row (classifier process started in it), median | {stall['app_rate']:.1f} |",
+            (f"| app, launching it to its last row (the window shown after {statistics.median(stall['shown_seconds']):.1f} s, "
+             f"the folder opened then), median | {stall['app_rate']:.1f} |"),
             f"| **app / `bcc classify`** | **{stall['ratio']:.2f}** |",
             "",
             f"Target >= 0.90: {'**met**' if stall['ratio'] >= 0.9 else '**not met**'}.",
@@ -348,7 +361,7 @@ def markdown(stall: dict | None, memory: dict | None, model: Path) -> str:
             f"| longest gap between ticks, whole run (process start, model load, classification) | **{stall['max_gap_ms']:.0f} ms** |",
             f"| longest gap once rows arrive | {stall['max_gap_rows_ms']:.0f} ms |",
             f"| 99th percentile gap / median gap | {stall['p99_gap_ms']:.0f} ms / {stall['median_gap_ms']:.0f} ms |",
-            f"| longest gap idle, before the run (timer jitter) | {stall['idle_max_gap_ms']:.0f} ms |",
+            f"| longest gap idle, after the run (timer jitter) | {stall['idle_max_gap_ms']:.0f} ms |",
             f"| UI thread's own CPU time within the longest gap | {stall['ui_cpu_in_longest_gap_ms']:.0f} ms |",
             f"| most UI-thread CPU time between two ticks, whole run | {stall['ui_cpu_max_per_gap_ms']:.0f} ms |",
             f"| longest garbage-collector pause in the app | {stall['gc_max_pause_ms']:.0f} ms |",
@@ -390,7 +403,8 @@ def markdown(stall: dict | None, memory: dict | None, model: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stall-images", type=int, default=600)
+    ap.add_argument("--stall-images", type=int, default=400)
+    ap.add_argument("--stall-slides", type=int, default=1)
     ap.add_argument("--memory-images", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -410,7 +424,7 @@ def main() -> None:
         args.result.write_text(json.dumps(result))
         print(args.part, json.dumps(result, indent=1), flush=True)
         os._exit(0)  # skip Qt/torch teardown: the figures are written
-    stall = None if args.skip_stall else rate_and_stalls(args.model, args.stall_images, args.rounds)
+    stall = None if args.skip_stall else rate_and_stalls(args.model, args.stall_images, args.stall_slides, args.rounds)
     memory = None
     if not args.skip_memory:
         with tempfile.TemporaryDirectory(prefix="bench-gui-data-") as data:
