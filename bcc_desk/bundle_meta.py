@@ -38,12 +38,15 @@ class InputSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     channels: str = "rgb"
-    """What the network sees of a pixel: 'rgb', or 'hue-free' (its brightest and darkest channel
-    and their difference, each standardised per image: `preprocess.normalise`), which no hue
-    rotation, brightness or contrast change of the whole field can move (issue #35)."""
+    """What the network sees of a pixel: 'rgb'; 'hue-free' (its brightest and darkest channel
+    and their difference, standardised per image: `preprocess.normalise`), which no hue rotation,
+    brightness or contrast change of the whole field can move (issue #35); or 'hue-sat-free' (its
+    darkest channel and chroma, each standardised alone), which no saturation change moves either."""
 
 
-INPUT_CHANNELS = ("rgb", "hue-free")
+INPUT_CHANNELS = ("rgb", "hue-free", "hue-sat-free")
+INPUT_BLIND_TO = {"hue-free": "the field's hue or brightness", "hue-sat-free": "the field's hue, saturation or brightness"}
+"""What a network of each non-RGB input cannot see (`bcc info`)."""
 
 
 @dataclass
@@ -303,7 +306,8 @@ def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
         ("classes", ", ".join(meta.labels)),
         ("class folders", ", ".join(meta.classes)),
         ("input", f"{meta.input.size} px, crop {meta.input.crop_pct:g}, {meta.input.interpolation}"
-                  + (", hue-free (the network does not see the field's hue or brightness)" if meta.input.channels == "hue-free" else "")),
+                  + (f", {meta.input.channels} (the network does not see {INPUT_BLIND_TO[meta.input.channels]})"
+                     if meta.input.channels in INPUT_BLIND_TO else "")),
         ("head", f"hidden {meta.head.hidden or 'none'}, dropout {meta.head.dropout:g}"),
         ("temperature", f"{meta.temperature:.4g}"),
         ("review threshold", threshold),

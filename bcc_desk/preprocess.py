@@ -45,6 +45,8 @@ def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     trainer, so training and inference can never normalise differently."""
     if spec.channels == "hue-free":
         return hue_free(batch)
+    if spec.channels == "hue-sat-free":
+        return hue_sat_free(batch)
     shape = (1, 3, 1, 1)
     mean = torch.tensor(spec.mean, device=batch.device).view(shape) * 255
     std = torch.tensor(spec.std, device=batch.device).view(shape) * 255
@@ -75,3 +77,22 @@ def hue_free(batch: torch.Tensor) -> torch.Tensor:
     # and a plane with little spread of its own has its noise left small, not blown up.
     centred = planes - planes.mean(dim=(2, 3), keepdim=True)
     return centred / centred.std(dim=(1, 2, 3), keepdim=True).clamp_min(1.0)
+
+
+def hue_sat_free(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0..255 float) RGB batch -> per pixel its darkest channel and its chroma (brightest
+    minus darkest), each standardised on its own image (the darkest channel twice: the network's
+    stem takes three planes).
+
+    Blind to hue as `hue_free` is, and to a saturation change too: a less (or more) saturated
+    field (each pixel moved towards or away from its grey) scales every pixel's chroma by one
+    factor, which the plane's own standardisation takes out, and barely moves the darkest
+    channel.  The brightest channel is left out: on these fields it is nearly flat, so standardised
+    alone it is mostly noise, and a saturation change moves it most (issue #35, recipe.md run 23).
+    A plane with almost no spread (greyscale's chroma) stays flat, not noise blown up."""
+    x = batch.float()
+    darkest = x.amin(dim=1)
+    chroma = x.amax(dim=1) - darkest
+    planes = torch.stack([darkest, chroma, darkest], dim=1)
+    centred = planes - planes.mean(dim=(2, 3), keepdim=True)
+    return centred / centred.std(dim=(2, 3), keepdim=True).clamp_min(1.0)

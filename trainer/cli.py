@@ -114,7 +114,8 @@ def fit(
     ] = None,
     channels: Annotated[
         Optional[str],
-        typer.Option(help="What the network sees: rgb, or hue-free (no hue: brightest and darkest channel, standardised). (default rgb)"),
+        typer.Option(help="What the network sees: rgb; hue-free (no hue: brightest and darkest channel, standardised); "
+                          "hue-sat-free (no hue or saturation: darkest channel and chroma, each standardised). (default rgb)"),
     ] = None,
     zoom: Annotated[
         Optional[str],

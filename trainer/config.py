@@ -66,7 +66,7 @@ class FitConfig:
     """Colour augmentation strength (hue, saturation, white balance, greyscale, defocus:
     `AugmentSpec.for_training`); above 0 the kept epoch is also chosen on colour-shifted validation."""
     channels: str = "rgb"
-    """What the network sees of a pixel (`InputSpec.channels`): 'rgb' or 'hue-free'."""
+    """What the network sees of a pixel (`InputSpec.channels`): 'rgb', 'hue-free' or 'hue-sat-free'."""
     zoom: tuple[float, float] = (1.0, 1.15)
     """Random zoom range (below 1: cells smaller, as at a lower magnification)."""
     mixup: float = 0.0

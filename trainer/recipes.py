@@ -108,5 +108,6 @@ def fit_settings(recipe: str | None, given: dict[str, Any], *, init_bundle: Path
     if settings.get("balance", "none") not in ("sampler", "loss", "none"):
         raise ValueError(f"--balance must be sampler, loss or none, not {settings['balance']!r}")
     if settings.get("channels", "rgb") not in INPUT_CHANNELS:
-        raise ValueError(f"--channels must be {' or '.join(INPUT_CHANNELS)}, not {settings['channels']!r}")
+        raise ValueError(f"--channels must be {', '.join(INPUT_CHANNELS[:-1])} or {INPUT_CHANNELS[-1]}, "
+                         f"not {settings['channels']!r}")
     return settings
