@@ -17,7 +17,6 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,9 +39,6 @@ from bcc_desk.preprocess import make_transform, normalise, pad_batch
 from bcc_desk.quantize import Int8Unavailable, int8_forward, int8_package_ready
 from bcc_desk.review_policy import ReviewPolicy
 from bcc_desk.toolchain import compile_blocker, failure_reason, remember_compile_failure
-
-if TYPE_CHECKING:
-    from bcc_desk.run_record import RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -398,12 +394,6 @@ class Classifier:
             done += len(batch)
             if progress is not None:
                 progress(done, total)
-
-    def run_info(self, *, root: Path, command: str, extra: dict[str, str] | None = None) -> RunInfo:
-        """The Run sheet's record of this classifier (`run_record.run_info`)."""
-        from bcc_desk.run_record import run_info
-
-        return run_info(self, root=root, command=command, extra=extra)
 
     @property
     def review_policy(self) -> ReviewPolicy:

@@ -349,6 +349,7 @@ def watch(
     import signal
 
     from bcc_desk.bundle import BundleError
+    from bcc_desk.run_record import run_info
     from bcc_desk.watch.ledger import LedgerError, storage_fault
     from bcc_desk.watch.site import ReportFolderError, WatchError, WatchTiming, claim_watch, log_file, log_to_file
     from bcc_desk.watch.watcher import make_watcher
@@ -369,7 +370,8 @@ def watch(
     except (ValueError, BundleError) as exc:
         fail(str(exc))
     try:
-        watcher = make_watcher(site, classifier, command=shlex.join(["bcc", *sys.argv[1:]]), single=single,
+        record = run_info(classifier, root=site.root, command=shlex.join(["bcc", *sys.argv[1:]]))
+        watcher = make_watcher(site, classifier, record, single=single,
                                timing=WatchTiming(polling=polling, interval=interval, settle=settle), pdf=pdf, lab_name=lab_name)
     except LedgerError as exc:
         fail(str(exc))

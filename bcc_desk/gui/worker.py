@@ -175,7 +175,7 @@ class WatchThread(QThread):
                     return
                 handler = log_to_file(log_file(self.site.state))  # beside the ledger, as bcc watch does
                 self._watcher = make_watcher(
-                    self.site, classifier, command=command, mode="bcc-desk",
+                    self.site, classifier, classifier.run_info(root=self.root, command=command), mode="bcc-desk",
                     timing=self.timing or WatchTiming(), on_predictions=self._recorded,
                 )
             self.run_info = self._watcher.report.run

@@ -57,8 +57,6 @@ class WatchEngine(Protocol):
 
     def predict_paths(self, paths: Sequence[Path], root: Path) -> Generator[Prediction, None, None]: ...
 
-    def run_info(self, *, root: Path, command: str, extra: dict[str, str] | None = None) -> RunInfo: ...
-
 HEALTH_EVERY = 1.0
 """Seconds between checks that the observer is alive and ROOT is still the same folder."""
 PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0
@@ -77,8 +75,8 @@ MAX_EVENTS = 20_000
 def make_watcher(
     site: WatchSite,
     classifier: WatchEngine,
+    record: RunInfo,
     *,
-    command: str,
     mode: str = "bcc watch",
     single: WatchEngine | None = None,
     timing: WatchTiming = WatchTiming(),
@@ -86,12 +84,12 @@ def make_watcher(
     pdf: bool = False,
     lab_name: str = "",
 ) -> Watcher:
-    """The Watcher of `site`, its Run sheet saying what runs (models, device), who started it
-    (`mode`, `command`), how it watches and where its ledger is.  Raises LedgerError when the
+    """The Watcher of `site`, its Run sheet saying what runs (`record`: the classifier's, with the
+    command that started it), who started it (`mode`), how it watches and where its ledger is.  Raises LedgerError when the
     state file cannot be used.  `pdf`: keep a PDF report beside the report too; `lab_name` heads it."""
     observer = f"polling every {timing.interval:g} s" if timing.polling else "native (system events)"
-    run = classifier.run_info(root=site.root, command=command, extra={
-        "mode": mode, "observer": observer, "settle time": f"{timing.settle:g} s", "ledger": str(site.state)})
+    run = replace(record, extra={**record.extra, "mode": mode, "observer": observer,
+                                 "settle time": f"{timing.settle:g} s", "ledger": str(site.state)})
     watcher = Watcher(site.root, site.out, classifier, site.state, run, single=single, timing=timing,
                       on_predictions=on_predictions)
     watcher.report.lab_name = lab_name
