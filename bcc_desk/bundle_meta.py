@@ -6,6 +6,7 @@ network wants, its thresholds.  The desktop app lists, compares and shows bundle
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,10 +207,13 @@ class BundleMeta:
                 display_names=[str(c) for c in data.get("display_names") or []],
                 members=[_member(m) for m in data.get("members") or []],
             )
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:  # Overflow: int(Infinity)
             raise ValueError(f"malformed field ({exc})") from None
 
     def validate(self) -> None:
+        """Refuse what no trainer writes and a network cannot run on: each failure one line naming
+        the field (a damaged or hostile bundle.json must never become confident nonsense, a
+        runaway allocation or a traceback)."""
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must be two or more distinct names, got {self.classes}")
         if self.display_names and (len(self.display_names) != len(self.classes)
@@ -231,6 +235,47 @@ class BundleMeta:
             raise ValueError(f"an ensemble member's input size must be within 16..{self.input.size} (the ensemble's)")
         if any("size" in m for m in self.members) and self.input.interpolation not in ("bilinear", "bicubic"):
             raise ValueError("members of other input sizes need bilinear or bicubic interpolation")
+        _bounded(self.temperature, "temperature", *TEMPERATURE_RANGE)
+        _bounded(self.input.size, "input.size", *INPUT_SIZE_RANGE)
+        _bounded(self.input.crop_pct, "input.crop_pct", *CROP_PCT_RANGE)
+        for k, (m, s) in enumerate(zip(self.input.mean, self.input.std, strict=True)):
+            _bounded(m, f"input.mean[{k}]", 0.0, 1.0)
+            _bounded(s, f"input.std[{k}]", *STD_RANGE)
+        if not isinstance(self.head.hidden, list):
+            raise ValueError(f"head.hidden must be a list of layer widths, not {self.head.hidden!r}")
+        if len(self.head.hidden) > MAX_HIDDEN_LAYERS:
+            raise ValueError(f"head.hidden has {len(self.head.hidden)} layers; at most {MAX_HIDDEN_LAYERS}")
+        for k, width in enumerate(self.head.hidden):
+            if not isinstance(width, int) or isinstance(width, bool):
+                raise ValueError(f"head.hidden[{k}] must be a whole number, not {width!r}")
+            _bounded(width, f"head.hidden[{k}]", 1, MAX_HIDDEN_WIDTH)
+        _bounded(self.head.dropout, "head.dropout", 0.0, 0.99)
+        if len(self.classes) > MAX_CLASSES:
+            raise ValueError(f"classes: {len(self.classes)} names; at most {MAX_CLASSES}")
+        if self.ood is not None:
+            _bounded(self.ood.threshold, "ood.threshold", 0.0, float("inf"), finite=False)
+        for k, member in enumerate(self.members):
+            _bounded(member["temperature"], f"members[{k}].temperature", *TEMPERATURE_RANGE)
+
+
+TEMPERATURE_RANGE = (1e-2, 1e2)
+"""Calibration's temperatures lie near 1 (0.5-2 in every bundle so far); one near 0 turns every
+logit into infinity, and the softmax into NaN."""
+INPUT_SIZE_RANGE = (16, 1024)
+"""Pixels of the network's input side; beyond it a batch would not fit a lab PC's memory."""
+CROP_PCT_RANGE = (0.5, 1.0)
+STD_RANGE = (1e-3, 10.0)
+"""Per-channel spread on the 0..1 scale: a zero one divides by zero."""
+MAX_HIDDEN_LAYERS, MAX_HIDDEN_WIDTH = 4, 16384
+MAX_CLASSES = 1000
+
+
+def _bounded(value: Any, field: str, low: float, high: float, *, finite: bool = True) -> None:
+    """`value` is a number within low..high (and finite): a ValueError naming `field` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{field} must be a number, not {value!r}")
+    if math.isnan(value) or (finite and math.isinf(value)) or not low <= value <= high:
+        raise ValueError(f"{field} must be a number within {low:g}..{high:g}, got {value!r}")
 
 
 def _verdict(data: Any) -> Verdict:
@@ -358,9 +403,14 @@ def read_meta(folder: Path) -> BundleMeta:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise BundleError(f"{folder} is not a model bundle: it has no {META_FILE}")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise BundleError(f"{meta_path} is {meta_path.stat().st_size:,} bytes: no bundle.json is over "
+                          f"{MAX_META_BYTES // 2**20} MB")
     try:
         meta = BundleMeta.from_json(json.loads(meta_path.read_text(encoding="utf-8")))
         meta.validate()
+    except RecursionError:
+        raise BundleError(f"{meta_path} is nested too deeply to be a bundle.json") from None
     except UnicodeDecodeError:
         raise BundleError(f"{meta_path} is not a text file") from None
     except json.JSONDecodeError as exc:
@@ -368,6 +418,10 @@ def read_meta(folder: Path) -> BundleMeta:
     except ValueError as exc:
         raise BundleError(f"{meta_path}: {exc}") from None
     return meta
+
+
+MAX_META_BYTES = 16 * 2**20
+"""bundle.json holds thresholds, metrics and a colour profile: a few hundred kB at most."""
 
 
 def _rgb(values: Any, field: str) -> tuple[float, float, float]:

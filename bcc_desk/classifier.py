@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from bcc_desk.devices import autocast, default_batch_size, device_label, pick_de
 from bcc_desk.heap import keep_freed_memory
 from bcc_desk.images import ImageReadError, open_image
 from bcc_desk.prediction import (
+    NO_ANSWER,
     REVIEW_COLOUR,
     REVIEW_LOW_CONFIDENCE,
     REVIEW_UNFAMILIAR,
@@ -157,6 +159,7 @@ class Classifier:
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.batch_size = batch_size or default_batch_size(self.device)
         self.compile = compile
+        self._answered = False  # whether a batch has given numbers yet
         self.tta = tta
         self.workers = max(1, workers)
         self.classes = members[0].labels  # the names a user reads (bundle.labels), in output order
@@ -386,6 +389,12 @@ class Classifier:
                 for i, (p, r) in enumerate(good):
                     results[p] = self._record(p, root, probs[i], None if ood is None else float(ood[i]),
                                               self._colour_ratio(r.colour))
+                # A network whose first batch is all NaN is broken, not the images (later, one
+                # such image is an error row: a daemon never stops on one file).
+                if not self._answered and all(results[p].error == NO_ANSWER for p, _ in good):
+                    raise BundleError(f"{self.name} gives no usable answer (its outputs are not numbers) on the first "
+                                      f"{len(good)} images: its weights or bundle.json are damaged; retrain or re-export it")
+                self._answered = True
             for p, outcome in batch:
                 if isinstance(outcome, ImageReadError):
                     yield error_prediction(p, root, str(outcome), self.name, self.sha256)
@@ -407,6 +416,8 @@ class Classifier:
     def _record(self, path: Path, root: Path, probs: torch.Tensor, ood_ratio: float | None,
                 colour_ratio: float | None = None) -> Prediction:
         values = probs.tolist()
+        if not all(math.isfinite(v) for v in values):  # damaged weights: an error row, never a label
+            return error_prediction(path, root, NO_ANSWER, self.name, self.sha256)
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
         top, runner_up = values[order[0]], values[order[1]]
         reasons = []

@@ -191,6 +191,8 @@ def classify(
     interrupted = False
     try:
         _run(classifier, paths, folder, quiet, predictions)
+    except BundleError as exc:  # a damaged network: its first images gave no number
+        fail(str(exc))
     except KeyboardInterrupt:
         interrupted = True
         console.print(Text.assemble(("interrupted", "yellow"), f": writing the report for the {len(predictions)} images done"))
@@ -389,7 +391,7 @@ def watch(
             signal.signal(getattr(signal, name), stop)
     try:
         watcher.run()
-    except WatchError as exc:
+    except (WatchError, BundleError) as exc:  # BundleError: a damaged network, found on the sample image
         fail(str(exc))
     except Exception:
         logging.getLogger("bcc_desk.watch").exception("the watch stopped on an unexpected error")

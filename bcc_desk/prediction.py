@@ -14,6 +14,8 @@ REVIEW_LOW_CONFIDENCE = "low confidence"
 REVIEW_UNFAMILIAR = "unlike training data"
 REVIEW_UNREADABLE = "unreadable"
 REVIEW_DISAGREES = "disagrees with its slide"
+NO_ANSWER = "the model's output is not a number (its bundle is damaged): no label"
+"""The error of an image whose probabilities came out NaN or infinite: never a label."""
 REVIEW_COLOUR = "colours unlike training: re-stain, white-balance, or retrain on your slides"
 
 
