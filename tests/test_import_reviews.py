@@ -186,3 +186,36 @@ def test_one_image_under_two_labels_in_one_import_is_refused(case: Path, model: 
     before = snapshot(data)
     one_line_error(import_(workbook, "--into", data), "slide-1/copy.jpg is the same image as", "labelled")
     assert snapshot(data) == before
+
+
+def test_a_run_sheet_class_that_leads_out_of_data_is_refused_and_nothing_is_written(case: Path, model: Path,
+                                                                                    tmp_path: Path) -> None:
+    """Hostile input (issue #39): a Run sheet whose classes name `../../x` or an absolute path
+    once copied images there.  Now one line, and nothing written anywhere."""
+    for escape in ("../../outside", str(tmp_path / "absolute")):
+        workbook = reviewed_export(case, model, tmp_path / "w.xlsx", {0: LABELS[1]})
+        wb = openpyxl.load_workbook(workbook)
+        run = wb["Run"]
+        row = next(r for r in run.iter_rows(min_row=2) if r[0].value == "classes")
+        row[1].value = "; ".join([escape, *LABELS[1:]])
+        wb.save(workbook)
+        edit(workbook, 2, "reviewer label", escape)
+        fresh = tmp_path / "lab" / "data"
+        one_line_error(import_(workbook, "--into", fresh), "w.xlsx, row 2", "cannot be a folder name inside the data folder")
+        assert not fresh.exists() and not (tmp_path / "outside").exists() and not (tmp_path / "absolute").exists()
+
+
+def test_a_pipe_named_xlsx_and_a_workbook_that_inflates_too_far_are_refused_before_reading(
+        case: Path, model: Path, data: Path, tmp_path: Path, monkeypatch) -> None:
+    import os
+    import zipfile
+
+    from trainer import reviews
+
+    fifo = tmp_path / "x.xlsx"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    one_line_error(import_(fifo, "--into", data), "x.xlsx: not a regular file")
+    workbook = reviewed_export(case, model, tmp_path / "w.xlsx", {0: LABELS[1]})
+    unpacked = sum(i.file_size for i in zipfile.ZipFile(workbook).infolist())
+    monkeypatch.setattr(reviews, "MAX_UNPACKED_BYTES", unpacked - 1)  # the same check a 4 GB bomb meets
+    one_line_error(import_(workbook, "--into", data), "w.xlsx: its parts inflate to", "not read")

@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from zipfile import BadZipFile
+from zipfile import BadZipFile, ZipFile
 
 from bcc_desk.bundle import BundleMeta, display_name
 from bcc_desk.files import file_sha256, write_text_atomic
@@ -35,6 +36,10 @@ from trainer.manifest import MANIFEST, ReviewImportError, manifest_text, read_ma
 __all__ = ["ImportSummary", "ReviewImportError", "import_reviews", "read_workbook"]
 
 _LABEL, _BY, _AT = REVIEW_COLUMNS
+MAX_WORKBOOK_BYTES = 200 * 2**20
+"""A review export of tens of thousands of rows is a few MB; more is not one of ours."""
+MAX_UNPACKED_BYTES = 512 * 2**20
+"""What its parts may inflate to (a zip bomb of 4 MB inflated to 4 GB and ended in MemoryError)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ def read_workbook(path: Path, images: Path | None = None) -> Workbook:
     where = path.name
     if path.suffix.lower() != ".xlsx":
         raise ReviewImportError(f"{where}: not an .xlsx workbook (export the reviews from bcc-desk as .xlsx)")
+    _check_size(path, where)
     try:
         wb = load_workbook(path, read_only=True, data_only=False)
     except FileNotFoundError:
@@ -147,6 +153,30 @@ def read_workbook(path: Path, images: Path | None = None) -> Workbook:
         _check_image(where, item)
     return Workbook(path, file_sha256(path), root.absolute(), classes, run.get("model", run.get("model 1", "")),
                     run.get("model sha256", run.get("model 1 sha256", "")), reviewed, unreviewed)
+
+
+def _check_size(path: Path, where: str) -> None:
+    """A regular file (a FIFO named .xlsx would block the read forever) of a workbook's size,
+    whose parts do not inflate past MAX_UNPACKED_BYTES: checked before any parsing."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ReviewImportError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise ReviewImportError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ReviewImportError(f"{where}: not a regular file (a pipe, a device or a folder)")
+    if info.st_size > MAX_WORKBOOK_BYTES:
+        raise ReviewImportError(f"{where}: {info.st_size:,} bytes, larger than any review export "
+                                f"({MAX_WORKBOOK_BYTES // 2**20} MB at most)")
+    try:
+        with ZipFile(path) as archive:
+            unpacked = sum(item.file_size for item in archive.infolist())
+    except (BadZipFile, OSError, ValueError) as exc:
+        raise ReviewImportError(f"{where}: not a readable Excel workbook ({type(exc).__name__})") from None
+    if unpacked > MAX_UNPACKED_BYTES:
+        raise ReviewImportError(f"{where}: its parts inflate to {unpacked:,} bytes, more than any review export "
+                                f"({MAX_UNPACKED_BYTES // 2**20} MB at most); not read")
 
 
 def _run_fields(wb) -> dict[str, str]:
@@ -205,6 +235,10 @@ def _target_class(where: str, item: Reviewed, classes: list[str], folders: list[
     for folder in folders:
         if BundleMeta(name="", arch="", classes=[folder]).class_index(label) is not None:
             return folder
+    if label in (".", "..") or any(c in label for c in "/\\\0:") or len(label) > 120:
+        # A new class folder is one plain name inside DATA: a Run sheet's class never leads out of it.
+        raise ReviewImportError(f"{where}, row {item.row}: the class {label!r} cannot be a folder name inside "
+                                "the data folder; nothing was imported")
     return label
 
 
