@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bcc_desk.safe_text import name_text
+
 REVIEW_LOW_CONFIDENCE = "low confidence"
 REVIEW_UNFAMILIAR = "unlike training data"
 REVIEW_UNREADABLE = "unreadable"
@@ -66,10 +68,10 @@ def relative_location(path: Path, root: Path) -> tuple[str, str]:
         try:
             rel = path.resolve().relative_to(root.resolve())
         except (ValueError, OSError):
-            return path.as_posix(), path.parent.name
+            return name_text(path.as_posix()), name_text(path.parent.name)
     parent = rel.parent.as_posix()
     slide = root.name if parent == "." else parent
-    return rel.as_posix(), slide
+    return name_text(rel.as_posix()), name_text(slide)
 
 
 def error_prediction(path: Path, root: Path, error: str, model: str, model_sha256: str) -> Prediction:

@@ -21,3 +21,12 @@ def csv_plain(s: str) -> str:
 def pdf_text(s: object) -> str:
     """`s` for a reportlab Paragraph, which reads its text as markup: '<b>' stays literal text."""
     return escape(str(s))
+
+
+def name_text(s: str) -> str:
+    """A file or folder name as text every writer takes (xlsx, CSV, PDF, SQLite, the console).
+
+    Linux allows any bytes in a name; Python hands the ones that are not UTF-8 over as lone
+    surrogates, which no encoder accepts (one such file ended `bcc classify` with a traceback and
+    no report).  They become `\\xNN`: visible, and a way back to the file's real bytes."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

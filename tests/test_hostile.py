@@ -124,3 +124,27 @@ def test_an_image_whose_probabilities_are_not_numbers_is_an_error_row_never_a_la
     image = next(iter(real_images.values()))[0]
     row = clf._record(image, image.parent, torch.tensor([float("nan"), 0.5, 0.2, 0.3]), None)
     assert row.label is None and row.confidence is None and row.needs_review and row.error == NO_ANSWER
+
+
+def test_a_file_name_that_is_not_utf8_is_classified_and_reported_as_xnn(good: Path, tmp_path: Path, real_images) -> None:
+    """Linux allows any bytes in a name; one such file ended bcc classify with a traceback and no
+    report, with --csv too.  Now the report holds it, its odd bytes written \\xNN."""
+    import csv
+    import os
+
+    import openpyxl
+
+    root = slide_folders(tmp_path / "lab", real_images, 1, ("slide-1",), empty_file=False)
+    odd = os.fsdecode(b"field-\xff\xfe.jpg")
+    shutil.copyfile(next(iter(real_images.values()))[0], root / "slide-1" / odd)
+    (root / os.fsdecode(b"slide-\xe9")).mkdir()
+    shutil.copyfile(next(iter(real_images.values()))[1], root / os.fsdecode(b"slide-\xe9") / "x.jpg")
+    for args, out in ((["--csv"], tmp_path / "r.csv"), ([], tmp_path / "r.xlsx")):
+        r = CliRunner().invoke(cli.app, ["classify", str(root), "-m", str(good), "-o", str(out), "--allow-unvalidated",
+                                         *args])
+        assert r.exit_code == 0, r.output
+        if out.suffix == ".csv":
+            files = [row["file"] for row in csv.DictReader(out.open(encoding="utf-8-sig"))]
+        else:
+            files = [row[0] for row in openpyxl.load_workbook(out, read_only=True)["Images"].iter_rows(min_row=2, values_only=True)]
+        assert "slide-1/field-\\xff\\xfe.jpg" in files and "slide-\\xe9/x.jpg" in files

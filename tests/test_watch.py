@@ -229,6 +229,26 @@ def test_new_content_is_classified_again_in_the_same_row(tmp_path: Path, classif
     assert got[0]["label"] == expected.label
 
 
+def test_names_that_are_not_utf8_are_watched_reported_and_never_stop_the_watch(tmp_path: Path, classifier: Classifier,
+                                                                               jpgs) -> None:
+    """Linux allows any bytes in a name (issue #39: one such file stopped bcc watch on every
+    restart).  It is classified once, kept in the ledger under its real name, reported with its
+    odd bytes as \\xNN, and a restart finds it done; the images after it are classified too."""
+    odd_slide, odd_file = os.fsdecode(b"slide-\xe9"), os.fsdecode(b"field-\xff\xfe.jpg")
+    with watching(tmp_path, classifier) as w:
+        (w.root / odd_slide).mkdir()
+        shutil.copyfile(jpgs[0], w.root / odd_slide / odd_file)
+        shutil.copyfile(jpgs[1], w.root / odd_slide / "after.jpg")
+        wait_for("both images", lambda: all_done(w.state, {f"{odd_slide}/{odd_file}", f"{odd_slide}/after.jpg"}))
+    assert sorted(report_files(w.out)) == ["slide-\\xe9/after.jpg", "slide-\\xe9/field-\\xff\\xfe.jpg"]
+    done = rows(w.state)[f"{odd_slide}/{odd_file}"]
+    with watching(tmp_path, classifier) as again:  # the same ledger: nothing to classify again
+        time.sleep(3 * SETTLE)
+        assert rows(again.state)[f"{odd_slide}/{odd_file}"] == done
+        shutil.rmtree(again.root / odd_slide)  # the odd slide folder taken away: its rows vanish
+        wait_for("the folder gone", lambda: all(r.state == VANISHED for r in rows(again.state).values()))
+
+
 def test_a_burst_of_hundreds_is_classified_in_batches(tmp_path: Path, classifier: Classifier, jpgs, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="bcc_desk.watch")
     copied, dragged = jpgs[:100], jpgs[100:200]

@@ -194,11 +194,11 @@ class Ledger:
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, path: str) -> Row | None:
-        r = self._db.execute(f"SELECT {_ROW_FIELDS} FROM files WHERE path = ?", (path,)).fetchone()
-        return Row(*r) if r is not None else None
+        r = self._db.execute(f"SELECT {_ROW_FIELDS} FROM files WHERE path = ?", (_key(path),)).fetchone()
+        return Row(_rel(r[0]), *r[1:]) if r is not None else None
 
     def rows(self) -> dict[str, Row]:
-        return {r[0]: Row(*r) for r in self._db.execute(f"SELECT {_ROW_FIELDS} FROM files")}
+        return {_rel(r[0]): Row(_rel(r[0]), *r[1:]) for r in self._db.execute(f"SELECT {_ROW_FIELDS} FROM files")}
 
     def done_with_hash(self, sha256: str, model_sha256: str) -> str | None:
         """A path whose content `sha256` this model already classified (a copy or a move)."""
@@ -206,7 +206,7 @@ class Ledger:
             "SELECT path FROM files WHERE sha256 = ? AND model_sha256 = ? AND label IS NOT NULL LIMIT 1",
             (sha256, model_sha256),
         ).fetchone()
-        return r[0] if r is not None else None
+        return _rel(r[0]) if r is not None else None
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
@@ -221,12 +221,12 @@ class Ledger:
     def prediction(self, path: str) -> Prediction | None:
         """The report's row of one file, or None when it has no outcome (pending, vanished)."""
         r = self._db.execute(
-            f"SELECT path, {', '.join(_OUTCOME)} FROM files WHERE path = ? AND state IN (?, ?)", (path, *REPORTED)
+            f"SELECT path, {', '.join(_OUTCOME)} FROM files WHERE path = ? AND state IN (?, ?)", (_key(path), *REPORTED)
         ).fetchone()
         return self._prediction(r) if r is not None else None
 
     def _prediction(self, r: sqlite3.Row) -> Prediction:
-        path = self.root / r["path"]
+        path = self.root / _rel(r["path"])
         file, slide = relative_location(path, self.root)
         return Prediction(
             path=path,
@@ -254,7 +254,7 @@ class Ledger:
         self._db.execute(
             "INSERT OR IGNORE INTO files (path, size, mtime_ns, state, first_seen, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (path, st.st_size, st.st_mtime_ns, PENDING, now, now),
+            (_key(path), st.st_size, st.st_mtime_ns, PENDING, now, now),
         )
 
     def record(self, path: str, st: os.stat_result, sha256: str | None, p: Prediction, attempts: int = 0) -> None:
@@ -268,24 +268,24 @@ class Ledger:
             "sha256 = excluded.sha256, state = excluded.state, attempts = excluded.attempts, "
             + ", ".join(f"{c} = excluded.{c}" for c in _OUTCOME)
             + ", updated_at = excluded.updated_at",
-            (path, st.st_size, st.st_mtime_ns, sha256, DONE if p.ok else ERROR, attempts, *outcome, now, now),
+            (_key(path), st.st_size, st.st_mtime_ns, sha256, DONE if p.ok else ERROR, attempts, *outcome, now, now),
         )
 
     def copy_outcome(self, source: str, path: str, st: os.stat_result, sha256: str) -> None:
         """Give `path` the outcome already stored for the same content at `source` (a copy, or a
         move the watcher saw as a delete and a create): same image, same answer, no work."""
         with self.transaction() as db:
-            r = db.execute(f"SELECT {', '.join(_OUTCOME)} FROM files WHERE path = ?", (source,)).fetchone()
+            r = db.execute(f"SELECT {', '.join(_OUTCOME)} FROM files WHERE path = ?", (_key(source),)).fetchone()
             now = _now()
             db.execute(
                 "INSERT OR IGNORE INTO files (path, size, mtime_ns, state, first_seen, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (path, st.st_size, st.st_mtime_ns, PENDING, now, now),
+                (_key(path), st.st_size, st.st_mtime_ns, PENDING, now, now),
             )
             db.execute(
                 f"UPDATE files SET size = ?, mtime_ns = ?, sha256 = ?, state = ?, attempts = 0, "
                 f"{', '.join(f'{c} = ?' for c in _OUTCOME)}, updated_at = ? WHERE path = ?",
-                (st.st_size, st.st_mtime_ns, sha256, DONE, *r, now, path),
+                (st.st_size, st.st_mtime_ns, sha256, DONE, *r, now, _key(path)),
             )
 
     def refresh(self, path: str, st: os.stat_result, state: str) -> None:
@@ -293,13 +293,13 @@ class Ledger:
         the outcome restored to `state`."""
         self._db.execute(
             "UPDATE files SET size = ?, mtime_ns = ?, state = ?, updated_at = ? WHERE path = ?",
-            (st.st_size, st.st_mtime_ns, state, _now(), path),
+            (st.st_size, st.st_mtime_ns, state, _now(), _key(path)),
         )
 
     def failed_read(self, path: str, attempts: int) -> None:
         """Count a read that will be retried.  The row keeps its state and outcome: a pending
         row must not look finished (the reason goes to the log until the last try)."""
-        self._db.execute("UPDATE files SET attempts = ?, updated_at = ? WHERE path = ?", (attempts, _now(), path))
+        self._db.execute("UPDATE files SET attempts = ?, updated_at = ? WHERE path = ?", (attempts, _now(), _key(path)))
 
     def vanish(self, paths: list[str]) -> int:
         """Mark files that are no longer under ROOT (their outcome kept); returns how many."""
@@ -308,7 +308,7 @@ class Ledger:
             return sum(
                 db.execute(
                     "UPDATE files SET state = ?, updated_at = ? WHERE path = ? AND state != ?",
-                    (VANISHED, now, path, VANISHED),
+                    (VANISHED, now, _key(path), VANISHED),
                 ).rowcount
                 for path in paths
             )
@@ -316,11 +316,13 @@ class Ledger:
     def vanish_under(self, folder: str) -> list[str]:
         """Vanish every row under a relative folder (a slide folder moved away or deleted)."""
         prefix = folder.rstrip("/") + "/"
+        raw = os.fsencode(prefix)  # rows stored as bytes (names that are not UTF-8) compare byte-wise
         paths = [
-            r[0]
+            _rel(r[0])
             for r in self._db.execute(
-                "SELECT path FROM files WHERE substr(path, 1, ?) = ? AND state != ?",
-                (len(prefix), prefix, VANISHED),
+                "SELECT path FROM files WHERE state != ? AND ((typeof(path) = 'text' AND substr(path, 1, ?) = ?) "
+                "OR (typeof(path) = 'blob' AND substr(path, 1, ?) = ?))",
+                (VANISHED, len(prefix), _key(prefix), len(raw), raw),
             )
         ]
         self.vanish(paths)
@@ -328,6 +330,21 @@ class Ledger:
 
 
 _ROW_FIELDS = "path, size, mtime_ns, sha256, state, attempts, label, error, model_sha256"
+
+
+def _key(rel: str) -> str | bytes:
+    """A relative path as the ledger stores it: text, or its exact bytes for a name that is not
+    UTF-8 (Linux allows any; SQLite's text would refuse it, and a watch must never stop on one file)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(rel)
+    return rel
+
+
+def _rel(stored: str | bytes) -> str:
+    """The relative path a `_key` stored, as the file system spells it."""
+    return os.fsdecode(stored) if isinstance(stored, bytes) else stored
 
 
 def _outcome_values(p: Prediction) -> tuple:
