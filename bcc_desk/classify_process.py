@@ -289,8 +289,7 @@ class _Model:
 
         stamp = tuple(bundle_fingerprint(Path(d)) for d in spec.model_dirs)
         kept = self.classifiers.pop(spec, None)
-        if kept is None or kept[0] != stamp:
-            kept = None  # a bundle replaced on disk: its old network goes before the new is built
+        if kept is None or kept[0] != stamp:  # new, or its bundle replaced on disk (the old network is gone)
             while len(self.classifiers) >= self.KEEP:
                 del self.classifiers[next(iter(self.classifiers))]
             kept = (stamp, spec.build())
@@ -335,8 +334,10 @@ class ChildClassifier:
     def __init__(self, engine: ClassifierProcess, spec: RunSpec, root: Path, *, command: str,
                  stop: Callable[[], bool] = lambda: False) -> None:
         self.engine, self.spec, self.command, self.stop = engine, spec, command, stop
-        prepared = next((m for m in engine.classify(spec, [], root, command=command, stop=stop)
-                         if isinstance(m, Prepared)), None)
+        prepared = None
+        for message in engine.classify(spec, [], root, command=command, stop=stop):  # no paths: Prepared, done
+            if isinstance(message, Prepared):
+                prepared = message
         if prepared is None:
             raise ClassifyFailed("stopped before the model was loaded")
         self.info = prepared.run_info
