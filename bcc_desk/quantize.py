@@ -144,9 +144,20 @@ _ERROR = "int8 unavailable: "
 
 
 def package_identity(bundle: Bundle) -> str:
-    """What names a bundle's int8 network: its weights and its calibration images (sha256s)."""
-    assert bundle.meta.int8 is not None
-    return f"{bundle.sha256}:{bundle.meta.int8.calibration_sha256}"
+    """What names a bundle's int8 network: its weights and calibration images (sha256s), what
+    bundle.json says the network is (architecture, classes, head, input, OOD features, members)
+    and the software that builds it.  A kept package is loaded without building the network
+    from the weights: a bundle.json edited to declare other classes or another architecture must
+    miss the cache and be refused where the network is built, never run the old package."""
+    from bcc_desk import __version__
+
+    meta = bundle.meta
+    assert meta.int8 is not None
+    network = {"arch": meta.arch, "classes": meta.classes, "head": asdict(meta.head), "input": asdict(meta.input),
+               "ood": None if meta.ood is None else [meta.ood.method, meta.ood.features],
+               "members": meta.members, "bcc_desk": __version__}
+    declared = hashlib.sha256(json.dumps(network, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{bundle.sha256}:{meta.int8.calibration_sha256}:{declared}"
 
 
 def _package_path(bundle: Bundle, batch_size: int, autocast_dtype: torch.dtype | None, cache_dir: Path | None) -> Path:

@@ -292,3 +292,23 @@ def test_without_a_compiler_runs_go_eager_at_once_with_one_complete_warning(
         assert "apt install g++" in warnings[0] and "Visual Studio Build Tools" in warnings[0], warnings[0]
         assert "Traceback" not in proc.stderr and "preparing int8" not in proc.stderr
         assert "4 of 4 images classified" in proc.stdout
+
+
+def test_a_kept_package_is_never_run_for_a_bundle_json_that_declares_another_network(
+    int8_bundle: Path, kept_cache: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """Hostile input (issue #39): bundle.json edited to declare 3 classes against the weights' 4
+    outputs once ran the kept package (labels under wrong names, a class's probability dropped).
+    Now the package's key covers what bundle.json declares: the edit misses the cache, and the
+    network built from the weights refuses the bundle."""
+    import json
+
+    edited = shutil.copytree(int8_bundle, tmp_path / "three")
+    data = json.loads((edited / "bundle.json").read_text())
+    data["classes"] = data["classes"][:3]
+    data["display_names"] = data.get("display_names", [])[:3] if data.get("display_names") else []
+    (edited / "bundle.json").write_text(json.dumps(data))
+    cache = shutil.copytree(kept_cache, tmp_path / "cache")
+    root = images[0].parents[1]
+    with pytest.raises(BundleError, match="does not fit the declared"):
+        list(Classifier(load_bundle(edited, build=False), compile=True, int8_cache=cache).predict_paths(images, root))
