@@ -203,13 +203,18 @@ def classify(
                    finished=datetime.now(timezone.utc),
                    not_classified=[relative_location(path, folder)[0] for path in paths if path not in done])
     written_all, diverted = [], None
-    for target in targets:
-        try:  # a full disk or a folder gone meanwhile sends the report to a fallback folder
-            written, why = write_somewhere(predictions, target, run, lab=lab)
-        except ReportError as exc:
-            fail(f"{exc}; choose another place with --out", EXIT_NOTHING)
-        written_all.append(written)
-        diverted = diverted or why
+    report_log, level = logging.getLogger("bcc_desk.report"), logging.getLogger("bcc_desk.report").level
+    report_log.setLevel(logging.ERROR)  # its warning of a locked target: the line below says it once
+    try:
+        for target in targets:
+            try:  # a full disk or a folder gone meanwhile sends the report to a fallback folder
+                written, why = write_somewhere(predictions, target, run, lab=lab)
+            except ReportError as exc:
+                fail(f"{exc}; choose another place with --out", EXIT_NOTHING)
+            written_all.append(written)
+            diverted = diverted or why
+    finally:
+        report_log.setLevel(level)
     written = written_all[0]
     global _report_written
     _report_written = True

@@ -13,7 +13,7 @@ from pathlib import Path
 from bcc_desk.lab_records import LabRecords
 from bcc_desk.prediction import Prediction
 from bcc_desk.report import ExtraColumns, write_csv, write_report
-from bcc_desk.report_file import ReportError
+from bcc_desk.report_file import ReportError, locked_target
 from bcc_desk.run_record import RunInfo
 
 log = logging.getLogger("bcc_desk.report")
@@ -48,12 +48,17 @@ def write_somewhere(
     take it (no space left, read-only, the folder gone, permissions changed during the run), in
     the first fallback folder that can: the per-user data directory's `reports/`, then the temp
     folder.  Results are never lost to a storage fault.  Returns the path written and, when it is
-    not `out`'s folder, why (one line); raises ReportError only when no place could take it."""
+    not `out` (a fallback folder, or beside `out` while Excel holds it), why (one line); raises
+    ReportError only when no place could take it."""
     writer = writer_for(out)
     try:
-        return writer(predictions, out, run, extra_columns=extra_columns, lab=lab), None
+        written = writer(predictions, out, run, extra_columns=extra_columns, lab=lab)
     except ReportError as exc:
         reason = str(exc)
+    else:  # beside `out` when Excel holds it: not where a script looks either (exit code 3)
+        if written == out:
+            return written, None
+        return written, f"{out} is {'open in another program' if locked_target(out) else 'in use and could not be replaced'}"
     stamp = datetime.now().strftime("%Y-%m-%d %H%M%S")
     name = f"{out.stem} ({Path(run.root).name or 'run'}, {stamp}){out.suffix}"
     for folder in fallback_folders():

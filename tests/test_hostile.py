@@ -148,3 +148,19 @@ def test_a_file_name_that_is_not_utf8_is_classified_and_reported_as_xnn(good: Pa
         else:
             files = [row[0] for row in openpyxl.load_workbook(out, read_only=True)["Images"].iter_rows(min_row=2, values_only=True)]
         assert "slide-1/field-\\xff\\xfe.jpg" in files and "slide-\\xe9/x.jpg" in files
+
+
+def test_a_report_diverted_beside_a_target_open_in_excel_exits_3_with_one_line(good: Path, tmp_path: Path,
+                                                                               real_images) -> None:
+    """The README's exit code 3 (the report is not where asked) also when Excel holds the target:
+    a script reading r.xlsx would read last week's report.  Before: exit 0."""
+    root = slide_folders(tmp_path / "lab", real_images, 1, ("slide-1",), empty_file=False)
+    out = tmp_path / "r.xlsx"
+    out.write_bytes(b"last week's report, open in Excel")
+    (tmp_path / "~$r.xlsx").write_bytes(b"owner")
+    r = CliRunner().invoke(cli.app, ["classify", str(root), "-m", str(good), "-o", str(out), "--allow-unvalidated"])
+    assert r.exit_code == 3, r.output
+    [beside] = tmp_path.glob("r (*).xlsx")
+    said = [line for line in r.output.splitlines() if "open in another program" in line]
+    assert len(said) == 1 and said[0].startswith("warning:") and said[0].endswith(f"the report is in {beside}"), r.output
+    assert out.read_bytes() == b"last week's report, open in Excel"
