@@ -29,7 +29,7 @@ from bcc_desk.prediction import REVIEW_DISAGREES
 from bcc_desk.run_record import RunInfo
 from bcc_desk.watch.ledger import DONE, ERROR, PENDING, VANISHED, Ledger
 from bcc_desk.watch.settle import READ_RETRIES
-from bcc_desk.watch.site import WatchTiming, default_state, lock_state, log_file
+from bcc_desk.watch.site import WatchTiming, claim_watch, default_state, lock_state, log_file
 from bcc_desk.watch.watcher import Watcher
 
 from bundles import CLASSES, LABELS, make_bundle
@@ -247,6 +247,35 @@ def test_names_that_are_not_utf8_are_watched_reported_and_never_stop_the_watch(t
         assert rows(again.state)[f"{odd_slide}/{odd_file}"] == done
         shutil.rmtree(again.root / odd_slide)  # the odd slide folder taken away: its rows vanish
         wait_for("the folder gone", lambda: all(r.state == VANISHED for r in rows(again.state).values()))
+
+
+def test_a_damaged_ledger_is_moved_aside_and_every_image_classified_again(tmp_path: Path, classifier: Classifier,
+                                                                          jpgs, caplog) -> None:
+    """Issue #39: a ledger whose pages are damaged (header intact) gave a traceback on every start.
+    It is found at start, kept aside under a name the log gives, and a new one is filled from the
+    folder: every image once in the report, none lost."""
+    names = {f"slide/{i}.jpg" for i in range(3)}
+    with watching(tmp_path, classifier) as w:
+        (w.root / "slide").mkdir()
+        for i, name in enumerate(sorted(names)):
+            shutil.copyfile(jpgs[i], w.root / name)
+        wait_for("the images", lambda: all_done(w.state, names))
+    state = w.state
+    data = bytearray(state.read_bytes())
+    assert len(data) > 3 * 4096 and not state.with_name(state.name + "-wal").exists()
+    data[4096:] = bytes(b ^ 0x5A for b in data[4096:])  # every page after the first (the header's)
+    state.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="bcc_desk.watch"), watching(tmp_path, classifier) as again:
+        wait_for("the images again", lambda: all_done(again.state, names))
+        wait_for("the report", lambda: sorted(report_files(again.out)) == sorted(names))
+    [aside] = state.parent.glob(f"{state.name}.damaged-*")
+    said = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(said) == 1 and aside.name in said[0] and "every image under" in said[0], said
+    assert aside.read_bytes() == bytes(data)  # kept as it was, for whoever looks into it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bcc_desk.watch"), watching(tmp_path, classifier) as third:
+        assert all_done(third.state, names)  # the new ledger is sound: nothing moved aside again
+    assert "damaged" not in caplog.text and len(list(state.parent.glob("*.damaged-*"))) == 1
 
 
 def test_a_burst_of_hundreds_is_classified_in_batches(tmp_path: Path, classifier: Classifier, jpgs, caplog) -> None:
@@ -526,3 +555,22 @@ def test_usage_errors_stop_the_daemon_before_it_starts(tmp_path: Path, model: Pa
     Ledger(state, tmp_path).close()  # a ledger of another folder
     result = runner.invoke(cli.app, ["watch", str(root), "--state", str(state), "--model", str(model)])
     assert result.exit_code == cli.EXIT_USAGE and "belongs to the folder" in result.output
+
+
+def test_a_second_daemon_on_the_same_folder_is_refused_whatever_its_state(tmp_path: Path, model: Path) -> None:
+    """Issue #39: two daemons with different --state on one folder both ran, classifying every
+    arrival twice into one report.  The folder's own lock refuses the second; released, it runs."""
+    root = tmp_path / "export"
+    root.mkdir()
+    first = claim_watch(root)  # a daemon (or the app) already watching it with the default ledger
+    try:
+        result = CliRunner().invoke(cli.app, ["watch", str(root), "--state", str(tmp_path / "other" / "ledger.sqlite"),
+                                              "--model", str(model)], env={"COLUMNS": "300"})
+    finally:
+        first.release()
+    assert result.exit_code == cli.EXIT_USAGE, result.output
+    assert f"already watching {root.resolve()}" in result.output
+    assert not (tmp_path / "other" / "ledger.sqlite").exists()
+    second = claim_watch(root, state=tmp_path / "other" / "ledger.sqlite")  # the folder free again: it may
+    second.release()
+    assert not list((tmp_path / "other").glob("*.lock"))

@@ -82,6 +82,17 @@ _STORAGE_FAULTS = {  # SQLite's primary result codes that say the storage, not t
 }
 
 
+class _Damaged(sqlite3.DatabaseError):
+    """`PRAGMA quick_check` found problems."""
+
+
+def _corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """True when the file's pages are damaged (not when it is no database at all: that is
+    refused, as --state may name someone else's file)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return isinstance(exc, _Damaged) or name.startswith("SQLITE_CORRUPT") or (not name and "malformed" in str(exc))
+
+
 def storage_fault(exc: BaseException) -> str | None:
     """Why the ledger cannot be written, in words, when `exc` is the storage's fault (a full or
     read-only disk, an I/O error: it may pass); None for anything else."""
@@ -130,25 +141,59 @@ class Ledger:
 
     def __init__(self, path: Path, root: Path | None = None) -> None:
         """Open (creating it if need be) the ledger of `root`; without `root`, open an existing
-        ledger to read it (the report writer, tests, a technician's script)."""
+        ledger to read it (the report writer, tests, a technician's script).
+
+        Opened for `root` (the daemon), a ledger whose pages are damaged (a disk fault, a copy
+        taken mid-write) is moved aside and a new one started: every image under ROOT is then
+        classified again, and `damaged` says what happened, for the log."""
         self.path = Path(path)
+        self.damaged: str | None = None
+        """Set when a damaged ledger was moved aside for a new one: one line naming both."""
         create = root is not None
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
-            # Autocommit mode: every write below is its own short transaction (or an explicit one).
-            # Not shared between threads at once, but built in one thread and used in another.
-            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, check_same_thread=False)
-            if create:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.executescript(_SCHEMA)
-            self.root = self._check_meta(root)
-            self._add_missing_columns()
+            try:
+                self._open(root)
+            except sqlite3.DatabaseError as exc:
+                if not (create and _corrupt(exc)):
+                    raise
+                aside = self._move_aside()
+                self.damaged = (f"the ledger {self.path} was damaged ({exc}); it is kept as {aside.name} and a new one "
+                                f"started: the results it held cannot be read, so every image under {root} is classified again")
+                self._open(root)
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"cannot use the state file {self.path}: {exc}") from None
         self._db.row_factory = sqlite3.Row
+
+    def _open(self, root: Path | None) -> None:
+        create = root is not None
+        uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
+        # Autocommit mode: every write below is its own short transaction (or an explicit one).
+        # Not shared between threads at once, but built in one thread and used in another.
+        self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, check_same_thread=False)
+        if create:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            # Damage found now, not at the first write a week later (a traceback on every start).
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise _Damaged("; ".join(problems))
+            self._db.executescript(_SCHEMA)
+        self.root = self._check_meta(root)
+        self._add_missing_columns()
+
+    def _move_aside(self) -> Path:
+        """Rename the damaged file (and its WAL and shared-memory files) out of the way, kept for
+        whoever wants to look into it; returns the new name."""
+        self._db.close()
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            part = self.path.with_name(self.path.name + suffix)
+            if part.exists():
+                os.replace(part, aside.with_name(aside.name + suffix))
+        return aside
 
     def _check_meta(self, root: Path | None) -> Path:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())

@@ -50,25 +50,27 @@ class WatchTiming:
 
 @dataclass(frozen=True)
 class WatchSite:
-    """Where one watch reads and writes, checked, with its state's lock held until `release`."""
+    """Where one watch reads and writes, checked, with its locks held until `release`: ROOT's
+    (one watch per folder, whatever its --state) and the state's, when that is another file."""
 
     root: Path
     out: Path
     state: Path
-    lock: TextIO
+    locks: tuple[TextIO, ...]
 
     def release(self) -> None:
-        """Give up the lock and remove its file (a clean stop leaves nothing behind; a crash
-        leaves the file, unlocked, and the next start takes it)."""
-        path = Path(self.lock.name)
-        if os.name != "nt":
-            path.unlink(missing_ok=True)  # still locked here: no second watch can slip in between
-        self.lock.close()
-        if os.name == "nt":
-            try:
-                path.unlink(missing_ok=True)
-            except OSError:  # another process opened it meanwhile: harmless
-                pass
+        """Give up the locks and remove their files (a clean stop leaves nothing behind; a crash
+        leaves the files, unlocked, and the next start takes them)."""
+        for lock in reversed(self.locks):
+            path = Path(lock.name)
+            if os.name != "nt":
+                path.unlink(missing_ok=True)  # still locked here: no second watch can slip in between
+            lock.close()
+            if os.name == "nt":
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # another process opened it meanwhile: harmless
+                    pass
 
 
 def claim_watch(root: Path, out: Path | None = None, state: Path | None = None) -> WatchSite:
@@ -88,7 +90,17 @@ def claim_watch(root: Path, out: Path | None = None, state: Path | None = None) 
     if problem := unwritable(out.parent):
         raise ReportFolderError(f"cannot write the report in {out.parent} ({problem})")
     state = Path(state or default_state(root)).resolve()
-    return WatchSite(root, out, state, lock_state(state))
+    # ROOT's lock sits where its default ledger would: a second watch with another --state
+    # would classify the same arrivals and write the same report.
+    mine = default_state(root).resolve()
+    locks = [_hold(mine.with_suffix(".lock"), f"another bcc watch (or bcc-desk) is already watching {root}")]
+    if state != mine:
+        try:
+            locks.append(lock_state(state))
+        except WatchError:
+            locks[0].close()
+            raise
+    return WatchSite(root, out, state, tuple(locks))
 
 
 def log_file(state: Path) -> Path:
@@ -120,7 +132,12 @@ def lock_state(state: Path) -> TextIO:
     """Hold an exclusive lock beside the state file for the life of the daemon, so a second
     daemon on the same ROOT cannot classify and record alongside the first.  The kernel drops
     the lock when the process dies, however it dies."""
-    lock = Path(state).with_suffix(".lock")
+    return _hold(Path(state).with_suffix(".lock"), f"another bcc watch (or bcc-desk) is already using the state file {state}")
+
+
+def _hold(lock: Path, busy: str) -> TextIO:
+    """An exclusive lock on the file `lock`, held while the returned file is open; WatchError
+    `busy` when another process holds it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     fh = open(lock, "a+")  # noqa: SIM115 - held open (locked) until the process ends
     try:
@@ -134,5 +151,5 @@ def lock_state(state: Path) -> TextIO:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fh.close()
-        raise WatchError(f"another bcc watch (or bcc-desk) is already using the state file {state}") from None
+        raise WatchError(busy) from None
     return fh

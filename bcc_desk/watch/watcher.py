@@ -131,6 +131,8 @@ class Watcher:
         self.state = Path(state)
         self.timing = timing
         self.ledger = Ledger(self.state, self.root)
+        if self.ledger.damaged:
+            log.warning("%s", self.ledger.damaged)
         self.settler: Settler[str] = Settler(timing.settle)
         self.report = ReportWriter(self.state, self.out, run_info, quiet=timing.quiet, review=classifier.review_policy.apply,
                                    root=self.root)
