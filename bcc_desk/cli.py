@@ -13,6 +13,7 @@ import shlex
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -155,6 +156,8 @@ def classify(
     started = datetime.now(timezone.utc)
     if not root.exists():
         fail(f"{root} does not exist")
+    if not (root.is_dir() or root.is_file()):  # never opened: a pipe would block, a device stream
+        fail(f"{root} is neither a folder nor an image file")
     if out is not None and out.suffix.lower() not in REPORT_SUFFIXES:
         fail(f"--out {out.name}: a report is .xlsx, .csv or .pdf")
     if csv and out is not None and out.suffix.lower() != ".csv":
@@ -189,6 +192,7 @@ def classify(
 
     predictions: list = []
     interrupted = False
+    stopped = _sigterm_as_ctrl_c()
     try:
         _run(classifier, paths, folder, quiet, predictions)
     except BundleError as exc:  # a damaged network: its first images gave no number
@@ -196,6 +200,8 @@ def classify(
     except KeyboardInterrupt:
         interrupted = True
         console.print(Text.assemble(("interrupted", "yellow"), f": writing the report for the {len(predictions)} images done"))
+    finally:
+        stopped()
 
     predictions = classifier.review_policy.apply(predictions)  # a slide's consensus needs all of its images
     done = {p.path for p in predictions}
@@ -240,6 +246,18 @@ def classify(
         fail("no image could be classified (see the error column of the report)", EXIT_NOTHING)
     if diverted:
         raise typer.Exit(EXIT_ELSEWHERE)
+
+
+def _sigterm_as_ctrl_c() -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM (what a service manager or `kill` sends)
+    stops a run as Ctrl+C does: the report of the images done is written, exit code 130."""
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:  # not the main thread (an embedding program): its own handling stays
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: list) -> None:

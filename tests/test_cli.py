@@ -270,6 +270,52 @@ def test_an_interrupted_run_says_how_far_it_got(model: Path, lab_folder: Path, t
     assert len(_rows(wb["Not classified"])) == total - 3
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(model: Path, lab_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """A service manager (or `kill`) sends SIGTERM: the report of the images done is written,
+    exit 130, as for Ctrl+C (issue #39: it wrote none).  The caller's own handler is back after."""
+    import os
+    import signal
+
+    from bcc_desk.classifier import Classifier
+
+    real = Classifier.predict_paths
+
+    def terminated(self, paths, root, **kwargs):
+        for i, p in enumerate(real(self, paths, root, **kwargs)):
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield p
+
+    monkeypatch.setattr(Classifier, "predict_paths", terminated)
+    reached_ours: list[int] = []
+
+    def ours(signum: int, frame: object) -> None:
+        reached_ours.append(signum)
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        out = tmp_path / "r.xlsx"
+        result = runner.invoke(cli.app, ["classify", str(lab_folder), "-m", str(model), "-o", str(out)])
+        assert signal.getsignal(signal.SIGTERM) is ours and reached_ours == []  # classify's own, then ours again
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 130, result.output
+    run = {r[0].value: r[1].value for r in openpyxl.load_workbook(out)["Run"].iter_rows()}
+    assert run["run"].startswith(f"interrupted after 3 of {len(discover_images(lab_folder))} images")
+
+
+def test_a_root_that_is_a_pipe_or_a_device_is_a_usage_error(model: Path, tmp_path: Path) -> None:
+    """Issue #39: ROOT as a FIFO or /dev/null was a traceback with exit 1; never opened, one line."""
+    import os
+
+    fifo = tmp_path / "camera.jpg"
+    os.mkfifo(fifo)
+    for root in (fifo, Path("/dev/null")):
+        result = runner.invoke(cli.app, ["classify", str(root), "-m", str(model), "-o", str(tmp_path / "r.xlsx")])
+        assert result.exit_code == 2 and "is neither a folder nor an image file" in result.output, result.output
+    assert not (tmp_path / "r.xlsx").exists()
+
+
 def test_every_classifier_option_is_a_flag_of_classify_and_watch() -> None:
     """`RunSpec`'s options are read from the commands' parameters by name: a field without its
     flag would silently keep its default in `bcc classify` or `bcc watch`."""
