@@ -4,8 +4,10 @@ the target is open in Excel or LibreOffice or cannot be replaced, beside it unde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from datetime import datetime
@@ -54,6 +56,25 @@ def _diversion(out: Path, fallback: Path | None) -> Path:
     return _sibling(out)
 
 
+def _temp_prefix(out: Path) -> str:
+    return f".{out.stem}."
+
+
+def remove_orphaned_temps(out: Path) -> list[Path]:
+    """Remove the temporary files a writer of `out` killed mid-write left beside it (hidden,
+    `.<stem>.<8 random characters><suffix>`); returns them.  Only for a caller that alone
+    writes `out` (the watch, which holds its folder's lock)."""
+    out = Path(out)
+    name = re.compile(re.escape(_temp_prefix(out)) + r"[a-z0-9_]{8}" + re.escape(out.suffix))
+    removed = []
+    for candidate in out.parent.glob(f"{_temp_prefix(out)}*{out.suffix}"):
+        if name.fullmatch(candidate.name) and candidate.is_file() and not candidate.is_symlink():
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove: left as it is
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
 def atomic_report_write(out: Path, write: Callable[[Path], None], fallback: Path | None) -> Path:
     """Run `write` on a temp file beside `out`, then move it into place (or beside, if locked)."""
     folder = out.parent
@@ -65,7 +86,7 @@ def atomic_report_write(out: Path, write: Callable[[Path], None], fallback: Path
         dest = _diversion(out, fallback)
     try:
         with tempfile.NamedTemporaryFile(
-            dir=folder, prefix=f".{out.stem}.", suffix=out.suffix, delete=False
+            dir=folder, prefix=_temp_prefix(out), suffix=out.suffix, delete=False
         ) as fh:
             tmp = Path(fh.name)
     except OSError as e:

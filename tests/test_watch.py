@@ -494,6 +494,23 @@ def test_the_daemon_killed_mid_stream_and_restarted_reports_every_image_once(
     assert log_file(state).read_text().count("stopped; ledger:") == 1  # the killed run never said so
 
 
+def test_temporary_reports_a_killed_daemon_left_are_removed_at_the_next_start(tmp_path: Path, classifier: Classifier,
+                                                                              caplog) -> None:
+    """Issue #39: a daemon SIGKILLed mid-write left `.report.<random>.xlsx` beside the report for
+    good.  The next start removes those (the workbook's and the PDF's), and nothing else."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    orphans = [reports / ".report.k3x_9q2a.xlsx", reports / ".report.a1b2c3d4.pdf"]
+    kept = [reports / ".report.notes.xlsx", reports / "report.xlsx.bak", reports / ".other.k3x_9q2a.xlsx"]
+    for f in orphans + kept:
+        f.write_bytes(b"PK half a workbook")
+    with caplog.at_level(logging.INFO, logger="bcc_desk.watch"), watching(tmp_path, classifier, pdf=True):
+        pass
+    assert [f for f in orphans if f.exists()] == [] and all(f.exists() for f in kept)
+    [said] = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
+    assert ".report.k3x_9q2a.xlsx" in said and ".report.a1b2c3d4.pdf" in said
+
+
 def test_the_watch_keeps_a_pdf_and_the_labs_identities_up_to_date(tmp_path: Path, classifier: Classifier, jpgs, caplog) -> None:
     """`bcc watch --pdf`: the PDF report is rewritten beside the workbook; slides.csv is read
     afresh for each write (a lab fills it in as slides arrive), and a bad one is said once while

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bcc_desk.lab_records import LabRecords, SlidesFileError, read_slides_csv
 from bcc_desk.prediction import Prediction
-from bcc_desk.report_file import ReportError, locked_target
+from bcc_desk.report_file import ReportError, locked_target, remove_orphaned_temps
 from bcc_desk.report_target import writer_for
 from bcc_desk.run_record import RunInfo
 from bcc_desk.watch.ledger import Ledger
@@ -81,6 +81,10 @@ class ReportWriter:
 
     def start(self) -> None:
         logging.getLogger("bcc_desk.report").addFilter(self._filter)
+        # A daemon killed mid-write (SIGKILL, a power cut) left its temporary report beside ROOT's.
+        removed = [p for target in (self.out, self.pdf) if target is not None for p in remove_orphaned_temps(target)]
+        if removed:
+            log.info("removed %s, left by a report write that was cut short", ", ".join(p.name for p in removed))
         self._thread.start()
 
     def changed(self) -> None:
