@@ -38,10 +38,8 @@ def choose_export(window: QMainWindow, desk: Desk, notify: Callable[[str], None]
     def written(result: tuple[Path, str | None]) -> None:
         path, diverted = result
         desk.session.exported(snapshot)
-        if diverted:  # no space, read-only, the folder gone: a fallback folder took it
+        if diverted:  # open in Excel (written beside it); no space, read-only, gone (a fallback folder)
             notify(f"{diverted}; the report was written to {path} instead")
-        elif path != out:  # the writer never overwrites a workbook someone has open
-            notify(f"{out.name} is open in another program; the report was written to {path}")
         else:
             window.statusBar().showMessage(f"Report written: {path}", 15000)
 
