@@ -270,6 +270,8 @@ class Classifier:
             for i, view in enumerate(views):
                 with autocast(self.device, self.autocast_dtype):
                     logits, features = forward(view)
+                if i == 0:
+                    _check_outputs(m, logits, features)
                 p = torch.softmax(logits.float() / m.bundle.meta.temperature, dim=1)
                 probs = p if probs is None else probs + p
                 if i == 0 and m.ood is not None:
@@ -444,3 +446,16 @@ class Classifier:
             ood_score=ood_ratio,
             colour_score=colour_ratio,
         )
+
+
+def _check_outputs(m: _Member, logits: torch.Tensor, features: torch.Tensor | None) -> None:
+    """The network that ran (built, compiled or a kept int8 package) gives what the bundle
+    declares: one output per class, and the features its out-of-distribution statistics were
+    taken on.  A package planted under another bundle's key would otherwise label every image
+    under the wrong names."""
+    meta = m.bundle.meta
+    if logits.shape[-1] != len(meta.classes):
+        raise BundleError(f"{m.bundle.name}: its network gives {logits.shape[-1]} outputs for the {len(meta.classes)} "
+                          "classes bundle.json declares")
+    if m.ood is not None and (features is None or features.shape[-1] != m.ood[0].shape[-1]):
+        raise BundleError(f"{m.bundle.name}: its network's features do not fit its out-of-distribution statistics")

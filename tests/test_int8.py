@@ -44,7 +44,8 @@ def int8_bundle(tmp_path_factory, images: list[Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def kept_cache(int8_bundle: Path, images: list[Path], tmp_path_factory) -> Path:
-    """An int8 cache holding `int8_bundle`'s package, built once (tests copy it)."""
+    """An int8 cache holding `int8_bundle`'s package, built once (half a minute on 2 cores): the
+    tests that damage it copy it."""
     cache = tmp_path_factory.mktemp("kept") / "int8"
     clf = Classifier(load_bundle(int8_bundle), precision="int8", int8_cache=cache)
     assert all(p.ok for p in clf.predict_paths(images[:2], images[0].parents[1])) and clf.int8_active
@@ -65,10 +66,10 @@ def test_calibration_is_stored_hashed_and_verified(int8_bundle: Path, tmp_path: 
         save_int8_calibration(tampered, torch.zeros(4, 3, 64, 64), {})
 
 
-def test_int8_stays_close_to_fp32_on_real_images(int8_bundle: Path, images: list[Path]) -> None:
+def test_int8_stays_close_to_fp32_on_real_images(int8_bundle: Path, images: list[Path], kept_cache: Path) -> None:
     root = images[0].parents[1]
     reference = list(Classifier(load_bundle(int8_bundle), precision="fp32", compile=False).predict_paths(images, root))
-    clf = Classifier(load_bundle(int8_bundle), precision="int8")
+    clf = Classifier(load_bundle(int8_bundle), precision="int8", int8_cache=kept_cache)
     quantized = list(clf.predict_paths(images, root))
     assert clf.int8_active and "int8" in clf.device_label
     assert [q.file for q in quantized] == [r.file for r in reference]
@@ -88,9 +89,9 @@ def test_int8_is_refused_without_a_calibration(tmp_path: Path) -> None:
 
 
 def test_auto_takes_int8_only_when_compiling_a_calibrated_bundle(int8_bundle: Path, images: list[Path],
-                                                                 tmp_path: Path) -> None:
+                                                                 kept_cache: Path, tmp_path: Path) -> None:
     root = images[0].parents[1]
-    compiled = Classifier(load_bundle(int8_bundle), compile=True)
+    compiled = Classifier(load_bundle(int8_bundle), compile=True, int8_cache=kept_cache)
     assert all(p.ok for p in compiled.predict_paths(images[:4], root))
     assert compiled.int8_active and "int8" in compiled.device_label
     eager = Classifier(load_bundle(int8_bundle), compile=False)
@@ -312,3 +313,32 @@ def test_a_kept_package_is_never_run_for_a_bundle_json_that_declares_another_net
     root = images[0].parents[1]
     with pytest.raises(BundleError, match="does not fit the declared"):
         list(Classifier(load_bundle(edited, build=False), compile=True, int8_cache=cache).predict_paths(images, root))
+
+
+def test_a_package_planted_under_another_bundles_key_is_refused_by_its_outputs(
+    int8_bundle: Path, kept_cache: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """The cache's file names are hashes anyone can copy a package under: one planted under the
+    key of a bundle.json that declares 3 classes still labels nothing.  Its outputs are checked
+    against what the bundle declares (4 against 3), and the run stops with one line."""
+    import json
+
+    from bcc_desk.quantize import _package_path, _sidecar
+
+    edited = shutil.copytree(int8_bundle, tmp_path / "three")
+    data = json.loads((edited / "bundle.json").read_text())
+    data["classes"] = data["classes"][:3]
+    data["display_names"] = data.get("display_names", [])[:3] if data.get("display_names") else []
+    data["ood"] = None  # no statistics to read from the weights: nothing but the package would run
+    (edited / "bundle.json").write_text(json.dumps(data))
+    bundle, cache = load_bundle(edited, build=False), tmp_path / "cache"
+    cache.mkdir()
+    usual = Classifier(load_bundle(int8_bundle, build=False), compile=True, int8_cache=kept_cache)  # its batch, numerics
+    [package] = kept_cache.glob("*.pt2")
+    planted = _package_path(bundle, usual.batch_size, usual.autocast_dtype, cache)
+    shutil.copy(package, planted)
+    shutil.copy(_sidecar(package), _sidecar(planted))
+    clf = Classifier(bundle, compile=True, int8_cache=cache)  # finds the planted package: builds nothing
+    assert not bundle.model_built
+    with pytest.raises(BundleError, match="its network gives 4 outputs for the 3 classes bundle.json declares"):
+        list(clf.predict_paths(images, images[0].parents[1]))
