@@ -257,7 +257,11 @@ def _sigterm_as_ctrl_c() -> Callable[[], None]:
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     except ValueError:  # not the main thread (an embedding program): its own handling stays
         return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _run(classifier, paths: list[Path], root: Path, quiet: bool, predictions: list) -> None:

@@ -73,14 +73,18 @@ def main() -> None:
         cases = [c for c in build_cases(work) if args.only in c.name]
         started = time.monotonic()
         outcomes: Counter[str] = Counter()
+        not_clean = []
         for case in cases:
             kind, detail = run_case(case, work, args.timeout)
             outcomes[kind] += 1
             print(f"{kind:>14}  {case.name}" + (f"  ({detail})" if detail else ""), flush=True)
+            if kind != "clean":
+                not_clean.append(f"- {kind}: {case.name} ({detail})")
         seconds = time.monotonic() - started
     lines = [f"### Hostile input (`bench/hostile.py`), {date.today():%Y-%m-%d}, {cpu_name()}", "",
-             f"{len(cases)} cases in {seconds:.0f} s: " + ", ".join(f"{outcomes[k]} {k}" for k in KINDS) + "."]
-    publish("\n".join(lines), args.write, "## #39")
+             f"{len(cases)} cases in {seconds:.0f} s: " + ", ".join(f"{outcomes[k]} {k}" for k in KINDS) + ".",
+             *([""] + not_clean if not_clean else [])]
+    publish("\n".join(lines), args.write, "## Hostile input")
     sys.exit(0 if outcomes["clean"] == len(cases) else 1)
 
 
