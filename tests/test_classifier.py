@@ -192,6 +192,7 @@ def test_bf16_on_this_cpu_and_device_choice() -> None:
         pick_precision(cpu, "int3")
 
 
+@pytest.mark.slow
 def test_compiled_network_matches_eager_including_a_padded_last_batch(bundle_dir: Path, slide_root: Path) -> None:
     paths = discover_images(slide_root)[:7]  # batches of 4: the last one is padded to 4
     eager = list(Classifier(load_bundle(bundle_dir), precision="fp32", batch_size=4, compile=False).predict_paths(paths, slide_root))

@@ -21,6 +21,8 @@ from bcc_desk.options import ClassifierOptions, RunSpec
 from bundles import LABELS, make_bundle
 from folders import spread_images
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m 'not slow'` leaves this module out
+
 OPTIONS = ClassifierOptions(device="cpu", compile=False)
 
 

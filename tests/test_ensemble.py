@@ -20,6 +20,8 @@ from bundles import CLASSES, make_bundle
 from conftest import OOD_DEV
 from folders import class_subset
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m 'not slow'` leaves this module out
+
 runner = CliRunner()
 NOT_VALIDATED = train_cli.EXIT_NOT_VALIDATED  # tiny members and their pack: never fit for use
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
@@ -181,5 +183,5 @@ def test_an_ensemble_runs_as_static_int8_with_the_same_labels(tmp_path: Path, al
     assert set(chosen) == {"fp32", "int8"} and meta.review_threshold == max(chosen.values())
     images = [data / p for p in split.paths("val")]
     fp32 = Classifier(load_bundle(out), precision="fp32", compile=False).predict_paths(images, data)
-    int8 = Classifier(load_bundle(out), precision="int8", int8_cache=tmp_path / "cache")
+    int8 = Classifier(load_bundle(out), precision="int8")  # the package the trainer's check built and kept
     assert [p.label for p in int8.predict_paths(images, data)] == [p.label for p in fp32] and int8.int8_active

@@ -25,6 +25,8 @@ from bundles import make_bundle
 from folders import spread_images
 from waits import report_files, report_rows, rows, wait_for
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m 'not slow'` leaves this module out
+
 REPO = Path(__file__).resolve().parents[1]
 NOISE = ("Traceback", "Exception ignored", "Logging error")
 

@@ -21,6 +21,8 @@ from bcc_desk.bundle import load_bundle
 from conftest import CLASSES, OOD_DEV, REPO
 from folders import class_subset
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m 'not slow'` leaves this module out
+
 GPU = REPO / "tools" / "gpu" / "gpu.py"
 MiB = 1 << 20
 

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import QDialogButtonBox, QMessageBox, QTableWidget, QTabl
 from watchdog.utils import BaseThread
 
 from bcc_desk.bundle import load_bundle
+from bcc_desk.classify_process import ClassifierProcess
 from bcc_desk.gui import MainWindow
 from bcc_desk.gui.model_dialog import ModelDialog
 from bcc_desk.gui.palette import ERROR_TEXT, FLAGGED_BACKGROUND
@@ -91,10 +92,20 @@ def settings(tmp_path: Path) -> QSettings:
     return QSettings(str(tmp_path / "bcc-desk.ini"), QSettings.Format.IniFormat)
 
 
+@pytest.fixture(scope="module")
+def engine():
+    """One classifier process for the module's windows (a window's own would import torch again,
+    seconds on 2 cores); a test of the process's own life passes `engine=None`."""
+    shared = ClassifierProcess()
+    yield shared
+    shared.close()
+
+
 @pytest.fixture()
-def make_window(qtbot, bundle: Path, settings: QSettings):
+def make_window(qtbot, bundle: Path, settings: QSettings, engine: ClassifierProcess):
     def make(**kwargs) -> MainWindow:
         kwargs.setdefault("spec", RunSpec((bundle,), ClassifierOptions(device="cpu", compile=False)))
+        kwargs.setdefault("engine", engine)
         window = MainWindow(settings=settings, ask_before_close=False, **kwargs)
         qtbot.addWidget(window)
         window.show()
@@ -126,13 +137,14 @@ def done(qtbot, window: MainWindow, slides: Path) -> MainWindow:
 
 
 def test_the_desk_classifies_and_exports_without_a_window(qtbot, bundle: Path, slides: Path, settings: QSettings,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, engine) -> None:
     """#38: the run, the session and the export live in the Desk (no widget); a window only shows
     what its signals say."""
     from bcc_desk.gui.desk import Desk
     from bcc_desk.gui.settings import AppSettings
 
-    desk = Desk(AppSettings(settings), RunSpec((bundle,), ClassifierOptions(device="cpu", compile=False)), confirm=lambda: True)
+    desk = Desk(AppSettings(settings), RunSpec((bundle,), ClassifierOptions(device="cpu", compile=False)), confirm=lambda: True,
+                engine=engine)
     arrived: list[int] = []
     desk.rows_arrived.connect(lambda predictions, replaced, first: arrived.append(len(predictions)))
     try:
@@ -324,6 +336,7 @@ def test_opening_another_folder_while_running_switches_to_it(qtbot, window: Main
     assert window.model.rowCount() == len(discover_images(slides))
 
 
+@pytest.mark.slow
 def test_a_crash_of_the_classifier_process_is_one_message_and_keeps_the_rows(qtbot, window: MainWindow,
                                                                             big_folder: Path, slides: Path) -> None:
     """The network runs in a process of its own: killed mid-run (as the system does when memory
@@ -347,7 +360,9 @@ def test_a_crash_of_the_classifier_process_is_one_message_and_keeps_the_rows(qtb
     assert window.model.rowCount() == len(discover_images(slides)) and len(messages) == 1
 
 
-def test_the_classifier_process_ends_with_the_window(qtbot, window: MainWindow, slides: Path) -> None:
+@pytest.mark.slow
+def test_the_classifier_process_ends_with_the_window(qtbot, make_window, slides: Path) -> None:
+    window = make_window(engine=None)  # its own process, as the app's
     assert run(qtbot, window, slides) is True
     pid = window.desk.engine.pid
     assert pid is not None
@@ -532,7 +547,7 @@ def test_a_ledger_in_use_by_bcc_watch_is_one_message_and_the_toggle_off(qtbot, w
     finally:
         held.close()
     assert not window.menus.watch_action.isChecked() and not window.is_watching() and window.desk.watch_thread is None
-    assert len(messages) == 1 and "already using the state file" in messages[0] and str(watched) in messages[0]
+    assert len(messages) == 1 and "already watching" in messages[0] and str(watched) in messages[0]
     assert window.menus.watch_action.isEnabled() and watch_threads() == []
 
 
@@ -761,6 +776,7 @@ def test_command_line_and_light_import(tmp_path: Path) -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+@pytest.mark.slow
 def test_the_apps_own_process_never_loads_torch_to_classify_or_watch(bundle: Path, slides: Path, tmp_path: Path,
                                                                      real_images) -> None:
     """The network runs in the classifier process: the window's process stays small (torch alone

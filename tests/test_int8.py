@@ -66,6 +66,7 @@ def test_calibration_is_stored_hashed_and_verified(int8_bundle: Path, tmp_path: 
         save_int8_calibration(tampered, torch.zeros(4, 3, 64, 64), {})
 
 
+@pytest.mark.slow
 def test_int8_stays_close_to_fp32_on_real_images(int8_bundle: Path, images: list[Path], kept_cache: Path) -> None:
     root = images[0].parents[1]
     reference = list(Classifier(load_bundle(int8_bundle), precision="fp32", compile=False).predict_paths(images, root))
@@ -88,6 +89,7 @@ def test_int8_is_refused_without_a_calibration(tmp_path: Path) -> None:
         Classifier(load_bundle(plain), precision="int8", device="meta")
 
 
+@pytest.mark.slow
 def test_auto_takes_int8_only_when_compiling_a_calibrated_bundle(int8_bundle: Path, images: list[Path],
                                                                  kept_cache: Path, tmp_path: Path) -> None:
     root = images[0].parents[1]
@@ -103,6 +105,7 @@ def test_auto_takes_int8_only_when_compiling_a_calibrated_bundle(int8_bundle: Pa
         Classifier(load_bundle(int8_bundle), precision="int8", compile=False)
 
 
+@pytest.mark.slow
 def test_auto_never_takes_int8_whose_check_did_not_pass(int8_bundle: Path, images: list[Path], tmp_path: Path) -> None:
     """A check killed midway (or one that failed) leaves `passed: false`: 'auto' must not use it;
     `--precision int8` still may (the trainer's own check runs that way)."""
@@ -116,6 +119,7 @@ def test_auto_never_takes_int8_whose_check_did_not_pass(int8_bundle: Path, image
     assert Classifier(load_bundle(unchecked), precision="int8", int8_cache=tmp_path / "cache").int8
 
 
+@pytest.mark.slow
 def test_the_compiled_package_is_kept_verified_and_rebuilt_when_damaged(
     int8_bundle: Path, images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -160,6 +164,7 @@ def test_bcc_classify_int8_without_calibration_is_a_one_line_usage_error(tmp_pat
     assert not (tmp_path / "r.xlsx").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_int8_build_falls_back_to_bf16_with_its_reason(
     int8_bundle: Path, images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -191,6 +196,7 @@ def test_the_desktop_app_takes_int8_where_bcc_classify_does(int8_bundle: Path, t
     assert app.int8 and cli.int8 and app.autocast_dtype == cli.autocast_dtype
 
 
+@pytest.mark.slow
 def test_a_kept_package_that_fails_and_cannot_be_rebuilt_still_classifies(
     int8_bundle: Path, kept_cache: Path, images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -215,6 +221,7 @@ def test_a_kept_package_that_fails_and_cannot_be_rebuilt_still_classifies(
     assert sum(p.label == r.label for p, r in zip(preds, reference)) >= 0.9 * len(images)  # bf16, compiled
 
 
+@pytest.mark.slow
 def test_bcc_classify_on_a_kept_package_ends_with_its_report_summary_and_exit_code(
     int8_bundle: Path, kept_cache: Path, images: list[Path], tmp_path: Path
 ) -> None:
@@ -250,6 +257,7 @@ def test_bcc_classify_on_a_kept_package_ends_with_its_report_summary_and_exit_co
     assert "0 of 1 images classified" in proc.stdout and (tmp_path / "j.xlsx").is_file()
 
 
+@pytest.mark.slow
 def test_a_small_run_never_builds_int8_but_takes_a_kept_package(
     int8_bundle: Path, images: list[Path], kept_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -270,6 +278,7 @@ def test_a_small_run_never_builds_int8_but_takes_a_kept_package(
     assert all(p.ok for p in fast.predict_paths(images[:3], root)) and fast.int8_active
 
 
+@pytest.mark.slow
 def test_without_a_compiler_runs_go_eager_at_once_with_one_complete_warning(
     int8_bundle: Path, images: list[Path], tmp_path: Path
 ) -> None:
@@ -295,6 +304,7 @@ def test_without_a_compiler_runs_go_eager_at_once_with_one_complete_warning(
         assert "4 of 4 images classified" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_kept_package_is_never_run_for_a_bundle_json_that_declares_another_network(
     int8_bundle: Path, kept_cache: Path, images: list[Path], tmp_path: Path
 ) -> None:
@@ -315,6 +325,7 @@ def test_a_kept_package_is_never_run_for_a_bundle_json_that_declares_another_net
         list(Classifier(load_bundle(edited, build=False), compile=True, int8_cache=cache).predict_paths(images, root))
 
 
+@pytest.mark.slow
 def test_a_package_planted_under_another_bundles_key_is_refused_by_its_outputs(
     int8_bundle: Path, kept_cache: Path, images: list[Path], tmp_path: Path
 ) -> None:

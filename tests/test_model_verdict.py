@@ -110,6 +110,7 @@ def test_a_model_not_validated_runs_only_when_told_and_every_page_says_so(tmp_pa
     assert openpyxl.load_workbook(out)["Images"].oddHeader.left.text is None
 
 
+@pytest.mark.slow
 def test_a_fine_tune_measured_on_enough_images_is_fit_for_use(tmp_path: Path, all4: Path, real_images) -> None:
     """The other side of the rule, measured end to end: the shipped model fine-tuned on the
     committed subset (one gentle epoch on 15 images a class) with 141 validation images, where its

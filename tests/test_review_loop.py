@@ -28,6 +28,8 @@ from trainer.split import Split, make_split
 from bundles import CLASSES, LABELS
 from folders import class_subset
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m 'not slow'` leaves this module out
+
 runner = CliRunner()
 SLIDES = ("patient-7", "patient-8", "patient-9")
 

@@ -30,6 +30,8 @@ from bundles import CLASSES, LABELS
 from conftest import REPO
 from folders import class_subset
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m 'not slow'` leaves this module out
+
 runner = CliRunner()
 NOT_VALIDATED = train_cli.EXIT_NOT_VALIDATED  # a tiny model on a few dozen images: never fit for use
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",

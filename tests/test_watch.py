@@ -303,6 +303,7 @@ def test_a_burst_of_hundreds_is_classified_in_batches(tmp_path: Path, classifier
     assert report_files(w.out) == sorted(expected)
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_becomes_an_error_row_after_spaced_retries(tmp_path, classifier, jpgs, caplog) -> None:
     caplog.set_level(logging.INFO, logger="bcc_desk.watch")
     data = jpgs[0].read_bytes()
@@ -424,6 +425,7 @@ def _wait_up(proc: subprocess.Popen, log: Path, starts: int) -> None:
     wait_for("the daemon to be ready (network compiled)", up, timeout=180)
 
 
+@pytest.mark.slow
 def test_the_daemon_killed_mid_stream_and_restarted_reports_every_image_once(
     tmp_path: Path, model: Path, jpgs, monkeypatch
 ) -> None:

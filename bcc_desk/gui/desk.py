@@ -56,7 +56,9 @@ class Desk(QObject):
     folder's watch (not one of a folder open before, finishing)."""
 
     def __init__(self, settings: AppSettings, spec: RunSpec, confirm: Callable[[], bool],
-                 parent: QObject | None = None) -> None:
+                 parent: QObject | None = None, engine: ClassifierProcess | None = None) -> None:
+        """`engine`: a classifier process shared with other desks (the caller ends it); by
+        default the desk starts its own and ends it on `shutdown`."""
         super().__init__(parent)
         self.settings = settings
         self.spec = spec
@@ -65,8 +67,9 @@ class Desk(QObject):
         self.session = ReviewSession()
         """The rows, reviews and run record the window shows (and the export writes)."""
         self.store = ModelStore()  # Grad-CAM's models: the one use of torch in this process
-        self.engine = ClassifierProcess()
+        self.engine = engine or ClassifierProcess()
         """Where folders and the watch are classified: a process of its own, started by the first run."""
+        self._owns_engine = engine is None
         self.watch_timing: WatchTiming | None = None
         """How the watch sees files arrive; None: `bcc watch`'s defaults (a file complete after
         2 s unchanged, the report rewritten after 1 s without a new result)."""
@@ -331,5 +334,6 @@ class Desk(QObject):
             watch.stop()
             watch.wait()  # the report is finalised by the watcher before its thread ends
             self.watch_changed.emit()
-        self.engine.close()
+        if self._owns_engine:
+            self.engine.close()
         self.export_pool.waitForDone()

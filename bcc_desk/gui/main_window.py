@@ -25,6 +25,7 @@ from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QSplitter, QVBoxLayout, QWidget
 
 from bcc_desk.bundle_meta import BundleMeta
+from bcc_desk.classify_process import ClassifierProcess
 from bcc_desk.colour import colour_advice
 from bcc_desk.gui.desk import Desk
 from bcc_desk.gui.export_dialog import choose_export
@@ -63,16 +64,18 @@ class MainWindow(QMainWindow):
         *,
         spec: RunSpec | None = None,
         ask_before_close: bool = True,
+        engine: ClassifierProcess | None = None,
         parent: QWidget | None = None,
     ) -> None:
         """`model_dirs` (or a whole `spec`) overrides the remembered model for this window;
-        `settings` replaces the per-user QSettings (tests pass one on a temporary file)."""
+        `settings` replaces the per-user QSettings (tests pass one on a temporary file);
+        `engine` is a classifier process to share (see `Desk`)."""
         super().__init__(parent)
         self.settings = AppSettings(settings)
         self.ask_before_close = ask_before_close
         if spec is None:
             spec = self.settings.run_spec([Path(d) for d in model_dirs] if model_dirs else None)
-        self.desk = Desk(self.settings, spec, lambda: self.models.confirm_choice(), self)
+        self.desk = Desk(self.settings, spec, lambda: self.models.confirm_choice(), self, engine)
         """The run, the watch, the export and the session they fill; the window shows them."""
         self.models = ModelPicker(self, self.desk, self.settings, self.notify)
         """The model choice: what it shows, the dialog, the question before an unvalidated model."""
