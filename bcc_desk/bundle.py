@@ -400,6 +400,11 @@ def load_bundle(folder: Path | str, build: bool = True) -> Bundle:
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{weights} is not a readable safetensors file ({one_line(exc, limit=200)})") from None
     del data
+    # NaN or infinite weights (a sha256 matched by whoever planted them) answer nothing: refused
+    # here, where `bcc info` and every run read them, not on the first batch.
+    if broken := next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None):
+        raise BundleError(f"{weights} holds values that are not numbers (NaN or infinite; first in {broken}): "
+                          "the weights are damaged; retrain or re-export the bundle")
     bundle = Bundle(path=folder, meta=meta, state=state)
     if build:
         bundle.model  # noqa: B018 - build and check every shape now, where the caller expects errors

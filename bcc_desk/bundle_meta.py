@@ -184,7 +184,7 @@ class BundleMeta:
                 arch=str(data["arch"]),
                 classes=[str(c) for c in data["classes"]],
                 input=InputSpec(
-                    size=int(inp.get("size", 224)),
+                    size=_whole(inp.get("size", 224), "input.size"),
                     crop_pct=float(inp.get("crop_pct", 1.0)),
                     interpolation=str(inp.get("interpolation", "bicubic")),
                     mean=_rgb(inp.get("mean", IMAGENET_MEAN), "input.mean"),
@@ -295,6 +295,13 @@ def verdict_text(meta: BundleMeta) -> str:
     return meta.verdict.text if meta.verdict is not None else "not recorded (a bundle from before verdicts)"
 
 
+def _whole(value: Any, field: str) -> int:
+    """A whole number (64 or 64.0), never truncated: 64.5 pixels would run, silently, at 64."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{field} must be a whole number, not {value!r}")
+    return int(value)
+
+
 def _member(data: Any) -> dict[str, Any]:
     """One ensemble member's record, its types checked (a malformed one is a ValueError)."""
     if not isinstance(data, dict):
@@ -302,7 +309,7 @@ def _member(data: Any) -> dict[str, Any]:
     member = {"name": str(data.get("name", "")), "weights_sha256": str(data.get("weights_sha256", "")),
               "temperature": float(data["temperature"])}
     if "size" in data:  # a member trained at another input size than the ensemble's (see EnsembleNet)
-        member["size"] = int(data["size"])
+        member["size"] = _whole(data["size"], "an ensemble member's size")
     return member
 
 

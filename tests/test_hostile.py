@@ -92,25 +92,43 @@ def test_bcc_classify_refuses_a_broken_bundle_with_exit_2_and_writes_nothing(goo
     assert "Traceback" not in r.output and not out.exists()
 
 
+def _forged(good: Path, dest: Path, scale: float) -> Path:
+    """`good` with its head's weights multiplied by `scale`, the sha256 in bundle.json updated to
+    match (a careful forger)."""
+    shutil.copytree(good, dest)
+    weights = load_file(str(dest / "model.safetensors"))
+    name = next(k for k in weights if k.startswith("head") and k.endswith("weight"))
+    weights[name] = weights[name] * scale
+    save_file(weights, str(dest / "model.safetensors"))
+    data = json.loads((dest / "bundle.json").read_text())
+    data["weights_sha256"] = file_sha256(dest / "model.safetensors")
+    (dest / "bundle.json").write_text(json.dumps(data))
+    return dest
+
+
 def test_weights_holding_nan_give_no_label_bcc_classify_stops_in_one_line(good: Path, tmp_path: Path,
                                                                           real_images) -> None:
-    """NaN weights whose sha256 was updated to match: the network's outputs are not numbers.  The
-    run stops at its first batch with exit 2 (before: every image "Benign", none flagged)."""
-    bad = tmp_path / "nan"
-    shutil.copytree(good, bad)
-    weights = load_file(str(bad / "model.safetensors"))
-    name = next(k for k in weights if k.startswith("head") and k.endswith("weight"))
-    weights[name] = torch.full_like(weights[name], float("nan"))
-    save_file(weights, str(bad / "model.safetensors"))
-    data = json.loads((bad / "bundle.json").read_text())
-    data["weights_sha256"] = file_sha256(bad / "model.safetensors")
-    (bad / "bundle.json").write_text(json.dumps(data))
+    """NaN weights whose sha256 was updated to match: refused where they are read, by `bcc info`
+    as by `bcc classify` (exit 2; before: every image "Benign", none flagged).  Weights that are
+    numbers but overflow every output (1e38) give NaN probabilities: the run stops at its first
+    batch, exit 2."""
     root = slide_folders(tmp_path / "lab", real_images, 2, ("slide-1",), empty_file=False)
     out = tmp_path / "r.xlsx"
-    r = CliRunner().invoke(cli.app, ["classify", str(root), "-m", str(bad), "-o", str(out), "--allow-unvalidated"])
+    nan = _forged(good, tmp_path / "nan", float("nan"))
+    for args in (["info", str(nan)], ["classify", str(root), "-m", str(nan), "-o", str(out), "--allow-unvalidated"]):
+        r = CliRunner().invoke(cli.app, args)
+        assert r.exit_code == 2 and "holds values that are not numbers" in " ".join(r.output.split()), r.output
+    huge = _forged(good, tmp_path / "huge", 1e38)
+    r = CliRunner().invoke(cli.app, ["classify", str(root), "-m", str(huge), "-o", str(out), "--allow-unvalidated"])
     assert r.exit_code == 2, r.output
     assert "gives no usable answer (its outputs are not numbers)" in " ".join(r.output.split())
     assert "Traceback" not in r.output and not out.exists()
+
+
+def test_a_bundle_json_whose_input_size_is_not_whole_is_refused(good: Path, tmp_path: Path) -> None:
+    """64.5 pixels ran, silently, at 64 (`bench/hostile.py` found it)."""
+    with pytest.raises(BundleError, match="input.size must be a whole number, not 64.5"):
+        read_meta(_with(good, tmp_path, _set("input.size", 64.5)))
 
 
 def test_an_image_whose_probabilities_are_not_numbers_is_an_error_row_never_a_label(good: Path, real_images) -> None:
