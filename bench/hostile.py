@@ -42,7 +42,7 @@ from common import REPO, cpu_name, publish
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from bundles import make_bundle
+from bundles import make_bundle, set_field
 from conftest import ALL4, CLASSES, LABELS
 from corpus import build_corpus
 
@@ -152,16 +152,6 @@ def _edited(good: Path, dest: Path, change: Callable[[dict], object]) -> Path:
     return dest
 
 
-def _set(path: str, value: object) -> Callable[[dict], None]:
-    def change(meta: dict) -> None:
-        *parents, last = path.split(".")
-        node = meta
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    return change
-
-
 BUNDLE_JSON_EDITS: list[tuple[str, str, object]] = [
     ("std-zero", "input.std", [0, 0, 0]), ("std-negative", "input.std", [-1, 1, 1]),
     ("mean-two", "input.mean", [0.5, 0.5]), ("mean-text", "input.mean", "grey"),
@@ -182,7 +172,7 @@ def bundle_cases(work: Path, good: Path, lab: Path, reports: Path) -> list[Case]
     root = work / "bundles"
     broken: list[tuple[str, Path]] = []
     for name, path, value in BUNDLE_JSON_EDITS:
-        broken.append((name, _edited(good, root / name, _set(path, value))))
+        broken.append((name, _edited(good, root / name, set_field(path, value))))
 
     for name, text in (("json-200000-deep", "[" * 200_000 + "]" * 200_000), ("json-empty", ""),
                        ("json-not-json", "{'arch': convnext"), ("json-list", "[1, 2]")):
@@ -224,7 +214,7 @@ def _nan_weights(good: Path, dest: Path) -> Path:
     name = next(k for k in weights if k.startswith("head") and k.endswith("weight"))
     weights[name] = weights[name] * float("nan")
     save_file(weights, str(dest / "model.safetensors"))
-    return _edited_in_place(dest, _set("weights_sha256", file_sha256(dest / "model.safetensors")))
+    return _edited_in_place(dest, set_field("weights_sha256", file_sha256(dest / "model.safetensors")))
 
 
 def _edited_in_place(folder: Path, change: Callable[[dict], object]) -> Path:

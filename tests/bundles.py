@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,3 +46,15 @@ def make_bundle(
         model.ood_means.zero_()
         model.ood_precision.copy_(torch.eye(model.num_features))
     return save_bundle(model, m, folder, dtype=dtype)
+
+
+def set_field(path: str, value: object) -> Callable[[dict], None]:
+    """An edit of a parsed bundle.json: the field at the dotted `path` set to `value` (the
+    hostile-input tests and `bench/hostile.py` forge bundles with it)."""
+    def change(data: dict) -> None:
+        *parents, last = path.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return change

@@ -16,7 +16,7 @@ from bcc_desk import cli
 from bcc_desk.bundle import BundleError, read_meta
 from bcc_desk.files import file_sha256
 
-from bundles import make_bundle
+from bundles import make_bundle, set_field
 from folders import slide_folders
 
 
@@ -33,16 +33,6 @@ def _with(good: Path, tmp_path: Path, change) -> Path:
     change(data)
     (bad / "bundle.json").write_text(json.dumps(data))
     return bad
-
-
-def _set(path: str, value):
-    def change(data: dict) -> None:
-        *parents, last = path.split(".")
-        node = data
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    return change
 
 
 # Each from the attack on the tools: a field no trainer writes, the line that names it.
@@ -65,7 +55,7 @@ BROKEN = [
 @pytest.mark.parametrize(("field", "value", "says"), BROKEN, ids=[f"{f}={v!r}" for f, v, _ in BROKEN])
 def test_a_bundle_json_no_trainer_writes_is_one_line_naming_the_field(good: Path, tmp_path: Path, field, value,
                                                                       says) -> None:
-    bad = _with(good, tmp_path, _set(field, value))
+    bad = _with(good, tmp_path, set_field(field, value))
     with pytest.raises(BundleError, match=says) as caught:
         read_meta(bad)
     assert "\n" not in str(caught.value)
@@ -85,7 +75,7 @@ def test_a_bundle_json_nested_200000_deep_or_huge_is_refused_without_a_traceback
 def test_bcc_classify_refuses_a_broken_bundle_with_exit_2_and_writes_nothing(good: Path, tmp_path: Path,
                                                                              real_images) -> None:
     root = slide_folders(tmp_path / "lab", real_images, 2, ("slide-1",), empty_file=False)
-    bad = _with(good, tmp_path, _set("input.std", [0, 0, 0]))
+    bad = _with(good, tmp_path, set_field("input.std", [0, 0, 0]))
     out = tmp_path / "r.xlsx"
     r = CliRunner().invoke(cli.app, ["classify", str(root), "-m", str(bad), "-o", str(out), "--allow-unvalidated"])
     assert r.exit_code == 2 and "input.std[0] must be a number within" in r.output, r.output
@@ -128,7 +118,7 @@ def test_weights_holding_nan_give_no_label_bcc_classify_stops_in_one_line(good: 
 def test_a_bundle_json_whose_input_size_is_not_whole_is_refused(good: Path, tmp_path: Path) -> None:
     """64.5 pixels ran, silently, at 64 (`bench/hostile.py` found it)."""
     with pytest.raises(BundleError, match="input.size must be a whole number, not 64.5"):
-        read_meta(_with(good, tmp_path, _set("input.size", 64.5)))
+        read_meta(_with(good, tmp_path, set_field("input.size", 64.5)))
 
 
 def test_an_image_whose_probabilities_are_not_numbers_is_an_error_row_never_a_label(good: Path, real_images) -> None:

@@ -12,9 +12,10 @@ reconciled with it: new or changed files are queued, files gone are marked vanis
 whose size and mtime match their row are left alone.
 
 `bcc watch` and the desktop app's "Watch this folder" start a watch the same way:
-`claim_watch` (check the folders, take the state's lock) before any model is loaded, then
+`claim_watch` (check the folders, take the locks of ROOT and the state) before any model is loaded, then
 `make_watcher` (the Run sheet, the ledger) and `Watcher.run` on a thread of their own.
 
-Modules: `site` (the folders, the state's lock, the log file), `watcher` (the work loop),
-`report_writer`, `ledger` (the SQLite truth) and `settle` (when a file is complete).
+Modules: `site` (the folders, the locks of ROOT and the state, the log file), `watcher` (the work
+loop), `engine` (what it needs of a classifier), `report_writer`, `ledger` (the SQLite truth) and
+`settle` (when a file is complete).
 """

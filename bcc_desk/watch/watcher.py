@@ -10,23 +10,20 @@ import queue
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
-from watchdog.events import (
-    FileSystemEvent,
-)
+from watchdog.events import FileSystemEvent
 from watchdog.observers.api import BaseObserver
 
 from bcc_desk.files import file_sha256
 from bcc_desk.images import discover_images, is_candidate
 from bcc_desk.paths import SAMPLES_DIR
 from bcc_desk.prediction import Prediction
-from bcc_desk.review_policy import ReviewPolicy
 from bcc_desk.run_record import RunInfo
+from bcc_desk.watch.engine import WatchEngine
 from bcc_desk.watch.ledger import DONE, VANISHED, Ledger, Row, storage_fault
 from bcc_desk.watch.observer import EVENTS, EventQueue, folder_identity, make_observer
 from bcc_desk.watch.report_writer import ReportWriter
@@ -35,27 +32,6 @@ from bcc_desk.watch.site import WatchError, WatchSite, WatchTiming
 
 log = logging.getLogger(__name__)
 
-
-class WatchEngine(Protocol):
-    """What the watch needs of a classifier: a `Classifier`, or the app's `ChildClassifier` (the
-    same network in the app's classifier process)."""
-
-    @property
-    def device_label(self) -> str: ...
-
-    @property
-    def compile(self) -> bool | None: ...
-
-    @property
-    def batch_size(self) -> int: ...
-
-    @property
-    def sha256(self) -> str: ...
-
-    @property
-    def review_policy(self) -> ReviewPolicy: ...
-
-    def predict_paths(self, paths: Sequence[Path], root: Path) -> Generator[Prediction, None, None]: ...
 
 HEALTH_EVERY = 1.0
 """Seconds between checks that the observer is alive and ROOT is still the same folder."""
@@ -68,8 +44,6 @@ MAX_CALL = 256
 flow through a burst, and new events are still looked at every few seconds."""
 MAX_EVENTS = 20_000
 """Most events taken per loop turn, so that a never-ending stream cannot starve the work."""
-
-
 
 
 def make_watcher(
