@@ -93,13 +93,19 @@ def claim_watch(root: Path, out: Path | None = None, state: Path | None = None) 
     # ROOT's lock sits where its default ledger would: a second watch with another --state
     # would classify the same arrivals and write the same report.
     mine = default_state(root).resolve()
-    locks = [_hold(mine.with_suffix(".lock"), f"another bcc watch (or bcc-desk) is already watching {root}")]
+    watching = f"another bcc watch (or bcc-desk) is already watching {root}"
+    locks: list[TextIO] = []
     if state != mine:
         try:
-            locks.append(lock_state(state))
-        except WatchError:
-            locks[0].close()
-            raise
+            locks.append(_hold(mine.with_suffix(".lock"), watching))
+        except OSError:  # no per-user data folder to write (a service account, --state elsewhere): the state's lock alone
+            pass
+    try:
+        locks.append(lock_state(state) if state != mine else _hold(mine.with_suffix(".lock"), watching))
+    except WatchError:
+        for lock in locks:
+            lock.close()
+        raise
     return WatchSite(root, out, state, tuple(locks))
 
 
