@@ -3,8 +3,9 @@
     python bench/bench_train.py [--sizes 112,128,160,224] [--steps 6] [--write]
 
 Real images from ../shared/data/all4, decoded once as the trainer does.  Per resolution, in one
-run: the bare bf16 step (augment, forward, backward, AdamW; median of `--steps` steps after two
-warm-up steps), then a real `fit` with the `cpu` recipe (balanced sampling, stain jitter, EMA,
+run: the bare step at the machine's own precision (bf16 where the CPU has it, else fp32), in the
+default memory layout and in channels_last (augment, forward, backward, AdamW; median of `--steps`
+steps after two warm-up steps), then a real `fit` with the `cpu` recipe (balanced sampling, stain jitter, EMA,
 label smoothing) on a subset for two epochs, whose second epoch gives the training phase's
 images/s; the validation time of the real 411-image split is measured in the same fit, and the
 projected epoch (1,905 training + 411 validation images) follows.  On a CUDA machine it also
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bcc_desk.devices import autocast
+from bcc_desk.devices import autocast, pick_precision
 from bcc_desk.preprocess import normalise
 from trainer.augment import AugmentSpec, augment
 from trainer.config import FitConfig
@@ -72,7 +73,9 @@ def fit_rates(size: int, per_class: int) -> tuple[float, float]:
     # At `size` throughout: the recipe's own size schedule would mix sizes within the measurement.
     settings = {**recipe_settings("cpu"), "image_size": size, "size_schedule": [], "epochs": 2}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        fit(FitConfig(data=ALL4, out=Path(tmp), limit_per_class=per_class, int8=False, recipe="cpu", **settings))
+        # finish=False: training and validation only, as a cross-validation fold (no export or checks).
+        fit(FitConfig(data=ALL4, out=Path(tmp), limit_per_class=per_class, int8=False, finish=False, recipe="cpu",
+                      **settings))
         with open(Path(tmp) / "history.csv", newline="") as fh:
             last = list(csv.DictReader(fh))[-1]
     return float(last["train_images_per_s"]), float(last["val_seconds"])
@@ -91,17 +94,20 @@ def main() -> None:
     items = everything[::10][:256]
     classes = sorted({c for _, c in everything})
     cpu = torch.device("cpu")
+    dtype = pick_precision(cpu)
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         cfg = FitConfig(data=ALL4, out=Path("."), arch=args.arch, image_size=size, batch_size=args.batch_size,
                         stain=0.05)
         meta = build_meta(cfg, classes)
         images = decode_images(ALL4, [p for p, _ in items], [classes.index(c) for _, c in items], meta.input)
-        bare = step_rate(cfg, meta, images, cpu, torch.bfloat16, args.steps, False, False)
+        bare = step_rate(cfg, meta, images, cpu, dtype, args.steps, False, False)
+        bare_cl = step_rate(cfg, meta, images, cpu, dtype, args.steps, True, False)
         train_rate, val_s = fit_rates(size, args.per_class)
         epoch_s = 1905 / train_rate + val_s
-        rows.append((size, bare, train_rate, val_s, epoch_s))
-        print(f"{size} px: bare {bare:.1f} img/s, fit {train_rate:.1f} img/s, validation {val_s:.1f} s", flush=True)
+        rows.append((size, bare, bare_cl, train_rate, val_s, epoch_s))
+        print(f"{size} px: bare {bare:.1f} img/s, channels_last {bare_cl:.1f}, fit {train_rate:.1f} img/s, "
+              f"validation {val_s:.1f} s", flush=True)
     gpu_rows = []
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
@@ -116,16 +122,17 @@ def main() -> None:
         f"### Training throughput by resolution, {time.strftime('%Y-%m-%d')}",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.arch}, batch "
-        f"{args.batch_size}, bf16 autocast. Bare step: augment + forward + backward + AdamW, median of "
-        f"{args.steps} steps. `fit`: the `cpu` recipe's training phase (balanced sampling, stain jitter, EMA "
+        f"{args.batch_size}, {'bf16 autocast' if dtype is not None else 'fp32'}. Bare step: augment + forward + "
+        f"backward + AdamW, median of {args.steps} steps, in the default layout and in channels_last. `fit` "
+        f"(in the layout the trainer picks on this CPU): the `cpu` recipe's training phase (balanced sampling, stain jitter, EMA "
         f"update, label smoothing, bookkeeping), second epoch of a {4 * args.per_class}-image run; "
         "validation: the 411 real validation images with the EMA weights. Epoch: 1,905 training images "
         "at fit's rate plus validation.",
         "",
-        "| size | bare step, images/s | `fit` training, images/s | fit / bare | validation, s | epoch, s |",
+        "| size | bare step, images/s | channels_last, images/s | `fit` training, images/s | validation, s | epoch, s |",
         "|---:|---:|---:|---:|---:|---:|",
-        *(f"| {size} | {bare:.1f} | {rate:.1f} | {rate / bare:.2f} | {val:.1f} | {ep:.0f} |"
-          for size, bare, rate, val, ep in rows),
+        *(f"| {size} | {bare:.1f} | {cl:.1f} ({cl / bare:.2f}x) | {rate:.1f} | {val:.1f} | {ep:.0f} |"
+          for size, bare, cl, rate, val, ep in rows),
         "",
         *(["GPU bare step at 224 px, batch 64: " + "; ".join(f"{n}: {r:.0f} images/s" for n, r in gpu_rows), ""]
           if gpu_rows else []),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
@@ -100,3 +102,28 @@ def test_colour_augmentation_moves_hue_white_balance_and_colour_but_never_the_ce
     # Colour-only: the cells stay where they were (structure correlates), only colour moves.
     for o, i in zip(out, x):
         assert torch.corrcoef(torch.stack([o.mean(0).flatten(), i.mean(0).flatten()]))[0, 1] > 0.8
+
+
+def test_jpeg_augmentation_is_the_compression_a_camera_applies(real_images) -> None:
+    """`--jpeg`: the network learns on fields compressed as bench/shift.py's JPEG rows (PIL's
+    libjpeg, 4:2:0) compress them, so JPEG 30 stops reading as another class (run 22)."""
+    import io
+
+    from trainer.augment import compress
+
+    x = _batch(real_images).float()
+    q = torch.full((len(x),), 30.0)
+    ours = compress(x, q)
+    for o, i in zip(ours, x):
+        buf = io.BytesIO()
+        Image.fromarray(i.permute(1, 2, 0).to(torch.uint8).numpy()).save(buf, "JPEG", quality=30)
+        pil = pil_to_tensor(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).float()
+        lost = (i - pil).abs().mean()
+        assert lost > 0.5, "quality 30 loses detail"
+        assert (o - pil).abs().mean() < 0.25 * lost, "the augmentation is PIL's JPEG, not another artefact"
+    assert torch.equal(compress(x, torch.zeros(len(x))), x)  # quality 0: left as is
+    # In the pipeline: at probability 1 every image is compressed, after the colour jitter.
+    spec = replace(NONE, jpeg=1.0)
+    out = augment(x.to(torch.uint8), spec, generator=torch.Generator().manual_seed(2))
+    assert all((o - i).abs().mean() > 0.3 for o, i in zip(out, x))
+    assert AugmentSpec.for_training(0.1, 0.5, (0.8, 1.25), False, jpeg=0.3).jpeg == 0.3

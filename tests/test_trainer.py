@@ -335,9 +335,10 @@ def _history(run: Path) -> list[dict[str, str]]:
 def test_cpu_recipe_with_overrides_records_its_settings_and_ships_the_ema(small_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), "--recipe", "cpu", *TINY,
-                                      "--ema-decay", "0.9", "--size-schedule", "48@1"])
+                                      "--ema-decay", "0.9", "--size-schedule", "48@1", "--jpeg", "0.5"])
     assert r.exit_code == NOT_VALIDATED, r.output
     recipe = load_bundle(run / "bundle").meta.provenance["recipe"]
+    assert recipe["jpeg"] == 0.5  # trained on compressed fields too, and the bundle says so
     # The preset's own settings, and the ones given on the command line over it.
     assert recipe["recipe"] == "cpu" and recipe["balance"] == "sampler" and recipe["stain"] == 0.05
     assert recipe["ema_decay"] == 0.9 and recipe["image_size"] == 64 and recipe["epochs"] == 1

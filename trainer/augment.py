@@ -37,18 +37,23 @@ class AugmentSpec:
     """Probability that an image loses its colour altogether."""
     blur: float = 0.0
     """Probability of a Gaussian defocus of sigma U(0.5, 2) pixels."""
+    jpeg: float = 0.0
+    """Probability that an image is JPEG-compressed at quality U(15, 60), last, as a camera's
+    export or an archive does after the stain and the lamp."""
 
     @classmethod
-    def for_training(cls, stain: float, colour: float, zoom: tuple[float, float], trivial: bool) -> AugmentSpec:
+    def for_training(cls, stain: float, colour: float, zoom: tuple[float, float], trivial: bool,
+                     jpeg: float = 0.0) -> AugmentSpec:
         """The training augmentation for `bcc-train fit`'s settings.  `colour` 0 is the jitter
         the shipped v4 was trained with; 1 turns hue, saturation, brightness, contrast and
         white balance as far as another lab's stain and camera do (bench/shift.py's moderate
         shifts: hue 20 degrees, saturation x0.6, brightness x0.8), drops the colour from a tenth
-        of the images and defocuses a fifth, so that colour stops naming the class."""
+        of the images and defocuses a fifth, so that colour stops naming the class.  `jpeg` is the
+        share of images compressed (0: none)."""
         if not colour:
-            return cls(stain=stain, zoom=zoom, trivial=trivial)
+            return cls(stain=stain, zoom=zoom, trivial=trivial, jpeg=jpeg)
         return cls(
-            stain=stain, zoom=zoom, trivial=trivial, brightness=0.3 * colour, contrast=0.3 * colour,
+            stain=stain, zoom=zoom, trivial=trivial, jpeg=jpeg, brightness=0.3 * colour, contrast=0.3 * colour,
             saturation=0.5 * colour, hue=25.0 * colour, gain=0.12 * colour, greyscale=0.1 * colour,
             blur=0.2 * colour,
         )
@@ -114,7 +119,10 @@ def augment(batch: torch.Tensor, spec: AugmentSpec, generator: torch.Generator |
         x = torch.where(drop, x.mean(dim=1, keepdim=True).expand_as(x), x)
     if spec.blur:
         x = defocus(x, torch.where(rand(n) < spec.blur, 0.5 + rand(n) * 1.5, torch.zeros(n, device=dev)))
-    return x.clamp_(0, 255)
+    x = x.clamp_(0, 255)
+    if spec.jpeg:
+        x = compress(x, torch.where(rand(n) < spec.jpeg, 15 + rand(n) * 45, torch.zeros(n, device=dev)))
+    return x
 
 
 def rotate_hue(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -131,6 +139,18 @@ def defocus(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     from torchvision.transforms.v2.functional import gaussian_blur
 
     return torch.stack([gaussian_blur(img, [9, 9], [float(s)]) if s > 0 else img for img, s in zip(x, sigma)])
+
+
+def compress(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """float (n, 3, h, w) in [0, 255] -> each image through a JPEG of `quality` (n,) and back
+    (0: as is), with torchvision's libjpeg (4:2:0 chroma, as cameras and PIL save)."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    def through(img: torch.Tensor, q: float) -> torch.Tensor:
+        data = encode_jpeg(img.round().to(torch.uint8).cpu(), quality=int(q))
+        return decode_jpeg(data).to(x.device, x.dtype)
+
+    return torch.stack([through(img, float(q)) if q > 0 else img for img, q in zip(x, quality)])
 
 
 def stain_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,11 @@ def fit(
         Optional[float],
         typer.Option(min=0.0, max=2.0, help="Colour augmentation (hue, white balance, greyscale); 1: recipe colour's. (default 0)"),
     ] = None,
+    jpeg: Annotated[
+        Optional[float],
+        typer.Option(min=0.0, max=1.0, help="Share of training images JPEG-compressed at quality 15-60, as a camera's "
+                                            "export or an archive does. (default 0)"),
+    ] = None,
     channels: Annotated[
         Optional[str],
         typer.Option(help="What the network sees: rgb; hue-free (no hue: brightest and darkest channel, standardised); "
@@ -139,6 +144,11 @@ def fit(
     name: Annotated[Optional[str], typer.Option(help="Bundle name (default: bcc-ARCH-DATE).")] = None,
     int8: Annotated[
         bool, typer.Option("--int8/--no-int8", help="Add checked static int8 for x86 CPUs (see `bcc-train int8`).")
+    ] = True,
+    shift_table: Annotated[
+        bool, typer.Option("--shift-table/--no-shift-table",
+                           help="Choose the colour check's cut-off under every shift of validation and record the shift "
+                                "table (minutes on a CPU; without it: `bcc-train colour-check` later).")
     ] = True,
     allow_resize: Annotated[
         bool, typer.Option("--allow-resize", help="Fine-tune at another --image-size than the parent bundle's.")
@@ -169,7 +179,8 @@ def fit(
         "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "optimizer": optimizer, "warmup_epochs": warmup_epochs, "image_size": image_size, "dropout": dropout,
         "drop_path": drop_path, "label_smoothing": label_smoothing, "ema_decay": ema_decay, "balance": balance,
-        "stain": stain, "colour": colour, "channels": channels, "mixup": mixup, "cutmix": cutmix, "trivial_augment": trivial_augment,
+        "stain": stain, "colour": colour, "jpeg": jpeg, "channels": channels, "mixup": mixup, "cutmix": cutmix,
+        "trivial_augment": trivial_augment,
         "hidden": None if hidden is None else ([hidden] if hidden else []),
         "size_schedule": size_schedule, "zoom": zoom,
     }
@@ -185,7 +196,7 @@ def fit(
         init="pretrained" if pretrained else (str(init_weights) if init_weights else "none"),
         split=split, ood_dir=ood_dir.resolve() if ood_dir else None,
         weights_dtype=weights_dtype, name=name, limit_per_class=limit_per_class, int8=int8, keep_checkpoint=keep_checkpoint,
-        cv_folds=cv,
+        cv_folds=cv, shift_table=shift_table,
         recipe=recipe or ("finetune" if init_bundle else None), init_bundle=init_bundle.resolve() if init_bundle else None,
         **settings,
     )

@@ -45,6 +45,10 @@ class FitConfig:
     name: str | None = None
     int8: bool = True
     """Add checked static int8 to the bundle (bcc-train int8) where this machine can run it."""
+    shift_table: bool = True
+    """Classify validation under every shift of trainer/shifts.py to choose the colour check's
+    cut-off and record the shift table (the longest finishing step on a CPU); without it the
+    check keeps its starting cut-off until `bcc-train colour-check` adds them."""
     keep_checkpoint: bool = False
     """Keep last.pt whole at the end; by default its optimizer state (half of it, with EMA) is dropped."""
     cv_folds: int | None = None
@@ -65,6 +69,8 @@ class FitConfig:
     colour: float = 0.0
     """Colour augmentation strength (hue, saturation, white balance, greyscale, defocus:
     `AugmentSpec.for_training`); above 0 the kept epoch is also chosen on colour-shifted validation."""
+    jpeg: float = 0.0
+    """Share of training images JPEG-compressed at quality 15-60 (`AugmentSpec.jpeg`)."""
     channels: str = "rgb"
     """What the network sees of a pixel (`InputSpec.channels`): 'rgb', 'hue-free' or 'hue-sat-free'."""
     zoom: tuple[float, float] = (1.0, 1.15)

@@ -78,7 +78,7 @@ def export_bundle(
         "recipe": {k: v for k, v in asdict(cfg).items() if k in (
             "recipe", "arch", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "image_size",
             "hidden", "dropout", "drop_path", "label_smoothing", "ema_decay", "balance", "stain", "mixup", "cutmix",
-            "trivial_augment", "size_schedule", "colour", "zoom")},
+            "trivial_augment", "size_schedule", "colour", "jpeg", "zoom")},
         "device": str(device),
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"bcc-desk": __version__, "torch": torch.__version__, "timm": timm_version()},

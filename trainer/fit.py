@@ -136,7 +136,7 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    aug = AugmentSpec.for_training(cfg.stain, cfg.colour, (cfg.zoom[0], cfg.zoom[1]), cfg.trivial_augment)
+    aug = AugmentSpec.for_training(cfg.stain, cfg.colour, (cfg.zoom[0], cfg.zoom[1]), cfg.trivial_augment, cfg.jpeg)
     trainee = Trainee(
         cfg=cfg, env=env, device=device, dtype=dtype, channels_last=channels_last, spec=meta.input,
         n_classes=len(classes), model=model, net=net,
@@ -208,9 +208,13 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
     from trainer.colour_check import choose_colour_cutoff
     from trainer.review_threshold import validation_truth
 
-    choose_colour_cutoff(bundle, [cfg.data / p for p in split.paths("val")], cfg.data, validation_truth(split, meta),
-                        precision="int8" if with_int8 else "fp32", workers=min(cfg.workers, 4))
-    seconds["colour check"] = time.perf_counter() - step
+    if cfg.shift_table:
+        choose_colour_cutoff(bundle, [cfg.data / p for p in split.paths("val")], cfg.data, validation_truth(split, meta),
+                             precision="int8" if with_int8 else "fp32", workers=min(cfg.workers, 4))
+        seconds["colour check"] = time.perf_counter() - step
+    else:
+        log.info("no shift table (--no-shift-table): the colour check keeps its starting cut-off; `bcc-train "
+                 "colour-check %s %s --split %s` chooses it under every shift", bundle, cfg.data, out / "split.csv")
     from bcc_desk.bundle import record_thresholds
     from trainer.crossval import cross_validate, folds_for
     from trainer.verdict import judge_bundle

@@ -44,8 +44,8 @@ Time: the device command may run 600 s and the whole lend is 15 minutes, start-u
 0 skips them), the fit what is left but `--reserve` (150 s), after compiling (about a minute) and
 decoding the images.  The gpu recipe's 200 epochs may well not fit: pass `--epochs N`, and read the
 seconds per epoch in figures.md before the next lend.  `--fit-args` passes more `bcc-train fit`
-options as one string (issue #35's next GPU run: `--fit-args="--channels hue-free"`, recipe.md
-run 21).  A fit cut short is exported all the same,
+options as one string (issue #35's next GPU run: `--fit-args="--channels hue-sat-free --colour 0.5
+--jpeg 0.25 --zoom 0.8,1.25"`, recipe.md run 23).  A fit cut short is exported all the same,
 but with its learning-rate schedule unfinished (the salvage step says so).
 
 `run --dry-run` does all of it on a CPU with tiny settings (convnext_atto at 64 px, one epoch, 4
