@@ -88,9 +88,10 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def classify(folder: Path, out: Path, model: Path, env: dict, console: Path) -> subprocess.Popen:
+    # Eager (--no-compile): these runs test storage, and compiling costs up to 20 s a run here.
     with open(console, "wb") as fh:
         return subprocess.Popen([sys.executable, "-m", "bcc_desk", "classify", str(folder), "--out", str(out),
-                                 "--model", str(model), "--quiet"], cwd=REPO, env=env, stdout=fh,
+                                 "--model", str(model), "--quiet", "--no-compile"], cwd=REPO, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT)
 
 

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow  # see pyproject.toml: `pytest -m 'not slow'` leav
 runner = CliRunner()
 NOT_VALIDATED = train_cli.EXIT_NOT_VALIDATED  # a tiny model on a few dozen images: never fit for use
 TINY = ["--arch", "convnext_atto", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
-        "--hidden", "32", "--workers", "2", "--no-int8", "--cv", "0"]  # cross-validation: its own test
+        "--hidden", "32", "--workers", "2", "--no-int8", "--cv", "0",  # cross-validation: its own test
+        "--no-shift-table"]  # the colour check under every shift: tiny_run's and the colour recipe's tests
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def small_data(tmp_path_factory, all4: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, small_data: Path, ood_dev: Path) -> Path:
     run = tmp_path_factory.mktemp("run")
-    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), *TINY, "--ood-dir", str(ood_dev)])
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), *TINY, "--ood-dir", str(ood_dev),
+                                      "--shift-table"])
     assert r.exit_code == NOT_VALIDATED, r.output
     return run
 
@@ -435,7 +437,7 @@ def test_fit_profiles_the_training_colours_and_chooses_the_checks_cut_off_under_
 def test_colour_recipe_keeps_the_epoch_best_on_shifted_validation_and_the_shift_bench_reads_it(
         small_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), "--recipe", "colour", *TINY,
+    r = runner.invoke(train_cli.app, ["fit", str(small_data), "--out", str(run), "--recipe", "colour", *TINY, "--shift-table",
                                       "--epochs", "2", "--image-size", "48"])
     assert r.exit_code == NOT_VALIDATED, r.output
     recipe = load_bundle(run / "bundle").meta.provenance["recipe"]
