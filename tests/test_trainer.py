@@ -456,6 +456,19 @@ def test_colour_recipe_keeps_the_epoch_best_on_shifted_validation_and_the_shift_
     assert all(f"| {s.name} |" in table or f"| **{s.name}** |" in table for s in SHIFTS)
     assert table.count("- met:") + table.count("- **not met**:") == 4
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    # --recorded: the table fit recorded, judged by the same bar without classifying again.
+    bench = [sys.executable, str(REPO / "bench" / "shift.py"), str(run / "bundle"), str(small_data), "--split",
+             str(run / "split.csv"), "--recorded"]
+    proc = subprocess.run(bench, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    none = load_bundle(run / "bundle").meta.metrics["shift"]["none"]
+    assert f"| none | {none['accuracy']:.1%} | {none['flagged']:.1%} |" in proc.stdout
+    assert proc.stdout.count("- met:") + proc.stdout.count("- **not met**:") == 4
+    meta = json.loads((run / "bundle" / "bundle.json").read_text())
+    del meta["metrics"]["shift"]  # as a fit with --no-shift-table leaves it
+    (run / "bundle" / "bundle.json").write_text(json.dumps(meta))
+    proc = subprocess.run(bench, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1 and "has no recorded shift table" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_colour_check_command_gives_a_bundle_the_check_and_refuses_another_split(tiny_run: Path, small_data: Path,
