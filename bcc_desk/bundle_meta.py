@@ -340,6 +340,14 @@ def lineage(meta: BundleMeta) -> list[tuple[str, str]]:
 _TOLD_BY_LINEAGE = ("parent", "reviews", "members")
 
 
+def _colour_text(meta: BundleMeta) -> str:
+    if meta.colour is None:
+        return "no colour check (a bundle from before it)"
+    if "shift" not in meta.metrics:  # `fit --no-shift-table`: the check's starting cut-off, more lenient
+        return meta.colour.describe() + "; cut-off not chosen under shifts yet (`bcc-train colour-check`)"
+    return meta.colour.describe()
+
+
 def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
     """A bundle for people, as (field, text) rows: what `bcc info` and the desktop app's model
     dialog both show, in one wording.  `percent`: the review threshold as a percentage (the
@@ -364,7 +372,7 @@ def describe(meta: BundleMeta, percent: bool = False) -> list[tuple[str, str]]:
         ("temperature", f"{meta.temperature:.4g}"),
         ("review threshold", threshold),
         ("out-of-distribution check", f"{meta.ood.method}, threshold {meta.ood.threshold:.4g}" if meta.ood else "none"),
-        ("training colours", meta.colour.describe() if meta.colour else "no colour check (a bundle from before it)"),
+        ("training colours", _colour_text(meta)),
         ("weights", f"{meta.weights_dtype}, sha256 {meta.weights_sha256}"),
     ]
     rows += lineage(meta)

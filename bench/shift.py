@@ -68,25 +68,9 @@ def main() -> None:
     in_slides = {k: shift_row(policy.apply([replace(p, slide=s) for p, s in zip(v, slides, strict=True)]), truth)
                  for k, v in by_shift.items()}
 
-    lines = [
-        f"Shift benchmark of `{meta.name}` on {len(truth)} validation images ({args.precision}, {cpu_name()}): "
-        "each image alone | with the split's groups as slides.",
-        "",
-        "| shift | accuracy | flagged | colour check flags | unflagged right | unflagged errors | flagged (slides) "
-        "| unflagged right (slides) | unflagged errors (slides) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for shift in SHIFTS:
-        a, s = alone[shift.name], in_slides[shift.name]
-        name = f"**{shift.name}**" if shift.moderate else shift.name
-        lines.append(f"| {name} | {a['accuracy']:.1%} | {a['flagged']:.1%} | {a['colour_flagged']:.1%} | "
-                     f"{a['unflagged_accuracy']:.1%} | {a['unflagged_errors']} | {s['flagged']:.1%} | "
-                     f"{s['unflagged_accuracy']:.1%} | {s['unflagged_errors']} |")
-    lines += ["", "Moderate shifts (any other lab's slides) in bold.", "", *verdict(alone, args.other_lab)]
-    print_table(lines, args.out)
-    if args.plot:
-        plot(alone, args.plot, meta.name)
-        print(f"figure written to {args.plot}")
+    title = (f"Shift benchmark of `{meta.name}` on {len(truth)} validation images ({args.precision}, {cpu_name()}): "
+             "each image alone | with the split's groups as slides.")
+    publish_table(title, alone, in_slides, meta, args)
 
 
 def recorded(meta: BundleMeta, args: argparse.Namespace) -> None:
@@ -95,22 +79,35 @@ def recorded(meta: BundleMeta, args: argparse.Namespace) -> None:
     if not table:
         raise SystemExit(f"{args.bundle} has no recorded shift table (a fit with --no-shift-table, or an older "
                          "bundle): `bcc-train colour-check` records it, or run without --recorded")
+    publish_table(f"Shift table recorded in `{meta.name}` ({meta.metrics.get('shift_precision', 'fp32')}, "
+                  f"{table['none']['images']} validation images, each image alone).", table, None, meta, args)
+
+
+Table = dict[str, dict[str, float | int]]
+
+
+def publish_table(title: str, alone: Table, in_slides: Table | None, meta: BundleMeta, args: argparse.Namespace) -> None:
+    """Print (and write) the table, images alone and, where measured, with the slides; the bar; the figure."""
+    slides_head = " flagged (slides) | unflagged right (slides) | unflagged errors (slides) |" if in_slides else ""
     lines = [
-        f"Shift table recorded in `{meta.name}` ({meta.metrics.get('shift_precision', 'fp32')}, "
-        f"{table['none']['images']} validation images, each image alone).",
+        title,
         "",
-        "| shift | accuracy | flagged | colour check flags | unflagged right | unflagged errors |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| shift | accuracy | flagged | colour check flags | unflagged right | unflagged errors |" + slides_head,
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if in_slides else ""),
     ]
     for shift in SHIFTS:
-        a = table[shift.name]
+        a = alone[shift.name]
         name = f"**{shift.name}**" if shift.moderate else shift.name
-        lines.append(f"| {name} | {a['accuracy']:.1%} | {a['flagged']:.1%} | {a['colour_flagged']:.1%} | "
-                     f"{a['unflagged_accuracy']:.1%} | {a['unflagged_errors']} |")
-    lines += ["", "Moderate shifts (any other lab's slides) in bold.", "", *verdict(table, args.other_lab)]
+        row = (f"| {name} | {a['accuracy']:.1%} | {a['flagged']:.1%} | {a['colour_flagged']:.1%} | "
+               f"{a['unflagged_accuracy']:.1%} | {a['unflagged_errors']} |")
+        if in_slides:
+            s = in_slides[shift.name]
+            row += f" {s['flagged']:.1%} | {s['unflagged_accuracy']:.1%} | {s['unflagged_errors']} |"
+        lines.append(row)
+    lines += ["", "Moderate shifts (any other lab's slides) in bold.", "", *verdict(alone, args.other_lab)]
     print_table(lines, args.out)
     if args.plot:
-        plot(table, args.plot, meta.name)
+        plot(alone, args.plot, meta.name)
         print(f"figure written to {args.plot}")
 
 
@@ -137,7 +134,7 @@ class OtherLab:
     flagged: float
 
 
-def verdict(table: dict[str, dict[str, float | int]], other: OtherLab | float | None = None) -> list[str]:
+def verdict(table: Table, other: OtherLab | float | None = None) -> list[str]:
     """Issue #35's bar on the table of images judged alone (the stricter reading), and another
     lab's images flagged: measured here (`OtherLab`: for any reason), or the share the bundle
     recorded (`fit --ood-dir`: as unfamiliar)."""
@@ -165,7 +162,7 @@ def verdict(table: dict[str, dict[str, float | int]], other: OtherLab | float | 
     return [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in checks]
 
 
-def plot(table: dict[str, dict[str, float | int]], out: Path, name: str) -> None:
+def plot(table: Table, out: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -127,6 +127,7 @@ def test_a_fine_tune_measured_on_enough_images_is_fit_for_use(tmp_path: Path, al
     # --no-shift-table: the verdict does not wait for the shift table; the colour check keeps its
     # starting cut-off, and the log says how to choose it later.
     assert "shift" not in meta.metrics and meta.colour is not None and "bcc-train colour-check" in r.output
+    assert dict(describe(meta))["training colours"].endswith("cut-off not chosen under shifts yet (`bcc-train colour-check`)")
     assert meta.verdict is not None and meta.verdict.fit_for_use and meta.verdict.reasons == [], meta.verdict
     assert min(meta.metrics["val_per_class"].values()) >= MIN_VAL_PER_CLASS
     n = meta.metrics["val_images"]

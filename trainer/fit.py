@@ -213,8 +213,9 @@ def _fit(cfg: FitConfig, env: Dist, device: torch.device) -> Path:
                              precision="int8" if with_int8 else "fp32", workers=min(cfg.workers, 4))
         seconds["colour check"] = time.perf_counter() - step
     else:
-        log.info("no shift table (--no-shift-table): the colour check keeps its starting cut-off; `bcc-train "
-                 "colour-check %s %s --split %s` chooses it under every shift", bundle, cfg.data, out / "split.csv")
+        log.warning("no shift table (--no-shift-table): the colour check keeps its starting cut-off, which flags "
+                    "fewer shifted images; before the model is used, `bcc-train colour-check %s %s --split %s` "
+                    "chooses it under every shift", bundle, cfg.data, out / "split.csv")
     from bcc_desk.bundle import record_thresholds
     from trainer.crossval import cross_validate, folds_for
     from trainer.verdict import judge_bundle
