@@ -166,3 +166,26 @@ def test_a_killed_writer_leaves_every_committed_outcome_whole(root: Path, tmp_pa
     names = {p.file for p in rows}
     assert {f"s/{i:06d}.jpg" for i in range(committed + 1)} <= names
     assert all(p.label == "a" and p.probabilities == {"a": 0.9, "b": 0.1} for p in rows)
+
+
+def test_a_refused_state_file_is_not_left_open(root: Path, tmp_path: Path) -> None:
+    """A daemon that refuses a state file (another folder's, no database, no ledger) lets go of
+    it: the technician can move or delete it at once, and a long-lived app leaks no handle."""
+    def held(path: Path) -> list[str]:
+        fds = Path(f"/proc/{os.getpid()}/fd")
+        return [t for fd in fds.iterdir() if (t := os.path.realpath(fd)).startswith(str(path))]
+
+    state = tmp_path / "ledger.sqlite"
+    Ledger(state, root).close()
+    other = tmp_path / "other"
+    other.mkdir()
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    plain = tmp_path / "plain.sqlite"
+    db = sqlite3.connect(plain)
+    db.executescript("CREATE TABLE meta (key TEXT, value TEXT);")
+    db.close()
+    for path, folder in ((state, other), (junk, root), (plain, None)):
+        with pytest.raises(LedgerError):
+            Ledger(path, folder)
+        assert held(path) == [], path

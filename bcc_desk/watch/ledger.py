@@ -172,16 +172,20 @@ class Ledger:
         # Autocommit mode: every write below is its own short transaction (or an explicit one).
         # Not shared between threads at once, but built in one thread and used in another.
         self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30, check_same_thread=False)
-        if create:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            # Damage found now, not at the first write a week later (a traceback on every start).
-            problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
-            if problems != ["ok"]:
-                raise _Damaged("; ".join(problems))
-            self._db.executescript(_SCHEMA)
-        self.root = self._check_meta(root)
-        self._add_missing_columns()
+        try:
+            if create:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                # Damage found now, not at the first write a week later (a traceback on every start).
+                problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
+                if problems != ["ok"]:
+                    raise _Damaged("; ".join(problems))
+                self._db.executescript(_SCHEMA)
+            self.root = self._check_meta(root)
+            self._add_missing_columns()
+        except BaseException:
+            self._db.close()  # a refused file is let go at once (it may be moved aside next)
+            raise
 
     def _move_aside(self) -> Path:
         """Rename the damaged file (and its WAL and shared-memory files) out of the way, kept for
