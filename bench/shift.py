@@ -42,6 +42,9 @@ UNFLAGGED_RIGHT = 0.99
 UNSHIFTED_ACCURACY = 0.96
 GREYSCALE_RIGHT, GREYSCALE_FLAGGED = 0.80, 0.95
 
+Table = dict[str, dict[str, float | int]]
+"""A shift table: per shift name, `shift_row`'s figures."""
+
 
 def main() -> None:
     ap = validation_study_parser(__doc__)
@@ -51,10 +54,12 @@ def main() -> None:
     args = ap.parse_args()
 
     meta = read_meta(args.bundle)
-    # Measured here for any reason, or what fit recorded (as unfamiliar only).
-    args.other_lab = other_lab(args) if args.ood_dev else meta.metrics.get("ood_dev_flagged")
+    # Measured here for any reason (in the numerics of the table it is judged with), or what fit
+    # recorded (as unfamiliar only).
+    precision = str(meta.metrics.get("shift_precision", args.precision)) if args.recorded else args.precision
+    other = other_lab(args.bundle, args.ood_dev, precision) if args.ood_dev else meta.metrics.get("ood_dev_flagged")
     if args.recorded:
-        recorded(meta, args)
+        recorded(meta, other, args)
         return
     split = Split.load(args.split, args.data)
     truth = validation_truth(split, meta)
@@ -70,23 +75,21 @@ def main() -> None:
 
     title = (f"Shift benchmark of `{meta.name}` on {len(truth)} validation images ({args.precision}, {cpu_name()}): "
              "each image alone | with the split's groups as slides.")
-    publish_table(title, alone, in_slides, meta, args)
+    publish_table(title, alone, in_slides, meta, other, args)
 
 
-def recorded(meta: BundleMeta, args: argparse.Namespace) -> None:
+def recorded(meta: BundleMeta, other: OtherLab | float | None, args: argparse.Namespace) -> None:
     """The table the trainer recorded (each image alone, in `shift_precision`), judged."""
     table = meta.metrics.get("shift")
     if not table:
         raise SystemExit(f"{args.bundle} has no recorded shift table (a fit with --no-shift-table, or an older "
                          "bundle): `bcc-train colour-check` records it, or run without --recorded")
     publish_table(f"Shift table recorded in `{meta.name}` ({meta.metrics.get('shift_precision', 'fp32')}, "
-                  f"{table['none']['images']} validation images, each image alone).", table, None, meta, args)
+                  f"{table['none']['images']} validation images, each image alone).", table, None, meta, other, args)
 
 
-Table = dict[str, dict[str, float | int]]
-
-
-def publish_table(title: str, alone: Table, in_slides: Table | None, meta: BundleMeta, args: argparse.Namespace) -> None:
+def publish_table(title: str, alone: Table, in_slides: Table | None, meta: BundleMeta, other: OtherLab | float | None,
+                  args: argparse.Namespace) -> None:
     """Print (and write) the table, images alone and, where measured, with the slides; the bar; the figure."""
     slides_head = " flagged (slides) | unflagged right (slides) | unflagged errors (slides) |" if in_slides else ""
     lines = [
@@ -104,23 +107,23 @@ def publish_table(title: str, alone: Table, in_slides: Table | None, meta: Bundl
             s = in_slides[shift.name]
             row += f" {s['flagged']:.1%} | {s['unflagged_accuracy']:.1%} | {s['unflagged_errors']} |"
         lines.append(row)
-    lines += ["", "Moderate shifts (any other lab's slides) in bold.", "", *verdict(alone, args.other_lab)]
+    lines += ["", "Moderate shifts (any other lab's slides) in bold.", "", *verdict(alone, other)]
     print_table(lines, args.out)
     if args.plot:
         plot(alone, args.plot, meta.name)
         print(f"figure written to {args.plot}")
 
 
-def other_lab(args: argparse.Namespace) -> OtherLab:
+def other_lab(bundle: Path, folder: Path, precision: str) -> OtherLab:
     """Another lab's images through the application's classifier, each alone."""
     from bcc_desk.bundle import load_bundle
     from bcc_desk.classifier import Classifier
     from bcc_desk.images import discover_images
 
-    paths = discover_images(args.ood_dev)
-    preds = list(Classifier(load_bundle(args.bundle), precision=args.precision).predict_paths(paths, args.ood_dev))
+    paths = discover_images(folder)
+    preds = list(Classifier(load_bundle(bundle), precision=precision).predict_paths(paths, folder))
     n = max(len(preds), 1)
-    return OtherLab(len(preds), sum(REVIEW_UNFAMILIAR in p.review_reason for p in preds) / n,
+    return OtherLab(len(preds), precision, sum(REVIEW_UNFAMILIAR in p.review_reason for p in preds) / n,
                     sum(REVIEW_COLOUR in p.review_reason for p in preds) / n, sum(p.needs_review for p in preds) / n)
 
 
@@ -129,6 +132,7 @@ class OtherLab:
     """Another lab's images: how many, and the shares flagged as unfamiliar, for colour, for any reason."""
 
     images: int
+    precision: str
     unfamiliar: float
     colour: float
     flagged: float
@@ -154,7 +158,7 @@ def verdict(table: Table, other: OtherLab | float | None = None) -> list[str]:
     ]
     if isinstance(other, OtherLab):
         checks.append((f"another lab's {other.images} images: at least {OOD_DEV_FLAGGED:.0%} flagged ({other.flagged:.1%}: "
-                       f"{other.unfamiliar:.1%} as unfamiliar, {other.colour:.1%} for their colours)",
+                       f"{other.unfamiliar:.1%} as unfamiliar, {other.colour:.1%} for their colours; {other.precision})",
                        other.flagged >= OOD_DEV_FLAGGED))
     elif other is not None:
         checks.append((f"another lab's images (ood-dev): at least {OOD_DEV_FLAGGED:.0%} flagged as unfamiliar "
